@@ -1,0 +1,134 @@
+//! `[aggregator]` and `[clickhouse]` settings.
+
+use std::net::SocketAddr;
+
+use serde::Deserialize;
+
+/// Settings of `agentmeter aggregate`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AggregatorConfig {
+    /// Consumer group shared by all aggregator processes.
+    pub group_id: String,
+    /// Address of `/metrics`, `/healthz` and `/readyz`.
+    pub metrics_listen: SocketAddr,
+    /// Length of the tumbling usage windows, in seconds; must divide a day.
+    pub window_seconds: u32,
+    /// Offsets per input batch. A crash replays at most the current batch of each partition;
+    /// usage keeps one row per key per batch, so larger batches mean fewer rows.
+    pub batch_offsets: i64,
+    /// Longest time between flushes to ClickHouse, in milliseconds.
+    pub flush_interval_ms: u64,
+    /// Flush early when this many actions wait.
+    pub max_pending_actions: usize,
+    /// An event id seen again within this many seconds (by record time) counts once.
+    pub dedupe_horizon_seconds: i64,
+    /// First delay before retrying a failed ClickHouse write, in milliseconds (doubles up to
+    /// `retry_max_backoff_ms`).
+    pub retry_initial_backoff_ms: u64,
+    /// Longest delay between ClickHouse retries, in milliseconds.
+    pub retry_max_backoff_ms: u64,
+}
+
+impl Default for AggregatorConfig {
+    fn default() -> Self {
+        AggregatorConfig {
+            group_id: "agentmeter-aggregator".into(),
+            metrics_listen: "127.0.0.1:9102".parse().expect("valid address"),
+            window_seconds: 60,
+            batch_offsets: 50_000,
+            flush_interval_ms: 1000,
+            max_pending_actions: 50_000,
+            dedupe_horizon_seconds: 15 * 60,
+            retry_initial_backoff_ms: 200,
+            retry_max_backoff_ms: 10_000,
+        }
+    }
+}
+
+impl AggregatorConfig {
+    /// Cross-field checks, run at start.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(!self.group_id.is_empty(), "aggregator.group_id is empty");
+        anyhow::ensure!(
+            self.window_seconds > 0 && 86_400 % self.window_seconds == 0,
+            "aggregator.window_seconds ({}) must divide a day (86400) so windows align with days",
+            self.window_seconds
+        );
+        anyhow::ensure!(
+            self.batch_offsets >= 1,
+            "aggregator.batch_offsets must be at least 1"
+        );
+        anyhow::ensure!(
+            self.flush_interval_ms >= 10,
+            "aggregator.flush_interval_ms must be at least 10"
+        );
+        anyhow::ensure!(
+            self.max_pending_actions >= 1,
+            "aggregator.max_pending_actions must be at least 1"
+        );
+        anyhow::ensure!(
+            self.dedupe_horizon_seconds >= 0,
+            "aggregator.dedupe_horizon_seconds must not be negative"
+        );
+        anyhow::ensure!(
+            self.retry_initial_backoff_ms >= 1
+                && self.retry_initial_backoff_ms <= self.retry_max_backoff_ms,
+            "aggregator.retry_initial_backoff_ms must be between 1 and retry_max_backoff_ms"
+        );
+        Ok(())
+    }
+}
+
+/// `[clickhouse]` settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClickHouseSettings {
+    /// HTTP endpoint of ClickHouse.
+    pub url: String,
+    /// Database holding agentmeter's tables; tests use a fresh one per test.
+    pub database: String,
+    /// ClickHouse user.
+    pub user: String,
+    /// ClickHouse password.
+    pub password: String,
+}
+
+impl Default for ClickHouseSettings {
+    fn default() -> Self {
+        ClickHouseSettings {
+            url: "http://127.0.0.1:8123".into(),
+            database: "agentmeter".into(),
+            user: "default".into(),
+            password: String::new(),
+        }
+    }
+}
+
+impl ClickHouseSettings {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            agentmeter_schemas::metering::is_valid_identifier(&self.database)
+                && !self.database.contains(['.', ':', '-']),
+            "clickhouse.database {:?} must be letters, digits and '_'",
+            self.database
+        );
+        anyhow::ensure!(
+            self.url.starts_with("http://") || self.url.starts_with("https://"),
+            "clickhouse.url {:?} must be an http(s) URL",
+            self.url
+        );
+        Ok(())
+    }
+
+    /// A client for this server. Row validation is off: ClickHouse 18.16 lacks the
+    /// `RowBinaryWithNamesAndTypes` format it needs, so the row types in `rows.rs` are tested
+    /// against the real tables instead.
+    pub fn client(&self) -> clickhouse::Client {
+        clickhouse::Client::default()
+            .with_url(&self.url)
+            .with_user(&self.user)
+            .with_password(&self.password)
+            .with_validation(false)
+    }
+}

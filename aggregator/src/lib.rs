@@ -1,0 +1,63 @@
+//! `agentmeter aggregate` and `agentmeter migrate`: exact usage in ClickHouse.
+//!
+//! Layout (the same shape as the other stages):
+//! * [`config`] — `[aggregator]` and `[clickhouse]` settings, checked at start.
+//! * [`state`] — the pure, deterministic part: batch plans, the duplicate window, cumulative
+//!   usage per window and dimensions. Its unit tests replay every crash point.
+//! * [`stream`] — the Kafka consumer on a blocking thread; rebalances resume partitions from the
+//!   progress stored in ClickHouse.
+//! * [`service`] — the ClickHouse writes in their safe order, plan reads, retry rules.
+//! * [`rows`] — row types of the tables; [`migrate`] — the versioned DDL.
+//!
+//! Why the totals are exact is explained in `docs/adr/0001-exactly-once-aggregation.md`.
+
+pub mod config;
+pub mod migrate;
+pub mod rows;
+pub mod service;
+pub mod state;
+pub mod stream;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use agentmeter_runtime::kafka::KafkaSettings;
+use agentmeter_runtime::observability::{operations_router, serve};
+use agentmeter_runtime::shutdown::Shutdown;
+use anyhow::Context;
+
+pub use config::{AggregatorConfig, ClickHouseSettings};
+
+/// Runs the aggregator until shutdown: a final flush makes everything read durable.
+pub async fn run(
+    config: AggregatorConfig,
+    clickhouse: ClickHouseSettings,
+    kafka: KafkaSettings,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    clickhouse.validate()?;
+    kafka.validate()?;
+    let service = service::ClickHouseService::new(&clickhouse, &kafka.topics().enriched);
+    let clickhouse_healthy = Arc::new(AtomicBool::new(true));
+    let readiness = {
+        let clickhouse_healthy = clickhouse_healthy.clone();
+        Arc::new(move || match clickhouse_healthy.load(Ordering::Relaxed) {
+            true => Ok(()),
+            false => Err("ClickHouse writes are failing; retrying".to_string()),
+        })
+    };
+    let operations = tokio::spawn(serve(
+        config.metrics_listen,
+        operations_router(readiness),
+        shutdown.clone(),
+    ));
+    let result = tokio::task::spawn_blocking(move || {
+        stream::run_blocking(config, kafka, service, shutdown, clickhouse_healthy)
+    })
+    .await
+    .context("aggregator thread panicked")?;
+    operations.abort();
+    tracing::info!("aggregator stopped");
+    result
+}

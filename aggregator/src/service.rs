@@ -1,0 +1,230 @@
+//! The ClickHouse side of the aggregator: writing a [`BatchWrite`] in its safe order, reading
+//! back a partition's plan, and the retry rules.
+//!
+//! Order of one batch's INSERTs: `actions`, then `usage`, then `aggregator_progress` (this batch's
+//! offset reached, and the next batch's plan). A crash between any two leaves rows that a replay
+//! rewrites identically or supersedes; progress never claims data that is not written.
+
+use std::time::Duration;
+
+use crate::config::ClickHouseSettings;
+use crate::rows::{ActionRow, PlanRow, ProgressRow, UsageRow};
+use crate::state::{BatchPlan, BatchWrite};
+
+/// Whether a failed ClickHouse call may succeed if tried again.
+#[derive(Debug, thiserror::Error)]
+pub enum ClickHouseError {
+    /// Network trouble, timeouts, overload, server restarts: retry with backoff.
+    #[error("ClickHouse unavailable (will retry): {0}")]
+    Retriable(String),
+    /// The schema or the data is wrong; retrying cannot help. The stage stops.
+    #[error("ClickHouse rejected the write (permanent): {0}")]
+    Permanent(String),
+}
+
+impl ClickHouseError {
+    pub fn is_retriable(&self) -> bool {
+        matches!(self, ClickHouseError::Retriable(_))
+    }
+}
+
+/// ClickHouse error codes that no retry can fix: schema, syntax, types, data, auth.
+const PERMANENT_CODES: &[u32] = &[
+    16,  // NO_SUCH_COLUMN_IN_TABLE
+    27,  // CANNOT_PARSE_INPUT_ASSERTION_FAILED
+    33,  // CANNOT_READ_ALL_DATA (row type mismatch)
+    36,  // BAD_ARGUMENTS
+    43,  // ILLEGAL_TYPE_OF_ARGUMENT
+    47,  // UNKNOWN_IDENTIFIER
+    53,  // TYPE_MISMATCH
+    60,  // UNKNOWN_TABLE
+    62,  // SYNTAX_ERROR
+    69,  // ARGUMENT_OUT_OF_BOUND
+    81,  // UNKNOWN_DATABASE
+    117, // INCORRECT_DATA
+    192, // UNKNOWN_USER
+    193, // WRONG_PASSWORD
+    497, // ACCESS_DENIED
+    516, // AUTHENTICATION_FAILED
+];
+
+/// Sorts a client error into retriable or permanent.
+pub fn classify(error: clickhouse::error::Error) -> ClickHouseError {
+    use clickhouse::error::Error;
+    let text = error.to_string();
+    match &error {
+        Error::Network(_) | Error::TimedOut => ClickHouseError::Retriable(text),
+        Error::BadResponse(message) => match error_code(message) {
+            Some(code) if PERMANENT_CODES.contains(&code) => ClickHouseError::Permanent(text),
+            _ => ClickHouseError::Retriable(text),
+        },
+        _ => ClickHouseError::Permanent(text),
+    }
+}
+
+/// The `Code: N` of a ClickHouse exception message.
+fn error_code(message: &str) -> Option<u32> {
+    let rest = &message[message.find("Code: ")? + 6..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// Writes batches and reads plans in one database.
+#[derive(Clone)]
+pub struct ClickHouseService {
+    client: clickhouse::Client,
+    database: String,
+    topic: String,
+}
+
+impl ClickHouseService {
+    pub fn new(settings: &ClickHouseSettings, topic: &str) -> ClickHouseService {
+        ClickHouseService {
+            // Inserts name bare tables (the crate quotes `db.table` as one identifier).
+            client: settings.client().with_database(&settings.database),
+            database: settings.database.clone(),
+            topic: topic.to_string(),
+        }
+    }
+
+    fn table(&self, name: &str) -> String {
+        format!("{}.{}", self.database, name)
+    }
+
+    /// Makes one batch write durable, in the safe order.
+    pub async fn write(&self, partition: i32, write: &BatchWrite) -> Result<(), ClickHouseError> {
+        if !write.actions.is_empty() {
+            let mut insert = self
+                .client
+                .insert::<ActionRow>("actions")
+                .await
+                .map_err(classify)?;
+            for counted in &write.actions {
+                let row = ActionRow::from_counted(counted)
+                    .map_err(|error| ClickHouseError::Permanent(error.to_string()))?;
+                insert.write(&row).await.map_err(classify)?;
+            }
+            insert.end().await.map_err(classify)?;
+        }
+        if !write.usage.is_empty() {
+            let mut insert = self
+                .client
+                .insert::<UsageRow>("usage")
+                .await
+                .map_err(classify)?;
+            for (key, totals) in &write.usage {
+                let row = UsageRow::new(key, totals, partition, &write.plan, write.end_offset)
+                    .map_err(|error| {
+                        ClickHouseError::Permanent(format!("usage total out of range: {error}"))
+                    })?;
+                insert.write(&row).await.map_err(classify)?;
+            }
+            insert.end().await.map_err(classify)?;
+        }
+        let now = time::OffsetDateTime::now_utc().unix_timestamp() as u32;
+        let mut insert = self
+            .client
+            .insert::<ProgressRow>("aggregator_progress")
+            .await
+            .map_err(classify)?;
+        insert
+            .write(&ProgressRow::new(
+                &self.topic,
+                partition,
+                &write.plan,
+                write.end_offset,
+                now,
+            ))
+            .await
+            .map_err(classify)?;
+        if let Some(next) = &write.next_plan {
+            insert
+                .write(&ProgressRow::new(
+                    &self.topic,
+                    partition,
+                    next,
+                    next.start,
+                    now,
+                ))
+                .await
+                .map_err(classify)?;
+        }
+        insert.end().await.map_err(classify)?;
+        Ok(())
+    }
+
+    /// The latest batch plan of a partition, if it has any progress.
+    pub async fn load_plan(&self, partition: i32) -> Result<Option<BatchPlan>, ClickHouseError> {
+        let query = format!(
+            "SELECT batch_start, argMax(batch_size, end_offset), argMax(window_seconds, end_offset), \
+             argMax(dedupe_from, end_offset), max(end_offset) \
+             FROM {} WHERE topic = ? AND source_partition = ? \
+             GROUP BY batch_start ORDER BY batch_start DESC LIMIT 1",
+            self.table("aggregator_progress")
+        );
+        let rows = self
+            .client
+            .query(&query)
+            .bind(&self.topic)
+            .bind(partition as u32)
+            .fetch_all::<PlanRow>()
+            .await
+            .map_err(classify)?;
+        Ok(rows.first().map(PlanRow::plan))
+    }
+
+    /// Runs a statement (migrations, tests).
+    pub async fn execute(&self, statement: &str) -> Result<(), ClickHouseError> {
+        self.client
+            .query(statement)
+            .execute()
+            .await
+            .map_err(classify)
+    }
+}
+
+/// Exponential backoff between retries.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration) -> Backoff {
+        Backoff { next: initial, max }
+    }
+
+    /// The delay before the next attempt.
+    pub fn next_delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (self.next * 2).min(self.max);
+        delay
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_schema_errors_as_permanent_and_overload_as_retriable() {
+        use clickhouse::error::Error;
+        let unknown_table = Error::BadResponse(
+            "Code: 60, e.displayText() = DB::Exception: Table x.usage doesn't exist.".into(),
+        );
+        assert!(!classify(unknown_table).is_retriable());
+        let too_many_parts = Error::BadResponse("Code: 252. DB::Exception: Too many parts".into());
+        assert!(classify(too_many_parts).is_retriable());
+        assert!(classify(Error::TimedOut).is_retriable());
+        let no_code = Error::BadResponse("502 Bad Gateway".into());
+        assert!(classify(no_code).is_retriable());
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_maximum() {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(350));
+        let delays: Vec<u128> = (0..4).map(|_| backoff.next_delay().as_millis()).collect();
+        assert_eq!(delays, vec![100, 200, 350, 350]);
+    }
+}

@@ -1,0 +1,694 @@
+//! The deterministic heart of the aggregator: what one input partition turns into, as a pure
+//! function of the records it reads. No I/O here.
+//!
+//! A partition is cut into **batches** of consecutive offsets. A batch's [`BatchPlan`] (start,
+//! size, window length, and where its duplicate check begins) is written to ClickHouse before any
+//! of its data, so a replay after a crash cuts and aggregates exactly the same way even if the
+//! settings changed meanwhile. For the batch so far the aggregator keeps **cumulative** usage per
+//! key; a flush writes the keys changed since the last flush with `version` = the offset after
+//! the last record read. Every key's highest-version row is therefore the exact total of a prefix
+//! of the batch, and replays, retries and zombie members only rewrite rows that are identical or
+//! superseded (`docs/adr/0001-exactly-once-aggregation.md`).
+//!
+//! **Duplicates**: a record is a duplicate when the same (workspace, event_id) appeared earlier in
+//! the partition at an offset ≥ the batch's `dedupe_from`. When a batch starts, `dedupe_from` is
+//! set to the smallest remembered offset whose record timestamp is within the horizon of the
+//! batch's first record, and older ids are forgotten. Because the rule refers only to offsets
+//! and the plan is persisted, a replay rebuilds exactly the same set by re-reading
+//! `[dedupe_from, batch start)`.
+
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
+
+use agentmeter_schemas::EnrichedAction;
+use rust_decimal::Decimal;
+use sha2::{Digest, Sha256};
+
+/// How a batch of one partition is cut and aggregated; persisted before its data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchPlan {
+    /// First offset of the batch.
+    pub start: i64,
+    /// Offsets in the batch: it covers `[start, start + size)`.
+    pub size: i64,
+    /// Length of the usage windows, in seconds.
+    pub window_seconds: u32,
+    /// Duplicates are looked for among records at offsets `[dedupe_from, current)`.
+    pub dedupe_from: i64,
+}
+
+impl BatchPlan {
+    pub fn end(&self) -> i64 {
+        self.start + self.size
+    }
+}
+
+/// The usage dimensions of one row of the `usage` table (besides partition and batch).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct UsageKey {
+    pub window_start_seconds: i64,
+    pub workspace_id: String,
+    pub account_id: String,
+    pub agent_instance_id: String,
+    pub user_key: String,
+    pub action_name: String,
+    pub measure: String,
+    pub tracked: bool,
+    pub outcome: bool,
+    pub currency: String,
+}
+
+/// Cumulative totals of one [`UsageKey`] within a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageTotals {
+    pub action_count: u64,
+    pub quantity: Decimal,
+    pub cost: Decimal,
+    pub outcome_count: u64,
+    pub first_seen_micros: i64,
+    pub last_seen_micros: i64,
+}
+
+/// An enriched action accepted for counting, with where it was read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CountedAction {
+    pub action: EnrichedAction,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// Everything a flush must make durable for one batch, in order: actions, usage, then progress.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchWrite {
+    pub plan: BatchPlan,
+    /// Offset after the last record read: the version of the usage rows and of the progress row.
+    pub end_offset: i64,
+    pub actions: Vec<CountedAction>,
+    pub usage: Vec<(UsageKey, UsageTotals)>,
+    /// The plan of the batch that follows, written after this batch's data (its intent row).
+    pub next_plan: Option<BatchPlan>,
+}
+
+/// What happened to a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordOutcome {
+    /// Before the batch start: only remembered for the duplicate check.
+    Rebuilt,
+    /// Counted into usage and queued for the `actions` table.
+    Counted,
+    /// Same (workspace, event_id) seen within the horizon: not counted.
+    Duplicate,
+    /// Before an offset already handled (a re-delivery): ignored.
+    AlreadyHandled,
+}
+
+/// Ids seen in a partition, by offset, for the duplicate check.
+#[derive(Debug, Default)]
+pub struct DedupeWindow {
+    /// id → offset of its latest occurrence.
+    latest_offset_by_id: HashMap<[u8; 16], i64>,
+    /// (offset, record timestamp ms, id), ascending by offset.
+    seen: VecDeque<(i64, i64, [u8; 16])>,
+}
+
+impl DedupeWindow {
+    /// Remembers `id` at `offset`; true when it had already been seen (a duplicate).
+    pub fn observe(&mut self, id: [u8; 16], offset: i64, timestamp_ms: i64) -> bool {
+        debug_assert!(self.seen.back().is_none_or(|(last, _, _)| *last < offset));
+        self.seen.push_back((offset, timestamp_ms, id));
+        match self.latest_offset_by_id.entry(id) {
+            Entry::Occupied(mut entry) => {
+                entry.insert(offset);
+                true
+            }
+            Entry::Vacant(entry) => {
+                entry.insert(offset);
+                false
+            }
+        }
+    }
+
+    /// Where the next batch's duplicate check begins: the smallest remembered offset whose
+    /// timestamp is within `horizon_ms` of `first_timestamp_ms`, else `first_offset`.
+    /// Forgets everything before it.
+    pub fn cut(&mut self, first_offset: i64, first_timestamp_ms: i64, horizon_ms: i64) -> i64 {
+        let threshold = first_timestamp_ms.saturating_sub(horizon_ms);
+        let dedupe_from = self
+            .seen
+            .iter()
+            .find(|(_, timestamp, _)| *timestamp >= threshold)
+            .map(|(offset, _, _)| *offset)
+            .unwrap_or(first_offset);
+        self.forget_before(dedupe_from);
+        dedupe_from
+    }
+
+    /// Forgets ids seen before `offset`.
+    pub fn forget_before(&mut self, offset: i64) {
+        while let Some(&(seen_offset, _, id)) = self.seen.front() {
+            if seen_offset >= offset {
+                break;
+            }
+            self.seen.pop_front();
+            if self.latest_offset_by_id.get(&id) == Some(&seen_offset) {
+                self.latest_offset_by_id.remove(&id);
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+}
+
+/// The identity used for duplicates: the first 16 bytes of SHA-256(workspace ␟ event_id).
+pub fn dedupe_id(workspace_id: &str, event_id: &str) -> [u8; 16] {
+    let mut hasher = Sha256::new();
+    hasher.update(workspace_id.as_bytes());
+    hasher.update([0x1f]);
+    hasher.update(event_id.as_bytes());
+    let digest = hasher.finalize();
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&digest[..16]);
+    id
+}
+
+/// Settings that apply to batches started from now on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchSettings {
+    pub batch_size: i64,
+    pub window_seconds: u32,
+    pub dedupe_horizon_ms: i64,
+}
+
+/// The aggregation state of one input partition.
+#[derive(Debug)]
+pub struct PartitionAggregator {
+    pub partition: i32,
+    settings: BatchSettings,
+    /// The current batch; `None` until the first record of a partition with no progress.
+    plan: Option<BatchPlan>,
+    /// Offset after the last record handled.
+    next_offset: i64,
+    /// Cumulative totals of the current batch, with whether they changed since the last flush.
+    totals: HashMap<UsageKey, (UsageTotals, bool)>,
+    pending_actions: Vec<CountedAction>,
+    /// Sealed batches and intents waiting for the next flush, in order.
+    sealed: Vec<BatchWrite>,
+    dedupe: DedupeWindow,
+}
+
+impl PartitionAggregator {
+    /// State for a partition, resuming `plan` (from ClickHouse) or starting fresh.
+    pub fn new(
+        partition: i32,
+        settings: BatchSettings,
+        plan: Option<BatchPlan>,
+    ) -> PartitionAggregator {
+        PartitionAggregator {
+            partition,
+            settings,
+            next_offset: plan.map(|plan| plan.dedupe_from).unwrap_or(0),
+            plan,
+            totals: HashMap::new(),
+            pending_actions: Vec::new(),
+            sealed: Vec::new(),
+            dedupe: DedupeWindow::default(),
+        }
+    }
+
+    /// Where the consumer must start reading this partition (`None`: from the beginning).
+    pub fn start_offset(&self) -> Option<i64> {
+        self.plan.map(|plan| plan.dedupe_from)
+    }
+
+    /// Offset after the last record handled.
+    pub fn next_offset(&self) -> i64 {
+        self.next_offset
+    }
+
+    pub fn plan(&self) -> Option<BatchPlan> {
+        self.plan
+    }
+
+    /// Actions waiting for the next flush.
+    pub fn pending_rows(&self) -> usize {
+        self.pending_actions.len()
+            + self
+                .sealed
+                .iter()
+                .map(|write| write.actions.len())
+                .sum::<usize>()
+    }
+
+    pub fn remembered_ids(&self) -> usize {
+        self.dedupe.len()
+    }
+
+    /// Handles one record of this partition, in offset order.
+    pub fn handle(
+        &mut self,
+        offset: i64,
+        timestamp_ms: i64,
+        action: EnrichedAction,
+    ) -> RecordOutcome {
+        if offset < self.next_offset && self.plan.is_some() {
+            return RecordOutcome::AlreadyHandled;
+        }
+        let plan = match self.plan {
+            None => {
+                // First record of a partition without progress: batches align to the size.
+                let start = offset - offset.rem_euclid(self.settings.batch_size);
+                let plan = BatchPlan {
+                    start,
+                    size: self.settings.batch_size,
+                    window_seconds: self.settings.window_seconds,
+                    dedupe_from: start,
+                };
+                self.plan = Some(plan);
+                self.sealed.push(BatchWrite {
+                    plan,
+                    end_offset: start,
+                    actions: Vec::new(),
+                    usage: Vec::new(),
+                    next_plan: None,
+                });
+                plan
+            }
+            Some(plan) if offset >= plan.end() => self.roll(plan, offset, timestamp_ms),
+            Some(plan) => plan,
+        };
+        self.next_offset = offset + 1;
+        let id = dedupe_id(&action.raw.workspace_id, &action.raw.event_id);
+        let seen_before = self.dedupe.observe(id, offset, timestamp_ms);
+        if offset < plan.start {
+            return RecordOutcome::Rebuilt;
+        }
+        if seen_before {
+            return RecordOutcome::Duplicate;
+        }
+        self.count(&action, plan.window_seconds);
+        self.pending_actions.push(CountedAction {
+            action,
+            partition: self.partition,
+            offset,
+        });
+        RecordOutcome::Counted
+    }
+
+    /// Seals the current batch and starts the one `offset` falls in.
+    fn roll(&mut self, plan: BatchPlan, offset: i64, timestamp_ms: i64) -> BatchPlan {
+        let size = self.settings.batch_size;
+        // Skip whole empty batches (offset gaps) so that `offset` falls in the new batch.
+        let start = plan.end() + (offset - plan.end()) / size * size;
+        let dedupe_from = self
+            .dedupe
+            .cut(offset, timestamp_ms, self.settings.dedupe_horizon_ms);
+        let next = BatchPlan {
+            start,
+            size,
+            window_seconds: self.settings.window_seconds,
+            dedupe_from: dedupe_from.min(start),
+        };
+        let mut sealed = self.take_write(plan);
+        sealed.next_plan = Some(next);
+        self.sealed.push(sealed);
+        self.totals.clear();
+        self.plan = Some(next);
+        next
+    }
+
+    fn count(&mut self, action: &EnrichedAction, window_seconds: u32) {
+        let raw = &action.raw;
+        let occurred_seconds = raw.occurred_at_micros.div_euclid(1_000_000);
+        let window = i64::from(window_seconds);
+        let key = UsageKey {
+            window_start_seconds: occurred_seconds - occurred_seconds.rem_euclid(window),
+            workspace_id: raw.workspace_id.clone(),
+            account_id: raw.account_id.clone(),
+            agent_instance_id: raw.agent_instance_id.clone(),
+            user_key: raw.user_key().to_string(),
+            action_name: raw.action_name.clone(),
+            measure: action.measure.clone(),
+            tracked: action.tracked,
+            outcome: action.outcome,
+            currency: action.currency.clone(),
+        };
+        let occurred = raw.occurred_at_micros;
+        let (totals, changed) = self.totals.entry(key).or_insert_with(|| {
+            let empty = UsageTotals {
+                action_count: 0,
+                quantity: Decimal::ZERO,
+                cost: Decimal::ZERO,
+                outcome_count: 0,
+                first_seen_micros: occurred,
+                last_seen_micros: occurred,
+            };
+            (empty, true)
+        });
+        *changed = true;
+        totals.action_count += 1;
+        totals.quantity += action.quantity;
+        totals.cost += action.cost;
+        totals.outcome_count += u64::from(action.outcome);
+        totals.first_seen_micros = totals.first_seen_micros.min(occurred);
+        totals.last_seen_micros = totals.last_seen_micros.max(occurred);
+    }
+
+    /// The batch so far: queued actions and the keys changed since the last flush.
+    fn take_write(&mut self, plan: BatchPlan) -> BatchWrite {
+        let mut usage: Vec<(UsageKey, UsageTotals)> = self
+            .totals
+            .iter_mut()
+            .filter(|(_, (_, changed))| *changed)
+            .map(|(key, (totals, changed))| {
+                *changed = false;
+                (key.clone(), totals.clone())
+            })
+            .collect();
+        // Sorted rows make inserts cheaper for ClickHouse and flushes reproducible in tests.
+        usage.sort_unstable_by(|(a, _), (b, _)| {
+            (
+                a.window_start_seconds,
+                &a.account_id,
+                &a.user_key,
+                &a.action_name,
+                &a.measure,
+            )
+                .cmp(&(
+                    b.window_start_seconds,
+                    &b.account_id,
+                    &b.user_key,
+                    &b.action_name,
+                    &b.measure,
+                ))
+        });
+        BatchWrite {
+            plan,
+            end_offset: self.next_offset.max(plan.start),
+            actions: std::mem::take(&mut self.pending_actions),
+            usage,
+            next_plan: None,
+        }
+    }
+
+    /// Everything to make durable now, in order. After they are all written, call nothing else:
+    /// the state already reflects them. If writing fails, the caller abandons this state and
+    /// replays from the persisted plan.
+    pub fn take_flush(&mut self) -> Vec<BatchWrite> {
+        let mut writes = std::mem::take(&mut self.sealed);
+        if let Some(plan) = self.plan {
+            let current = self.take_write(plan);
+            if !current.actions.is_empty() || !current.usage.is_empty() || writes.is_empty() {
+                writes.push(current);
+            }
+        }
+        writes
+    }
+
+    /// True when a flush would write something.
+    pub fn has_unflushed(&self) -> bool {
+        !self.sealed.is_empty()
+            || !self.pending_actions.is_empty()
+            || self.totals.values().any(|(_, changed)| *changed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agentmeter_schemas::{ActionKind, CostSource, RawAction};
+    use std::str::FromStr;
+
+    const SETTINGS: BatchSettings = BatchSettings {
+        batch_size: 10,
+        window_seconds: 60,
+        dedupe_horizon_ms: 15 * 60 * 1000,
+    };
+
+    fn action(
+        event_id: &str,
+        user: &str,
+        name: &str,
+        cost: &str,
+        occurred_seconds: i64,
+    ) -> EnrichedAction {
+        EnrichedAction {
+            raw: RawAction {
+                event_id: event_id.into(),
+                workspace_id: "ws".into(),
+                account_id: "acc".into(),
+                agent_instance_id: "inst".into(),
+                kind: ActionKind::Action,
+                action_name: name.into(),
+                trace_event: None,
+                user_id: Some(user.into()),
+                anonymous_id: None,
+                occurred_at_micros: occurred_seconds * 1_000_000,
+                received_at_micros: occurred_seconds * 1_000_000,
+                description: None,
+                llm_provider: None,
+                llm_model: None,
+                input_tokens: None,
+                output_tokens: None,
+                total_tokens: None,
+                reported_cost: None,
+                attributes_json: "{}".into(),
+                source: "rest".into(),
+            },
+            tracked: true,
+            outcome: name == "object_detection",
+            measure: "unit".into(),
+            quantity: Decimal::ONE,
+            unit_cost: Decimal::from_str(cost).unwrap(),
+            cost: Decimal::from_str(cost).unwrap(),
+            cost_source: CostSource::Allocated,
+            currency: "USD".into(),
+            config_version: 1,
+            enriched_at_micros: 0,
+        }
+    }
+
+    /// The stream of the tests: (offset, timestamp ms, action); ids repeat to make duplicates.
+    fn stream() -> Vec<(i64, i64, EnrichedAction)> {
+        (0..35)
+            .map(|offset| {
+                let event = format!("e{}", if offset % 7 == 6 { offset - 3 } else { offset });
+                let user = format!("u{}", offset % 3);
+                let name = if offset % 5 == 0 {
+                    "object_detection"
+                } else {
+                    "web_search"
+                };
+                (
+                    offset,
+                    offset * 1000,
+                    action(&event, &user, name, "0.25", 1_000 + offset * 13),
+                )
+            })
+            .collect()
+    }
+
+    /// Replays flush writes into a model of the ReplacingMergeTree: highest version per key.
+    #[derive(Default)]
+    struct TableModel {
+        usage: HashMap<(UsageKey, i64), (i64, UsageTotals)>,
+        plans: HashMap<i64, (i64, BatchPlan)>,
+        actions: std::collections::BTreeMap<i64, String>,
+    }
+
+    impl TableModel {
+        fn apply(&mut self, writes: &[BatchWrite]) {
+            self.apply_parts(writes, usize::MAX);
+        }
+
+        /// Applies the first `parts` INSERTs of a flush (3 per write: actions, usage, progress),
+        /// as a crash in the middle of a flush leaves them.
+        fn apply_parts(&mut self, writes: &[BatchWrite], parts: usize) {
+            let mut applied = 0;
+            for write in writes {
+                if applied == parts {
+                    return;
+                }
+                for counted in &write.actions {
+                    self.actions
+                        .insert(counted.offset, counted.action.raw.event_id.clone());
+                }
+                applied += 1;
+                if applied == parts {
+                    return;
+                }
+                for (key, totals) in &write.usage {
+                    let slot = self
+                        .usage
+                        .entry((key.clone(), write.plan.start))
+                        .or_insert((i64::MIN, totals.clone()));
+                    if write.end_offset >= slot.0 {
+                        *slot = (write.end_offset, totals.clone());
+                    }
+                }
+                applied += 1;
+                if applied == parts {
+                    return;
+                }
+                let progress = self
+                    .plans
+                    .entry(write.plan.start)
+                    .or_insert((i64::MIN, write.plan));
+                if write.end_offset >= progress.0 {
+                    *progress = (write.end_offset, write.plan);
+                }
+                if let Some(next) = write.next_plan {
+                    self.plans.entry(next.start).or_insert((next.start, next));
+                }
+                applied += 1;
+            }
+        }
+
+        fn latest_plan(&self) -> Option<BatchPlan> {
+            self.plans
+                .iter()
+                .max_by_key(|(start, _)| **start)
+                .map(|(_, (_, plan))| *plan)
+        }
+
+        fn totals(&self) -> (u64, Decimal, u64) {
+            self.usage.values().fold(
+                (0, Decimal::ZERO, 0),
+                |(count, cost, outcomes), (_, totals)| {
+                    (
+                        count + totals.action_count,
+                        cost + totals.cost,
+                        outcomes + totals.outcome_count,
+                    )
+                },
+            )
+        }
+    }
+
+    fn expected_totals() -> (u64, Decimal, u64) {
+        let mut seen = std::collections::HashSet::new();
+        let mut totals = (0u64, Decimal::ZERO, 0u64);
+        for (_, _, action) in stream() {
+            if seen.insert(action.raw.event_id.clone()) {
+                totals.0 += 1;
+                totals.1 += action.cost;
+                totals.2 += u64::from(action.outcome);
+            }
+        }
+        totals
+    }
+
+    /// Reads the stream from the persisted plan up to offset `to`, flushing every `flush_every`
+    /// records; the last flush applies only `last_flush_parts` of its INSERTs (a crash).
+    fn run(model: &mut TableModel, to: usize, flush_every: usize, last_flush_parts: usize) {
+        let plan = model.latest_plan();
+        let mut aggregator = PartitionAggregator::new(0, SETTINGS, plan);
+        let start = aggregator.start_offset().unwrap_or(0) as usize;
+        for (offset, timestamp, action) in stream()
+            .into_iter()
+            .skip(start)
+            .take(to.saturating_sub(start))
+        {
+            aggregator.handle(offset, timestamp, action);
+            if offset as usize % flush_every == flush_every - 1 {
+                model.apply(&aggregator.take_flush());
+            }
+        }
+        model.apply_parts(&aggregator.take_flush(), last_flush_parts);
+    }
+
+    #[test]
+    fn counts_each_event_once_and_sums_decimals_exactly() {
+        let mut model = TableModel::default();
+        run(&mut model, 35, 4, usize::MAX);
+        assert_eq!(model.totals(), expected_totals());
+        assert_eq!(expected_totals().0, 30, "the stream holds 5 duplicates");
+        assert_eq!(model.actions.len(), 30);
+    }
+
+    #[test]
+    fn replays_after_crash_without_double_counting() {
+        // Crash points: the process reads up to `crash_at`, flushes now and then, dies in the
+        // middle of a flush after `parts` INSERTs, restarts from the persisted plan (twice, the
+        // second time dying again) and reads to the end. Every crash gives the same totals.
+        for crash_at in 0..35 {
+            for flush_every in [1, 3, 7, 100] {
+                for parts in 0..7 {
+                    let mut model = TableModel::default();
+                    run(&mut model, crash_at, flush_every, parts);
+                    run(&mut model, (crash_at + 9).min(35), flush_every, parts / 2);
+                    run(&mut model, 35, flush_every, usize::MAX);
+                    assert_eq!(
+                        model.totals(),
+                        expected_totals(),
+                        "crash at {crash_at}, flush every {flush_every}, {parts} INSERTs of the last flush"
+                    );
+                    assert_eq!(model.actions.len(), 30);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_zombie_rewriting_the_same_batches_changes_nothing() {
+        let mut model = TableModel::default();
+        run(&mut model, 35, 5, usize::MAX);
+        let before = model.totals();
+        // A second member that never saw the progress re-reads everything from the start.
+        let mut zombie = PartitionAggregator::new(0, SETTINGS, None);
+        for (offset, timestamp, action) in stream() {
+            zombie.handle(offset, timestamp, action);
+        }
+        model.apply(&zombie.take_flush());
+        assert_eq!(model.totals(), before);
+    }
+
+    #[test]
+    fn resumed_batch_keeps_its_plan_when_settings_change() {
+        let mut model = TableModel::default();
+        run(&mut model, 14, 2, usize::MAX);
+        let plan = model.latest_plan().unwrap();
+        let changed = BatchSettings {
+            batch_size: 4,
+            window_seconds: 3600,
+            ..SETTINGS
+        };
+        let mut aggregator = PartitionAggregator::new(0, changed, Some(plan));
+        for (offset, timestamp, action) in stream().into_iter().skip(plan.dedupe_from as usize) {
+            aggregator.handle(offset, timestamp, action);
+        }
+        model.apply(&aggregator.take_flush());
+        assert_eq!(model.totals(), expected_totals());
+        assert_eq!(model.latest_plan().unwrap().size, 4);
+    }
+
+    #[test]
+    fn duplicates_outside_the_horizon_count_again() {
+        let mut window = DedupeWindow::default();
+        let id = dedupe_id("ws", "e");
+        assert!(!window.observe(id, 0, 0));
+        assert!(window.observe(id, 1, 1_000));
+        let from = window.cut(2, 20 * 60 * 1000, 15 * 60 * 1000);
+        assert_eq!(from, 2);
+        assert!(window.is_empty());
+        assert!(!window.observe(id, 2, 20 * 60 * 1000));
+    }
+
+    #[test]
+    fn windows_follow_occurred_at_so_late_actions_land_in_old_windows() {
+        let mut aggregator = PartitionAggregator::new(0, SETTINGS, None);
+        aggregator.handle(0, 0, action("a", "u", "web_search", "1", 3_600));
+        aggregator.handle(1, 0, action("b", "u", "web_search", "1", 59));
+        let writes = aggregator.take_flush();
+        let windows: Vec<i64> = writes
+            .iter()
+            .flat_map(|write| write.usage.iter().map(|(key, _)| key.window_start_seconds))
+            .collect();
+        assert_eq!(windows, vec![0, 3_600]);
+    }
+}

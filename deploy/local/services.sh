@@ -1,0 +1,466 @@
+#!/usr/bin/env bash
+# Local services for agentmeter without Docker: ClickHouse (Debian's clickhouse-server 18.16)
+# and a Kafka-compatible broker (tansu 0.6.0, built from crates.io and cached outside the repo).
+#
+#   deploy/local/services.sh install   install missing apt packages and build tansu (idempotent)
+#   deploy/local/services.sh up        start ClickHouse and tansu unless already answering
+#   deploy/local/services.sh down      stop both (TERM, then KILL), by PID file
+#   deploy/local/services.sh status    print whether each answers (exit 0 only if both answer)
+#   deploy/local/services.sh reset     down, then delete the data of both
+#
+# Environment (defaults in brackets):
+#   AGENTMETER_CACHE                 [$HOME/.cache/agentmeter]  tansu binary, build log, install lock
+#   AGENTMETER_STATE                 [<repo>/.local]            data, logs, configs, PID files
+#   AGENTMETER_KAFKA_PORT            [9092]   tansu listener on 127.0.0.1
+#   AGENTMETER_CLICKHOUSE_HTTP_PORT  [8123]   ClickHouse HTTP on 127.0.0.1
+#   AGENTMETER_CLICKHOUSE_TCP_PORT   [9000]   ClickHouse native protocol on 127.0.0.1
+#   AGENTMETER_BROKER_STORAGE        [sqlite] sqlite (durable, $AGENTMETER_STATE/tansu/tansu.db) or memory
+#   AGENTMETER_UP_TIMEOUT            [60]     seconds to wait for each service to answer
+set -euo pipefail
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_ROOT="$(cd "$SCRIPT_DIR/../.." && pwd)"
+
+AGENTMETER_CACHE="${AGENTMETER_CACHE:-$HOME/.cache/agentmeter}"
+AGENTMETER_STATE="${AGENTMETER_STATE:-$REPO_ROOT/.local}"
+KAFKA_PORT="${AGENTMETER_KAFKA_PORT:-9092}"
+CH_HTTP_PORT="${AGENTMETER_CLICKHOUSE_HTTP_PORT:-8123}"
+CH_TCP_PORT="${AGENTMETER_CLICKHOUSE_TCP_PORT:-9000}"
+BROKER_STORAGE="${AGENTMETER_BROKER_STORAGE:-sqlite}"
+UP_TIMEOUT="${AGENTMETER_UP_TIMEOUT:-60}"
+
+APT_PACKAGES=(clickhouse-server clickhouse-client cmake libcurl4-openssl-dev protobuf-compiler python3-venv)
+TANSU_VERSION="0.6.0"
+TANSU_ROOT="$AGENTMETER_CACHE/tansu-$TANSU_VERSION"
+TANSU_BIN="$TANSU_ROOT/bin/tansu"
+TANSU_LOG="$AGENTMETER_CACHE/logs/tansu.log"
+CLICKHOUSE_SERVER="$(command -v clickhouse-server || echo /usr/sbin/clickhouse-server)"
+CLICKHOUSE_USER="clickhouse"
+
+CH_DIR="$AGENTMETER_STATE/clickhouse"
+CH_CONFIG="$CH_DIR/config.xml"
+CH_PID="$CH_DIR/clickhouse.pid"
+CH_LOG="$CH_DIR/log/clickhouse-server.log"
+CH_ERRLOG="$CH_DIR/log/clickhouse-server.err.log"
+CH_STDERR="$CH_DIR/log/stderr.log"      # written by clickhouse-server --daemon itself
+CH_LAUNCH="$CH_DIR/log/launch.log"      # output of the launching command
+TS_DIR="$AGENTMETER_STATE/tansu"
+TS_PID="$TS_DIR/tansu.pid"
+TS_LOG="$TS_DIR/tansu.log"
+TS_ENGINE_FILE="$TS_DIR/engine"
+
+now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
+say() { printf '[services] %s\n' "$*"; }
+die() { printf '[services] ERROR: %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"
+    elif command -v sudo >/dev/null 2>&1; then sudo "$@"
+    else die "need root (or sudo) for: $*"; fi
+}
+
+# ---------------------------------------------------------------- probes
+
+clickhouse_answers() {
+    [ "$(curl -sf --max-time 2 "http://127.0.0.1:$CH_HTTP_PORT/ping" 2>/dev/null)" = "Ok." ]
+}
+
+clickhouse_version() {
+    curl -sf --max-time 5 "http://127.0.0.1:$CH_HTTP_PORT/" --data-binary 'SELECT version()' 2>/dev/null
+}
+
+tcp_answers() { # port
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+tansu_answers() { tcp_answers "$KAFKA_PORT"; }
+
+# pid from a PID file if that process is alive and its command line contains $2
+live_pid() { # pidfile pattern
+    local pid
+    [ -s "$1" ] || return 1
+    pid="$(tr -dc '0-9' <"$1")"
+    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$2" || return 1
+    echo "$pid"
+}
+
+tail_log() { # file...
+    local f
+    for f in "$@"; do
+        if [ -s "$f" ]; then
+            printf '[services] --- last lines of %s ---\n' "$f" >&2
+            tail -n 30 "$f" >&2
+        fi
+    done
+}
+
+# ---------------------------------------------------------------- install
+
+pkg_installed() {
+    dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'
+}
+
+install_packages() {
+    local missing=() p
+    for p in "${APT_PACKAGES[@]}"; do
+        pkg_installed "$p" || missing+=("$p")
+    done
+    if [ "${#missing[@]}" -eq 0 ]; then
+        say "apt packages already installed: ${APT_PACKAGES[*]}"
+        return
+    fi
+    say "apt packages missing: ${missing[*]}; running apt-get update"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    say "apt-get install -y ${APT_PACKAGES[*]}"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${APT_PACKAGES[@]}"
+}
+
+# Print a heartbeat every 60 s while process $1 lives; last "Compiling" line of log $2.
+heartbeat_until_done() { # pid log what
+    local pid="$1" log="$2" what="$3" start now last
+    start="$(date +%s)"
+    last="$start"
+    while kill -0 "$pid" 2>/dev/null; do
+        sleep 5
+        now="$(date +%s)"
+        if [ $((now - last)) -ge 60 ]; then
+            last="$now"
+            say "$what: still building after $(((now - start) / 60)) min; last: $(grep -E '^\s*(Compiling|Finished|Installing|Downloaded)' "$log" 2>/dev/null | tail -n 1 | sed 's/^ *//')"
+        fi
+    done
+}
+
+install_tansu() {
+    if [ -x "$TANSU_BIN" ]; then
+        say "tansu $TANSU_VERSION already built: $TANSU_BIN"
+        return
+    fi
+    # A build started outside this script (same --root) is still running: wait for it.
+    local other
+    other="$(pgrep -f "cargo install tansu.*--root $TANSU_ROOT" | head -n 1 || true)"
+    if [ -n "$other" ]; then
+        say "a cargo build of tansu into $TANSU_ROOT is already running (pid $other); waiting for it (log $TANSU_LOG)"
+        heartbeat_until_done "$other" "$TANSU_LOG" "tansu $TANSU_VERSION (pid $other)"
+        [ -x "$TANSU_BIN" ] && { say "tansu $TANSU_VERSION built by the other build: $TANSU_BIN"; return; }
+        say "the other build ended without $TANSU_BIN; building here"
+    fi
+    command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust (rustup) first"
+    mkdir -p "$(dirname "$TANSU_LOG")"
+    say "building tansu $TANSU_VERSION from crates.io, about 12 minutes on 2 cores the first time (log $TANSU_LOG)"
+    # A target dir in the cache lets a failed or interrupted build resume; removed on success.
+    local target="$AGENTMETER_CACHE/tansu-$TANSU_VERSION-target" rc=0 pid
+    cargo install tansu --locked --version "$TANSU_VERSION" --features dynostore,libsql \
+        --root "$TANSU_ROOT" --target-dir "$target" >"$TANSU_LOG" 2>&1 &
+    pid=$!
+    heartbeat_until_done "$pid" "$TANSU_LOG" "tansu $TANSU_VERSION"
+    wait "$pid" || rc=$?
+    if [ "$rc" -ne 0 ] || [ ! -x "$TANSU_BIN" ]; then
+        tail_log "$TANSU_LOG"
+        die "cargo install tansu failed (exit $rc); full log: $TANSU_LOG"
+    fi
+    rm -rf "$target"
+    say "tansu $TANSU_VERSION installed: $TANSU_BIN"
+}
+
+cmd_install() {
+    mkdir -p "$AGENTMETER_CACHE"
+    exec 9>"$AGENTMETER_CACHE/install.lock"
+    if ! flock -n 9; then
+        say "another install holds $AGENTMETER_CACHE/install.lock; waiting for it"
+        flock 9
+    fi
+    install_packages
+    install_tansu
+    say "install done"
+}
+
+# ---------------------------------------------------------------- ClickHouse
+
+write_clickhouse_config() {
+    mkdir -p "$CH_DIR/data/tmp" "$CH_DIR/data/user_files" "$CH_DIR/data/format_schemas" "$CH_DIR/log"
+    cat >"$CH_CONFIG" <<EOF
+<?xml version="1.0"?>
+<!-- Generated by deploy/local/services.sh; rewritten on every 'up'. ClickHouse 18.16 layout. -->
+<yandex>
+    <logger>
+        <level>information</level>
+        <log>$CH_LOG</log>
+        <errorlog>$CH_ERRLOG</errorlog>
+        <size>100M</size>
+        <count>3</count>
+    </logger>
+    <listen_host>127.0.0.1</listen_host>
+    <http_port>$CH_HTTP_PORT</http_port>
+    <tcp_port>$CH_TCP_PORT</tcp_port>
+    <!-- no interserver_http_port: no replication, nothing listens on 9009 -->
+    <max_connections>1024</max_connections>
+    <keep_alive_timeout>3</keep_alive_timeout>
+    <max_concurrent_queries>100</max_concurrent_queries>
+    <uncompressed_cache_size>268435456</uncompressed_cache_size>
+    <mark_cache_size>536870912</mark_cache_size>
+    <path>$CH_DIR/data/</path>
+    <tmp_path>$CH_DIR/data/tmp/</tmp_path>
+    <user_files_path>$CH_DIR/data/user_files/</user_files_path>
+    <format_schema_path>$CH_DIR/data/format_schemas/</format_schema_path>
+    <users_config>users.xml</users_config>
+    <default_profile>default</default_profile>
+    <default_database>default</default_database>
+    <timezone>UTC</timezone>
+    <mlock_executable>false</mlock_executable>
+    <builtin_dictionaries_reload_interval>3600</builtin_dictionaries_reload_interval>
+    <max_session_timeout>3600</max_session_timeout>
+    <default_session_timeout>60</default_session_timeout>
+    <!-- tests drop tables of any size -->
+    <max_table_size_to_drop>0</max_table_size_to_drop>
+    <max_partition_size_to_drop>0</max_partition_size_to_drop>
+    <query_log>
+        <database>system</database>
+        <table>query_log</table>
+        <partition_by>toYYYYMM(event_date)</partition_by>
+        <flush_interval_milliseconds>7500</flush_interval_milliseconds>
+    </query_log>
+</yandex>
+EOF
+    cat >"$CH_DIR/users.xml" <<'EOF'
+<?xml version="1.0"?>
+<!-- Generated by deploy/local/services.sh: user 'default', no password, localhost only. -->
+<yandex>
+    <profiles>
+        <default>
+            <max_memory_usage>10000000000</max_memory_usage>
+            <use_uncompressed_cache>0</use_uncompressed_cache>
+            <load_balancing>random</load_balancing>
+        </default>
+    </profiles>
+    <users>
+        <default>
+            <password></password>
+            <networks>
+                <ip>::1</ip>
+                <ip>127.0.0.1</ip>
+            </networks>
+            <profile>default</profile>
+            <quota>default</quota>
+        </default>
+    </users>
+    <quotas>
+        <default>
+            <interval>
+                <duration>3600</duration>
+                <queries>0</queries>
+                <errors>0</errors>
+                <result_rows>0</result_rows>
+                <read_rows>0</read_rows>
+                <execution_time>0</execution_time>
+            </interval>
+        </default>
+    </quotas>
+</yandex>
+EOF
+}
+
+# Run a command as the clickhouse user when we are root (clickhouse-server should not run as root).
+as_clickhouse() {
+    if [ "$(id -u)" -eq 0 ]; then
+        runuser -u "$CLICKHOUSE_USER" -- "$@"
+    else
+        "$@"
+    fi
+}
+
+start_clickhouse() {
+    if clickhouse_answers; then
+        say "clickhouse already answering on 127.0.0.1:$CH_HTTP_PORT ($(clickhouse_version || echo '?'))"
+        return
+    fi
+    [ -x "$CLICKHOUSE_SERVER" ] || die "clickhouse-server not installed: run '$0 install'"
+    local pid
+    if pid="$(live_pid "$CH_PID" clickhouse)"; then
+        say "clickhouse (pid $pid) is running but not answering yet; waiting"
+    else
+        say "writing ClickHouse config $CH_CONFIG (http $CH_HTTP_PORT, tcp $CH_TCP_PORT, data $CH_DIR/data)"
+        write_clickhouse_config
+        rm -f "$CH_PID"
+        : >>"$CH_LAUNCH"
+        if [ "$(id -u)" -eq 0 ]; then
+            id "$CLICKHOUSE_USER" >/dev/null 2>&1 || die "user '$CLICKHOUSE_USER' missing (the clickhouse-server package creates it): run '$0 install'"
+            chown -R "$CLICKHOUSE_USER:$CLICKHOUSE_USER" "$CH_DIR"
+            runuser -u "$CLICKHOUSE_USER" -- test -w "$CH_DIR/data" \
+                || die "user '$CLICKHOUSE_USER' cannot write $CH_DIR/data (a parent directory is not traversable?): set AGENTMETER_STATE elsewhere"
+        fi
+        local runas
+        if [ "$(id -u)" -eq 0 ]; then runas="$CLICKHOUSE_USER"; else runas="$(id -un)"; fi
+        say "starting clickhouse-server as '$runas' (log $CH_LOG)"
+        (cd "$CH_DIR" && as_clickhouse "$CLICKHOUSE_SERVER" --config-file="$CH_CONFIG" \
+            --pid-file="$CH_PID" --daemon) >>"$CH_LAUNCH" 2>&1 \
+            || { tail_log "$CH_LAUNCH" "$CH_STDERR" "$CH_ERRLOG"; die "clickhouse-server failed to start"; }
+    fi
+    local start now
+    start="$(now_ms)"
+    # 18.16 opens HTTP before the native port and exits if the latter fails: wait for both.
+    until clickhouse_answers && tcp_answers "$CH_TCP_PORT"; do
+        now="$(now_ms)"
+        if [ $((now - start)) -ge $((UP_TIMEOUT * 1000)) ]; then
+            tail_log "$CH_LAUNCH" "$CH_STDERR" "$CH_ERRLOG" "$CH_LOG"
+            die "clickhouse did not answer http://127.0.0.1:$CH_HTTP_PORT/ping and tcp $CH_TCP_PORT within ${UP_TIMEOUT}s"
+        fi
+        if ! live_pid "$CH_PID" clickhouse >/dev/null && [ $((now - start)) -ge 5000 ]; then
+            tail_log "$CH_LAUNCH" "$CH_STDERR" "$CH_ERRLOG" "$CH_LOG"
+            die "clickhouse-server exited during startup"
+        fi
+        sleep 0.2
+    done
+    local version
+    version="$(clickhouse_version)" || { tail_log "$CH_ERRLOG"; die "clickhouse answers /ping but not 'SELECT version()'"; }
+    say "clickhouse $version answering on 127.0.0.1:$CH_HTTP_PORT (tcp $CH_TCP_PORT) after $(($(now_ms) - start)) ms, pid $(cat "$CH_PID" 2>/dev/null || echo '?')"
+}
+
+# ---------------------------------------------------------------- tansu
+
+tansu_engine_url() {
+    case "$BROKER_STORAGE" in
+        # tansu 0.6.0 resolves the sqlite path relative to its working directory (an absolute
+        # path gets the cwd prepended), so it is started from $TS_DIR with a relative file name.
+        sqlite) echo "sqlite://tansu.db" ;;
+        memory) echo "memory://tansu/" ;;
+        *) die "AGENTMETER_BROKER_STORAGE must be 'sqlite' or 'memory', not '$BROKER_STORAGE'" ;;
+    esac
+}
+
+start_tansu() {
+    local engine
+    engine="$(tansu_engine_url)"
+    if tansu_answers; then
+        local running
+        running="$(cat "$TS_ENGINE_FILE" 2>/dev/null || echo unknown)"
+        say "tansu already answering on 127.0.0.1:$KAFKA_PORT (storage: $running)"
+        if [ "$running" != "$BROKER_STORAGE" ]; then
+            say "note: AGENTMETER_BROKER_STORAGE=$BROKER_STORAGE but the running broker uses '$running'; run '$0 down' first to switch"
+        fi
+        return
+    fi
+    [ -x "$TANSU_BIN" ] || die "tansu not built ($TANSU_BIN missing): run '$0 install'"
+    local pid
+    if pid="$(live_pid "$TS_PID" tansu)"; then
+        say "tansu (pid $pid) is running but not answering yet; waiting"
+    else
+        mkdir -p "$TS_DIR"
+        rm -f "$TS_PID"
+        say "starting tansu $TANSU_VERSION on 127.0.0.1:$KAFKA_PORT, storage $BROKER_STORAGE ($( [ "$BROKER_STORAGE" = sqlite ] && echo "$TS_DIR/tansu.db" || echo "$engine")), log $TS_LOG"
+        printf '%s\n' "--- $(date -u +%FT%TZ) services.sh up: storage $BROKER_STORAGE" >>"$TS_LOG"
+        # tansu also reads CLUSTER_ID, LISTENER_URL, STORAGE_ENGINE, SCHEMA_REGISTRY, ... from the
+        # environment: drop those so a stray variable cannot change the broker.
+        # setsid -f detaches it from our session; the inner sh writes its own PID, then execs
+        # (same PID) env and tansu.
+        # shellcheck disable=SC2016 # $$ and $@ belong to the inner sh
+        (cd "$TS_DIR" && setsid -f nohup sh -c 'echo $$ >"$0"; exec "$@"' "$TS_PID" \
+            env -u CLUSTER_ID -u LISTENER_URL -u ADVERTISED_LISTENER_URL \
+            -u STORAGE_ENGINE -u SCHEMA_REGISTRY -u OTEL_EXPORTER_OTLP_ENDPOINT \
+            "$TANSU_BIN" broker \
+            --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+            --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+            --storage-engine "$engine" \
+            >>"$TS_LOG" 2>&1 </dev/null)
+        echo "$BROKER_STORAGE" >"$TS_ENGINE_FILE"
+        for _ in $(seq 1 50); do [ -s "$TS_PID" ] && break; sleep 0.1; done
+    fi
+    local start now
+    start="$(now_ms)"
+    until tansu_answers; do
+        now="$(now_ms)"
+        if ! live_pid "$TS_PID" tansu >/dev/null; then
+            tail_log "$TS_LOG"
+            die "tansu exited during startup"
+        fi
+        if [ $((now - start)) -ge $((UP_TIMEOUT * 1000)) ]; then
+            tail_log "$TS_LOG"
+            die "tansu did not accept a TCP connection on 127.0.0.1:$KAFKA_PORT within ${UP_TIMEOUT}s"
+        fi
+        sleep 0.2
+    done
+    say "tansu answering on 127.0.0.1:$KAFKA_PORT after $(($(now_ms) - start)) ms, pid $(cat "$TS_PID")"
+}
+
+# ---------------------------------------------------------------- stop
+
+stop_pid() { # name pidfile pattern port-probe
+    local name="$1" pidfile="$2" pattern="$3" probe="$4" pid
+    if ! pid="$(live_pid "$pidfile" "$pattern")"; then
+        rm -f "$pidfile"
+        if "$probe"; then
+            say "$name: not started by this script (no live PID in $pidfile) but something answers on its port; leaving it"
+        else
+            say "$name: not running"
+        fi
+        return
+    fi
+    say "$name: stopping pid $pid (TERM)"
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 150); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.2
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        say "$name: still alive after 30s; KILL"
+        kill -KILL "$pid" 2>/dev/null || true
+        for _ in $(seq 1 25); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    fi
+    rm -f "$pidfile"
+    say "$name: stopped"
+}
+
+cmd_down() {
+    stop_pid tansu "$TS_PID" tansu tansu_answers
+    stop_pid clickhouse "$CH_PID" clickhouse clickhouse_answers
+}
+
+cmd_up() {
+    tansu_engine_url >/dev/null   # validates AGENTMETER_BROKER_STORAGE before starting anything
+    mkdir -p "$AGENTMETER_STATE"
+    say "state dir $AGENTMETER_STATE"
+    start_clickhouse
+    start_tansu
+}
+
+cmd_status() {
+    local rc=0 pid
+    if clickhouse_answers; then
+        pid="$(live_pid "$CH_PID" clickhouse || echo 'not ours')"
+        say "clickhouse: up, http 127.0.0.1:$CH_HTTP_PORT tcp $CH_TCP_PORT, version $(clickhouse_version || echo '?'), pid $pid"
+    else
+        say "clickhouse: down (no answer on http://127.0.0.1:$CH_HTTP_PORT/ping)"
+        rc=1
+    fi
+    if tansu_answers; then
+        pid="$(live_pid "$TS_PID" tansu || echo 'not ours')"
+        say "tansu: up, 127.0.0.1:$KAFKA_PORT, storage $(cat "$TS_ENGINE_FILE" 2>/dev/null || echo unknown), pid $pid"
+    else
+        say "tansu: down (no TCP connection on 127.0.0.1:$KAFKA_PORT)"
+        rc=1
+    fi
+    return "$rc"
+}
+
+cmd_reset() {
+    cmd_down
+    case "$AGENTMETER_STATE" in
+        "" | "/" | "$HOME" | "$REPO_ROOT") die "refusing to delete data under AGENTMETER_STATE='$AGENTMETER_STATE'" ;;
+    esac
+    say "deleting $CH_DIR and $TS_DIR"
+    rm -rf "$CH_DIR" "$TS_DIR"
+}
+
+usage() {
+    sed -n '2,/^[^#]/p' "${BASH_SOURCE[0]}" | grep '^#' | sed 's/^# \{0,1\}//'
+}
+
+case "${1:-}" in
+    install) cmd_install ;;
+    up) cmd_up ;;
+    down) cmd_down ;;
+    status) cmd_status ;;
+    reset) cmd_reset ;;
+    -h | --help | help) usage ;;
+    *) usage >&2; exit 2 ;;
+esac

@@ -1,0 +1,60 @@
+//! `[enricher]` settings.
+
+use std::net::SocketAddr;
+
+use serde::Deserialize;
+
+/// Settings of `agentmeter enrich`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EnricherConfig {
+    /// Consumer group shared by all enricher processes.
+    pub group_id: String,
+    /// Address of `/metrics`, `/healthz` and `/readyz`.
+    pub metrics_listen: SocketAddr,
+    /// Most records handled per batch (one offset store per batch).
+    pub batch_max_records: usize,
+    /// Longest wait to fill a batch, in milliseconds.
+    pub batch_max_wait_ms: u64,
+    /// How long Kafka may take to acknowledge an output record before it is retried.
+    pub produce_timeout_ms: u64,
+    /// Actions older than this (seconds before they were received) are dead-lettered.
+    pub max_late_seconds: i64,
+    /// Actions further in the future than this (seconds after they were received) are
+    /// dead-lettered.
+    pub max_future_seconds: i64,
+}
+
+impl Default for EnricherConfig {
+    fn default() -> Self {
+        EnricherConfig {
+            group_id: "agentmeter-enricher".into(),
+            metrics_listen: "127.0.0.1:9101".parse().expect("valid address"),
+            batch_max_records: 5000,
+            batch_max_wait_ms: 50,
+            produce_timeout_ms: 30_000,
+            max_late_seconds: 35 * 24 * 3600,
+            max_future_seconds: 300,
+        }
+    }
+}
+
+impl EnricherConfig {
+    /// Cross-field checks, run at start.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(!self.group_id.is_empty(), "enricher.group_id is empty");
+        anyhow::ensure!(
+            self.batch_max_records >= 1,
+            "enricher.batch_max_records must be at least 1"
+        );
+        anyhow::ensure!(
+            self.produce_timeout_ms >= 100,
+            "enricher.produce_timeout_ms must be at least 100"
+        );
+        anyhow::ensure!(
+            self.max_late_seconds >= 0 && self.max_future_seconds >= 0,
+            "enricher time windows must not be negative"
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,425 @@
+//! The pure enrichment of one raw action against its workspace's configuration snapshot.
+//!
+//! Decisions (documented in `docs/metering.md`):
+//! * Untracked names pass through with `tracked = false`, quantity 0 and cost 0: visible in
+//!   Live Data, never billed.
+//! * `token` = input + output tokens; `input_token` = input; `output_token` = output. When a
+//!   provider reports `total_tokens` above input + output (Gemini 2.5 "thinking" tokens), the
+//!   difference is billed by the provider as output, so it is counted as output here too.
+//! * Tokens missing from the typed fields are looked up in the attributes JSON
+//!   (`input_tokens`, `output_tokens`, `total_tokens`), as direct Kafka publishers may send them
+//!   there.
+//! * `cost` is what billing uses: quantity × the rate in force at `occurred_at` when a cost
+//!   allocation applies (`cost_source = allocated`), else the cost the caller reported
+//!   (`reported`), else 0 (`none`). The reported cost is always kept beside it.
+//! * Cost is rounded half-even to 12 fractional digits (the storage scale) — only possible with
+//!   a fractional custom quantity; an overflow of `Decimal(38, 12)` is a dead letter, never a
+//!   rounding.
+
+use std::str::FromStr;
+
+use agentmeter_schemas::decimal::{to_scaled_i128, STORAGE_SCALE};
+use agentmeter_schemas::metering::Measure;
+use agentmeter_schemas::{CostSource, EnrichedAction, RawAction, WorkspaceSnapshot};
+use rust_decimal::{Decimal, RoundingStrategy};
+
+/// Why a record goes to the dead-letter topic instead of downstream.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeadLetterReason {
+    #[error("undecodable record: {0}")]
+    Undecodable(String),
+    #[error("unknown workspace {0:?}")]
+    UnknownWorkspace(String),
+    #[error("unknown agent instance {instance:?} in workspace {workspace:?}")]
+    UnknownAgentInstance { workspace: String, instance: String },
+    #[error("agent instance {instance:?} belongs to account {configured:?}, but the record says {claimed:?}")]
+    AccountMismatch {
+        instance: String,
+        configured: String,
+        claimed: String,
+    },
+    #[error("occurred_at is outside the accepted window: {0}")]
+    OutsideTimeWindow(String),
+    #[error("cannot measure {measure}: {problem}")]
+    Unmeasurable { measure: String, problem: String },
+    #[error("cost does not fit Decimal(38, 12): {0}")]
+    CostOverflow(String),
+}
+
+impl DeadLetterReason {
+    /// A short, stable code for metrics and the `agentmeter.dlq.reason` header.
+    pub fn code(&self) -> &'static str {
+        match self {
+            DeadLetterReason::Undecodable(_) => "undecodable",
+            DeadLetterReason::UnknownWorkspace(_) => "unknown_workspace",
+            DeadLetterReason::UnknownAgentInstance { .. } => "unknown_agent_instance",
+            DeadLetterReason::AccountMismatch { .. } => "account_mismatch",
+            DeadLetterReason::OutsideTimeWindow(_) => "outside_time_window",
+            DeadLetterReason::Unmeasurable { .. } => "unmeasurable",
+            DeadLetterReason::CostOverflow(_) => "cost_overflow",
+        }
+    }
+}
+
+/// The accepted span of `occurred_at` around `received_at`.
+#[derive(Debug, Clone, Copy)]
+pub struct TimeWindow {
+    pub max_late_micros: i64,
+    pub max_future_micros: i64,
+}
+
+/// Enriches one action. `now_micros` stamps `enriched_at`.
+pub fn enrich(
+    mut raw: RawAction,
+    snapshot: &WorkspaceSnapshot,
+    window: TimeWindow,
+    now_micros: i64,
+) -> Result<EnrichedAction, DeadLetterReason> {
+    let instance = snapshot.instance(&raw.agent_instance_id).ok_or_else(|| {
+        DeadLetterReason::UnknownAgentInstance {
+            workspace: raw.workspace_id.clone(),
+            instance: raw.agent_instance_id.clone(),
+        }
+    })?;
+    if raw.account_id.is_empty() {
+        // Direct publishers may leave the account to the configuration.
+        raw.account_id = instance.account.clone();
+    } else if raw.account_id != instance.account {
+        return Err(DeadLetterReason::AccountMismatch {
+            instance: instance.id.clone(),
+            configured: instance.account.clone(),
+            claimed: raw.account_id.clone(),
+        });
+    }
+    let late_by = raw.received_at_micros - raw.occurred_at_micros;
+    if late_by > window.max_late_micros || -late_by > window.max_future_micros {
+        return Err(DeadLetterReason::OutsideTimeWindow(format!(
+            "occurred_at is {} s before received_at; accepted: {} s late to {} s early",
+            late_by / 1_000_000,
+            window.max_late_micros / 1_000_000,
+            window.max_future_micros / 1_000_000
+        )));
+    }
+
+    let rule = snapshot.rule(&raw.action_name);
+    let rate = rule.pricing.as_ref().and_then(|pricing| {
+        pricing
+            .rate_at(raw.occurred_at_micros)
+            .map(|rate| (pricing, rate))
+    });
+    let (measure, quantity, unit_cost, cost, cost_source) = match (rule.tracked, rate) {
+        (false, _) => (
+            String::new(),
+            Decimal::ZERO,
+            Decimal::ZERO,
+            Decimal::ZERO,
+            CostSource::None,
+        ),
+        (true, Some((pricing, rate))) => {
+            let quantity = measure_quantity(&pricing.measure, &raw)?;
+            let cost = (quantity * rate)
+                .round_dp_with_strategy(STORAGE_SCALE, RoundingStrategy::MidpointNearestEven);
+            to_scaled_i128(cost)
+                .map_err(|error| DeadLetterReason::CostOverflow(error.to_string()))?;
+            (
+                pricing.measure.name().to_string(),
+                quantity,
+                rate,
+                cost,
+                CostSource::Allocated,
+            )
+        }
+        (true, None) => match raw.reported_cost {
+            Some(reported) => (
+                String::new(),
+                Decimal::ZERO,
+                Decimal::ZERO,
+                reported,
+                CostSource::Reported,
+            ),
+            None => (
+                String::new(),
+                Decimal::ZERO,
+                Decimal::ZERO,
+                Decimal::ZERO,
+                CostSource::None,
+            ),
+        },
+    };
+    Ok(EnrichedAction {
+        tracked: rule.tracked,
+        outcome: rule.tracked && rule.outcome,
+        measure,
+        quantity,
+        unit_cost,
+        cost,
+        cost_source,
+        currency: snapshot.currency().to_string(),
+        config_version: snapshot.version,
+        enriched_at_micros: now_micros,
+        raw,
+    })
+}
+
+/// Token counts of an action: typed fields first, then the attributes JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenCounts {
+    pub input: Option<i64>,
+    pub output: Option<i64>,
+    pub total: Option<i64>,
+}
+
+impl TokenCounts {
+    pub fn of(raw: &RawAction) -> TokenCounts {
+        let mut counts = TokenCounts {
+            input: raw.input_tokens,
+            output: raw.output_tokens,
+            total: raw.total_tokens,
+        };
+        if counts.input.is_none() || counts.output.is_none() || counts.total.is_none() {
+            if let Ok(serde_json::Value::Object(attributes)) =
+                serde_json::from_str(&raw.attributes_json)
+            {
+                let read = |name: &str| attributes.get(name).and_then(integer_of);
+                counts.input = counts.input.or_else(|| read("input_tokens"));
+                counts.output = counts.output.or_else(|| read("output_tokens"));
+                counts.total = counts.total.or_else(|| read("total_tokens"));
+            }
+        }
+        counts
+    }
+
+    /// Output tokens including those the provider bills as output but does not report there
+    /// (total − input − output, when positive).
+    pub fn billed_output(&self) -> Option<i64> {
+        let unreported = match (self.total, self.input, self.output) {
+            (Some(total), Some(input), Some(output)) => (total - input - output).max(0),
+            (Some(total), Some(input), None) => return Some((total - input).max(0)),
+            _ => 0,
+        };
+        self.output.map(|output| output + unreported)
+    }
+}
+
+fn integer_of(value: &serde_json::Value) -> Option<i64> {
+    match value {
+        serde_json::Value::Number(number) => number.as_i64(),
+        serde_json::Value::String(text) => text.trim().parse().ok(),
+        _ => None,
+    }
+    .filter(|count| *count >= 0)
+}
+
+/// The quantity of an action under a measure.
+pub fn measure_quantity(measure: &Measure, raw: &RawAction) -> Result<Decimal, DeadLetterReason> {
+    let missing = |problem: &str| DeadLetterReason::Unmeasurable {
+        measure: measure.name().to_string(),
+        problem: problem.to_string(),
+    };
+    match measure {
+        Measure::Unit {
+            quantity_attribute: None,
+        } => Ok(Decimal::ONE),
+        Measure::Unit {
+            quantity_attribute: Some(attribute),
+        }
+        | Measure::Custom {
+            quantity_attribute: attribute,
+            ..
+        } => attribute_quantity(raw, attribute).map_err(|problem| missing(&problem)),
+        Measure::Token => {
+            let counts = TokenCounts::of(raw);
+            match (counts.input, counts.billed_output()) {
+                (Some(input), Some(output)) => Ok(Decimal::from(input + output)),
+                (None, Some(output)) => Ok(Decimal::from(output)),
+                (Some(input), None) => Ok(Decimal::from(input)),
+                (None, None) => counts
+                    .total
+                    .map(Decimal::from)
+                    .ok_or_else(|| missing("the action carries no token counts (input_tokens / output_tokens / total_tokens)")),
+            }
+        }
+        Measure::InputToken => TokenCounts::of(raw)
+            .input
+            .map(Decimal::from)
+            .ok_or_else(|| missing("the action carries no input_tokens")),
+        Measure::OutputToken => TokenCounts::of(raw)
+            .billed_output()
+            .map(Decimal::from)
+            .ok_or_else(|| missing("the action carries no output_tokens")),
+    }
+}
+
+fn attribute_quantity(raw: &RawAction, attribute: &str) -> Result<Decimal, String> {
+    let attributes: serde_json::Value = serde_json::from_str(&raw.attributes_json)
+        .map_err(|error| format!("attributes are not JSON: {error}"))?;
+    let value = attributes.get(attribute).ok_or_else(|| {
+        format!("the action has no attribute {attribute:?} to take the quantity from")
+    })?;
+    let quantity = match value {
+        serde_json::Value::Number(number) => Decimal::from_str(&number.to_string()).ok(),
+        serde_json::Value::String(text) => Decimal::from_str(text.trim()).ok(),
+        _ => None,
+    }
+    .filter(|quantity| !quantity.is_sign_negative())
+    .ok_or_else(|| format!("attribute {attribute:?} = {value} is not a non-negative decimal"))?;
+    to_scaled_i128(quantity).map_err(|error| format!("attribute {attribute:?}: {error}"))?;
+    Ok(quantity)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agentmeter_schemas::metering::MeteringConfig;
+    use agentmeter_schemas::ActionKind;
+
+    const JAN_2026: i64 = 1_767_225_600_000_000; // 2026-01-01T00:00:00Z
+    const WINDOW: TimeWindow = TimeWindow {
+        max_late_micros: 35 * 86_400_000_000,
+        max_future_micros: 300_000_000,
+    };
+
+    fn snapshot() -> WorkspaceSnapshot {
+        let config =
+            MeteringConfig::from_toml(include_str!("../../deploy/local/metering.example.toml"))
+                .unwrap();
+        WorkspaceSnapshot::build(3, config).unwrap()
+    }
+
+    fn raw(action_name: &str, occurred_at_micros: i64) -> RawAction {
+        RawAction {
+            event_id: "e1".into(),
+            workspace_id: "ws_demo".into(),
+            account_id: "acc_acme".into(),
+            agent_instance_id: "inst_acme_research".into(),
+            kind: ActionKind::Action,
+            action_name: action_name.into(),
+            trace_event: None,
+            user_id: Some("u1".into()),
+            anonymous_id: None,
+            occurred_at_micros,
+            received_at_micros: occurred_at_micros,
+            description: None,
+            llm_provider: None,
+            llm_model: None,
+            input_tokens: None,
+            output_tokens: None,
+            total_tokens: None,
+            reported_cost: None,
+            attributes_json: "{}".into(),
+            source: "rest".into(),
+        }
+    }
+
+    fn dec(text: &str) -> Decimal {
+        Decimal::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn prices_a_unit_action_and_tags_outcomes() {
+        let enriched = enrich(raw("object_detection", JAN_2026), &snapshot(), WINDOW, 0).unwrap();
+        assert!(enriched.tracked && enriched.outcome);
+        assert_eq!(enriched.tags(), &["@action", "@outcome"]);
+        assert_eq!(
+            (enriched.measure.as_str(), enriched.quantity, enriched.cost),
+            ("unit", dec("1"), dec("0.01"))
+        );
+        assert_eq!(enriched.config_version, 3);
+    }
+
+    #[test]
+    fn prices_tokens_found_only_in_attributes_with_the_rate_of_the_action_time() {
+        let mut action = raw("llm_call", JAN_2026 - 1);
+        action.attributes_json =
+            r#"{"model":"gpt-4","input_tokens":2500,"output_tokens":800,"cost_usd":0.12}"#.into();
+        action.reported_cost = Some(dec("0.12"));
+        let before = enrich(action.clone(), &snapshot(), WINDOW, 0).unwrap();
+        assert_eq!(before.quantity, dec("3300"));
+        assert_eq!(before.cost, dec("0.132")); // 3300 × 0.00004
+        assert_eq!(before.cost_source, CostSource::Allocated);
+        assert_eq!(before.raw.reported_cost, Some(dec("0.12")));
+        action.occurred_at_micros = JAN_2026;
+        action.received_at_micros = JAN_2026;
+        let after = enrich(action, &snapshot(), WINDOW, 0).unwrap();
+        assert_eq!(after.cost, dec("0.099")); // 3300 × 0.00003
+    }
+
+    #[test]
+    fn counts_thinking_tokens_as_output() {
+        let mut action = raw("gemini_llm_gemini-2.5-flash", JAN_2026);
+        (
+            action.input_tokens,
+            action.output_tokens,
+            action.total_tokens,
+        ) = (Some(100), Some(50), Some(400));
+        let enriched = enrich(action, &snapshot(), WINDOW, 0).unwrap();
+        assert_eq!(enriched.quantity, dec("400"));
+        assert_eq!(enriched.cost, dec("2.4"));
+    }
+
+    #[test]
+    fn untracked_actions_pass_through_unbilled() {
+        let mut action = raw("step_1", JAN_2026);
+        action.reported_cost = Some(dec("5"));
+        let enriched = enrich(action, &snapshot(), WINDOW, 0).unwrap();
+        assert!(!enriched.tracked && !enriched.outcome);
+        assert_eq!(
+            (enriched.quantity, enriched.cost),
+            (Decimal::ZERO, Decimal::ZERO)
+        );
+        assert!(enriched.tags().is_empty());
+    }
+
+    #[test]
+    fn tracked_without_allocation_uses_the_reported_cost() {
+        let mut config = snapshot().config;
+        config.tagging.tracked.push("translate".into());
+        let snapshot = WorkspaceSnapshot::build(1, config).unwrap();
+        let mut action = raw("translate", JAN_2026);
+        action.reported_cost = Some(dec("0.5"));
+        let enriched = enrich(action, &snapshot, WINDOW, 0).unwrap();
+        assert_eq!(
+            (enriched.cost, enriched.cost_source),
+            (dec("0.5"), CostSource::Reported)
+        );
+    }
+
+    #[test]
+    fn dead_letters_name_the_reason() {
+        let mut unknown = raw("web_search", JAN_2026);
+        unknown.agent_instance_id = "inst_other".into();
+        assert_eq!(
+            enrich(unknown, &snapshot(), WINDOW, 0).unwrap_err().code(),
+            "unknown_agent_instance"
+        );
+        let mut spoofed = raw("web_search", JAN_2026);
+        spoofed.account_id = "acc_globex".into();
+        assert_eq!(
+            enrich(spoofed, &snapshot(), WINDOW, 0).unwrap_err().code(),
+            "account_mismatch"
+        );
+        let mut late = raw("web_search", JAN_2026);
+        late.received_at_micros = JAN_2026 + 36 * 86_400_000_000;
+        assert_eq!(
+            enrich(late, &snapshot(), WINDOW, 0).unwrap_err().code(),
+            "outside_time_window"
+        );
+        let no_tokens = raw("llm_call", JAN_2026);
+        let error = enrich(no_tokens, &snapshot(), WINDOW, 0).unwrap_err();
+        assert_eq!(error.code(), "unmeasurable");
+        assert!(error.to_string().contains("no token counts"), "{error}");
+    }
+
+    #[test]
+    fn fills_the_account_of_a_direct_publisher_from_the_configuration() {
+        let mut direct = raw("web_search", JAN_2026);
+        direct.account_id = String::new();
+        assert_eq!(
+            enrich(direct, &snapshot(), WINDOW, 0)
+                .unwrap()
+                .raw
+                .account_id,
+            "acc_acme"
+        );
+    }
+}

@@ -1,0 +1,283 @@
+//! The enricher's stream: consume a batch, produce every output, then store the input offsets.
+//!
+//! Contract (rust-rdkafka's `at_least_once` example, per batch): an input offset is stored only
+//! after the output of that record — enriched action or dead letter — is acknowledged by Kafka
+//! (acks=all). A crash or rebalance anywhere replays at most the unacknowledged batch, so an
+//! action can appear twice on `actions.enriched` but never zero times; the aggregator removes
+//! duplicates by event id. Outputs keep the input key, so duplicates stay in one partition.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agentmeter_runtime::config_watch::{spawn_config_watcher, ConfigHandle, MeteringState};
+use agentmeter_runtime::kafka::{KafkaSettings, Topics};
+use agentmeter_runtime::observability::{operations_router, serve};
+use agentmeter_runtime::shutdown::Shutdown;
+use agentmeter_schemas::{decode_raw_action, encode_enriched_action};
+use anyhow::Context;
+use futures::future::join_all;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+use crate::config::EnricherConfig;
+use crate::enrich::{enrich, DeadLetterReason, TimeWindow};
+
+/// Header names on dead-letter records.
+pub const DLQ_REASON_HEADER: &str = "agentmeter.dlq.reason";
+pub const DLQ_MESSAGE_HEADER: &str = "agentmeter.dlq.message";
+pub const DLQ_SOURCE_HEADER: &str = "agentmeter.dlq.source";
+
+/// Runs the enricher until shutdown.
+pub async fn run(
+    config: EnricherConfig,
+    kafka: KafkaSettings,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    kafka.validate()?;
+    let topics = kafka.topics();
+    let mut metering = spawn_config_watcher(&kafka, shutdown.clone())?;
+    metering
+        .wait_caught_up(Duration::from_secs(120))
+        .await
+        .context("cannot load the metering configuration")?;
+
+    let readiness = {
+        let metering = metering.clone();
+        Arc::new(move || match metering.is_caught_up() {
+            true => Ok(()),
+            false => Err("metering configuration not loaded yet".to_string()),
+        })
+    };
+    let operations = tokio::spawn(serve(
+        config.metrics_listen,
+        operations_router(readiness),
+        shutdown.clone(),
+    ));
+
+    let consumer: StreamConsumer = kafka
+        .group_consumer_config(&config.group_id)
+        .create()
+        .context("cannot create the Kafka consumer")?;
+    consumer
+        .subscribe(&[&topics.raw])
+        .with_context(|| format!("cannot subscribe to {}", topics.raw))?;
+    let producer: FutureProducer = kafka
+        .producer_config(Duration::from_millis(config.produce_timeout_ms))
+        .create()
+        .context("cannot create the Kafka producer")?;
+    tracing::info!(topic = %topics.raw, group = %config.group_id, "enricher consuming");
+
+    let mut stage = EnricherStage {
+        config,
+        topics,
+        metering,
+        consumer,
+        producer,
+    };
+    let result = stage.consume_until(shutdown).await;
+    if let Err(error) = stage.consumer.commit_consumer_state(CommitMode::Sync) {
+        // NoOffset just means everything stored was already committed.
+        tracing::debug!(%error, "final offset commit");
+    }
+    operations.abort();
+    tracing::info!("enricher stopped");
+    result
+}
+
+struct EnricherStage {
+    config: EnricherConfig,
+    topics: Topics,
+    metering: ConfigHandle,
+    consumer: StreamConsumer,
+    producer: FutureProducer,
+}
+
+/// One output record: where it goes, and the reason when it is a dead letter.
+struct Output<'a> {
+    message: &'a BorrowedMessage<'a>,
+    payload: Vec<u8>,
+    dead_letter: Option<DeadLetterReason>,
+}
+
+impl EnricherStage {
+    async fn consume_until(&mut self, mut shutdown: Shutdown) -> anyhow::Result<()> {
+        loop {
+            let first = tokio::select! {
+                biased;
+                _ = shutdown.requested() => return Ok(()),
+                received = self.consumer.recv() => received,
+            };
+            let mut batch = vec![first.context("Kafka consumer failed")?];
+            let deadline = Instant::now() + Duration::from_millis(self.config.batch_max_wait_ms);
+            while batch.len() < self.config.batch_max_records {
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                match tokio::time::timeout(remaining, self.consumer.recv()).await {
+                    Ok(received) => batch.push(received.context("Kafka consumer failed")?),
+                    Err(_) => break,
+                }
+            }
+            self.process_batch(&batch, &shutdown).await?;
+        }
+    }
+
+    async fn process_batch(
+        &self,
+        batch: &[BorrowedMessage<'_>],
+        shutdown: &Shutdown,
+    ) -> anyhow::Result<()> {
+        let started = Instant::now();
+        // One configuration snapshot per batch: a batch is priced by one version.
+        let state = self.metering.load();
+        let now_micros = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64;
+        let window = TimeWindow {
+            max_late_micros: self.config.max_late_seconds * 1_000_000,
+            max_future_micros: self.config.max_future_seconds * 1_000_000,
+        };
+        let outputs: Vec<Output> = batch
+            .iter()
+            .map(|message| enrich_message(message, &state, window, now_micros))
+            .collect();
+
+        let mut pending: Vec<&Output> = outputs.iter().collect();
+        let mut attempt = 0u32;
+        while !pending.is_empty() {
+            let deliveries = pending.iter().map(|output| self.send(output));
+            let results = join_all(deliveries).await;
+            let mut failed = Vec::new();
+            for (output, result) in pending.into_iter().zip(results) {
+                if let Err(error) = result {
+                    failed.push(output);
+                    tracing::warn!(%error, "output not acknowledged; retrying");
+                }
+            }
+            pending = failed;
+            if !pending.is_empty() {
+                anyhow::ensure!(
+                    !shutdown.is_requested(),
+                    "shutdown with {} unacknowledged outputs; their inputs will be replayed",
+                    pending.len()
+                );
+                attempt += 1;
+                metrics::counter!("agentmeter_enricher_produce_retries_total")
+                    .increment(pending.len() as u64);
+                tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt.min(50)))).await;
+            }
+        }
+
+        for output in &outputs {
+            match &output.dead_letter {
+                None => metrics::counter!("agentmeter_enricher_actions_enriched_total").increment(1),
+                Some(reason) => {
+                    metrics::counter!("agentmeter_enricher_dead_letters_total", "reason" => reason.code()).increment(1)
+                }
+            }
+        }
+        self.store_offsets(batch)?;
+        metrics::counter!("agentmeter_enricher_records_in_total").increment(batch.len() as u64);
+        metrics::histogram!("agentmeter_enricher_batch_seconds")
+            .record(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    async fn send(&self, output: &Output<'_>) -> Result<(), String> {
+        let message = output.message;
+        let key = message.key().unwrap_or_default();
+        let result = match &output.dead_letter {
+            None => {
+                let record = FutureRecord::to(&self.topics.enriched)
+                    .key(key)
+                    .payload(&output.payload);
+                self.producer
+                    .send(record, Timeout::After(Duration::from_secs(5)))
+                    .await
+            }
+            Some(reason) => {
+                let message_text = reason.to_string();
+                let source = format!(
+                    "{}/{}/{}",
+                    message.topic(),
+                    message.partition(),
+                    message.offset()
+                );
+                let headers = OwnedHeaders::new()
+                    .insert(Header {
+                        key: DLQ_REASON_HEADER,
+                        value: Some(reason.code()),
+                    })
+                    .insert(Header {
+                        key: DLQ_MESSAGE_HEADER,
+                        value: Some(&message_text),
+                    })
+                    .insert(Header {
+                        key: DLQ_SOURCE_HEADER,
+                        value: Some(&source),
+                    });
+                let record = FutureRecord::to(&self.topics.dead_letter)
+                    .key(key)
+                    .payload(&output.payload)
+                    .headers(headers);
+                self.producer
+                    .send(record, Timeout::After(Duration::from_secs(5)))
+                    .await
+            }
+        };
+        result.map(|_| ()).map_err(|(error, _)| error.to_string())
+    }
+
+    /// Stores, per partition, the offset after the last record of the batch.
+    fn store_offsets(&self, batch: &[BorrowedMessage<'_>]) -> anyhow::Result<()> {
+        let mut next: HashMap<(&str, i32), i64> = HashMap::new();
+        for message in batch {
+            let entry = next
+                .entry((message.topic(), message.partition()))
+                .or_insert(0);
+            *entry = (*entry).max(message.offset() + 1);
+        }
+        let mut offsets = TopicPartitionList::new();
+        for ((topic, partition), offset) in next {
+            offsets.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+        }
+        if let Err(error) = self.consumer.store_offsets(&offsets) {
+            // After a revocation the partition is no longer ours; its new owner replays.
+            tracing::info!(%error, "offsets not stored (partition revoked?)");
+        }
+        Ok(())
+    }
+}
+
+fn enrich_message<'a>(
+    message: &'a BorrowedMessage<'a>,
+    state: &MeteringState,
+    window: TimeWindow,
+    now_micros: i64,
+) -> Output<'a> {
+    let original = message.payload().unwrap_or_default();
+    let dead_letter = |reason: DeadLetterReason| Output {
+        message,
+        payload: original.to_vec(),
+        dead_letter: Some(reason),
+    };
+    let raw = match decode_raw_action(original) {
+        Ok(raw) => raw,
+        Err(error) => return dead_letter(DeadLetterReason::Undecodable(error.to_string())),
+    };
+    let Some(snapshot) = state.workspace(&raw.workspace_id) else {
+        return dead_letter(DeadLetterReason::UnknownWorkspace(raw.workspace_id));
+    };
+    match enrich(raw, snapshot, window, now_micros) {
+        Ok(enriched) => match encode_enriched_action(&enriched) {
+            Ok(payload) => Output {
+                message,
+                payload,
+                dead_letter: None,
+            },
+            Err(error) => dead_letter(DeadLetterReason::CostOverflow(error.to_string())),
+        },
+        Err(reason) => dead_letter(reason),
+    }
+}

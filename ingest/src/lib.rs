@@ -1,0 +1,23 @@
+//! `agentmeter ingest`: the gateway agents send actions to.
+//!
+//! Layout (the same shape as the other stages):
+//! * [`config`] — `[ingest]` settings with their limits, checked at start.
+//! * [`auth`] — agent secret → agent instance → account → workspace. Identity never comes from
+//!   the request body.
+//! * [`normalize`] — turns client input (REST items) into [`RawAction`]s and says precisely what
+//!   is wrong with bad input. Pure functions, unit-tested.
+//! * [`sink`] — the Kafka side: admission control (bounded in-flight actions → 429), encode,
+//!   produce with acks=all, answer only after every record is acknowledged.
+//! * [`server`] — the HTTP routes: `POST /v1/actions`, `GET /api/v1/agent_instance/info`,
+//!   `/metrics`, `/healthz`, `/readyz`.
+//!
+//! [`RawAction`]: agentmeter_schemas::RawAction
+
+pub mod auth;
+pub mod config;
+pub mod normalize;
+pub mod server;
+pub mod sink;
+
+pub use config::IngestConfig;
+pub use server::run;

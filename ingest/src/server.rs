@@ -1,0 +1,333 @@
+//! HTTP routes of ingest and the process's life cycle.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentmeter_runtime::config_watch::{spawn_config_watcher, ConfigHandle};
+use agentmeter_runtime::kafka::KafkaSettings;
+use agentmeter_runtime::observability::operations_router;
+use agentmeter_runtime::shutdown::Shutdown;
+use agentmeter_schemas::rest::{RestAccepted, RestActionBatch};
+use anyhow::Context;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use rdkafka::producer::{FutureProducer, Producer};
+use serde_json::json;
+
+use crate::auth::{authenticate, AuthError};
+use crate::config::IngestConfig;
+use crate::normalize::{now_micros, rest_action_to_raw, Limits};
+use crate::sink::{ActionSink, SinkError};
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<IngestConfig>,
+    pub metering: ConfigHandle,
+    pub sink: Arc<ActionSink>,
+}
+
+/// The HTTP API of ingest.
+pub fn router(
+    state: AppState,
+    readiness: agentmeter_runtime::observability::ReadinessCheck,
+) -> Router {
+    Router::new()
+        .route("/v1/actions", post(post_actions))
+        .route("/api/v1/agent_instance/info", get(agent_instance_info))
+        .with_state(state)
+        .merge(operations_router(readiness))
+}
+
+/// Runs ingest until shutdown: in-flight requests finish (and their records are acknowledged)
+/// before the process exits.
+pub async fn run(
+    config: IngestConfig,
+    kafka: KafkaSettings,
+    mut shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    kafka.validate()?;
+    let mut metering = spawn_config_watcher(&kafka, shutdown.clone())?;
+    metering
+        .wait_caught_up(Duration::from_secs(120))
+        .await
+        .context("cannot load the metering configuration")?;
+    let producer: FutureProducer = kafka
+        .producer_config(Duration::from_millis(config.produce_timeout_ms))
+        .create()
+        .context("cannot create the Kafka producer")?;
+    let sink = Arc::new(ActionSink::new(
+        producer,
+        kafka.topics().raw,
+        config.max_in_flight_actions,
+    ));
+
+    let broker_reachable = Arc::new(AtomicBool::new(true));
+    spawn_broker_probe(sink.clone(), broker_reachable.clone(), shutdown.clone());
+    let readiness = {
+        let metering = metering.clone();
+        let broker_reachable = broker_reachable.clone();
+        Arc::new(move || {
+            if !metering.is_caught_up() {
+                return Err("metering configuration not loaded yet".to_string());
+            }
+            if !broker_reachable.load(Ordering::Relaxed) {
+                return Err("Kafka broker not reachable".to_string());
+            }
+            Ok(())
+        })
+    };
+    let state = AppState {
+        config: Arc::new(config.clone()),
+        metering,
+        sink: sink.clone(),
+    };
+    let listener = tokio::net::TcpListener::bind(config.http_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.http_listen))?;
+    tracing::info!(listen = %config.http_listen, "ingest HTTP API ready");
+    let drain = shutdown.clone();
+    axum::serve(listener, router(state, readiness))
+        .with_graceful_shutdown(async move {
+            let mut drain = drain;
+            drain.requested().await
+        })
+        .await
+        .context("ingest HTTP server failed")?;
+    shutdown.requested().await;
+    let flushed =
+        tokio::task::spawn_blocking(move || sink.producer().flush(Duration::from_secs(10))).await?;
+    if let Err(error) = flushed {
+        tracing::warn!(%error, "producer flush at shutdown incomplete");
+    }
+    tracing::info!("ingest stopped");
+    Ok(())
+}
+
+fn spawn_broker_probe(sink: Arc<ActionSink>, reachable: Arc<AtomicBool>, shutdown: Shutdown) {
+    tokio::spawn(async move {
+        while !shutdown.is_requested() {
+            let probe_sink = sink.clone();
+            let answered = tokio::task::spawn_blocking(move || {
+                probe_sink
+                    .producer()
+                    .client()
+                    .fetch_metadata(None, Duration::from_secs(2))
+                    .is_ok()
+            })
+            .await
+            .unwrap_or(false);
+            reachable.store(answered, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    });
+}
+
+/// An error answer: JSON `{"error": ...}` plus optional details, counted by endpoint and status.
+fn error_response(
+    endpoint: &'static str,
+    status: StatusCode,
+    message: String,
+    details: serde_json::Value,
+) -> Response {
+    count_request(endpoint, status);
+    let mut body = json!({ "error": message });
+    if let (Some(body), serde_json::Value::Object(details)) = (body.as_object_mut(), details) {
+        body.extend(details);
+    }
+    (status, Json(body)).into_response()
+}
+
+fn count_request(endpoint: &'static str, status: StatusCode) {
+    metrics::counter!("agentmeter_ingest_requests_total", "endpoint" => endpoint, "status" => status.as_u16().to_string())
+        .increment(1);
+}
+
+fn count_rejected(reason: &'static str, actions: usize) {
+    metrics::counter!("agentmeter_ingest_actions_rejected_total", "reason" => reason)
+        .increment(actions as u64);
+}
+
+fn auth_error(endpoint: &'static str, error: AuthError) -> Response {
+    let reason = match error {
+        AuthError::Missing => "missing_secret",
+        AuthError::Unknown => "unknown_secret",
+    };
+    metrics::counter!("agentmeter_ingest_auth_failures_total", "reason" => reason).increment(1);
+    error_response(
+        endpoint,
+        StatusCode::UNAUTHORIZED,
+        error.to_string(),
+        json!({}),
+    )
+}
+
+/// `GET /api/v1/agent_instance/info` — what value-python's `initialize_sync` reads.
+async fn agent_instance_info(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    const ENDPOINT: &str = "agent_instance_info";
+    let identity = match authenticate(&state.metering, &headers) {
+        Ok(identity) => identity,
+        Err(error) => return auth_error(ENDPOINT, error),
+    };
+    let config = &identity.workspace.config;
+    let account = config
+        .accounts
+        .iter()
+        .find(|account| account.id == identity.instance.account);
+    count_request(ENDPOINT, StatusCode::OK);
+    Json(json!({
+        "id": identity.instance.id,
+        "name": identity.instance.name,
+        "description": identity.instance.description,
+        "agent_type_id": identity.instance.agent_type,
+        "organization_id": config.workspace.id,
+        "workspace_id": config.workspace.id,
+        "account_id": identity.instance.account,
+        "account": account.map(|account| json!({"id": account.id, "name": account.name, "external_id": account.external_id})),
+        "contact_id": identity.instance.contact,
+    }))
+    .into_response()
+}
+
+/// `POST /v1/actions` — a JSON batch, accepted whole (202) or rejected whole.
+async fn post_actions(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    const ENDPOINT: &str = "rest_actions";
+    let identity = match authenticate(&state.metering, &headers) {
+        Ok(identity) => identity,
+        Err(error) => return auth_error(ENDPOINT, error),
+    };
+    if let Some(content_type) = headers.get(header::CONTENT_TYPE) {
+        let is_json = content_type
+            .to_str()
+            .map(|value| value.starts_with("application/json"))
+            .unwrap_or(false);
+        if !is_json {
+            return error_response(
+                ENDPOINT,
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!("Content-Type must be application/json, got {content_type:?}"),
+                json!({}),
+            );
+        }
+    }
+    let limit = state.config.max_body_bytes;
+    let bytes = match axum::body::to_bytes(body, limit).await {
+        Ok(bytes) => bytes,
+        Err(_) => {
+            return error_response(
+                ENDPOINT,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body is larger than {limit} bytes; send smaller batches"),
+                json!({}),
+            )
+        }
+    };
+    let batch: RestActionBatch = match serde_json::from_slice(&bytes) {
+        Ok(batch) => batch,
+        Err(error) => {
+            count_rejected("malformed", 1);
+            return error_response(
+                ENDPOINT,
+                StatusCode::BAD_REQUEST,
+                format!("invalid JSON body: {error} (expected {{\"actions\": [{{\"action_name\": ...}}]}})"),
+                json!({}),
+            );
+        }
+    };
+    let total = batch.actions.len();
+    if total == 0 || total > state.config.max_batch_actions {
+        count_rejected("batch_size", total.max(1));
+        return error_response(
+            ENDPOINT,
+            StatusCode::BAD_REQUEST,
+            format!(
+                "a batch holds 1 to {} actions; this one has {total}",
+                state.config.max_batch_actions
+            ),
+            json!({}),
+        );
+    }
+    let limits = Limits::from_config(&state.config, now_micros());
+    let mut actions = Vec::with_capacity(total);
+    let mut item_errors = Vec::new();
+    for (index, item) in batch.actions.into_iter().enumerate() {
+        match rest_action_to_raw(item, &identity, &limits, "rest") {
+            Ok(action) => actions.push(action),
+            Err(error) => item_errors.push(json!({"index": index, "error": error})),
+        }
+    }
+    if !item_errors.is_empty() {
+        count_rejected("invalid", total);
+        return error_response(
+            ENDPOINT,
+            StatusCode::BAD_REQUEST,
+            format!(
+                "{} of {total} actions are invalid; nothing was accepted",
+                item_errors.len()
+            ),
+            json!({ "items": item_errors }),
+        );
+    }
+    let event_ids: Vec<String> = actions
+        .iter()
+        .map(|action| action.event_id.clone())
+        .collect();
+    match state.sink.publish(&actions).await {
+        Ok(()) => {
+            count_request(ENDPOINT, StatusCode::ACCEPTED);
+            metrics::counter!("agentmeter_ingest_actions_accepted_total", "source" => "rest")
+                .increment(total as u64);
+            (
+                StatusCode::ACCEPTED,
+                Json(RestAccepted {
+                    accepted: total,
+                    event_ids,
+                }),
+            )
+                .into_response()
+        }
+        Err(error @ SinkError::Saturated { .. }) => {
+            count_rejected("saturated", total);
+            let mut response = error_response(
+                ENDPOINT,
+                StatusCode::TOO_MANY_REQUESTS,
+                error.to_string(),
+                json!({}),
+            );
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(state.config.retry_after_seconds),
+            );
+            response
+        }
+        Err(error @ SinkError::Encode { .. }) => {
+            count_rejected("invalid", total);
+            error_response(
+                ENDPOINT,
+                StatusCode::BAD_REQUEST,
+                error.to_string(),
+                json!({}),
+            )
+        }
+        Err(error @ SinkError::Kafka { .. }) => {
+            count_rejected("kafka_unavailable", total);
+            let mut response = error_response(
+                ENDPOINT,
+                StatusCode::SERVICE_UNAVAILABLE,
+                error.to_string(),
+                json!({ "event_ids": event_ids }),
+            );
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(state.config.retry_after_seconds),
+            );
+            response
+        }
+    }
+}

@@ -1,0 +1,333 @@
+//! Follows the log-compacted config topic and publishes immutable [`MeteringState`] snapshots.
+//!
+//! The topic holds one record per workspace (key = workspace id, value = a JSON
+//! [`ConfigRecord`]); the latest record of a key wins and an empty value deletes the workspace.
+//! A blocking thread reads it from the beginning with a group-less consumer, and after each poll
+//! that changed something swaps in a whole new [`MeteringState`] through `arc-swap`: readers on
+//! hot paths load an `Arc` without locking and never see a half-applied configuration.
+//! A record that fails to parse or validate is logged and counted, and the workspace keeps its
+//! previous version.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agentmeter_schemas::metering::secret_digest;
+use agentmeter_schemas::metering::{AgentInstance, CONFIG_RECORD_FORMAT};
+use agentmeter_schemas::{ConfigRecord, WorkspaceSnapshot};
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio::sync::watch;
+
+use crate::kafka::KafkaSettings;
+use crate::shutdown::Shutdown;
+
+/// Every workspace's current configuration, compiled; immutable once published.
+#[derive(Debug, Default)]
+pub struct MeteringState {
+    workspaces: HashMap<String, Arc<WorkspaceSnapshot>>,
+    /// SHA-256 of a secret → workspace id. Secrets shared by two workspaces are left out.
+    workspace_by_secret_digest: HashMap<[u8; 32], String>,
+}
+
+impl MeteringState {
+    /// Compiles the latest record of each workspace.
+    pub fn build(
+        records: &HashMap<String, (ConfigRecord, Arc<WorkspaceSnapshot>)>,
+    ) -> MeteringState {
+        let mut workspaces = HashMap::new();
+        let mut workspace_by_secret_digest: HashMap<[u8; 32], String> = HashMap::new();
+        let mut ambiguous = Vec::new();
+        for (workspace_id, (_, snapshot)) in records {
+            workspaces.insert(workspace_id.clone(), snapshot.clone());
+            for (digest, instance_id) in snapshot.secret_digests() {
+                if let Some(other) =
+                    workspace_by_secret_digest.insert(*digest, workspace_id.clone())
+                {
+                    tracing::error!(
+                        workspace = %workspace_id, other_workspace = %other, instance = %instance_id,
+                        "an agent secret is configured in two workspaces; refusing it in both"
+                    );
+                    ambiguous.push(*digest);
+                }
+            }
+        }
+        for digest in ambiguous {
+            workspace_by_secret_digest.remove(&digest);
+        }
+        MeteringState {
+            workspaces,
+            workspace_by_secret_digest,
+        }
+    }
+
+    /// A state holding exactly these snapshots (tests and tools).
+    pub fn from_snapshots(snapshots: impl IntoIterator<Item = WorkspaceSnapshot>) -> MeteringState {
+        let records = snapshots
+            .into_iter()
+            .map(|snapshot| {
+                let record = ConfigRecord {
+                    format: CONFIG_RECORD_FORMAT,
+                    version: snapshot.version,
+                    applied_at: time::OffsetDateTime::UNIX_EPOCH,
+                    config: snapshot.config.clone(),
+                };
+                (
+                    snapshot.workspace_id().to_string(),
+                    (record, Arc::new(snapshot)),
+                )
+            })
+            .collect();
+        MeteringState::build(&records)
+    }
+
+    pub fn workspace(&self, workspace_id: &str) -> Option<&Arc<WorkspaceSnapshot>> {
+        self.workspaces.get(workspace_id)
+    }
+
+    pub fn workspace_count(&self) -> usize {
+        self.workspaces.len()
+    }
+
+    /// The workspace and agent instance an agent secret belongs to.
+    pub fn authenticate(&self, secret: &str) -> Option<(Arc<WorkspaceSnapshot>, AgentInstance)> {
+        let workspace_id = self
+            .workspace_by_secret_digest
+            .get(&secret_digest(secret))?;
+        let snapshot = self.workspaces.get(workspace_id)?;
+        let instance = snapshot.authenticate(secret)?.clone();
+        Some((snapshot.clone(), instance))
+    }
+}
+
+/// The shared, swappable metering state and whether it has caught up with the topic.
+#[derive(Clone)]
+pub struct ConfigHandle {
+    state: Arc<ArcSwap<MeteringState>>,
+    caught_up: watch::Receiver<bool>,
+}
+
+impl ConfigHandle {
+    /// A handle over a fixed state (tests).
+    pub fn fixed(state: MeteringState) -> ConfigHandle {
+        let (_, caught_up) = watch::channel(true);
+        ConfigHandle {
+            state: Arc::new(ArcSwap::from_pointee(state)),
+            caught_up,
+        }
+    }
+
+    /// The current state; cheap, lock-free.
+    pub fn load(&self) -> Arc<MeteringState> {
+        self.state.load_full()
+    }
+
+    /// True once everything that was on the topic at start has been read.
+    pub fn is_caught_up(&self) -> bool {
+        *self.caught_up.borrow()
+    }
+
+    /// Waits until caught up, or fails after `timeout`.
+    pub async fn wait_caught_up(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        tokio::time::timeout(timeout, self.caught_up.wait_for(|caught_up| *caught_up))
+            .await
+            .context("timed out reading the config topic")?
+            .context("config watcher stopped")?;
+        Ok(())
+    }
+}
+
+/// Starts following the config topic on a blocking thread.
+pub fn spawn_config_watcher(
+    kafka: &KafkaSettings,
+    shutdown: Shutdown,
+) -> anyhow::Result<ConfigHandle> {
+    let topic = kafka.topics().config;
+    let consumer: BaseConsumer = kafka
+        .standalone_consumer_config()
+        .create()
+        .context("cannot create the config topic consumer")?;
+    let state = Arc::new(ArcSwap::from_pointee(MeteringState::default()));
+    let (caught_up_sender, caught_up) = watch::channel(false);
+    let published = state.clone();
+    std::thread::Builder::new()
+        .name("config-watch".into())
+        .spawn(move || {
+            let mut reader = ConfigTopicReader::new(consumer, topic);
+            let mut announced = false;
+            while !shutdown.is_requested() {
+                match reader.poll_once(Duration::from_millis(200)) {
+                    Ok(changed) => {
+                        if changed {
+                            let next = MeteringState::build(&reader.records);
+                            metrics::gauge!("agentmeter_config_workspaces").set(next.workspace_count() as f64);
+                            published.store(Arc::new(next));
+                        }
+                        if !announced && reader.caught_up {
+                            announced = true;
+                            tracing::info!(workspaces = reader.records.len(), "metering configuration loaded");
+                            let _ = caught_up_sender.send(true);
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(error = %format!("{error:#}"), "config topic not readable yet; retrying");
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                }
+            }
+        })
+        .context("cannot start the config watcher thread")?;
+    Ok(ConfigHandle { state, caught_up })
+}
+
+/// Reads the whole config topic once, up to its end at call time (`config apply`, `config show`).
+pub fn read_config_topic(
+    kafka: &KafkaSettings,
+    timeout: Duration,
+) -> anyhow::Result<HashMap<String, (ConfigRecord, Arc<WorkspaceSnapshot>)>> {
+    let consumer: BaseConsumer = kafka
+        .standalone_consumer_config()
+        .create()
+        .context("cannot create the config topic consumer")?;
+    let mut reader = ConfigTopicReader::new(consumer, kafka.topics().config);
+    let deadline = Instant::now() + timeout;
+    while !reader.caught_up {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "timed out reading config topic {} at {}",
+            kafka.topics().config,
+            kafka.brokers
+        );
+        reader.poll_once(Duration::from_millis(200))?;
+    }
+    Ok(reader.records)
+}
+
+struct ConfigTopicReader {
+    consumer: BaseConsumer,
+    topic: String,
+    /// High watermark per partition when reading started; `None` until assigned.
+    end_at_start: Option<HashMap<i32, i64>>,
+    caught_up: bool,
+    records: HashMap<String, (ConfigRecord, Arc<WorkspaceSnapshot>)>,
+}
+
+impl ConfigTopicReader {
+    fn new(consumer: BaseConsumer, topic: String) -> ConfigTopicReader {
+        ConfigTopicReader {
+            consumer,
+            topic,
+            end_at_start: None,
+            caught_up: false,
+            records: HashMap::new(),
+        }
+    }
+
+    fn assign(&mut self) -> anyhow::Result<()> {
+        let metadata = self
+            .consumer
+            .fetch_metadata(Some(&self.topic), Duration::from_secs(5))
+            .with_context(|| format!("cannot read metadata of {}", self.topic))?;
+        let partitions: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .filter(|topic| topic.name() == self.topic && topic.error().is_none())
+            .flat_map(|topic| topic.partitions().iter().map(|partition| partition.id()))
+            .collect();
+        anyhow::ensure!(
+            !partitions.is_empty(),
+            "config topic {} does not exist (run `agentmeter topics`)",
+            self.topic
+        );
+        let mut assignment = TopicPartitionList::new();
+        let mut ends = HashMap::new();
+        for partition in partitions {
+            let (_, high) = self
+                .consumer
+                .fetch_watermarks(&self.topic, partition, Duration::from_secs(5))
+                .with_context(|| format!("cannot read watermarks of {}/{partition}", self.topic))?;
+            ends.insert(partition, high);
+            assignment.add_partition_offset(&self.topic, partition, Offset::Beginning)?;
+        }
+        self.consumer.assign(&assignment)?;
+        self.end_at_start = Some(ends);
+        Ok(())
+    }
+
+    /// Reads what is available; true when the set of configurations changed.
+    fn poll_once(&mut self, timeout: Duration) -> anyhow::Result<bool> {
+        if self.end_at_start.is_none() {
+            self.assign()?;
+        }
+        let mut changed = false;
+        let mut next_offsets: HashMap<i32, i64> = HashMap::new();
+        let mut wait = timeout;
+        while let Some(result) = self.consumer.poll(wait) {
+            wait = Duration::ZERO;
+            let message = result.context("config topic read failed")?;
+            next_offsets.insert(message.partition(), message.offset() + 1);
+            let Some(key) = message.key().and_then(|key| std::str::from_utf8(key).ok()) else {
+                metrics::counter!("agentmeter_config_records_rejected_total").increment(1);
+                tracing::error!(
+                    offset = message.offset(),
+                    "config record without a UTF-8 key ignored"
+                );
+                continue;
+            };
+            match message.payload() {
+                None | Some([]) => {
+                    changed |= self.records.remove(key).is_some();
+                }
+                Some(payload) => match parse_config_record(key, payload) {
+                    Ok(entry) => {
+                        self.records.insert(key.to_string(), entry);
+                        changed = true;
+                    }
+                    Err(error) => {
+                        metrics::counter!("agentmeter_config_records_rejected_total").increment(1);
+                        tracing::error!(workspace = key, offset = message.offset(), error = %format!("{error:#}"),
+                            "invalid configuration record ignored; the workspace keeps its previous version");
+                    }
+                },
+            }
+        }
+        if !self.caught_up {
+            let ends = self.end_at_start.as_ref().expect("assigned above");
+            let positions = self.consumer.position()?;
+            self.caught_up = ends.iter().all(|(partition, end)| {
+                *end == 0
+                    || next_offsets.get(partition).is_some_and(|next| next >= end)
+                    || positions
+                        .find_partition(&self.topic, *partition)
+                        .and_then(|element| match element.offset() {
+                            Offset::Offset(offset) => Some(offset >= *end),
+                            _ => None,
+                        })
+                        .unwrap_or(false)
+            });
+        }
+        Ok(changed)
+    }
+}
+
+fn parse_config_record(
+    key: &str,
+    payload: &[u8],
+) -> anyhow::Result<(ConfigRecord, Arc<WorkspaceSnapshot>)> {
+    let record: ConfigRecord =
+        serde_json::from_slice(payload).context("not a JSON config record")?;
+    anyhow::ensure!(
+        record.format == CONFIG_RECORD_FORMAT,
+        "config record format {} is not supported (this build reads {CONFIG_RECORD_FORMAT})",
+        record.format
+    );
+    anyhow::ensure!(
+        record.config.workspace.id == key,
+        "record key {key:?} differs from workspace.id {:?}",
+        record.config.workspace.id
+    );
+    let snapshot = WorkspaceSnapshot::build(record.version, record.config.clone())?;
+    Ok((record, Arc::new(snapshot)))
+}

@@ -1,0 +1,17 @@
+//! Plumbing every agentmeter stage shares, so that the three stages read alike.
+//!
+//! * [`settings`] — loads a stage's runtime settings: a TOML file (`--config`) plus environment
+//!   overrides `AGENTMETER__SECTION__KEY`, into `deny_unknown_fields` structs.
+//! * [`kafka`] — the Kafka settings and topic names, client configurations with the
+//!   safety-critical keys set *after* user overrides, and topic creation (`agentmeter topics`).
+//! * [`config_watch`] — follows the log-compacted config topic on a blocking thread and publishes
+//!   immutable [`config_watch::MeteringState`] snapshots through `arc-swap`; readers never lock.
+//! * [`observability`] — tracing, the Prometheus recorder, and the `/metrics`, `/healthz`,
+//!   `/readyz` routes.
+//! * [`shutdown`] — SIGTERM / Ctrl-C as a broadcast every task can await.
+
+pub mod config_watch;
+pub mod kafka;
+pub mod observability;
+pub mod settings;
+pub mod shutdown;

@@ -1,0 +1,162 @@
+//! The two event types that travel between the stages: [`RawAction`] on `actions.raw` and
+//! [`EnrichedAction`] on `actions.enriched`. Field for field they follow `avro/*.avsc`.
+
+use rust_decimal::Decimal;
+use sha2::{Digest, Sha256};
+
+/// Where an action came from, as its `kind` field says it on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ActionKind {
+    /// An explicit action: a `value.action` span or a REST action.
+    Action,
+    /// An LLM call seen as a GenAI span; `action_name` is the auto tag `<provider>_llm_<model>`.
+    Llm,
+    /// Any other span; counts only when its name is tracked.
+    TraceEvent,
+}
+
+impl ActionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActionKind::Action => "action",
+            ActionKind::Llm => "llm",
+            ActionKind::TraceEvent => "trace_event",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<ActionKind> {
+        match text {
+            "action" => Some(ActionKind::Action),
+            "llm" => Some(ActionKind::Llm),
+            "trace_event" => Some(ActionKind::TraceEvent),
+            _ => None,
+        }
+    }
+}
+
+/// One action as ingest accepted it. Identity fields (`workspace_id`, `account_id`,
+/// `agent_instance_id`) come from the authenticated agent secret, never from the request body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawAction {
+    pub event_id: String,
+    pub workspace_id: String,
+    pub account_id: String,
+    pub agent_instance_id: String,
+    pub kind: ActionKind,
+    pub action_name: String,
+    pub trace_event: Option<String>,
+    pub user_id: Option<String>,
+    pub anonymous_id: Option<String>,
+    /// When the action happened, microseconds since the Unix epoch (UTC).
+    pub occurred_at_micros: i64,
+    /// When ingest accepted it, microseconds since the Unix epoch (UTC).
+    pub received_at_micros: i64,
+    pub description: Option<String>,
+    pub llm_provider: Option<String>,
+    pub llm_model: Option<String>,
+    pub input_tokens: Option<i64>,
+    pub output_tokens: Option<i64>,
+    pub total_tokens: Option<i64>,
+    /// A cost the caller reported (the guide's `cost_usd`).
+    pub reported_cost: Option<Decimal>,
+    /// The free attributes as one JSON object text.
+    pub attributes_json: String,
+    /// `rest`, `otlp_grpc`, `otlp_http` or `kafka`.
+    pub source: String,
+}
+
+impl RawAction {
+    /// The end user the action is attributed to: `user_id`, else `anonymous_id`, else empty.
+    pub fn user_key(&self) -> &str {
+        self.user_id
+            .as_deref()
+            .filter(|id| !id.is_empty())
+            .or(self.anonymous_id.as_deref())
+            .unwrap_or("")
+    }
+
+    /// The Kafka message key: duplicates of one action always land in one partition.
+    pub fn message_key(&self) -> String {
+        message_key(&self.workspace_id, &self.event_id)
+    }
+}
+
+/// Kafka message key of an action: hex of the first 16 bytes of SHA-256(workspace ␟ event_id).
+/// Hashing keeps keys short and evenly spread; the separator keeps (`a`, `bc`) apart from (`ab`, `c`).
+pub fn message_key(workspace_id: &str, event_id: &str) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(workspace_id.as_bytes());
+    hasher.update([0x1f]);
+    hasher.update(event_id.as_bytes());
+    hex::encode(&hasher.finalize()[..16])
+}
+
+/// Where the `cost` of an enriched action came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CostSource {
+    /// quantity × the cost-per-unit in force at `occurred_at`.
+    Allocated,
+    /// No cost allocation applies; the cost the caller reported.
+    Reported,
+    /// Neither exists: cost 0.
+    None,
+}
+
+impl CostSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CostSource::Allocated => "allocated",
+            CostSource::Reported => "reported",
+            CostSource::None => "none",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<CostSource> {
+        match text {
+            "allocated" => Some(CostSource::Allocated),
+            "reported" => Some(CostSource::Reported),
+            "none" => Some(CostSource::None),
+            _ => None,
+        }
+    }
+}
+
+/// A raw action with the workspace's metering configuration applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EnrichedAction {
+    pub raw: RawAction,
+    pub tracked: bool,
+    pub outcome: bool,
+    /// Empty when no cost allocation applies.
+    pub measure: String,
+    pub quantity: Decimal,
+    pub unit_cost: Decimal,
+    pub cost: Decimal,
+    pub cost_source: CostSource,
+    pub currency: String,
+    pub config_version: i64,
+    pub enriched_at_micros: i64,
+}
+
+impl EnrichedAction {
+    /// `@action` for every tracked action, plus `@outcome` for outcomes.
+    pub fn tags(&self) -> &'static [&'static str] {
+        match (self.tracked, self.outcome) {
+            (true, true) => &["@action", "@outcome"],
+            (true, false) => &["@action"],
+            (false, _) => &[],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_key_separates_workspace_from_event_id() {
+        assert_ne!(message_key("a", "bc"), message_key("ab", "c"));
+        assert_eq!(message_key("ws", "e1"), message_key("ws", "e1"));
+        assert_eq!(message_key("ws", "e1").len(), 32);
+    }
+}

@@ -1,0 +1,796 @@
+//! The metering configuration of one workspace: who its customers are (accounts, contacts),
+//! what it runs (agent types and instances with hashed secrets), and how actions are metered
+//! (action tagging, effective-dated cost allocation, outcome definitions).
+//!
+//! * [`MeteringConfig`] is the file format (TOML, see `docs/metering-config.md`) and, as JSON, the
+//!   payload of a [`ConfigRecord`] on the log-compacted config topic.
+//! * [`MeteringConfig::validate`] reports *every* problem at once; nothing is published when any
+//!   exists.
+//! * [`WorkspaceSnapshot`] is the validated configuration compiled into lookup tables. Stages hold
+//!   it behind an `Arc` and swap whole snapshots, so a half-applied configuration is never seen.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use time::OffsetDateTime;
+
+use crate::decimal::to_scaled_i128;
+
+/// One workspace's whole metering configuration, as written in a config file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeteringConfig {
+    /// The workspace (tenant) this file configures.
+    pub workspace: Workspace,
+    /// The builder's customers.
+    #[serde(default)]
+    pub accounts: Vec<Account>,
+    /// People at accounts who receive invoices.
+    #[serde(default)]
+    pub contacts: Vec<Contact>,
+    /// The catalog of agent products.
+    #[serde(default)]
+    pub agent_types: Vec<AgentType>,
+    /// Deployed agents, one account each; each has a secret (stored only as its SHA-256).
+    #[serde(default)]
+    pub agent_instances: Vec<AgentInstance>,
+    /// Which action names, trace events and auto tags are tracked.
+    #[serde(default)]
+    pub tagging: Tagging,
+    /// Measure and effective-dated cost per unit, per action.
+    #[serde(default)]
+    pub cost_allocations: Vec<CostAllocation>,
+    /// Actions that are business outcomes (`@outcome` besides `@action`).
+    #[serde(default)]
+    pub outcomes: Vec<OutcomeDefinition>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Workspace {
+    /// Stable id; the config topic key. Letters, digits, `_`, `-`, `.`.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// ISO 4217 code every cost of this workspace is in.
+    pub currency: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Account {
+    pub id: String,
+    pub name: String,
+    #[serde(default)]
+    pub email: Option<String>,
+    #[serde(default)]
+    pub phone: Option<String>,
+    #[serde(default)]
+    pub address: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// The account's id in the builder's CRM or billing system.
+    #[serde(default)]
+    pub external_id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Contact {
+    pub id: String,
+    /// Id of the account this person belongs to.
+    pub account: String,
+    pub name: String,
+    #[serde(default)]
+    pub email: Option<String>,
+    #[serde(default)]
+    pub phone: Option<String>,
+    #[serde(default)]
+    pub address: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentType {
+    pub id: String,
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// custom, langgraph, crewai, ...
+    #[serde(default = "default_agent_kind")]
+    pub kind: String,
+}
+
+fn default_agent_kind() -> String {
+    "custom".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentInstance {
+    pub id: String,
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Id of its agent type.
+    pub agent_type: String,
+    /// Id of the account it works for: every action it sends is that account's.
+    pub account: String,
+    /// Id of the contact (of the same account) who receives invoices.
+    #[serde(default)]
+    pub contact: Option<String>,
+    /// Lowercase hex SHA-256 of the agent secret (`agentmeter secret new` makes a pair).
+    pub secret_sha256: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tagging {
+    /// Tracked action names, trace events (span names) and auto tags. Anything else is kept for
+    /// Live Data and discovery but never billed.
+    #[serde(default)]
+    pub tracked: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CostAllocation {
+    /// The tracked action name, trace event or auto tag this prices.
+    pub action: String,
+    /// `unit`, `token`, `input_token`, `output_token`, or a custom measure name.
+    pub measure: String,
+    /// The attribute that holds the quantity: required for custom measures, optional for `unit`
+    /// (default quantity 1); not allowed for token measures.
+    #[serde(default)]
+    pub quantity_attribute: Option<String>,
+    /// Effective-dated rates; the one with the latest `effective_from` not after `occurred_at`
+    /// applies.
+    pub rates: Vec<Rate>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rate {
+    /// RFC 3339 instant from which this rate applies (inclusive).
+    #[serde(with = "time::serde::rfc3339")]
+    pub effective_from: OffsetDateTime,
+    /// Cost per unit of the measure, a decimal written as a string ("0.006"): never a float.
+    #[serde(
+        serialize_with = "rust_decimal::serde::str::serialize",
+        deserialize_with = "decimal_from_string_only"
+    )]
+    pub cost_per_unit: Decimal,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutcomeDefinition {
+    /// The tracked action that is a business outcome.
+    pub action: String,
+}
+
+/// Money in a configuration is a quoted decimal: a TOML or JSON float would already have been
+/// rounded to binary before we see it.
+fn decimal_from_string_only<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Decimal, D::Error> {
+    let text = String::deserialize(deserializer).map_err(|_| {
+        serde::de::Error::custom(
+            "cost_per_unit must be a quoted decimal string such as \"0.006\", never a float",
+        )
+    })?;
+    text.trim().parse::<Decimal>().map_err(|error| {
+        serde::de::Error::custom(format!("cost_per_unit {text:?} is not a decimal: {error}"))
+    })
+}
+
+/// How the quantity of a priced action is measured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Measure {
+    /// 1 per action, or the value of `quantity_attribute`.
+    Unit {
+        quantity_attribute: Option<String>,
+    },
+    /// input + output tokens.
+    Token,
+    InputToken,
+    OutputToken,
+    /// A named unit whose quantity is the value of an attribute.
+    Custom {
+        name: String,
+        quantity_attribute: String,
+    },
+}
+
+impl Measure {
+    pub fn name(&self) -> &str {
+        match self {
+            Measure::Unit { .. } => "unit",
+            Measure::Token => "token",
+            Measure::InputToken => "input_token",
+            Measure::OutputToken => "output_token",
+            Measure::Custom { name, .. } => name,
+        }
+    }
+}
+
+/// Everything wrong with a configuration file, one line each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidationErrors(pub Vec<String>);
+
+impl fmt::Display for ValidationErrors {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            formatter,
+            "{} problem(s) in the metering configuration:",
+            self.0.len()
+        )?;
+        for problem in &self.0 {
+            writeln!(formatter, "  - {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ValidationErrors {}
+
+/// Why a configuration file could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigFileError {
+    #[error("cannot parse the metering configuration: {0}")]
+    Parse(String),
+    #[error("{0}")]
+    Invalid(ValidationErrors),
+}
+
+/// Ids and names: what a user can type and a ClickHouse column or Kafka key holds safely.
+pub fn is_valid_identifier(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= 128
+        && text
+            .chars()
+            .all(|character| character.is_ascii_alphanumeric() || "_-.:".contains(character))
+}
+
+/// Action names, trace events and auto tags: printable, no control characters.
+pub fn is_valid_action_name(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= 256
+        && !text.trim().is_empty()
+        && text.chars().all(|character| !character.is_control())
+}
+
+impl MeteringConfig {
+    /// Parses and validates a TOML configuration file.
+    pub fn from_toml(text: &str) -> Result<MeteringConfig, ConfigFileError> {
+        let config: MeteringConfig =
+            toml::from_str(text).map_err(|error| ConfigFileError::Parse(error.to_string()))?;
+        config.validate().map_err(ConfigFileError::Invalid)?;
+        Ok(config)
+    }
+
+    /// Checks every cross-reference and value; returns all problems found.
+    pub fn validate(&self) -> Result<(), ValidationErrors> {
+        let mut problems = Vec::new();
+        let workspace = &self.workspace;
+        if !is_valid_identifier(&workspace.id) {
+            problems.push(format!(
+                "workspace.id {:?} must be 1-128 letters, digits, '_', '-', '.', ':'",
+                workspace.id
+            ));
+        }
+        if workspace.currency.len() != 3
+            || !workspace.currency.chars().all(|c| c.is_ascii_uppercase())
+        {
+            problems.push(format!(
+                "workspace.currency {:?} must be an ISO 4217 code such as \"USD\"",
+                workspace.currency
+            ));
+        }
+
+        let account_ids = check_ids(
+            &mut problems,
+            "accounts",
+            self.accounts.iter().map(|a| &a.id),
+        );
+        let contact_ids = check_ids(
+            &mut problems,
+            "contacts",
+            self.contacts.iter().map(|c| &c.id),
+        );
+        let type_ids = check_ids(
+            &mut problems,
+            "agent_types",
+            self.agent_types.iter().map(|t| &t.id),
+        );
+        check_ids(
+            &mut problems,
+            "agent_instances",
+            self.agent_instances.iter().map(|i| &i.id),
+        );
+
+        let contact_account: HashMap<&str, &str> = self
+            .contacts
+            .iter()
+            .map(|contact| (contact.id.as_str(), contact.account.as_str()))
+            .collect();
+        for contact in &self.contacts {
+            if !account_ids.contains(contact.account.as_str()) {
+                problems.push(format!(
+                    "contact {:?} names account {:?}, which is not defined",
+                    contact.id, contact.account
+                ));
+            }
+        }
+        let mut secret_hashes = HashSet::new();
+        for instance in &self.agent_instances {
+            if !account_ids.contains(instance.account.as_str()) {
+                problems.push(format!(
+                    "agent instance {:?} names account {:?}, which is not defined",
+                    instance.id, instance.account
+                ));
+            }
+            if !type_ids.contains(instance.agent_type.as_str()) {
+                problems.push(format!(
+                    "agent instance {:?} names agent type {:?}, which is not defined",
+                    instance.id, instance.agent_type
+                ));
+            }
+            if let Some(contact) = &instance.contact {
+                if !contact_ids.contains(contact.as_str()) {
+                    problems.push(format!(
+                        "agent instance {:?} names contact {:?}, which is not defined",
+                        instance.id, contact
+                    ));
+                } else if contact_account.get(contact.as_str()) != Some(&instance.account.as_str())
+                {
+                    problems.push(format!(
+                        "agent instance {:?}: contact {:?} belongs to another account than {:?}",
+                        instance.id, contact, instance.account
+                    ));
+                }
+            }
+            if parse_secret_hash(&instance.secret_sha256).is_none() {
+                problems.push(format!(
+                    "agent instance {:?}: secret_sha256 must be 64 lowercase hex characters (the SHA-256 of the secret, never the secret itself)",
+                    instance.id
+                ));
+            } else if !secret_hashes.insert(instance.secret_sha256.as_str()) {
+                problems.push(format!(
+                    "agent instance {:?}: secret_sha256 is shared with another instance; every instance needs its own secret",
+                    instance.id
+                ));
+            }
+        }
+
+        let mut tracked = HashSet::new();
+        for name in &self.tagging.tracked {
+            if !is_valid_action_name(name) {
+                problems.push(format!(
+                    "tagging.tracked: {name:?} is not a valid action name"
+                ));
+            } else if !tracked.insert(name.as_str()) {
+                problems.push(format!("tagging.tracked: {name:?} is listed twice"));
+            }
+        }
+
+        let mut priced = HashSet::new();
+        for allocation in &self.cost_allocations {
+            let action = &allocation.action;
+            if !tracked.contains(action.as_str()) {
+                problems.push(format!(
+                    "cost allocation for {action:?}: the action is not tracked (add it to tagging.tracked)"
+                ));
+            }
+            if !priced.insert(action.as_str()) {
+                problems.push(format!(
+                    "cost allocation for {action:?} is defined twice; put all its rates in one entry"
+                ));
+            }
+            if let Err(problem) = allocation.measure() {
+                problems.push(format!("cost allocation for {action:?}: {problem}"));
+            }
+            if allocation.rates.is_empty() {
+                problems.push(format!("cost allocation for {action:?} has no rates"));
+            }
+            for pair in allocation.rates.windows(2) {
+                if pair[1].effective_from <= pair[0].effective_from {
+                    problems.push(format!(
+                        "cost allocation for {action:?}: rates must be listed by strictly increasing effective_from ({} then {})",
+                        pair[0].effective_from, pair[1].effective_from
+                    ));
+                }
+            }
+            for rate in &allocation.rates {
+                if rate.cost_per_unit.is_sign_negative() {
+                    problems.push(format!(
+                        "cost allocation for {action:?}: cost_per_unit {} is negative",
+                        rate.cost_per_unit
+                    ));
+                }
+                if let Err(error) = to_scaled_i128(rate.cost_per_unit) {
+                    problems.push(format!(
+                        "cost allocation for {action:?}: cost_per_unit {error}"
+                    ));
+                }
+            }
+        }
+
+        let mut outcome_names = HashSet::new();
+        for outcome in &self.outcomes {
+            if !tracked.contains(outcome.action.as_str()) {
+                problems.push(format!(
+                    "outcome {:?}: the action is not tracked (add it to tagging.tracked)",
+                    outcome.action
+                ));
+            }
+            if !outcome_names.insert(outcome.action.as_str()) {
+                problems.push(format!("outcome {:?} is defined twice", outcome.action));
+            }
+        }
+
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ValidationErrors(problems))
+        }
+    }
+}
+
+impl CostAllocation {
+    /// The measure this allocation names, or what is wrong with it.
+    pub fn measure(&self) -> Result<Measure, String> {
+        let attribute = self.quantity_attribute.clone();
+        match (self.measure.as_str(), attribute) {
+            ("unit", quantity_attribute) => Ok(Measure::Unit { quantity_attribute }),
+            ("token" | "input_token" | "output_token", Some(_)) => Err(format!(
+                "measure {:?} takes its quantity from the token counts; remove quantity_attribute",
+                self.measure
+            )),
+            ("token", None) => Ok(Measure::Token),
+            ("input_token", None) => Ok(Measure::InputToken),
+            ("output_token", None) => Ok(Measure::OutputToken),
+            (name, Some(quantity_attribute)) if is_valid_identifier(name) => Ok(Measure::Custom {
+                name: name.to_string(),
+                quantity_attribute,
+            }),
+            (name, None) if is_valid_identifier(name) => Err(format!(
+                "custom measure {name:?} needs quantity_attribute: the attribute that holds the quantity"
+            )),
+            (name, _) => Err(format!("measure {name:?} is not a valid name")),
+        }
+    }
+}
+
+/// Lowercase hex SHA-256 of a secret, as stored in `secret_sha256`.
+pub fn hash_secret(secret: &str) -> String {
+    hex::encode(secret_digest(secret))
+}
+
+/// SHA-256 of a secret. Secrets are random tokens (not passwords), so one SHA-256 suffices.
+pub fn secret_digest(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+fn parse_secret_hash(text: &str) -> Option<[u8; 32]> {
+    if text.len() != 64 || text.chars().any(|c| c.is_ascii_uppercase()) {
+        return None;
+    }
+    let mut digest = [0u8; 32];
+    hex::decode_to_slice(text, &mut digest).ok()?;
+    Some(digest)
+}
+
+fn check_ids<'a>(
+    problems: &mut Vec<String>,
+    section: &str,
+    ids: impl Iterator<Item = &'a String>,
+) -> HashSet<&'a str> {
+    let mut seen = HashSet::new();
+    for id in ids {
+        if !is_valid_identifier(id) {
+            problems.push(format!(
+                "{section}: id {id:?} must be 1-128 letters, digits, '_', '-', '.', ':'"
+            ));
+        }
+        if !seen.insert(id.as_str()) {
+            problems.push(format!("{section}: id {id:?} is used twice"));
+        }
+    }
+    seen
+}
+
+/// One version of a workspace's configuration, as it travels on the config topic
+/// (key = workspace id, value = this as JSON). A tombstone (empty value) deletes the workspace.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigRecord {
+    /// Format of this record; readers refuse formats they do not know.
+    pub format: u32,
+    /// Increases by one with every apply of this workspace.
+    pub version: i64,
+    /// When `config apply` published it.
+    #[serde(with = "time::serde::rfc3339")]
+    pub applied_at: OffsetDateTime,
+    pub config: MeteringConfig,
+}
+
+/// The only [`ConfigRecord::format`] this build reads and writes.
+pub const CONFIG_RECORD_FORMAT: u32 = 1;
+
+/// The rule for one action name in a workspace.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActionRule {
+    pub tracked: bool,
+    pub outcome: bool,
+    pub pricing: Option<Pricing>,
+}
+
+/// A measure with its rates, sorted by `effective_from`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pricing {
+    pub measure: Measure,
+    /// (effective_from in µs since the epoch, cost per unit), ascending.
+    pub rates: Vec<(i64, Decimal)>,
+}
+
+impl Pricing {
+    /// The cost per unit in force at `occurred_at_micros`, if any rate had started by then.
+    pub fn rate_at(&self, occurred_at_micros: i64) -> Option<Decimal> {
+        let index = self
+            .rates
+            .partition_point(|(effective_from, _)| *effective_from <= occurred_at_micros);
+        index.checked_sub(1).map(|index| self.rates[index].1)
+    }
+}
+
+/// A validated configuration compiled into lookup tables; immutable once built.
+#[derive(Debug, Clone)]
+pub struct WorkspaceSnapshot {
+    pub version: i64,
+    pub config: MeteringConfig,
+    instances_by_id: HashMap<String, AgentInstance>,
+    instances_by_secret_hash: HashMap<[u8; 32], String>,
+    rules: HashMap<String, ActionRule>,
+}
+
+const UNTRACKED: ActionRule = ActionRule {
+    tracked: false,
+    outcome: false,
+    pricing: None,
+};
+
+impl WorkspaceSnapshot {
+    /// Compiles a configuration; it must have passed [`MeteringConfig::validate`].
+    pub fn build(
+        version: i64,
+        config: MeteringConfig,
+    ) -> Result<WorkspaceSnapshot, ValidationErrors> {
+        config.validate()?;
+        let instances_by_id = config
+            .agent_instances
+            .iter()
+            .map(|instance| (instance.id.clone(), instance.clone()))
+            .collect();
+        let instances_by_secret_hash = config
+            .agent_instances
+            .iter()
+            .filter_map(|instance| {
+                parse_secret_hash(&instance.secret_sha256)
+                    .map(|digest| (digest, instance.id.clone()))
+            })
+            .collect();
+        let outcomes: HashSet<&str> = config.outcomes.iter().map(|o| o.action.as_str()).collect();
+        let mut rules: HashMap<String, ActionRule> = config
+            .tagging
+            .tracked
+            .iter()
+            .map(|name| {
+                let rule = ActionRule {
+                    tracked: true,
+                    outcome: outcomes.contains(name.as_str()),
+                    pricing: None,
+                };
+                (name.clone(), rule)
+            })
+            .collect();
+        for allocation in &config.cost_allocations {
+            let measure = allocation.measure().expect("validated above");
+            let rates = allocation
+                .rates
+                .iter()
+                .map(|rate| {
+                    let micros = (rate.effective_from.unix_timestamp_nanos() / 1000) as i64;
+                    (micros, rate.cost_per_unit)
+                })
+                .collect();
+            if let Some(rule) = rules.get_mut(&allocation.action) {
+                rule.pricing = Some(Pricing { measure, rates });
+            }
+        }
+        Ok(WorkspaceSnapshot {
+            version,
+            config,
+            instances_by_id,
+            instances_by_secret_hash,
+            rules,
+        })
+    }
+
+    pub fn workspace_id(&self) -> &str {
+        &self.config.workspace.id
+    }
+
+    pub fn currency(&self) -> &str {
+        &self.config.workspace.currency
+    }
+
+    pub fn instance(&self, instance_id: &str) -> Option<&AgentInstance> {
+        self.instances_by_id.get(instance_id)
+    }
+
+    /// The instance whose secret this is. The lookup is by SHA-256 digest, so its timing says
+    /// nothing about the secret; the final comparison is constant-time all the same.
+    pub fn authenticate(&self, secret: &str) -> Option<&AgentInstance> {
+        let digest = secret_digest(secret);
+        let instance_id = self.instances_by_secret_hash.get(&digest)?;
+        let instance = self.instances_by_id.get(instance_id)?;
+        let stored = parse_secret_hash(&instance.secret_sha256)?;
+        bool::from(stored.ct_eq(&digest)).then_some(instance)
+    }
+
+    /// The rule for an action name, trace event or auto tag; untracked when not configured.
+    pub fn rule(&self, action_name: &str) -> &ActionRule {
+        self.rules.get(action_name).unwrap_or(&UNTRACKED)
+    }
+
+    /// SHA-256 digests of this workspace's secrets with their instance ids.
+    pub fn secret_digests(&self) -> impl Iterator<Item = (&[u8; 32], &str)> {
+        self.instances_by_secret_hash
+            .iter()
+            .map(|(digest, instance)| (digest, instance.as_str()))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub const EXAMPLE: &str = include_str!("../../deploy/local/metering.example.toml");
+
+    #[test]
+    fn the_shipped_example_is_valid() {
+        let config = MeteringConfig::from_toml(EXAMPLE).unwrap();
+        assert_eq!(config.accounts[0].name, "Acme Corp");
+        assert_eq!(
+            config.accounts[0].email.as_deref(),
+            Some("billing@acme.com")
+        );
+        let snapshot = WorkspaceSnapshot::build(1, config).unwrap();
+        let gemini = snapshot.rule("gemini_llm_gemini-2.5-flash");
+        assert!(gemini.tracked);
+        let pricing = gemini.pricing.as_ref().unwrap();
+        assert_eq!(pricing.measure, Measure::Token);
+        assert_eq!(pricing.rate_at(i64::MAX), Some("0.006".parse().unwrap()));
+        assert!(snapshot.rule("object_detection").outcome);
+        assert!(!snapshot.rule("never_configured").tracked);
+    }
+
+    fn minimal() -> MeteringConfig {
+        toml::from_str(
+            r#"
+            [workspace]
+            id = "ws"
+            name = "W"
+            currency = "USD"
+            [[accounts]]
+            id = "a1"
+            name = "A1"
+            [[agent_types]]
+            id = "t1"
+            name = "T1"
+            [[agent_instances]]
+            id = "i1"
+            name = "I1"
+            agent_type = "t1"
+            account = "a1"
+            secret_sha256 = "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b"
+            [tagging]
+            tracked = ["llm_call"]
+            [[cost_allocations]]
+            action = "llm_call"
+            measure = "token"
+            rates = [
+              { effective_from = "2025-01-01T00:00:00Z", cost_per_unit = "0.001" },
+              { effective_from = "2025-06-01T00:00:00Z", cost_per_unit = "0.002" },
+            ]
+            "#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn picks_the_rate_in_force_at_the_action_time() {
+        let snapshot = WorkspaceSnapshot::build(1, minimal()).unwrap();
+        let pricing = snapshot.rule("llm_call").pricing.clone().unwrap();
+        let micros = |text: &str| {
+            let instant =
+                OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+                    .unwrap();
+            (instant.unix_timestamp_nanos() / 1000) as i64
+        };
+        assert_eq!(pricing.rate_at(micros("2024-12-31T23:59:59Z")), None);
+        assert_eq!(
+            pricing.rate_at(micros("2025-01-01T00:00:00Z")),
+            Some("0.001".parse().unwrap())
+        );
+        assert_eq!(
+            pricing.rate_at(micros("2025-05-31T23:59:59Z")),
+            Some("0.001".parse().unwrap())
+        );
+        assert_eq!(
+            pricing.rate_at(micros("2025-06-01T00:00:00Z")),
+            Some("0.002".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn authenticates_by_secret_and_rejects_others() {
+        let snapshot = WorkspaceSnapshot::build(1, minimal()).unwrap();
+        assert_eq!(
+            hash_secret("secret"),
+            minimal().agent_instances[0].secret_sha256
+        );
+        assert_eq!(snapshot.authenticate("secret").unwrap().id, "i1");
+        assert!(snapshot.authenticate("Secret").is_none());
+        assert!(snapshot.authenticate("").is_none());
+    }
+
+    #[test]
+    fn reports_every_problem_at_once() {
+        let mut config = minimal();
+        config.workspace.currency = "usd".into();
+        config.agent_instances[0].account = "missing".into();
+        config.agent_instances[0].secret_sha256 = "plaintext-secret".into();
+        config.cost_allocations[0].rates.reverse();
+        config.outcomes.push(OutcomeDefinition {
+            action: "not_tracked".into(),
+        });
+        let problems = config.validate().unwrap_err().0;
+        assert_eq!(problems.len(), 5, "{problems:#?}");
+        assert!(problems.iter().any(|p| p.contains("currency")));
+        assert!(problems.iter().any(|p| p.contains("account \"missing\"")));
+        assert!(problems.iter().any(|p| p.contains("secret_sha256")));
+        assert!(problems.iter().any(|p| p.contains("strictly increasing")));
+        assert!(problems.iter().any(|p| p.contains("not_tracked")));
+    }
+
+    #[test]
+    fn rejects_a_float_cost_and_an_unknown_field() {
+        let float_cost = EXAMPLE.replace("cost_per_unit = \"0.006\"", "cost_per_unit = 0.006");
+        assert!(matches!(
+            MeteringConfig::from_toml(&float_cost),
+            Err(ConfigFileError::Parse(_))
+        ));
+        let unknown = format!("{EXAMPLE}\n[extra]\nx = 1\n");
+        assert!(matches!(
+            MeteringConfig::from_toml(&unknown),
+            Err(ConfigFileError::Parse(_))
+        ));
+    }
+
+    #[test]
+    fn custom_measures_need_a_quantity_attribute() {
+        let mut config = minimal();
+        config.cost_allocations[0].measure = "pages".into();
+        assert!(config.validate().unwrap_err().0[0].contains("quantity_attribute"));
+        config.cost_allocations[0].quantity_attribute = Some("page_count".into());
+        config.validate().unwrap();
+    }
+}

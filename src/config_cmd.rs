@@ -1,0 +1,220 @@
+//! `agentmeter config …`: validate, publish and show metering configurations.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use agentmeter_runtime::config_watch::read_config_topic;
+use agentmeter_runtime::kafka::KafkaSettings;
+use agentmeter_schemas::metering::{ConfigFileError, CONFIG_RECORD_FORMAT};
+use agentmeter_schemas::{ConfigRecord, MeteringConfig};
+use anyhow::Context;
+use clap::Subcommand;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate FILE and publish it as the workspace's next configuration version.
+    Apply {
+        /// A metering configuration (TOML), e.g. deploy/local/metering.example.toml.
+        file: PathBuf,
+    },
+    /// Validate FILE without publishing.
+    Validate { file: PathBuf },
+    /// Print the current configuration of every workspace on the config topic (JSON).
+    Show,
+}
+
+fn load(file: &PathBuf) -> anyhow::Result<MeteringConfig> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    match MeteringConfig::from_toml(&text) {
+        Ok(config) => Ok(config),
+        Err(ConfigFileError::Invalid(problems)) => {
+            anyhow::bail!(
+                "{} is invalid; nothing was applied.\n{problems}",
+                file.display()
+            )
+        }
+        Err(error @ ConfigFileError::Parse(_)) => {
+            anyhow::bail!("{}: {error}; nothing was applied.", file.display())
+        }
+    }
+}
+
+pub async fn run(command: ConfigCommand, kafka: &KafkaSettings) -> anyhow::Result<()> {
+    match command {
+        ConfigCommand::Validate { file } => {
+            let config = load(&file)?;
+            println!(
+                "{}: valid (workspace {})",
+                file.display(),
+                config.workspace.id
+            );
+            Ok(())
+        }
+        ConfigCommand::Show => {
+            let kafka = kafka.clone();
+            let records = tokio::task::spawn_blocking(move || {
+                read_config_topic(&kafka, Duration::from_secs(30))
+            })
+            .await??;
+            let mut workspaces: Vec<_> = records.into_values().map(|(record, _)| record).collect();
+            workspaces.sort_by(|a, b| a.config.workspace.id.cmp(&b.config.workspace.id));
+            println!("{}", serde_json::to_string_pretty(&workspaces)?);
+            Ok(())
+        }
+        ConfigCommand::Apply { file } => {
+            let config = load(&file)?;
+            let workspace_id = config.workspace.id.clone();
+            let reader_settings = kafka.clone();
+            let current = tokio::task::spawn_blocking(move || {
+                read_config_topic(&reader_settings, Duration::from_secs(30))
+            })
+            .await??
+            .remove(&workspace_id)
+            .map(|(record, _)| record);
+            let version = current
+                .as_ref()
+                .map(|record| record.version + 1)
+                .unwrap_or(1);
+            if let Some(current) = &current {
+                if current.config == config {
+                    println!(
+                        "workspace {workspace_id}: unchanged (version {})",
+                        current.version
+                    );
+                    return Ok(());
+                }
+            }
+            let summary = describe_changes(current.as_ref().map(|record| &record.config), &config);
+            let record = ConfigRecord {
+                format: CONFIG_RECORD_FORMAT,
+                version,
+                applied_at: time::OffsetDateTime::now_utc(),
+                config,
+            };
+            let payload = serde_json::to_vec(&record)?;
+            let producer: FutureProducer = kafka
+                .producer_config(Duration::from_secs(30))
+                .create()
+                .context("cannot create the Kafka producer")?;
+            let topic = kafka.topics().config;
+            producer
+                .send(
+                    FutureRecord::to(&topic)
+                        .key(&workspace_id)
+                        .payload(&payload),
+                    Timeout::After(Duration::from_secs(5)),
+                )
+                .await
+                .map_err(|(error, _)| error)
+                .with_context(|| format!("cannot publish to {topic}"))?;
+            println!("workspace {workspace_id}: applied version {version}");
+            for line in summary {
+                println!("  {line}");
+            }
+            Ok(())
+        }
+    }
+}
+
+/// One line per changed part of the configuration.
+fn describe_changes(before: Option<&MeteringConfig>, after: &MeteringConfig) -> Vec<String> {
+    let Some(before) = before else {
+        return vec![format!(
+            "new workspace: {} accounts, {} agent instances, {} tracked actions, {} cost allocations, {} outcomes",
+            after.accounts.len(),
+            after.agent_instances.len(),
+            after.tagging.tracked.len(),
+            after.cost_allocations.len(),
+            after.outcomes.len()
+        )];
+    };
+    let mut lines = Vec::new();
+    let mut compare = |name: &str, before: Vec<String>, after: Vec<String>| {
+        let added: Vec<_> = after
+            .iter()
+            .filter(|item| !before.contains(item))
+            .cloned()
+            .collect();
+        let removed: Vec<_> = before
+            .iter()
+            .filter(|item| !after.contains(item))
+            .cloned()
+            .collect();
+        if !added.is_empty() {
+            lines.push(format!("{name} added: {}", added.join(", ")));
+        }
+        if !removed.is_empty() {
+            lines.push(format!("{name} removed: {}", removed.join(", ")));
+        }
+    };
+    let ids = |items: Vec<String>| items;
+    compare(
+        "accounts",
+        ids(before.accounts.iter().map(|a| a.id.clone()).collect()),
+        ids(after.accounts.iter().map(|a| a.id.clone()).collect()),
+    );
+    compare(
+        "agent instances",
+        before
+            .agent_instances
+            .iter()
+            .map(|i| {
+                format!(
+                    "{} (secret {}…)",
+                    i.id,
+                    &i.secret_sha256[..8.min(i.secret_sha256.len())]
+                )
+            })
+            .collect(),
+        after
+            .agent_instances
+            .iter()
+            .map(|i| {
+                format!(
+                    "{} (secret {}…)",
+                    i.id,
+                    &i.secret_sha256[..8.min(i.secret_sha256.len())]
+                )
+            })
+            .collect(),
+    );
+    compare(
+        "tracked",
+        before.tagging.tracked.clone(),
+        after.tagging.tracked.clone(),
+    );
+    let allocation = |config: &MeteringConfig| {
+        config
+            .cost_allocations
+            .iter()
+            .map(|allocation| {
+                let rates: Vec<String> = allocation
+                    .rates
+                    .iter()
+                    .map(|rate| {
+                        format!("{} from {}", rate.cost_per_unit, rate.effective_from.date())
+                    })
+                    .collect();
+                format!(
+                    "{} [{}: {}]",
+                    allocation.action,
+                    allocation.measure,
+                    rates.join("; ")
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    compare("cost allocation", allocation(before), allocation(after));
+    compare(
+        "outcomes",
+        before.outcomes.iter().map(|o| o.action.clone()).collect(),
+        after.outcomes.iter().map(|o| o.action.clone()).collect(),
+    );
+    if lines.is_empty() {
+        lines.push("descriptive fields changed (names, contacts, descriptions)".into());
+    }
+    lines
+}

@@ -1,0 +1,170 @@
+//! `agentmeter`: one binary, a subcommand per stage and per tool.
+//!
+//! * `ingest`, `enrich`, `aggregate` — the three stages; each its own process, scaled on its own.
+//! * `migrate` — ClickHouse DDL; `topics` — creates the Kafka topics.
+//! * `config apply FILE` / `config show` / `config validate FILE` — the metering configuration on
+//!   the config topic.
+//! * `secret new` — a fresh agent secret and the hash to put in the configuration.
+//! * `demo` — a small workload through the REST API and a usage summary from ClickHouse.
+//!
+//! Runtime settings come from `--config FILE` (TOML) and `AGENTMETER__SECTION__KEY` environment
+//! overrides; see `deploy/local/agentmeter.toml`.
+
+mod config_cmd;
+mod demo;
+
+use std::path::PathBuf;
+
+use agentmeter_aggregator::{AggregatorConfig, ClickHouseSettings};
+use agentmeter_enricher::EnricherConfig;
+use agentmeter_ingest::IngestConfig;
+use agentmeter_runtime::kafka::KafkaSettings;
+use agentmeter_runtime::observability::{init_tracing, prometheus};
+use agentmeter_runtime::settings::load_settings;
+use agentmeter_runtime::shutdown::on_signals;
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use serde::Deserialize;
+
+/// Every section of the runtime settings file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Brokers, topic names, client overrides.
+    pub kafka: KafkaSettings,
+    /// Where usage is written and read.
+    pub clickhouse: ClickHouseSettings,
+    /// `agentmeter ingest`.
+    pub ingest: IngestConfig,
+    /// `agentmeter enrich`.
+    pub enricher: EnricherConfig,
+    /// `agentmeter aggregate`.
+    pub aggregator: AggregatorConfig,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "agentmeter",
+    version,
+    about = "Metering pipeline for AI agents"
+)]
+struct Cli {
+    /// Runtime settings (TOML). Environment variables AGENTMETER__SECTION__KEY override it.
+    #[arg(long, global = true, env = "AGENTMETER_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the ingest gateway (REST, agent info).
+    Ingest,
+    /// Run the enricher (actions.raw → actions.enriched).
+    Enrich,
+    /// Run the aggregator (actions.enriched → ClickHouse).
+    Aggregate,
+    /// Apply the ClickHouse migrations (idempotent).
+    Migrate,
+    /// Create the Kafka topics (idempotent).
+    Topics,
+    /// Manage the metering configuration.
+    #[command(subcommand)]
+    Config(config_cmd::ConfigCommand),
+    /// Agent secrets.
+    #[command(subcommand)]
+    Secret(SecretCommand),
+    /// Send a demo workload through ingest and print usage and cost per account.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum SecretCommand {
+    /// Print a new random agent secret and the secret_sha256 to configure for it.
+    New,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing();
+    let settings: Settings = load_settings(cli.config.as_deref())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(run(cli.command, settings))
+}
+
+async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
+    match command {
+        Command::Ingest => {
+            prometheus();
+            agentmeter_ingest::run(settings.ingest, settings.kafka, on_signals()).await
+        }
+        Command::Enrich => {
+            prometheus();
+            agentmeter_enricher::run(settings.enricher, settings.kafka, on_signals()).await
+        }
+        Command::Aggregate => {
+            prometheus();
+            agentmeter_aggregator::run(
+                settings.aggregator,
+                settings.clickhouse,
+                settings.kafka,
+                on_signals(),
+            )
+            .await
+        }
+        Command::Migrate => {
+            let applied = agentmeter_aggregator::migrate::migrate(&settings.clickhouse).await?;
+            if applied.is_empty() {
+                println!("database {}: up to date", settings.clickhouse.database);
+            } else {
+                println!(
+                    "database {}: applied {}",
+                    settings.clickhouse.database,
+                    applied.join(", ")
+                );
+            }
+            Ok(())
+        }
+        Command::Topics => {
+            let created = agentmeter_runtime::kafka::create_topics(&settings.kafka).await?;
+            let topics = settings.kafka.topics();
+            println!(
+                "topics ready: {}, {}, {}, {} (created now: {})",
+                topics.raw,
+                topics.enriched,
+                topics.dead_letter,
+                topics.config,
+                if created.is_empty() {
+                    "none".to_string()
+                } else {
+                    created.join(", ")
+                }
+            );
+            Ok(())
+        }
+        Command::Config(command) => config_cmd::run(command, &settings.kafka).await,
+        Command::Secret(SecretCommand::New) => {
+            let secret = new_secret();
+            println!("secret:        {secret}");
+            println!(
+                "secret_sha256: {}",
+                agentmeter_schemas::metering::hash_secret(&secret)
+            );
+            println!("Give the secret to the agent (VALUE_AGENT_SECRET); put only secret_sha256 in the configuration.");
+            Ok(())
+        }
+        Command::Demo(args) => demo::run(args, &settings).await,
+    }
+}
+
+/// 256 random bits, hex, with a recognisable prefix (so leaked secrets can be scanned for).
+fn new_secret() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    let hex: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
+    format!("am_sk_{hex}")
+}
