@@ -107,6 +107,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_migration_file_is_registered_in_order() {
+        let directory = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations");
+        let mut files: Vec<String> = std::fs::read_dir(directory)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().to_string())
+            .filter(|name| name.ends_with(".sql"))
+            .collect();
+        files.sort();
+        let registered: Vec<String> = MIGRATIONS
+            .iter()
+            .map(|(version, name, _)| format!("{version:04}_{name}.sql"))
+            .collect();
+        assert_eq!(files, registered, "add new migration files to MIGRATIONS");
+    }
+
+    #[test]
     fn splits_statements_and_fills_the_database() {
         let statements = statements(MIGRATIONS[0].2, "db1");
         assert_eq!(statements.len(), 3);

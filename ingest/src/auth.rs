@@ -60,3 +60,12 @@ pub fn authenticate(
         instance,
     })
 }
+
+/// Authenticates a gRPC call by its metadata (`x-agent-secret`, or `authorization: Bearer`),
+/// with the same rules as [`authenticate`].
+pub fn authenticate_grpc(
+    config: &ConfigHandle,
+    metadata: &tonic::metadata::MetadataMap,
+) -> Result<AgentIdentity, AuthError> {
+    authenticate(config, metadata.as_ref())
+}

@@ -8,6 +8,9 @@
 //!   is wrong with bad input. Pure functions, unit-tested.
 //! * [`sink`] — the Kafka side: admission control (bounded in-flight actions → 429), encode,
 //!   produce with acks=all, answer only after every record is acknowledged.
+//! * [`otlp`] — OTLP/gRPC (`ingest.otlp_grpc_listen`, 4317) and OTLP/HTTP `POST /v1/traces`
+//!   (`ingest.otlp_http_listen`, 4318): spans → actions (`docs/otlp.md`), partial success, the
+//!   same auth, limits and sink as REST.
 //! * [`server`] — the HTTP routes: `POST /v1/actions`, `GET /api/v1/agent_instance/info`,
 //!   `/metrics`, `/healthz`, `/readyz`.
 //!
@@ -16,6 +19,7 @@
 pub mod auth;
 pub mod config;
 pub mod normalize;
+pub mod otlp;
 pub mod server;
 pub mod sink;
 

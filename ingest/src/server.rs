@@ -91,15 +91,41 @@ pub async fn run(
     let listener = tokio::net::TcpListener::bind(config.http_listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.http_listen))?;
+    // All listeners are bound before anything is served, so a taken port fails the start.
+    let otlp_grpc_listener = tokio::net::TcpListener::bind(config.otlp_grpc_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (ingest.otlp_grpc_listen)",
+                config.otlp_grpc_listen
+            )
+        })?;
+    let otlp_http_listener = tokio::net::TcpListener::bind(config.otlp_http_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (ingest.otlp_http_listen)",
+                config.otlp_http_listen
+            )
+        })?;
     tracing::info!(listen = %config.http_listen, "ingest HTTP API ready");
     let drain = shutdown.clone();
-    axum::serve(listener, router(state, readiness))
-        .with_graceful_shutdown(async move {
-            let mut drain = drain;
-            drain.requested().await
-        })
-        .await
-        .context("ingest HTTP server failed")?;
+    let rest = async {
+        axum::serve(listener, router(state.clone(), readiness))
+            .with_graceful_shutdown(async move {
+                let mut drain = drain;
+                drain.requested().await
+            })
+            .await
+            .context("ingest HTTP server failed")
+    };
+    // The three servers stop on the same shutdown and each drains its in-flight requests;
+    // the producer is flushed only after all of them have finished.
+    tokio::try_join!(
+        rest,
+        crate::otlp::grpc::serve(state.clone(), otlp_grpc_listener, shutdown.clone()),
+        crate::otlp::http::serve(state.clone(), otlp_http_listener, shutdown.clone()),
+    )?;
     shutdown.requested().await;
     let flushed =
         tokio::task::spawn_blocking(move || sink.producer().flush(Duration::from_secs(10))).await?;

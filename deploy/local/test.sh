@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The test command: installs and starts the real services, then runs every test of the workspace
+# (unit tests, and integration tests that start `agentmeter` stages as processes against the real
+# broker and ClickHouse).
+#
+#   deploy/local/test.sh [extra cargo test arguments]
+set -euo pipefail
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_ROOT="$(cd "$SCRIPT_DIR/../.." && pwd)"
+cd "$REPO_ROOT"
+say() { printf '[test] %s\n' "$*"; }
+started_at=$(date +%s)
+
+bash deploy/local/services.sh install
+bash deploy/local/services.sh up
+
+say "cargo test --workspace (first build takes a few minutes)"
+cargo test --workspace --locked "$@"
+
+say "SQL: migrations and views on current ClickHouse (chdb) and on the local ClickHouse"
+bash deploy/local/check_sql_current_clickhouse.sh --http "http://127.0.0.1:${AGENTMETER_CLICKHOUSE_HTTP_PORT:-8123}"
+
+say "all tests passed in $(( $(date +%s) - started_at ))s"

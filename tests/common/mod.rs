@@ -1,0 +1,522 @@
+//! Shared harness of the integration tests: real services, real processes, fresh names.
+//!
+//! * [`ensure_services`] runs `deploy/local/services.sh up` (idempotent) once per test binary, so
+//!   the tests talk to the project's own real broker (tansu) and ClickHouse.
+//! * [`TestEnv`] gives each test its own topic prefix, ClickHouse database, consumer groups and
+//!   ports, writes a settings file for them, and runs `agentmeter` tools and stages as separate
+//!   processes (killed when the test ends).
+//! * ClickHouse is queried over HTTP in TabSeparated, so decimals are parsed from their text and
+//!   compared exactly.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub const BINARY: &str = env!("CARGO_BIN_EXE_agentmeter");
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn clickhouse_url() -> String {
+    let port = std::env::var("AGENTMETER_CLICKHOUSE_HTTP_PORT").unwrap_or_else(|_| "8123".into());
+    format!("http://127.0.0.1:{port}")
+}
+
+fn kafka_brokers() -> String {
+    let port = std::env::var("AGENTMETER_KAFKA_PORT").unwrap_or_else(|_| "9092".into());
+    format!("127.0.0.1:{port}")
+}
+
+/// Starts the broker and ClickHouse through the project's script (once per test binary).
+pub fn ensure_services() {
+    static STARTED: OnceLock<()> = OnceLock::new();
+    STARTED.get_or_init(|| {
+        let status = Command::new("bash")
+            .arg(repo_root().join("deploy/local/services.sh"))
+            .arg("up")
+            .status()
+            .expect("run deploy/local/services.sh up");
+        assert!(
+            status.success(),
+            "deploy/local/services.sh up failed (run `deploy/local/services.sh install` first)"
+        );
+    });
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One test's isolated world: topics, database, groups, ports, settings file, processes.
+pub struct TestEnv {
+    pub name: String,
+    pub topic_prefix: String,
+    pub database: String,
+    pub ingest_port: u16,
+    pub enricher_metrics_port: u16,
+    pub aggregator_metrics_port: u16,
+    /// Port of ingest's OTLP/gRPC receiver (`ingest.otlp_grpc_listen`).
+    pub otlp_grpc_port: u16,
+    /// Port of ingest's OTLP/HTTP receiver (`ingest.otlp_http_listen`).
+    pub otlp_http_port: u16,
+    pub dir: PathBuf,
+    pub settings_path: PathBuf,
+    processes: Vec<StageProcess>,
+}
+
+impl TestEnv {
+    /// A fresh environment; `extra_settings` is appended to the settings TOML (e.g. an
+    /// `[aggregator]` override). Creates the topics and the database.
+    pub fn new(name: &str, extra_settings: &str) -> TestEnv {
+        ensure_services();
+        let unique = format!(
+            "{name}_{}_{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis()
+                % 100_000_000
+        );
+        let dir = std::env::temp_dir().join(format!("agentmeter-test-{unique}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let env = TestEnv {
+            name: name.to_string(),
+            topic_prefix: format!("agentmeter.test.{unique}."),
+            database: format!("agentmeter_test_{unique}"),
+            ingest_port: free_port(),
+            enricher_metrics_port: free_port(),
+            aggregator_metrics_port: free_port(),
+            otlp_grpc_port: free_port(),
+            otlp_http_port: free_port(),
+            settings_path: dir.join("agentmeter.toml"),
+            dir,
+            processes: Vec::new(),
+        };
+        env.write_settings(extra_settings);
+        env.tool(&["topics"]);
+        env.tool(&["migrate"]);
+        env
+    }
+
+    fn write_settings(&self, extra: &str) {
+        let settings = format!(
+            r#"
+[kafka]
+brokers = "{brokers}"
+topic_prefix = "{prefix}"
+partitions = 4
+
+[clickhouse]
+url = "{clickhouse}"
+database = "{database}"
+
+[ingest]
+http_listen = "127.0.0.1:{ingest}"
+otlp_grpc_listen = "127.0.0.1:{otlp_grpc}"
+otlp_http_listen = "127.0.0.1:{otlp_http}"
+
+[enricher]
+group_id = "{prefix}enricher"
+metrics_listen = "127.0.0.1:{enricher}"
+batch_max_wait_ms = 20
+
+[aggregator]
+group_id = "{prefix}aggregator"
+metrics_listen = "127.0.0.1:{aggregator}"
+flush_interval_ms = 300
+{extra}
+"#,
+            brokers = kafka_brokers(),
+            prefix = self.topic_prefix,
+            clickhouse = clickhouse_url(),
+            database = self.database,
+            ingest = self.ingest_port,
+            enricher = self.enricher_metrics_port,
+            aggregator = self.aggregator_metrics_port,
+            otlp_grpc = self.otlp_grpc_port,
+            otlp_http = self.otlp_http_port,
+        );
+        std::fs::write(&self.settings_path, settings).unwrap();
+    }
+
+    /// Runs an `agentmeter` tool to completion; panics with its output when it fails.
+    pub fn tool(&self, args: &[&str]) -> String {
+        let output = Command::new(BINARY)
+            .arg("--config")
+            .arg(&self.settings_path)
+            .args(args)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .expect("run agentmeter");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            output.status.success(),
+            "agentmeter {args:?} failed:\n{text}"
+        );
+        text
+    }
+
+    /// Runs a tool expected to fail; returns its output.
+    pub fn tool_failing(&self, args: &[&str]) -> String {
+        let output = Command::new(BINARY)
+            .arg("--config")
+            .arg(&self.settings_path)
+            .args(args)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .expect("run agentmeter");
+        assert!(
+            !output.status.success(),
+            "agentmeter {args:?} unexpectedly succeeded"
+        );
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    }
+
+    /// Writes a metering configuration file and applies it.
+    pub fn apply_config(&self, toml: &str) -> String {
+        let path = self.dir.join(format!("metering-{}.toml", free_port()));
+        std::fs::write(&path, toml).unwrap();
+        self.tool(&["config", "apply", path.to_str().unwrap()])
+    }
+
+    /// Starts a stage (`ingest`, `enrich`, `aggregate`) as its own process; `tag` names its log.
+    pub fn spawn(&mut self, stage: &str, tag: &str) -> usize {
+        self.spawn_with_env(stage, tag, &[])
+    }
+
+    pub fn spawn_with_env(&mut self, stage: &str, tag: &str, env: &[(&str, &str)]) -> usize {
+        let log_path = self.dir.join(format!("{tag}.log"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .unwrap();
+        let child = Command::new(BINARY)
+            .arg("--config")
+            .arg(&self.settings_path)
+            .arg(stage)
+            .env("RUST_LOG", "info,rdkafka=warn")
+            .env("RUST_BACKTRACE", "0")
+            .envs(env.iter().copied())
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn agentmeter stage");
+        self.processes.push(StageProcess {
+            child,
+            tag: tag.to_string(),
+            log_path,
+        });
+        self.processes.len() - 1
+    }
+
+    pub fn process(&mut self, index: usize) -> &mut StageProcess {
+        &mut self.processes[index]
+    }
+
+    pub fn ingest_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.ingest_port)
+    }
+
+    /// `http://127.0.0.1:<port>` of ingest's OTLP/gRPC receiver (value-python's
+    /// `VALUE_OTEL_ENDPOINT`).
+    pub fn otlp_grpc_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.otlp_grpc_port)
+    }
+
+    /// `http://127.0.0.1:<port>` of ingest's OTLP/HTTP receiver (traces at `/v1/traces`).
+    pub fn otlp_http_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.otlp_http_port)
+    }
+
+    /// Waits until `url` answers 200.
+    pub fn wait_http_ok(&self, url: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let client = reqwest::blocking::Client::new();
+        loop {
+            if let Ok(response) = client.get(url).timeout(Duration::from_secs(2)).send() {
+                if response.status().is_success() {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{url} not ready after {timeout:?}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// All stage logs, for assertion messages.
+    pub fn logs(&self) -> String {
+        self.processes
+            .iter()
+            .map(|process| {
+                let text = std::fs::read_to_string(&process.log_path).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(30).collect();
+                format!(
+                    "--- {} (last lines) ---\n{}",
+                    process.tag,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Runs a query in this test's database; rows of TabSeparated columns.
+    pub fn query(&self, sql: &str) -> Vec<Vec<String>> {
+        clickhouse_query(&self.database, sql)
+    }
+
+    /// Polls `sql` (one number) until it equals `expected`.
+    pub fn wait_for_count(&self, sql: &str, expected: u64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut last = String::new();
+        loop {
+            if let Some(row) = self.query(sql).first() {
+                last = row[0].clone();
+                if last.parse::<u64>().ok() == Some(expected) {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "`{sql}` was {last}, expected {expected} after {timeout:?}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Reads every record of a topic of this test (from the beginning to the current end).
+    pub fn read_topic(&self, suffix: &str) -> Vec<KafkaRecord> {
+        read_topic(&format!("{}{suffix}", self.topic_prefix))
+    }
+
+    /// Produces raw bytes to a topic of this test (a direct publisher, or poison).
+    pub fn produce(&self, suffix: &str, key: &str, payload: &[u8]) {
+        use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+        let producer: BaseProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", kafka_brokers())
+            .set("enable.idempotence", "true")
+            .create()
+            .unwrap();
+        let topic = format!("{}{suffix}", self.topic_prefix);
+        producer
+            .send(BaseRecord::to(&topic).key(key).payload(payload))
+            .map_err(|(error, _)| error)
+            .unwrap();
+        producer.flush(Duration::from_secs(10)).unwrap();
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        for process in &mut self.processes {
+            let _ = process.child.kill();
+            let _ = process.child.wait();
+        }
+        if !std::thread::panicking() {
+            let _ = clickhouse_query(
+                "default",
+                &format!("DROP DATABASE IF EXISTS {}", self.database),
+            );
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!(
+                "test {} failed; logs and settings kept in {}",
+                self.name,
+                self.dir.display()
+            );
+        }
+    }
+}
+
+/// A stage running as its own process.
+pub struct StageProcess {
+    pub child: Child,
+    pub tag: String,
+    pub log_path: PathBuf,
+}
+
+impl StageProcess {
+    /// SIGKILL: no flush, no commit, no goodbye.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn terminate(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        unsafe_kill(self.child.id(), "TERM");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit within {timeout:?} of SIGTERM",
+                self.tag
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+fn unsafe_kill(pid: u32, signal: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+/// Runs a query against ClickHouse over HTTP; rows of TabSeparated columns.
+pub fn clickhouse_query(database: &str, sql: &str) -> Vec<Vec<String>> {
+    let response = reqwest::blocking::Client::new()
+        .post(format!("{}/?database={database}", clickhouse_url()))
+        .body(format!("{sql} FORMAT TabSeparated"))
+        .timeout(Duration::from_secs(60))
+        .send()
+        .expect("ClickHouse reachable");
+    let status = response.status();
+    let text = response.text().unwrap();
+    assert!(status.is_success(), "ClickHouse error for `{sql}`: {text}");
+    text.lines()
+        .filter(|line| !line.is_empty())
+        .map(|line| line.split('\t').map(str::to_string).collect())
+        .collect()
+}
+
+/// A record read back from Kafka.
+#[derive(Debug, Clone)]
+pub struct KafkaRecord {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub headers: HashMap<String, String>,
+}
+
+/// Reads a whole topic (every partition, from the beginning to the end at call time).
+pub fn read_topic(topic: &str) -> Vec<KafkaRecord> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Headers;
+    use rdkafka::{Message, Offset, TopicPartitionList};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("group.id", "agentmeter-test-reader")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let partitions: Vec<i32> = metadata.topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| p.id())
+        .collect();
+    let mut ends = HashMap::new();
+    let mut assignment = TopicPartitionList::new();
+    for partition in &partitions {
+        let (_, high) = consumer
+            .fetch_watermarks(topic, *partition, Duration::from_secs(10))
+            .unwrap();
+        ends.insert(*partition, high);
+        assignment
+            .add_partition_offset(topic, *partition, Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&assignment).unwrap();
+    let mut records = Vec::new();
+    let mut next: HashMap<i32, i64> = partitions.iter().map(|p| (*p, 0)).collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ends.iter().any(|(partition, end)| next[partition] < *end) {
+        assert!(Instant::now() < deadline, "timed out reading {topic}");
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
+            next.insert(message.partition(), message.offset() + 1);
+            let headers = message
+                .headers()
+                .map(|headers| {
+                    headers
+                        .iter()
+                        .map(|header| {
+                            (
+                                header.key.to_string(),
+                                String::from_utf8_lossy(header.value.unwrap_or_default())
+                                    .to_string(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            records.push(KafkaRecord {
+                partition: message.partition(),
+                offset: message.offset(),
+                key: message.key().map(<[u8]>::to_vec),
+                payload: message.payload().unwrap_or_default().to_vec(),
+                headers,
+            });
+        }
+    }
+    records
+}
+
+/// A metering configuration for tests: `accounts` × one agent instance each, with the given
+/// secrets; `body` adds tagging, cost allocations and outcomes.
+pub fn metering_config(workspace: &str, accounts: &[(&str, &str)], body: &str) -> String {
+    let mut text = format!(
+        "[workspace]\nid = \"{workspace}\"\nname = \"Test workspace\"\ncurrency = \"USD\"\n\n\
+         [[agent_types]]\nid = \"type_test\"\nname = \"Test Agent\"\n\n"
+    );
+    for (account, secret) in accounts {
+        text.push_str(&format!(
+            "[[accounts]]\nid = \"{account}\"\nname = \"Account {account}\"\n\n\
+             [[agent_instances]]\nid = \"inst_{account}\"\nname = \"Agent of {account}\"\nagent_type = \"type_test\"\n\
+             account = \"{account}\"\nsecret_sha256 = \"{}\"\n\n",
+            sha256_hex(secret)
+        ));
+    }
+    text.push_str(body);
+    text
+}
+
+pub fn sha256_hex(text: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(text.as_bytes()))
+}
+
+/// Writes text to a file in `dir` and returns its path.
+pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    let mut file = std::fs::File::create(&path).unwrap();
+    file.write_all(text.as_bytes()).unwrap();
+    path
+}
