@@ -23,6 +23,11 @@ pub enum ConfigCommand {
     Validate { file: PathBuf },
     /// Print the current configuration of every workspace on the config topic (JSON).
     Show,
+    /// Print a workspace's current configuration as a TOML file `config apply` accepts.
+    Export {
+        /// The workspace to export.
+        workspace: String,
+    },
 }
 
 fn load(file: &PathBuf) -> anyhow::Result<MeteringConfig> {
@@ -62,6 +67,26 @@ pub async fn run(command: ConfigCommand, kafka: &KafkaSettings) -> anyhow::Resul
             let mut workspaces: Vec<_> = records.into_values().map(|(record, _)| record).collect();
             workspaces.sort_by(|a, b| a.config.workspace.id.cmp(&b.config.workspace.id));
             println!("{}", serde_json::to_string_pretty(&workspaces)?);
+            Ok(())
+        }
+        ConfigCommand::Export { workspace } => {
+            let kafka = kafka.clone();
+            let mut records = tokio::task::spawn_blocking(move || {
+                read_config_topic(&kafka, Duration::from_secs(30))
+            })
+            .await??;
+            let (record, _) = records.remove(&workspace).with_context(|| {
+                format!("workspace {workspace:?} has no configuration on the config topic")
+            })?;
+            println!(
+                "# workspace {workspace}, version {}, applied {}",
+                record.version, record.applied_at
+            );
+            print!(
+                "{}",
+                toml::to_string(&record.config)
+                    .context("cannot write the configuration as TOML")?
+            );
             Ok(())
         }
         ConfigCommand::Apply { file } => {

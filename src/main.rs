@@ -4,12 +4,14 @@
 //! * `migrate` — ClickHouse DDL; `topics` — creates the Kafka topics.
 //! * `config apply FILE` / `config show` / `config validate FILE` — the metering configuration on
 //!   the config topic.
+//! * `actions` — every action name, auto tag and trace event seen, with its tracking status.
 //! * `secret new` — a fresh agent secret and the hash to put in the configuration.
 //! * `demo` — a small workload through the REST API and a usage summary from ClickHouse.
 //!
 //! Runtime settings come from `--config FILE` (TOML) and `AGENTMETER__SECTION__KEY` environment
 //! overrides; see `deploy/local/agentmeter.toml`.
 
+mod actions_cmd;
 mod config_cmd;
 mod demo;
 
@@ -71,6 +73,8 @@ enum Command {
     /// Manage the metering configuration.
     #[command(subcommand)]
     Config(config_cmd::ConfigCommand),
+    /// List every action name, auto tag and trace event seen, with its tracking and cost status.
+    Actions(actions_cmd::ActionsArgs),
     /// Agent secrets.
     #[command(subcommand)]
     Secret(SecretCommand),
@@ -146,6 +150,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Config(command) => config_cmd::run(command, &settings.kafka).await,
+        Command::Actions(args) => actions_cmd::run(args, &settings).await,
         Command::Secret(SecretCommand::New) => {
             let secret = new_secret();
             println!("secret:        {secret}");

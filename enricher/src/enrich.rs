@@ -101,7 +101,7 @@ pub fn enrich(
         )));
     }
 
-    let rule = snapshot.rule(&raw.action_name);
+    let rule = snapshot.rule_for(&raw.action_name, raw.trace_event.as_deref());
     let rate = rule.pricing.as_ref().and_then(|pricing| {
         pricing
             .rate_at(raw.occurred_at_micros)
@@ -355,6 +355,44 @@ mod tests {
         let enriched = enrich(action, &snapshot(), WINDOW, 0).unwrap();
         assert_eq!(enriched.quantity, dec("400"));
         assert_eq!(enriched.cost, dec("2.4"));
+    }
+
+    #[test]
+    fn a_tracked_trace_event_meters_the_llm_call_it_names() {
+        let mut config = snapshot().config;
+        config
+            .tagging
+            .tracked
+            .push("gemini.generate_content".into());
+        config
+            .cost_allocations
+            .push(agentmeter_schemas::metering::CostAllocation {
+                action: "gemini.generate_content".into(),
+                measure: "input_token".into(),
+                quantity_attribute: None,
+                rates: vec![agentmeter_schemas::metering::Rate {
+                    effective_from: time::OffsetDateTime::UNIX_EPOCH,
+                    cost_per_unit: dec("0.5"),
+                }],
+            });
+        let snapshot = WorkspaceSnapshot::build(1, config).unwrap();
+        let mut call = raw("gemini_llm_gemini-2.0-pro", JAN_2026);
+        call.kind = ActionKind::Llm;
+        call.trace_event = Some("gemini.generate_content".into());
+        (call.input_tokens, call.output_tokens) = (Some(10), Some(5));
+        let enriched = enrich(call.clone(), &snapshot, WINDOW, 0).unwrap();
+        assert!(enriched.tracked);
+        assert_eq!(
+            (enriched.measure.as_str(), enriched.cost),
+            ("input_token", dec("5"))
+        );
+        // The auto tag's own rule wins when both are configured.
+        call.action_name = "gemini_llm_gemini-2.5-flash".into();
+        let enriched = enrich(call, &snapshot, WINDOW, 0).unwrap();
+        assert_eq!(
+            (enriched.measure.as_str(), enriched.cost),
+            ("token", dec("0.09"))
+        );
     }
 
     #[test]

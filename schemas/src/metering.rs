@@ -650,6 +650,17 @@ impl WorkspaceSnapshot {
         self.rules.get(action_name).unwrap_or(&UNTRACKED)
     }
 
+    /// The rule for an action that may also carry a trace event (the span name of an LLM call):
+    /// its own name's rule when that is configured, else the trace event's — so tracking either
+    /// `gemini_llm_gemini-2.5-flash` or `gemini.generate_content` meters the call.
+    pub fn rule_for(&self, action_name: &str, trace_event: Option<&str>) -> &ActionRule {
+        match (self.rules.get(action_name), trace_event) {
+            (Some(rule), _) => rule,
+            (None, Some(trace_event)) => self.rule(trace_event),
+            (None, None) => &UNTRACKED,
+        }
+    }
+
     /// SHA-256 digests of this workspace's secrets with their instance ids.
     pub fn secret_digests(&self) -> impl Iterator<Item = (&[u8; 32], &str)> {
         self.instances_by_secret_hash
