@@ -10,6 +10,10 @@ use serde::Deserialize;
 pub struct AggregatorConfig {
     /// Consumer group shared by all aggregator processes.
     pub group_id: String,
+    /// This process's static membership id in the group (Kafka `group.instance.id`); unique per
+    /// process, stable across its restarts. Default `aggregator-<host name>`; empty = dynamic
+    /// membership. See ADR 0001, "Consumer groups on tansu".
+    pub group_instance_id: String,
     /// Address of `/metrics`, `/healthz` and `/readyz`.
     pub metrics_listen: SocketAddr,
     /// Length of the tumbling usage windows, in seconds; must divide a day.
@@ -34,6 +38,7 @@ impl Default for AggregatorConfig {
     fn default() -> Self {
         AggregatorConfig {
             group_id: "agentmeter-aggregator".into(),
+            group_instance_id: agentmeter_runtime::kafka::default_group_instance_id("aggregator"),
             metrics_listen: "127.0.0.1:9102".parse().expect("valid address"),
             window_seconds: 60,
             batch_offsets: 50_000,
@@ -50,6 +55,10 @@ impl AggregatorConfig {
     /// Cross-field checks, run at start.
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(!self.group_id.is_empty(), "aggregator.group_id is empty");
+        agentmeter_runtime::kafka::validate_group_instance_id(
+            "aggregator.group_instance_id",
+            &self.group_instance_id,
+        )?;
         anyhow::ensure!(
             self.window_seconds > 0 && 86_400 % self.window_seconds == 0,
             "aggregator.window_seconds ({}) must divide a day (86400) so windows align with days",

@@ -7,6 +7,9 @@
 //!   the plan's `dedupe_from` offset — never at Kafka's committed offset; on **revocation** it
 //!   flushes what it can and forgets the partition (the next owner replays from the plan).
 //! * Offsets are stored (for lag dashboards only) after a flush made them durable.
+//! * Group membership: static (`group_instance_id`), a [`GroupWatchdog`] that leaves and re-joins
+//!   the group when tansu left it stuck, and a LeaveGroup on shutdown — see ADR 0001,
+//!   "Consumer groups on tansu".
 //! * A record that cannot be decoded is counted, sent to the dead-letter topic, and skipped; the
 //!   skip is deterministic, so replays skip it too.
 
@@ -15,12 +18,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use agentmeter_runtime::kafka::KafkaSettings;
+use agentmeter_runtime::kafka::{group_membership, GroupWatchdog, KafkaSettings};
 use agentmeter_runtime::shutdown::Shutdown;
 use agentmeter_schemas::decode_enriched_action;
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
-use rdkafka::error::KafkaResult;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::types::RDKafkaRespErr;
@@ -45,6 +48,11 @@ struct Worker {
     clickhouse_healthy: Arc<AtomicBool>,
     dead_letters: ThreadedProducer<DefaultProducerContext>,
     last_flush: Instant,
+    watchdog: GroupWatchdog,
+    /// Offset hint last returned per partition (see `flush`).
+    hints: HashMap<i32, i64>,
+    /// Offset after the last record read per partition, poison included.
+    read_up_to: HashMap<i32, i64>,
 }
 
 impl Worker {
@@ -91,6 +99,7 @@ impl Worker {
             // Not (or no longer) ours: a message fetched before a revocation.
             return;
         };
+        self.read_up_to.insert(partition, message.offset() + 1);
         let timestamp_ms = message.timestamp().to_millis().unwrap_or(0);
         let payload = message.payload().unwrap_or_default();
         match decode_enriched_action(payload) {
@@ -192,6 +201,27 @@ impl Worker {
                 }
             }
         }
+        // Partitions with nothing to write (their last records were duplicates, replays or
+        // skipped poison) are done up to the last record read as well: hint that too, so that
+        // the group's committed offset moves whenever the partition does (the GroupWatchdog of
+        // every member reads a committed offset that stands still under waiting records as an
+        // orphaned partition).
+        for (partition, aggregator) in &self.partitions {
+            if only.is_some_and(|only| !only.contains(partition))
+                || aggregator.has_unflushed()
+                || flushed.iter().any(|(flushed, _)| flushed == partition)
+            {
+                continue;
+            }
+            let read = self.read_up_to.get(partition).copied().unwrap_or(0);
+            let offset = aggregator.next_offset().max(read);
+            if offset > 0 && self.hints.get(partition) != Some(&offset) {
+                flushed.push((*partition, offset));
+            }
+        }
+        for (partition, offset) in &flushed {
+            self.hints.insert(*partition, *offset);
+        }
         self.last_flush = Instant::now();
         metrics::histogram!("agentmeter_aggregator_flush_seconds")
             .record(started.elapsed().as_secs_f64());
@@ -257,6 +287,8 @@ impl ConsumerContext for AggregatorContext {
                     tracing::error!(%error, "assignment failed");
                     worker.fatal = Some(format!("assignment failed: {error}"));
                 }
+                let generation = group_membership(consumer).map(|(generation, _)| generation);
+                worker.watchdog.on_assigned(generation);
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 let revoked: Vec<i32> = partitions
@@ -268,10 +300,13 @@ impl ConsumerContext for AggregatorContext {
                 worker.flush(Some(&revoked));
                 for partition in revoked {
                     worker.partitions.remove(&partition);
+                    worker.hints.remove(&partition);
+                    worker.read_up_to.remove(&partition);
                 }
                 if let Err(error) = consumer.unassign() {
                     tracing::warn!(%error, "unassign failed");
                 }
+                worker.watchdog.on_revoked();
             }
             other => tracing::error!(?other, "rebalance error"),
         }
@@ -312,8 +347,12 @@ pub fn run_blocking(
         clickhouse_healthy,
         dead_letters,
         last_flush: Instant::now(),
+        watchdog: GroupWatchdog::new(&config.group_id, &topics.enriched),
+        hints: HashMap::new(),
+        read_up_to: HashMap::new(),
     }));
-    let mut client_config = kafka.group_consumer_config(&config.group_id);
+    let mut client_config =
+        kafka.group_consumer_config(&config.group_id, &config.group_instance_id);
     // Eager assignment: the rebalance callback assigns explicit start offsets itself.
     client_config.set("partition.assignment.strategy", "range");
     let consumer: BaseConsumer<AggregatorContext> = client_config
@@ -324,9 +363,16 @@ pub fn run_blocking(
     consumer
         .subscribe(&[&topics.enriched])
         .with_context(|| format!("cannot subscribe to {}", topics.enriched))?;
-    tracing::info!(topic = %topics.enriched, group = %config.group_id, "aggregator consuming");
+    tracing::info!(
+        topic = %topics.enriched,
+        group = %config.group_id,
+        group_instance_id = %config.group_instance_id,
+        "aggregator consuming"
+    );
 
     let mut last_lag_report = Instant::now();
+    // Set while the consumer has left the group to re-join it (GroupWatchdog).
+    let mut rejoining_since: Option<Instant> = None;
     let result = loop {
         if let Some(fatal) = worker.lock().expect("worker lock").fatal.clone() {
             break Err(anyhow::anyhow!(fatal));
@@ -336,8 +382,43 @@ pub fn run_blocking(
         }
         match consumer.poll(Duration::from_millis(50)) {
             Some(Ok(message)) => worker.lock().expect("worker lock").handle_message(&message),
+            // E.g. another live process uses this group_instance_id (Kafka fences it).
+            Some(Err(KafkaError::MessageConsumptionFatal(code))) => {
+                break Err(anyhow::anyhow!(
+                    "fatal Kafka consumer error: {code} (is group_instance_id {:?} used by another process?)",
+                    config.group_instance_id
+                ));
+            }
             Some(Err(error)) => tracing::warn!(%error, "consumer error"),
             None => {}
+        }
+        match rejoining_since {
+            // Re-join once the LeaveGroup is out (librdkafka clears the member id then).
+            Some(since) => {
+                let left = group_membership(&consumer).is_none_or(|(_, member)| member.is_empty());
+                if left || since.elapsed() > Duration::from_secs(5) {
+                    consumer
+                        .subscribe(&[&topics.enriched])
+                        .with_context(|| format!("cannot subscribe to {}", topics.enriched))?;
+                    tracing::info!("re-joined the consumer group");
+                    rejoining_since = None;
+                }
+            }
+            None => {
+                let reason = worker
+                    .lock()
+                    .expect("worker lock")
+                    .watchdog
+                    .rejoin_reason(&consumer);
+                if let Some(reason) = reason {
+                    tracing::warn!(%reason, "leaving the consumer group to re-join it");
+                    // The revoke callback (next poll) flushes; the new owners resume from
+                    // ClickHouse progress, as after any rebalance.
+                    consumer.unsubscribe();
+                    worker.lock().expect("worker lock").watchdog.rejoined();
+                    rejoining_since = Some(Instant::now());
+                }
+            }
         }
         let flushed = {
             let mut worker = worker.lock().expect("worker lock");
@@ -357,7 +438,26 @@ pub fn run_blocking(
     let flushed = worker.lock().expect("worker lock").flush(None);
     store_offset_hints(&consumer, &topics.enriched, &flushed);
     let _ = consumer.commit_consumer_state(CommitMode::Sync);
+    // Leave the group explicitly: librdkafka does not send LeaveGroup for a static member when
+    // the consumer closes, and the group would then wait for the session timeout (on tansu
+    // 0.6.0, an expired member can even strand its partitions). A join still in flight is let
+    // finish first (bounded), else there is no member id to leave with. Polling serves the
+    // rebalance callbacks; records polled here are dropped unhandled (their offsets are not
+    // stored), the next owner reads them.
+    let join_deadline = Instant::now() + Duration::from_secs(10);
+    while rejoining_since.is_none()
+        && Instant::now() < join_deadline
+        && group_membership(&consumer).is_none_or(|(_, member)| member.is_empty())
+    {
+        let _ = consumer.poll(Duration::from_millis(50));
+    }
     consumer.unsubscribe();
+    let leave_deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < leave_deadline
+        && group_membership(&consumer).is_some_and(|(_, member)| !member.is_empty())
+    {
+        let _ = consumer.poll(Duration::from_millis(50));
+    }
     let _ = worker
         .lock()
         .expect("worker lock")

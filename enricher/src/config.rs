@@ -10,6 +10,10 @@ use serde::Deserialize;
 pub struct EnricherConfig {
     /// Consumer group shared by all enricher processes.
     pub group_id: String,
+    /// This process's static membership id in the group (Kafka `group.instance.id`); unique per
+    /// process, stable across its restarts. Default `enricher-<host name>`; empty = dynamic
+    /// membership. See ADR 0001, "Consumer groups on tansu".
+    pub group_instance_id: String,
     /// Address of `/metrics`, `/healthz` and `/readyz`.
     pub metrics_listen: SocketAddr,
     /// Most records handled per batch (one offset store per batch).
@@ -29,6 +33,7 @@ impl Default for EnricherConfig {
     fn default() -> Self {
         EnricherConfig {
             group_id: "agentmeter-enricher".into(),
+            group_instance_id: agentmeter_runtime::kafka::default_group_instance_id("enricher"),
             metrics_listen: "127.0.0.1:9101".parse().expect("valid address"),
             batch_max_records: 5000,
             batch_max_wait_ms: 50,
@@ -43,6 +48,10 @@ impl EnricherConfig {
     /// Cross-field checks, run at start.
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(!self.group_id.is_empty(), "enricher.group_id is empty");
+        agentmeter_runtime::kafka::validate_group_instance_id(
+            "enricher.group_instance_id",
+            &self.group_instance_id,
+        )?;
         anyhow::ensure!(
             self.batch_max_records >= 1,
             "enricher.batch_max_records must be at least 1"

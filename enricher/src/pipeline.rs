@@ -7,21 +7,23 @@
 //! duplicates by event id. Outputs keep the input key, so duplicates stay in one partition.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agentmeter_runtime::config_watch::{spawn_config_watcher, ConfigHandle, MeteringState};
-use agentmeter_runtime::kafka::{KafkaSettings, Topics};
+use agentmeter_runtime::kafka::{group_membership, GroupWatchdog, KafkaSettings, Topics};
 use agentmeter_runtime::observability::{operations_router, serve};
 use agentmeter_runtime::shutdown::Shutdown;
 use agentmeter_schemas::{decode_raw_action, encode_enriched_action};
 use anyhow::Context;
 use futures::future::join_all;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
 use crate::config::EnricherConfig;
 use crate::enrich::{enrich, DeadLetterReason, TimeWindow};
@@ -59,9 +61,15 @@ pub async fn run(
         shutdown.clone(),
     ));
 
-    let consumer: StreamConsumer = kafka
-        .group_consumer_config(&config.group_id)
-        .create()
+    let watchdog = Arc::new(Mutex::new(GroupWatchdog::new(
+        &config.group_id,
+        &topics.raw,
+    )));
+    let consumer: StreamConsumer<GroupContext> = kafka
+        .group_consumer_config(&config.group_id, &config.group_instance_id)
+        .create_with_context(GroupContext {
+            watchdog: watchdog.clone(),
+        })
         .context("cannot create the Kafka consumer")?;
     consumer
         .subscribe(&[&topics.raw])
@@ -70,7 +78,12 @@ pub async fn run(
         .producer_config(Duration::from_millis(config.produce_timeout_ms))
         .create()
         .context("cannot create the Kafka producer")?;
-    tracing::info!(topic = %topics.raw, group = %config.group_id, "enricher consuming");
+    tracing::info!(
+        topic = %topics.raw,
+        group = %config.group_id,
+        group_instance_id = %config.group_instance_id,
+        "enricher consuming"
+    );
 
     let mut stage = EnricherStage {
         config,
@@ -78,23 +91,48 @@ pub async fn run(
         metering,
         consumer,
         producer,
+        watchdog,
     };
     let result = stage.consume_until(shutdown).await;
     if let Err(error) = stage.consumer.commit_consumer_state(CommitMode::Sync) {
         // NoOffset just means everything stored was already committed.
         tracing::debug!(%error, "final offset commit");
     }
+    // librdkafka sends no LeaveGroup for a static member when the consumer closes: leave
+    // explicitly so the group reassigns our partitions now (ADR 0001, "Consumer groups on tansu").
+    stage.leave_group(Duration::from_secs(5)).await;
     operations.abort();
     tracing::info!("enricher stopped");
     result
+}
+
+/// The consumer context: tells the group watchdog about rebalances.
+struct GroupContext {
+    watchdog: Arc<Mutex<GroupWatchdog>>,
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let mut watchdog = self.watchdog.lock().expect("watchdog lock");
+        match rebalance {
+            Rebalance::Assign(_) => {
+                watchdog.on_assigned(group_membership(consumer).map(|(generation, _)| generation))
+            }
+            Rebalance::Revoke(_) => watchdog.on_revoked(),
+            Rebalance::Error(_) => {}
+        }
+    }
 }
 
 struct EnricherStage {
     config: EnricherConfig,
     topics: Topics,
     metering: ConfigHandle,
-    consumer: StreamConsumer,
+    consumer: StreamConsumer<GroupContext>,
     producer: FutureProducer,
+    watchdog: Arc<Mutex<GroupWatchdog>>,
 }
 
 /// One output record: where it goes, and the reason when it is a dead letter.
@@ -107,10 +145,14 @@ struct Output<'a> {
 impl EnricherStage {
     async fn consume_until(&mut self, mut shutdown: Shutdown) -> anyhow::Result<()> {
         loop {
+            // Between batches (nothing in flight): leave and re-join the group if it is stuck.
+            self.check_group_membership(&shutdown).await?;
             let first = tokio::select! {
                 biased;
                 _ = shutdown.requested() => return Ok(()),
                 received = self.consumer.recv() => received,
+                // A member without partitions receives nothing: check the group regularly.
+                _ = tokio::time::sleep(GroupWatchdog::CHECK_INTERVAL) => continue,
             };
             let mut batch = vec![first.context("Kafka consumer failed")?];
             let deadline = Instant::now() + Duration::from_millis(self.config.batch_max_wait_ms);
@@ -122,6 +164,48 @@ impl EnricherStage {
                 }
             }
             self.process_batch(&batch, &shutdown).await?;
+        }
+    }
+
+    /// Leaves and re-joins the consumer group when the [`GroupWatchdog`] says it is stuck.
+    async fn check_group_membership(&self, shutdown: &Shutdown) -> anyhow::Result<()> {
+        let reason = self
+            .watchdog
+            .lock()
+            .expect("watchdog lock")
+            .rejoin_reason(&self.consumer);
+        let Some(reason) = reason else {
+            return Ok(());
+        };
+        tracing::warn!(%reason, "leaving the consumer group to re-join it");
+        self.watchdog.lock().expect("watchdog lock").rejoined();
+        self.leave_group(Duration::from_secs(5)).await;
+        if shutdown.is_requested() {
+            return Ok(());
+        }
+        self.consumer
+            .subscribe(&[&self.topics.raw])
+            .with_context(|| format!("cannot subscribe to {}", self.topics.raw))?;
+        tracing::info!("re-joined the consumer group");
+        Ok(())
+    }
+
+    /// Leaves the group: lets a join still in flight finish (else there is no member id to
+    /// leave with), unsubscribes, and serves the revocation until librdkafka has sent
+    /// LeaveGroup (it clears the member id then); each step waits at most `timeout`. Stored
+    /// offsets are committed on revocation; records received meanwhile are dropped unprocessed
+    /// (their offsets are not stored), the next owner reads them.
+    async fn leave_group(&self, timeout: Duration) {
+        let in_group =
+            || group_membership(&self.consumer).is_some_and(|(_, member)| !member.is_empty());
+        let deadline = Instant::now() + timeout;
+        while !in_group() && Instant::now() < deadline {
+            let _ = tokio::time::timeout(Duration::from_millis(50), self.consumer.recv()).await;
+        }
+        self.consumer.unsubscribe();
+        let deadline = Instant::now() + timeout;
+        while in_group() && Instant::now() < deadline {
+            let _ = tokio::time::timeout(Duration::from_millis(50), self.consumer.recv()).await;
         }
     }
 

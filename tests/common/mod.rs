@@ -33,6 +33,12 @@ fn kafka_brokers() -> String {
     format!("127.0.0.1:{port}")
 }
 
+/// `host:port` of the broker the tests use (`AGENTMETER_KAFKA_PORT`, default 9092), for clients
+/// a test creates itself.
+pub fn brokers() -> String {
+    kafka_brokers()
+}
+
 /// Starts the broker and ClickHouse through the project's script (once per test binary).
 pub fn ensure_services() {
     static STARTED: OnceLock<()> = OnceLock::new();

@@ -1,0 +1,119 @@
+//! `agentmeter-bench`: load harness of agentmeter against the real broker and ClickHouse.
+//!
+//! Every subcommand works in a fresh world (topic prefix, database, consumer groups, ports),
+//! runs the release `agentmeter` stages pinned with `taskset -c <stage cpus>` while the load
+//! generator itself runs on `<loadgen cpus>`, and prints actions/s, CPU seconds per million
+//! actions (from `/proc/<pid>/stat` of the stage) and latencies where they apply. `bench/README.md`
+//! explains each one and holds the measured figures.
+
+mod modes;
+
+use std::path::PathBuf;
+
+use agentmeter_bench::env::Options;
+use agentmeter_bench::measure::{parse_cpus, pin_current_thread};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "agentmeter-bench",
+    about = "Load harness of agentmeter (benchmarks, not tests)"
+)]
+struct Cli {
+    /// The agentmeter binary to run (build it with `cargo build --release`).
+    #[arg(long, global = true)]
+    agentmeter: Option<PathBuf>,
+    /// Kafka bootstrap servers (the shared tansu by default).
+    #[arg(long, global = true, default_value = "127.0.0.1:9092")]
+    brokers: String,
+    /// ClickHouse HTTP URL (the shared ClickHouse by default).
+    #[arg(long, global = true, default_value = "http://127.0.0.1:8123")]
+    clickhouse_url: String,
+    /// CPUs the stage processes are pinned to (taskset list).
+    #[arg(long, global = true, default_value = "1")]
+    stage_cpus: String,
+    /// CPUs the load generator (this process) is pinned to.
+    #[arg(long, global = true, default_value = "0")]
+    loadgen_cpus: String,
+    /// Keep topics, database and logs afterwards.
+    #[arg(long, global = true)]
+    keep: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// REST and OTLP/HTTP batches into `agentmeter ingest`.
+    Ingest(modes::ingest::Args),
+    /// Pre-loaded `actions.raw` through `agentmeter enrich`.
+    Enrich(modes::pipeline::EnrichArgs),
+    /// Pre-loaded `actions.enriched` through `agentmeter aggregate` into ClickHouse.
+    Aggregate(modes::pipeline::AggregateArgs),
+    /// REST → ingest → enrich → aggregate → ClickHouse, with action-to-queryable latency.
+    EndToEnd(modes::e2e::Args),
+    /// Query time of `usage_by_account_month` over 10 million actions.
+    MonthlyView(modes::monthly::Args),
+    /// The same messages through plain rdkafka (and plain ClickHouse inserts).
+    Baseline(modes::baseline::Args),
+    /// baseline, ingest, enrich, aggregate and end-to-end in one run, with a summary table.
+    All(modes::AllArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let repo_root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("bench/ is inside the workspace")
+        .to_path_buf();
+    let options = Options {
+        agentmeter: cli
+            .agentmeter
+            .clone()
+            .unwrap_or_else(|| repo_root.join("target/release/agentmeter")),
+        repo_root,
+        brokers: cli.brokers.clone(),
+        clickhouse_url: cli.clickhouse_url.clone(),
+        stage_cpus: cli.stage_cpus.clone(),
+        keep: cli.keep,
+    };
+    // Before any thread exists, so every thread (tokio, librdkafka) inherits the pinning.
+    let loadgen_cpus = parse_cpus(&cli.loadgen_cpus)?;
+    let stage_cpus = parse_cpus(&cli.stage_cpus)?;
+    pin_current_thread(&loadgen_cpus)?;
+    options.ensure_services()?;
+    print_machine(&options, &loadgen_cpus);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let rows = runtime.block_on(async {
+        match cli.command {
+            Command::Ingest(args) => modes::ingest::run(&options, args).await,
+            Command::Enrich(args) => modes::pipeline::run_enrich(&options, args).await,
+            Command::Aggregate(args) => modes::pipeline::run_aggregate(&options, args).await,
+            Command::EndToEnd(args) => modes::e2e::run(&options, args).await,
+            Command::MonthlyView(args) => modes::monthly::run(&options, args).await,
+            Command::Baseline(args) => modes::baseline::run(&options, args, &stage_cpus).await,
+            Command::All(args) => modes::run_all(&options, args, &stage_cpus).await,
+        }
+    })?;
+    modes::print_summary(&rows);
+    Ok(())
+}
+
+fn print_machine(options: &Options, loadgen_cpus: &[usize]) {
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    println!(
+        "# agentmeter-bench: stages on CPUs {} (taskset), load generator on CPUs {:?} ({} usable here); \
+         broker {}, ClickHouse {}; load average {}",
+        options.stage_cpus,
+        loadgen_cpus,
+        cpus,
+        options.brokers,
+        options.clickhouse_url,
+        load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    );
+}
