@@ -5,10 +5,9 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::str::FromStr;
 use std::time::Duration;
 
-use common::{metering_config, TestEnv};
+use common::{dec, metering_config, Lcg, TestEnv};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 
@@ -38,29 +37,12 @@ rates = [{ effective_from = "2020-01-01T00:00:00Z", cost_per_unit = "0.0125" }]
 action = "object_detection"
 "#;
 
-/// A small deterministic generator, so a failure can be replayed exactly.
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self, bound: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) % bound
-    }
-}
-
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct Totals {
     actions: u64,
     quantity: Decimal,
     cost: Decimal,
     outcomes: u64,
-}
-
-fn dec(text: &str) -> Decimal {
-    Decimal::from_str(text).unwrap_or_else(|_| panic!("not a decimal: {text}"))
 }
 
 /// One generated action: (account, secret, JSON body item, expected key, quantity, cost, outcome).

@@ -9,13 +9,12 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentmeter_schemas::{encode_raw_action, ActionKind, RawAction};
-use common::{brokers, metering_config, TestEnv};
+use common::{brokers, dec, metering_config, Lcg, TestEnv};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rust_decimal::Decimal;
 
@@ -48,28 +47,12 @@ const ACCOUNTS: [&str; 3] = ["acc_a", "acc_b", "acc_c"];
 /// and leaving twice.
 const CHAOS_STEPS: usize = 5 + 5 + 4;
 
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self, bound: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) % bound
-    }
-}
-
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct Totals {
     actions: u64,
     quantity: Decimal,
     cost: Decimal,
     outcomes: u64,
-}
-
-fn dec(text: &str) -> Decimal {
-    Decimal::from_str(text).unwrap_or_else(|_| panic!("not a decimal: {text}"))
 }
 
 /// The actions to send, each once; the generator re-sends some of them.

@@ -69,3 +69,21 @@ pub fn authenticate_grpc(
 ) -> Result<AgentIdentity, AuthError> {
     authenticate(config, metadata.as_ref())
 }
+
+/// The Acme Research Agent of `deploy/local/metering.example.toml`, for unit tests.
+#[cfg(test)]
+pub(crate) fn example_identity() -> AgentIdentity {
+    let config = agentmeter_schemas::MeteringConfig::from_toml(include_str!(
+        "../../deploy/local/metering.example.toml"
+    ))
+    .expect("the shipped example is valid");
+    let workspace = Arc::new(WorkspaceSnapshot::build(1, config).expect("valid"));
+    let instance = workspace
+        .instance("inst_acme_research")
+        .expect("in the example")
+        .clone();
+    AgentIdentity {
+        workspace,
+        instance,
+    }
+}

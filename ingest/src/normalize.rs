@@ -265,22 +265,12 @@ fn truncate_for_message(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use agentmeter_schemas::metering::{MeteringConfig, WorkspaceSnapshot};
     use serde_json::json;
-    use std::sync::Arc;
 
     const NOW: i64 = 1_765_815_103_000_000;
 
     fn identity() -> AgentIdentity {
-        let config =
-            MeteringConfig::from_toml(include_str!("../../deploy/local/metering.example.toml"))
-                .unwrap();
-        let workspace = Arc::new(WorkspaceSnapshot::build(1, config).unwrap());
-        let instance = workspace.instance("inst_acme_research").unwrap().clone();
-        AgentIdentity {
-            workspace,
-            instance,
-        }
+        crate::auth::example_identity()
     }
 
     fn limits() -> Limits {

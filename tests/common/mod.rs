@@ -526,3 +526,23 @@ pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
     file.write_all(text.as_bytes()).unwrap();
     path
 }
+
+/// A small deterministic generator, so a failing test can be replayed exactly.
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    /// The next number in `0..bound`.
+    pub fn next(&mut self, bound: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % bound
+    }
+}
+
+/// A decimal from its text; panics with the text when it is not one.
+pub fn dec(text: &str) -> rust_decimal::Decimal {
+    text.parse()
+        .unwrap_or_else(|_| panic!("not a decimal: {text}"))
+}

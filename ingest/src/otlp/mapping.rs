@@ -728,9 +728,7 @@ fn truncate_chars(text: &str, max_chars: usize) -> String {
 #[cfg(test)]
 mod tests {
     use std::str::FromStr;
-    use std::sync::Arc;
 
-    use agentmeter_schemas::metering::{MeteringConfig, WorkspaceSnapshot};
     use opentelemetry_proto::tonic::common::v1::KeyValueList;
     use opentelemetry_proto::tonic::resource::v1::Resource;
     use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans};
@@ -744,15 +742,7 @@ mod tests {
     const START_NANOS: u64 = 1_765_815_100_000_000_000;
 
     fn identity() -> AgentIdentity {
-        let config =
-            MeteringConfig::from_toml(include_str!("../../../deploy/local/metering.example.toml"))
-                .unwrap();
-        let workspace = Arc::new(WorkspaceSnapshot::build(1, config).unwrap());
-        let instance = workspace.instance("inst_acme_research").unwrap().clone();
-        AgentIdentity {
-            workspace,
-            instance,
-        }
+        crate::auth::example_identity()
     }
 
     fn limits() -> Limits {
