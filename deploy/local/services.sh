@@ -369,7 +369,9 @@ start_tansu() {
     start="$(now_ms)"
     until tansu_answers; do
         now="$(now_ms)"
-        if ! live_pid "$TS_PID" tansu >/dev/null; then
+        # Only liveness here: while sh execs env and env execs tansu, /proc/PID/cmdline can read
+        # empty for an instant, so the name check of live_pid would report a running broker dead.
+        if ! kill -0 "$(tr -dc '0-9' <"$TS_PID")" 2>/dev/null; then
             tail_log "$TS_LOG"
             die "tansu exited during startup"
         fi

@@ -8,18 +8,24 @@
 //!
 //! The `.avsc` files in `schemas/avro/` are the source of truth; the tests below prove that what
 //! this module writes validates against them and reads back unchanged.
+//!
+//! Two codecs: records of the *current* schema go through [`binary`], a schema-specific encoder
+//! and decoder (the hot path, ~20× faster than the generic one); records of an older writer
+//! schema are resolved by apache-avro's generic reader. The tests hold `binary` to apache-avro
+//! byte for byte.
+
+mod binary;
 
 use std::sync::LazyLock;
 
 use apache_avro::headers::{HeaderBuilder, RabinFingerprintHeader};
 use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::types::Value;
-use apache_avro::writer::datum::GenericDatumWriter;
 use apache_avro::Schema;
 use rust_decimal::Decimal;
 
 use crate::action::{ActionKind, CostSource, EnrichedAction, RawAction};
-use crate::decimal::{from_avro_bytes, to_avro_bytes, DecimalError};
+use crate::decimal::{from_avro_bytes, DecimalError};
 
 /// The current raw action schema (`schemas/avro/raw_action.avsc`).
 pub const RAW_ACTION_AVSC: &str = include_str!("../avro/raw_action.avsc");
@@ -88,26 +94,19 @@ impl SchemaFamily {
         }
     }
 
-    fn encode(&self, value: Value) -> Result<Vec<u8>, CodecError> {
-        let writer = GenericDatumWriter::builder(&self.current.schema)
-            .build()
-            .map_err(|source| self.avro_error(source))?;
-        let mut bytes = self.current.header.clone();
-        let datum = writer
-            .write_value_to_vec(value)
-            .map_err(|source| self.avro_error(source))?;
-        bytes.extend_from_slice(&datum);
-        Ok(bytes)
-    }
-
-    fn decode(&self, bytes: &[u8]) -> Result<Value, CodecError> {
+    /// The datum after the single-object header: borrowed when the writer schema is the current
+    /// one, else resolved from the older writer schema by apache-avro.
+    fn datum<'a>(&self, bytes: &'a [u8]) -> Result<Datum<'a>, CodecError> {
         if bytes.len() < HEADER_LENGTH {
             return Err(CodecError::Truncated(bytes.len()));
         }
         if bytes[..2] != SINGLE_OBJECT_MAGIC {
             return Err(CodecError::BadMagic(bytes[..2].to_vec()));
         }
-        let header = &bytes[..HEADER_LENGTH];
+        let (header, datum) = bytes.split_at(HEADER_LENGTH);
+        if header == self.current.header.as_slice() {
+            return Ok(Datum::Current(datum));
+        }
         let writer = self
             .writers
             .iter()
@@ -122,21 +121,34 @@ impl SchemaFamily {
                         .join(", "),
                 )
             })?;
-        let reader = GenericDatumReader::builder(&writer.schema)
+        self.resolve_generic(&writer.schema, datum)
+            .map(Datum::Older)
+    }
+
+    /// Reads a datum written with `writer_schema` as a generic value of the current schema.
+    fn resolve_generic(&self, writer_schema: &Schema, datum: &[u8]) -> Result<Value, CodecError> {
+        let reader = GenericDatumReader::builder(writer_schema)
             .reader_schema(&self.current.schema)
             .build()
             .map_err(|source| self.avro_error(source))?;
-        let mut datum = &bytes[HEADER_LENGTH..];
+        let mut rest = datum;
         let value = reader
-            .read_value(&mut datum)
+            .read_value(&mut rest)
             .map_err(|source| self.avro_error(source))?;
-        if !datum.is_empty() {
+        if !rest.is_empty() {
             return Err(CodecError::Field {
                 field: "<datum>",
-                problem: format!("{} trailing bytes after the record", datum.len()),
+                problem: format!("{} trailing bytes after the record", rest.len()),
             });
         }
         Ok(value)
+    }
+
+    /// A buffer that starts with the current schema's single-object header.
+    fn start_record(&self, datum_capacity: usize) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(HEADER_LENGTH + datum_capacity);
+        bytes.extend_from_slice(&self.current.header);
+        bytes
     }
 
     fn avro_error(&self, source: apache_avro::Error) -> CodecError {
@@ -145,6 +157,11 @@ impl SchemaFamily {
             source: Box::new(source),
         }
     }
+}
+
+enum Datum<'a> {
+    Current(&'a [u8]),
+    Older(Value),
 }
 
 static RAW_FAMILY: LazyLock<SchemaFamily> =
@@ -159,52 +176,48 @@ static ENRICHED_FAMILY: LazyLock<SchemaFamily> = LazyLock::new(|| {
 
 /// Encodes a raw action for `actions.raw`.
 pub fn encode_raw_action(action: &RawAction) -> Result<Vec<u8>, CodecError> {
-    let mut fields = Vec::with_capacity(20);
-    push_raw_fields(&mut fields, action)?;
-    RAW_FAMILY.encode(Value::Record(fields))
+    let mut bytes = RAW_FAMILY.start_record(256);
+    binary::DatumWriter::new(&mut bytes).raw_action(action)?;
+    Ok(bytes)
 }
 
 /// Decodes a record of `actions.raw`.
 pub fn decode_raw_action(bytes: &[u8]) -> Result<RawAction, CodecError> {
-    let value = RAW_FAMILY.decode(bytes)?;
-    let mut fields = RecordFields::new(value)?;
-    read_raw_fields(&mut fields)
+    match RAW_FAMILY.datum(bytes)? {
+        Datum::Current(datum) => {
+            let mut reader = binary::DatumReader::new(datum);
+            let action = reader.raw_action()?;
+            reader.finish()?;
+            Ok(action)
+        }
+        Datum::Older(value) => read_raw_fields(&mut RecordFields::new(value)?),
+    }
 }
 
 /// Encodes an enriched action for `actions.enriched`.
 pub fn encode_enriched_action(action: &EnrichedAction) -> Result<Vec<u8>, CodecError> {
-    let mut fields = Vec::with_capacity(31);
-    push_raw_fields(&mut fields, &action.raw)?;
-    fields.push(("tracked".into(), Value::Boolean(action.tracked)));
-    fields.push(("outcome".into(), Value::Boolean(action.outcome)));
-    fields.push(("measure".into(), Value::String(action.measure.clone())));
-    fields.push((
-        "quantity".into(),
-        decimal_value("quantity", action.quantity)?,
-    ));
-    fields.push((
-        "unit_cost".into(),
-        decimal_value("unit_cost", action.unit_cost)?,
-    ));
-    fields.push(("cost".into(), decimal_value("cost", action.cost)?));
-    fields.push((
-        "cost_source".into(),
-        Value::String(action.cost_source.as_str().into()),
-    ));
-    fields.push(("currency".into(), Value::String(action.currency.clone())));
-    fields.push(("config_version".into(), Value::Long(action.config_version)));
-    fields.push((
-        "enriched_at".into(),
-        Value::TimestampMicros(action.enriched_at_micros),
-    ));
-    ENRICHED_FAMILY.encode(Value::Record(fields))
+    let mut bytes = ENRICHED_FAMILY.start_record(320);
+    let mut writer = binary::DatumWriter::new(&mut bytes);
+    writer.raw_action(&action.raw)?;
+    writer.enrichment(action)?;
+    Ok(bytes)
 }
 
 /// Decodes a record of `actions.enriched`.
 pub fn decode_enriched_action(bytes: &[u8]) -> Result<EnrichedAction, CodecError> {
-    let value = ENRICHED_FAMILY.decode(bytes)?;
-    let mut fields = RecordFields::new(value)?;
-    let raw = read_raw_fields(&mut fields)?;
+    match ENRICHED_FAMILY.datum(bytes)? {
+        Datum::Current(datum) => {
+            let mut reader = binary::DatumReader::new(datum);
+            let action = reader.enriched_action()?;
+            reader.finish()?;
+            Ok(action)
+        }
+        Datum::Older(value) => read_enriched_fields(&mut RecordFields::new(value)?),
+    }
+}
+
+fn read_enriched_fields(fields: &mut RecordFields) -> Result<EnrichedAction, CodecError> {
+    let raw = read_raw_fields(fields)?;
     let cost_source_text = fields.string("cost_source")?;
     Ok(EnrichedAction {
         raw,
@@ -222,58 +235,6 @@ pub fn decode_enriched_action(bytes: &[u8]) -> Result<EnrichedAction, CodecError
         config_version: fields.long("config_version")?,
         enriched_at_micros: fields.timestamp("enriched_at")?,
     })
-}
-
-fn push_raw_fields(
-    fields: &mut Vec<(String, Value)>,
-    action: &RawAction,
-) -> Result<(), CodecError> {
-    fields.push(("event_id".into(), Value::String(action.event_id.clone())));
-    fields.push((
-        "workspace_id".into(),
-        Value::String(action.workspace_id.clone()),
-    ));
-    fields.push((
-        "account_id".into(),
-        Value::String(action.account_id.clone()),
-    ));
-    fields.push((
-        "agent_instance_id".into(),
-        Value::String(action.agent_instance_id.clone()),
-    ));
-    fields.push(("kind".into(), Value::String(action.kind.as_str().into())));
-    fields.push((
-        "action_name".into(),
-        Value::String(action.action_name.clone()),
-    ));
-    fields.push(("trace_event".into(), optional_string(&action.trace_event)));
-    fields.push(("user_id".into(), optional_string(&action.user_id)));
-    fields.push(("anonymous_id".into(), optional_string(&action.anonymous_id)));
-    fields.push((
-        "occurred_at".into(),
-        Value::TimestampMicros(action.occurred_at_micros),
-    ));
-    fields.push((
-        "received_at".into(),
-        Value::TimestampMicros(action.received_at_micros),
-    ));
-    fields.push(("description".into(), optional_string(&action.description)));
-    fields.push(("llm_provider".into(), optional_string(&action.llm_provider)));
-    fields.push(("llm_model".into(), optional_string(&action.llm_model)));
-    fields.push(("input_tokens".into(), optional_long(action.input_tokens)));
-    fields.push(("output_tokens".into(), optional_long(action.output_tokens)));
-    fields.push(("total_tokens".into(), optional_long(action.total_tokens)));
-    let reported_cost = match action.reported_cost {
-        None => Value::Union(0, Box::new(Value::Null)),
-        Some(cost) => Value::Union(1, Box::new(decimal_value("reported_cost", cost)?)),
-    };
-    fields.push(("reported_cost".into(), reported_cost));
-    fields.push((
-        "attributes_json".into(),
-        Value::String(action.attributes_json.clone()),
-    ));
-    fields.push(("source".into(), Value::String(action.source.clone())));
-    Ok(())
 }
 
 fn read_raw_fields(fields: &mut RecordFields) -> Result<RawAction, CodecError> {
@@ -303,25 +264,6 @@ fn read_raw_fields(fields: &mut RecordFields) -> Result<RawAction, CodecError> {
         attributes_json: fields.string("attributes_json")?,
         source: fields.string("source")?,
     })
-}
-
-fn optional_string(value: &Option<String>) -> Value {
-    match value {
-        None => Value::Union(0, Box::new(Value::Null)),
-        Some(text) => Value::Union(1, Box::new(Value::String(text.clone()))),
-    }
-}
-
-fn optional_long(value: Option<i64>) -> Value {
-    match value {
-        None => Value::Union(0, Box::new(Value::Null)),
-        Some(number) => Value::Union(1, Box::new(Value::Long(number))),
-    }
-}
-
-fn decimal_value(field: &'static str, value: Decimal) -> Result<Value, CodecError> {
-    let bytes = to_avro_bytes(value).map_err(|source| CodecError::Decimal { field, source })?;
-    Ok(Value::Decimal(apache_avro::Decimal::from(bytes)))
 }
 
 /// The fields of a decoded record, taken out by name (each exactly once).
@@ -441,9 +383,163 @@ fn type_error(field: &'static str, expected: &str, got: &Value) -> CodecError {
     }
 }
 
+/// The generic apache-avro codec: the reference [`binary`] is tested against.
+#[cfg(test)]
+pub(super) mod reference {
+    use super::*;
+    use crate::decimal::to_avro_bytes;
+    use apache_avro::writer::datum::GenericDatumWriter;
+
+    /// Encodes through apache-avro's generic `Value` writer against the current `.avsc`.
+    pub(in crate::avro) fn encode_raw_action(action: &RawAction) -> Result<Vec<u8>, CodecError> {
+        let mut fields = Vec::with_capacity(20);
+        push_raw_fields(&mut fields, action)?;
+        encode_value(&RAW_FAMILY, Value::Record(fields))
+    }
+
+    /// Encodes through apache-avro's generic `Value` writer against the current `.avsc`.
+    pub(in crate::avro) fn encode_enriched_action(
+        action: &EnrichedAction,
+    ) -> Result<Vec<u8>, CodecError> {
+        let mut fields = Vec::with_capacity(30);
+        push_raw_fields(&mut fields, &action.raw)?;
+        fields.push(("tracked".into(), Value::Boolean(action.tracked)));
+        fields.push(("outcome".into(), Value::Boolean(action.outcome)));
+        fields.push(("measure".into(), Value::String(action.measure.clone())));
+        fields.push((
+            "quantity".into(),
+            decimal_value("quantity", action.quantity)?,
+        ));
+        fields.push((
+            "unit_cost".into(),
+            decimal_value("unit_cost", action.unit_cost)?,
+        ));
+        fields.push(("cost".into(), decimal_value("cost", action.cost)?));
+        fields.push((
+            "cost_source".into(),
+            Value::String(action.cost_source.as_str().into()),
+        ));
+        fields.push(("currency".into(), Value::String(action.currency.clone())));
+        fields.push(("config_version".into(), Value::Long(action.config_version)));
+        fields.push((
+            "enriched_at".into(),
+            Value::TimestampMicros(action.enriched_at_micros),
+        ));
+        encode_value(&ENRICHED_FAMILY, Value::Record(fields))
+    }
+
+    /// Decodes with apache-avro's generic reader even when the writer schema is the current one.
+    pub(in crate::avro) fn decode_raw_action(bytes: &[u8]) -> Result<RawAction, CodecError> {
+        let value = generic_value(&RAW_FAMILY, bytes)?;
+        read_raw_fields(&mut RecordFields::new(value)?)
+    }
+
+    /// Decodes with apache-avro's generic reader even when the writer schema is the current one.
+    pub(in crate::avro) fn decode_enriched_action(
+        bytes: &[u8],
+    ) -> Result<EnrichedAction, CodecError> {
+        let value = generic_value(&ENRICHED_FAMILY, bytes)?;
+        read_enriched_fields(&mut RecordFields::new(value)?)
+    }
+
+    pub(in crate::avro) fn generic_value(
+        family: &SchemaFamily,
+        bytes: &[u8],
+    ) -> Result<Value, CodecError> {
+        match family.datum(bytes)? {
+            Datum::Older(value) => Ok(value),
+            Datum::Current(datum) => family.resolve_generic(&family.current.schema, datum),
+        }
+    }
+
+    fn encode_value(family: &SchemaFamily, value: Value) -> Result<Vec<u8>, CodecError> {
+        let writer = GenericDatumWriter::builder(&family.current.schema)
+            .build()
+            .map_err(|source| family.avro_error(source))?;
+        let mut bytes = family.start_record(256);
+        let datum = writer
+            .write_value_to_vec(value)
+            .map_err(|source| family.avro_error(source))?;
+        bytes.extend_from_slice(&datum);
+        Ok(bytes)
+    }
+
+    fn push_raw_fields(
+        fields: &mut Vec<(String, Value)>,
+        action: &RawAction,
+    ) -> Result<(), CodecError> {
+        fields.push(("event_id".into(), Value::String(action.event_id.clone())));
+        fields.push((
+            "workspace_id".into(),
+            Value::String(action.workspace_id.clone()),
+        ));
+        fields.push((
+            "account_id".into(),
+            Value::String(action.account_id.clone()),
+        ));
+        fields.push((
+            "agent_instance_id".into(),
+            Value::String(action.agent_instance_id.clone()),
+        ));
+        fields.push(("kind".into(), Value::String(action.kind.as_str().into())));
+        fields.push((
+            "action_name".into(),
+            Value::String(action.action_name.clone()),
+        ));
+        fields.push(("trace_event".into(), optional_string(&action.trace_event)));
+        fields.push(("user_id".into(), optional_string(&action.user_id)));
+        fields.push(("anonymous_id".into(), optional_string(&action.anonymous_id)));
+        fields.push((
+            "occurred_at".into(),
+            Value::TimestampMicros(action.occurred_at_micros),
+        ));
+        fields.push((
+            "received_at".into(),
+            Value::TimestampMicros(action.received_at_micros),
+        ));
+        fields.push(("description".into(), optional_string(&action.description)));
+        fields.push(("llm_provider".into(), optional_string(&action.llm_provider)));
+        fields.push(("llm_model".into(), optional_string(&action.llm_model)));
+        fields.push(("input_tokens".into(), optional_long(action.input_tokens)));
+        fields.push(("output_tokens".into(), optional_long(action.output_tokens)));
+        fields.push(("total_tokens".into(), optional_long(action.total_tokens)));
+        let reported_cost = match action.reported_cost {
+            None => Value::Union(0, Box::new(Value::Null)),
+            Some(cost) => Value::Union(1, Box::new(decimal_value("reported_cost", cost)?)),
+        };
+        fields.push(("reported_cost".into(), reported_cost));
+        fields.push((
+            "attributes_json".into(),
+            Value::String(action.attributes_json.clone()),
+        ));
+        fields.push(("source".into(), Value::String(action.source.clone())));
+        Ok(())
+    }
+
+    fn optional_string(value: &Option<String>) -> Value {
+        match value {
+            None => Value::Union(0, Box::new(Value::Null)),
+            Some(text) => Value::Union(1, Box::new(Value::String(text.clone()))),
+        }
+    }
+
+    fn optional_long(value: Option<i64>) -> Value {
+        match value {
+            None => Value::Union(0, Box::new(Value::Null)),
+            Some(number) => Value::Union(1, Box::new(Value::Long(number))),
+        }
+    }
+
+    fn decimal_value(field: &'static str, value: Decimal) -> Result<Value, CodecError> {
+        let bytes = to_avro_bytes(value).map_err(|source| CodecError::Decimal { field, source })?;
+        Ok(Value::Decimal(apache_avro::Decimal::from(bytes)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use apache_avro::writer::datum::GenericDatumWriter;
     use std::collections::BTreeSet;
     use std::str::FromStr;
 
@@ -499,7 +595,7 @@ mod tests {
     }
 
     fn written_field_names(bytes: &[u8], family: &SchemaFamily) -> BTreeSet<String> {
-        match family.decode(bytes).unwrap() {
+        match reference::generic_value(family, bytes).unwrap() {
             Value::Record(fields) => fields.into_iter().map(|(name, _)| name).collect(),
             other => panic!("not a record: {other:?}"),
         }
@@ -615,9 +711,11 @@ mod tests {
         let old_schema = Schema::parse_str(&old.to_string()).unwrap();
         let new_schema = Schema::parse_str(RAW_ACTION_AVSC).unwrap();
         let mut record = apache_avro::types::Record::new(&old_schema).unwrap();
-        let full = match RAW_FAMILY
-            .decode(&encode_raw_action(&sample_raw_action()).unwrap())
-            .unwrap()
+        let full = match reference::generic_value(
+            &RAW_FAMILY,
+            &encode_raw_action(&sample_raw_action()).unwrap(),
+        )
+        .unwrap()
         {
             Value::Record(fields) => fields,
             _ => unreachable!(),
