@@ -273,4 +273,28 @@ fn poison_and_unknown_instance_are_dead_lettered_and_the_stream_goes_on() {
             .starts_with("agentmeter_enricher_dead_letters_total{reason=\"undecodable\"} 1")),
         "{metrics}"
     );
+    // Consumer lag comes from librdkafka statistics every 5 s: once everything is handled, the
+    // partitions that had records report 0.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let metrics = reqwest::blocking::get(format!(
+            "http://127.0.0.1:{}/metrics",
+            env.enricher_metrics_port
+        ))
+        .unwrap()
+        .text()
+        .unwrap();
+        let lags: Vec<&str> = metrics
+            .lines()
+            .filter(|line| line.starts_with("agentmeter_enricher_consumer_lag{partition="))
+            .collect();
+        if !lags.is_empty() && lags.iter().all(|line| line.ends_with(" 0")) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "consumer lag never reported 0: {lags:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }

@@ -75,6 +75,15 @@ tcp_answers() { # port
 
 tansu_answers() { tcp_answers "$KAFKA_PORT"; }
 
+# tansu 0.6.0 keeps its TCP listener open after its storage task panicked (e.g. "more or less than
+# one row" on an idempotent produce it cannot match), but then fails every request. Detect that
+# from its log since the last start by this script.
+tansu_storage_panicked() {
+    [ -s "$TS_LOG" ] || return 1
+    awk '/^--- .* services.sh up:/ { panicked = 0 } /panicked at .*tansu-storage/ { panicked = 1 }
+         END { exit !panicked }' "$TS_LOG"
+}
+
 # pid from a PID file if that process is alive and its command line contains $2
 live_pid() { # pidfile pattern
     local pid
@@ -331,6 +340,10 @@ tansu_engine_url() {
 start_tansu() {
     local engine
     engine="$(tansu_engine_url)"
+    if tansu_answers && tansu_storage_panicked && live_pid "$TS_PID" tansu >/dev/null; then
+        say "tansu answers on 127.0.0.1:$KAFKA_PORT but its storage task panicked (see $TS_LOG): restarting it"
+        stop_pid tansu "$TS_PID" tansu tansu_answers
+    fi
     if tansu_answers; then
         local running
         running="$(cat "$TS_ENGINE_FILE" 2>/dev/null || echo unknown)"
@@ -434,7 +447,10 @@ cmd_status() {
         say "clickhouse: down (no answer on http://127.0.0.1:$CH_HTTP_PORT/ping)"
         rc=1
     fi
-    if tansu_answers; then
+    if tansu_answers && tansu_storage_panicked && live_pid "$TS_PID" tansu >/dev/null; then
+        say "tansu: BROKEN, 127.0.0.1:$KAFKA_PORT accepts connections but its storage task panicked (see $TS_LOG); '$0 up' restarts it"
+        rc=1
+    elif tansu_answers; then
         pid="$(live_pid "$TS_PID" tansu || echo 'not ours')"
         say "tansu: up, 127.0.0.1:$KAFKA_PORT, storage $(cat "$TS_ENGINE_FILE" 2>/dev/null || echo unknown), pid $pid"
     else

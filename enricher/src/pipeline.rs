@@ -22,6 +22,7 @@ use rdkafka::consumer::{
 };
 use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::statistics::Statistics;
 use rdkafka::util::Timeout;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
@@ -67,6 +68,7 @@ pub async fn run(
     )));
     let consumer: StreamConsumer<GroupContext> = kafka
         .group_consumer_config(&config.group_id, &config.group_instance_id)
+        .set("statistics.interval.ms", STATISTICS_INTERVAL_MS)
         .create_with_context(GroupContext {
             watchdog: watchdog.clone(),
         })
@@ -111,7 +113,23 @@ struct GroupContext {
     watchdog: Arc<Mutex<GroupWatchdog>>,
 }
 
-impl ClientContext for GroupContext {}
+/// How often librdkafka reports statistics, from which the consumer lag gauge is set.
+const STATISTICS_INTERVAL_MS: &str = "5000";
+
+impl ClientContext for GroupContext {
+    /// Consumer lag per assigned partition: high watermark − the offset we stored, i.e. records
+    /// not yet enriched and acknowledged downstream.
+    fn stats(&self, statistics: Statistics) {
+        for topic in statistics.topics.values() {
+            for partition in topic.partitions.values() {
+                if partition.partition >= 0 && partition.consumer_lag_stored >= 0 {
+                    metrics::gauge!("agentmeter_enricher_consumer_lag", "partition" => partition.partition.to_string())
+                        .set(partition.consumer_lag_stored as f64);
+                }
+            }
+        }
+    }
+}
 
 impl ConsumerContext for GroupContext {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
