@@ -12,6 +12,11 @@ use crate::config::ClickHouseSettings;
 pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (1, "tables", include_str!("../migrations/0001_tables.sql")),
     (2, "views", include_str!("../migrations/0002_views.sql")),
+    (
+        3,
+        "usage_exact_parallel",
+        include_str!("../migrations/0003_usage_exact_parallel.sql"),
+    ),
 ];
 
 #[derive(Debug, clickhouse::Row, serde::Deserialize)]

@@ -14,7 +14,10 @@ data set into `actions`, `usage` and `aggregator_progress` (merges stopped, one 
 row sits in its own part, checked, so FINAL has to collapse the versions at read time), then read
 every view and compare names, types and values with what this script computes itself in Python
 `decimal` (exact, no float). The comparison runs twice: unmerged, and after `OPTIMIZE TABLE ... FINAL`
-(merged parts must give the same answers). With --docs, every ```sql block of docs/sql.md is run as well (database `agentmeter`
+(merged parts must give the same answers). Beyond the views: docs/sql.md's billing queries (which
+filter inside `usage FINAL`), and usage_exact's SELECT from migration 0003 with its server-version test
+forced both ways (two FINAL scans split by day of month, and one scan), so that both shapes are checked
+on every server. With --docs, every ```sql block of docs/sql.md is run as well (database `agentmeter`
 replaced by the test database) and must not return a Float column.
 
 --dump FILE writes the canonical results (JSON), so two backends can be compared byte for byte
@@ -208,6 +211,12 @@ USAGE_ROWS = [
     usage("ws_1", "globex", "2025-01-15 09:00:00", "u9", "llm_call", "token", 1, 0, 2, 0, 20, 5, "5000", "0.0075"),
     usage("ws_1", "globex", "2025-01-15 09:01:00", "u9", "llm_call", "token", 1, 0, 2, 0, 21, 1, "1000", "0.0015"),
     usage("ws_1", "globex", "2025-02-14 17:30:00", "u8", "deliver_report", "unit", 1, 1, 2, 0, 22, 1, "1", "2.000000000001"),
+    # Both sides of usage_exact's split between the 15th and the 16th (0003), each key in two
+    # versions, inserted out of order.
+    usage("ws_1", "acme", "2025-02-15 23:59:00", "u2", "web_search", "unit", 1, 0, 3, 0, 31, 2, "2", "0.02"),
+    usage("ws_1", "acme", "2025-02-15 23:59:00", "u2", "web_search", "unit", 1, 0, 3, 0, 30, 1, "1", "0.01"),
+    usage("ws_1", "acme", "2025-02-16 00:00:00", "u2", "web_search", "unit", 1, 0, 3, 0, 30, 1, "1", "0.01"),
+    usage("ws_1", "acme", "2025-02-16 00:00:00", "u2", "web_search", "unit", 1, 0, 3, 0, 33, 5, "5", "0.05"),
     # The same account id in another workspace, in another currency.
     usage("ws_2", "acme", "2025-01-31 23:59:00", "u1", "llm_call", "token", 1, 0, 0, 0, 1, 1, "10", "0.00001", currency="EUR"),
 ]
@@ -454,6 +463,78 @@ VIEW_COLUMNS = {
 }
 
 
+# The migration that splits usage_exact in two FINAL scans on servers before 22, and the version
+# test it uses: the checks below run its SELECT with the test replaced by 1 and by 0, so that both
+# shapes are checked on every server.
+SPLIT_MIGRATION = "0003_usage_exact_parallel.sql"
+SPLIT_GATE = "toUInt32OrZero(splitByChar('.', version())[1]) < 22"
+MIGRATIONS_DIR = [DEFAULT_MIGRATIONS]  # set by run()
+
+
+def usage_exact_split_select(database, old_server):
+    """The SELECT of usage_exact as 0003 defines it, as a server before 22 (or a newer one) runs it."""
+    path = os.path.join(MIGRATIONS_DIR[0], SPLIT_MIGRATION)
+    if not os.path.exists(path):
+        return None
+    for statement in split_statements(open(path, encoding="utf-8").read(), database):
+        head = f"CREATE VIEW IF NOT EXISTS {database}.usage_exact AS"
+        if statement.startswith(head):
+            if statement.count(SPLIT_GATE) != 2:
+                raise CheckFailed(f"{SPLIT_MIGRATION}: expected the version test `{SPLIT_GATE}` twice")
+            return statement[len(head):].replace(SPLIT_GATE, "1" if old_server else "0")
+    raise CheckFailed(f"{SPLIT_MIGRATION}: no CREATE VIEW IF NOT EXISTS ...usage_exact AS")
+
+
+# docs/sql.md's billing queries ("Billing queries on large tables"), with {db} for the database.
+BILLING_ONE_ACCOUNT = """
+SELECT action_name, measure, currency,
+       sum(action_count) AS actions, sum(quantity) AS quantity, sum(cost) AS cost,
+       sum(outcome_count) AS outcomes
+FROM {db}.usage FINAL
+WHERE workspace_id = 'ws_1' AND account_id = 'acme' AND toStartOfMonth(window_start) = '2025-02-01'
+  AND tracked = 1
+GROUP BY action_name, measure, currency"""
+BILLING_ONE_WORKSPACE = """
+SELECT account_id, action_name, measure, currency,
+       sum(action_count) AS actions, sum(quantity) AS quantity, sum(cost) AS cost,
+       sum(outcome_count) AS outcomes
+FROM {db}.usage FINAL
+WHERE workspace_id = 'ws_1' AND toStartOfMonth(window_start) = '2025-02-01' AND tracked = 1
+GROUP BY account_id, action_name, measure, currency"""
+BILLING_ONE_WORKSPACE_HALVES = """
+SELECT account_id, action_name, measure, currency,
+       sum(action_count) AS actions, sum(quantity) AS quantity, sum(cost) AS cost,
+       sum(outcome_count) AS outcomes
+FROM
+(
+    SELECT account_id, action_name, measure, currency, action_count, quantity, cost, outcome_count
+    FROM {db}.usage FINAL
+    PREWHERE toDayOfMonth(window_start) <= 15
+    WHERE workspace_id = 'ws_1' AND toStartOfMonth(window_start) = '2025-02-01' AND tracked = 1
+    UNION ALL
+    SELECT account_id, action_name, measure, currency, action_count, quantity, cost, outcome_count
+    FROM {db}.usage FINAL
+    PREWHERE toDayOfMonth(window_start) >= 16
+    WHERE workspace_id = 'ws_1' AND toStartOfMonth(window_start) = '2025-02-01' AND tracked = 1
+)
+GROUP BY account_id, action_name, measure, currency"""
+
+
+BILLABLE = [("actions", "action_count"), ("quantity", "quantity"), ("cost", "cost"),
+            ("outcomes", "outcome_count")]
+WORKSPACE_BILLING_KEYS = [("account_id", col("account_id")), ("action_name", col("action_name")),
+                          ("measure", col("measure")), ("currency", col("currency"))]
+WORKSPACE_BILLING_COLUMNS = [
+    ("account_id", "String"), ("action_name", "String"), ("measure", "String"), ("currency", "String"),
+    ("actions", "UInt64"), ("quantity", DEC), ("cost", DEC), ("outcomes", "UInt64")]
+
+
+def february_ws1_tracked(final, account=None):
+    return [row for row in final if row["workspace_id"] == "ws_1" and row["tracked"] == 1
+            and month_of(row) == dt.date(2025, 2, 1)
+            and (account is None or row["account_id"] == account)]
+
+
 def extra_checks(database):
     """(name, SQL, columns, expected rows): table reads the docs describe, beyond the views."""
     final = final_usage()
@@ -507,6 +588,25 @@ def extra_checks(database):
          f"FROM {database}.usage FINAL WHERE action_count < 3",
          [("keys", "UInt64"), ("actions", "UInt64"), ("cost", DEC)],
          [[len(small), sum(r["action_count"] for r in small), sum(r["cost"] for r in small)]]),
+        ("billing query: one account and month (docs/sql.md)",
+         BILLING_ONE_ACCOUNT.format(db=database),
+         [("action_name", "String"), ("measure", "String"), ("currency", "String"),
+          ("actions", "UInt64"), ("quantity", DEC), ("cost", DEC), ("outcomes", "UInt64")],
+         group_sum(february_ws1_tracked(final, "acme"),
+                   [("action_name", col("action_name")), ("measure", col("measure")),
+                    ("currency", col("currency"))], BILLABLE)),
+        ("billing query: one workspace and month (docs/sql.md)",
+         BILLING_ONE_WORKSPACE.format(db=database), WORKSPACE_BILLING_COLUMNS,
+         group_sum(february_ws1_tracked(final), WORKSPACE_BILLING_KEYS, BILLABLE)),
+        ("billing query: one workspace and month in two halves (docs/sql.md)",
+         BILLING_ONE_WORKSPACE_HALVES.format(db=database), WORKSPACE_BILLING_COLUMNS,
+         group_sum(february_ws1_tracked(final), WORKSPACE_BILLING_KEYS, BILLABLE)),
+    ] + [
+        (f"usage_exact as 0003 defines it, split {'on (servers before 22)' if old else 'off (22 and later)'}",
+         select, VIEW_COLUMNS["usage_exact"], expected_views()["usage_exact"])
+        for old, select in ((old, usage_exact_split_select(database, old)) for old in (True, False))
+        if select is not None
+    ] + [
         ("usage FINAL totals over all keys",
          f"SELECT sum(action_count) AS actions, sum(quantity) AS quantity, sum(cost) AS cost "
          f"FROM {database}.usage FINAL",
@@ -588,6 +688,7 @@ def docs_sql_blocks(path):
 def run(args):
     backend = HttpBackend(args.http) if args.http else ChdbBackend()
     database = args.database or f"agentmeter_sqlcheck_{os.getpid()}"
+    MIGRATIONS_DIR[0] = args.migrations
     problems, results = [], {}
     created = False
     version = "?"
@@ -637,6 +738,12 @@ def run(args):
               f"reads, before and after OPTIMIZE FINAL", flush=True)
         if args.docs:
             blocks = docs_sql_blocks(args.docs)
+            for name, query in (("one account", BILLING_ONE_ACCOUNT), ("one workspace", BILLING_ONE_WORKSPACE),
+                                ("one workspace in two halves", BILLING_ONE_WORKSPACE_HALVES)):
+                text = query.format(db="agentmeter").strip()
+                if not any(block.startswith(text) for block in blocks):
+                    problems.append(f"{args.docs} no longer has the billing query ({name}) this script "
+                                    f"checks; update BILLING_* here:\n{text}")
             for index, block in enumerate(blocks, 1):
                 sql = use_database(block, database)
                 try:

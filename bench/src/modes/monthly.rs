@@ -10,8 +10,21 @@
 //! database — the rows are exactly what `agentmeter aggregate` would have written, including
 //! superseded versions of usage rows that flushes rewrote. No Kafka is involved.
 //!
-//! Then the view is queried for one account and whole, cold (first run; with `--drop-caches`
-//! after dropping the OS page cache and ClickHouse's mark and uncompressed caches) and warm.
+//! With `--extra-months K`, the month's usage rows (superseded versions included) are copied K
+//! times into the preceding months (shifted by 31, 62, … days, so no copy overlaps the month or
+//! another copy): a table holding more than the month queried.
+//!
+//! Then, cold (first run; with `--drop-caches` after dropping the OS page cache and ClickHouse's
+//! mark and uncompressed caches) and warm (median of `--warm-runs`):
+//!
+//! * `usage_by_account_month` as migrated now (0003: `usage_exact` read in two parallel FINAL
+//!   scans on 18.16) and as migration 0002 made it (re-created here as `before_usage_exact` and
+//!   `before_usage_by_account_month`): whole, one account and month, one workspace and month;
+//! * the billing queries of docs/sql.md that filter inside the `usage FINAL` scan;
+//! * diagnostics: FINAL alone, the month without FINAL, predicate push-down on 18.16.
+//!
+//! Every query of one case (whole / account-month / workspace-month) must answer the same rows:
+//! the harness compares them and fails otherwise.
 
 use std::time::{Duration, Instant};
 
@@ -55,6 +68,9 @@ pub struct Args {
     /// Also time the queries after `OPTIMIZE TABLE usage FINAL` (one part per month).
     #[arg(long)]
     pub optimize: bool,
+    /// Copies of the month's usage rows to put into the months before it (see above).
+    #[arg(long, default_value_t = 0)]
+    pub extra_months: u32,
 }
 
 const PARTITIONS: u64 = 4;
@@ -179,9 +195,34 @@ pub async fn run(options: &Options, args: Args) -> anyhow::Result<Vec<Row>> {
         n as f64 / load_seconds
     );
 
+    if args.extra_months > 0 {
+        let columns = "window_start, window_seconds, workspace_id, account_id, agent_instance_id, \
+                       user_key, action_name, measure, tracked, outcome, currency, source_partition, \
+                       batch_start, action_count, quantity, cost, outcome_count, first_seen, \
+                       last_seen, version";
+        let copied = columns.replacen("window_start", "window_start - {shift}", 1);
+        for copy in 1..=args.extra_months {
+            let started = Instant::now();
+            let shift = u64::from(copy) * 31 * 86_400;
+            env.execute(&format!(
+                "INSERT INTO usage ({columns}) SELECT {} FROM usage \
+                 WHERE window_start >= toDateTime({}, 'UTC') AND window_start < toDateTime({}, 'UTC')",
+                copied.replace("{shift}", &shift.to_string()),
+                start / 1_000_000,
+                end / 1_000_000
+            ))
+            .await?;
+            println!(
+                "    copied the month's usage rows {} days back in {:.1} s",
+                shift / 86_400,
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+
     // Let background merges settle so that every run sees the same parts.
     let settle = Instant::now();
-    while settle.elapsed() < Duration::from_secs(300) {
+    while settle.elapsed() < Duration::from_secs(600) {
         let merges = env
             .query_u64(&format!(
                 "SELECT count() FROM system.merges WHERE database = '{}'",
@@ -204,65 +245,100 @@ pub async fn run(options: &Options, args: Args) -> anyhow::Result<Vec<Row>> {
     for line in stats.lines() {
         println!("      {}", line.replace('\t', ", "));
     }
+    let month = format!("{}-01", args.month);
+    let in_month = format!("toStartOfMonth(window_start) = '{month}'");
     let usage_final = env.query_u64("SELECT count() FROM usage FINAL").await?;
     let exact = env
-        .query_u64("SELECT sum(action_count) FROM usage_exact")
+        .query_u64(&format!(
+            "SELECT sum(action_count) FROM usage_exact WHERE {in_month}"
+        ))
         .await?;
     let billable = env
-        .query_u64("SELECT sum(actions) FROM usage_by_account_month")
+        .query_u64(&format!(
+            "SELECT sum(actions) FROM usage_by_account_month WHERE month = '{month}'"
+        ))
         .await?;
     println!(
-        "    usage rows after FINAL: {usage_final}; sum(action_count) over usage_exact: {exact}; billable (tracked) actions in the view: {billable}"
+        "    usage rows after FINAL: {usage_final}; sum(action_count) of {} over usage_exact: {exact}; billable (tracked) actions of the month in the view: {billable}",
+        args.month
     );
     anyhow::ensure!(
         exact == n,
-        "usage_exact holds {exact} actions, expected {n}"
+        "usage_exact holds {exact} actions in {}, expected {n}",
+        args.month
     );
 
+    // The views as migration 0002 made them (one FINAL scan), beside the migrated ones.
+    env.execute(
+        "CREATE VIEW before_usage_exact AS SELECT window_start, window_seconds, workspace_id, \
+         account_id, agent_instance_id, user_key, action_name, measure, tracked, outcome, currency, \
+         source_partition, batch_start, action_count, quantity, cost, outcome_count, first_seen, \
+         last_seen FROM usage FINAL",
+    )
+    .await?;
+    env.execute(
+        "CREATE VIEW before_usage_by_account_month AS SELECT workspace_id, account_id, \
+         toStartOfMonth(window_start) AS month, action_name, measure, currency, \
+         sum(action_count) AS actions, sum(quantity) AS quantity, sum(cost) AS cost, \
+         sum(outcome_count) AS outcomes FROM before_usage_exact WHERE tracked = 1 \
+         GROUP BY workspace_id, account_id, month, action_name, measure, currency",
+    )
+    .await?;
+
+    let workspace = "ws_demo";
     let account = "acc_acme";
-    let queries = [
-        (
-            "one account",
-            format!("SELECT * FROM usage_by_account_month WHERE account_id = '{account}'"),
-        ),
-        (
-            "whole view",
-            "SELECT * FROM usage_by_account_month".to_string(),
-        ),
-        (
-            "one account, enable_optimize_predicate_expression=1",
+    let order = "ORDER BY workspace_id, account_id, month, action_name, measure, currency";
+    let group_by = "GROUP BY workspace_id, account_id, month, action_name, measure, currency";
+    let sums = "sum(action_count) AS actions, sum(quantity) AS quantity, sum(cost) AS cost, \
+                sum(outcome_count) AS outcomes";
+    let select = format!(
+        "workspace_id, account_id, toStartOfMonth(window_start) AS month, action_name, measure, \
+         currency, {sums}"
+    );
+    let one_account =
+        format!("workspace_id = '{workspace}' AND account_id = '{account}' AND month = '{month}'");
+    let one_workspace = format!("workspace_id = '{workspace}' AND month = '{month}'");
+    // docs/sql.md's billing queries (with the view's columns, to compare the answers).
+    let direct = |filter: &str| {
+        format!("SELECT {select} FROM usage FINAL WHERE {filter} AND {in_month} AND tracked = 1 {group_by} {order}")
+    };
+    let halves = |filter: &str| {
+        let branch = |slice: &str| {
             format!(
-                "SELECT * FROM usage_by_account_month WHERE account_id = '{account}' \
-                 SETTINGS enable_optimize_predicate_expression = 1"
-            ),
-        ),
+                "SELECT workspace_id, account_id, toStartOfMonth(window_start) AS month, action_name, \
+                 measure, currency, action_count, quantity, cost, outcome_count FROM usage FINAL \
+                 PREWHERE {slice} WHERE {filter} AND {in_month} AND tracked = 1"
+            )
+        };
+        format!(
+            "SELECT workspace_id, account_id, month, action_name, measure, currency, {sums} FROM ({} UNION ALL {}) {group_by} {order}",
+            branch("toDayOfMonth(window_start) <= 15"),
+            branch("toDayOfMonth(window_start) >= 16")
+        )
+    };
+    let account_filter = format!("workspace_id = '{workspace}' AND account_id = '{account}'");
+    let workspace_filter = format!("workspace_id = '{workspace}'");
+    // (case, label, SQL); the queries of a case must answer the same rows.
+    let queries: Vec<(&str, &str, String)> = vec![
+        ("whole", "view (0003), whole", format!("SELECT * FROM usage_by_account_month {order}")),
+        ("account", "view (0003), one account and month", format!("SELECT * FROM usage_by_account_month WHERE {one_account} {order}")),
+        ("workspace", "view (0003), one workspace and month", format!("SELECT * FROM usage_by_account_month WHERE {one_workspace} {order}")),
+        ("whole", "view before (0002), whole", format!("SELECT * FROM before_usage_by_account_month {order}")),
+        ("account", "view before (0002), one account and month", format!("SELECT * FROM before_usage_by_account_month WHERE {one_account} {order}")),
+        ("workspace", "view before (0002), one workspace and month", format!("SELECT * FROM before_usage_by_account_month WHERE {one_workspace} {order}")),
+        ("account", "docs/sql.md billing query, one account and month (filter inside usage FINAL)", direct(&account_filter)),
+        ("workspace", "docs/sql.md billing query, one workspace and month (filter inside usage FINAL)", direct(&workspace_filter)),
+        ("workspace", "docs/sql.md billing query, one workspace and month, two halves of the month in parallel", halves(&workspace_filter)),
+        ("account", "one account and month, two halves of the month in parallel", halves(&account_filter)),
+        ("account", "diagnostic: view before (0002), one account and month, enable_optimize_predicate_expression = 1", format!("SELECT * FROM before_usage_by_account_month WHERE {one_account} {order} SETTINGS enable_optimize_predicate_expression = 1")),
+        ("", "diagnostic: whole table without FINAL (not exact; FINAL's share)", format!("SELECT {select} FROM usage WHERE tracked = 1 {group_by} {order}")),
+        ("", "diagnostic: FINAL scan alone (count of usage FINAL)", "SELECT count() FROM usage FINAL".to_string()),
+        ("", "diagnostic: usage_exact (0003) alone (count)", "SELECT count() FROM usage_exact".to_string()),
     ];
-    // Diagnostics (not views): where the time goes.
-    let group_by = "workspace_id, account_id, month, action_name, measure, currency";
-    let select = "workspace_id, account_id, toStartOfMonth(window_start) AS month, action_name, \
-                  measure, currency, sum(action_count) AS actions, sum(quantity) AS quantity, \
-                  sum(cost) AS cost, sum(outcome_count) AS outcomes";
-    let diagnostics = [
-        (
-            "diagnostic: one account, filter written inside the FINAL scan (no view)",
-            format!(
-                "SELECT {select} FROM usage FINAL WHERE tracked = 1 AND account_id = '{account}' \
-                 GROUP BY {group_by}"
-            ),
-        ),
-        (
-            "diagnostic: whole month without FINAL (not exact; FINAL's share)",
-            format!("SELECT {select} FROM usage WHERE tracked = 1 GROUP BY {group_by}"),
-        ),
-        (
-            "diagnostic: FINAL scan alone (count of usage FINAL)",
-            "SELECT count() FROM usage FINAL".to_string(),
-        ),
-    ];
-    let queries: Vec<(&str, String)> = queries.into_iter().chain(diagnostics).collect();
     let mut rows = Vec::new();
-    for (label, sql) in &queries {
-        let (cold, result_rows) = timed_query(&env, sql, args.drop_caches).await?;
+    let mut answers: Vec<(&str, &str, String)> = Vec::new();
+    for (case, label, sql) in &queries {
+        let (cold, answer) = timed_query(&env, sql, args.drop_caches).await?;
         let mut warm = Vec::new();
         for _ in 0..args.warm_runs {
             warm.push(timed_query(&env, sql, false).await?.0);
@@ -270,13 +346,17 @@ pub async fn run(options: &Options, args: Args) -> anyhow::Result<Vec<Row>> {
         warm.sort();
         let median = warm[warm.len() / 2];
         println!(
-            "    {label}: {result_rows} result rows; cold {:.0} ms{}; warm median {:.0} ms (min {:.0}, max {:.0}) — `{sql}`",
+            "    {label}: {} result rows; cold {:.0} ms{}; warm median {:.0} ms (min {:.0}, max {:.0}) — `{sql}`",
+            answer.lines().count(),
             cold.as_secs_f64() * 1000.0,
             if args.drop_caches { " (caches dropped)" } else { " (first run)" },
             median.as_secs_f64() * 1000.0,
             warm[0].as_secs_f64() * 1000.0,
             warm[warm.len() - 1].as_secs_f64() * 1000.0,
         );
+        if !case.is_empty() {
+            answers.push((case, label, answer));
+        }
         let mut row = Row::new(format!("monthly view, {label} ({n} actions)"));
         row.latency = format!(
             "cold {:.0} ms / warm {:.0} ms",
@@ -293,6 +373,23 @@ pub async fn run(options: &Options, args: Args) -> anyhow::Result<Vec<Row>> {
         );
         rows.push(row);
     }
+    for case in ["whole", "account", "workspace"] {
+        let of_case: Vec<&(&str, &str, String)> =
+            answers.iter().filter(|(c, _, _)| *c == case).collect();
+        let (_, first_label, first) = of_case[0];
+        anyhow::ensure!(!first.trim().is_empty(), "`{first_label}` answered no rows");
+        for (_, label, answer) in &of_case[1..] {
+            anyhow::ensure!(
+                answer == first,
+                "`{label}` answered differently from `{first_label}`:\n{answer}\nvs\n{first}"
+            );
+        }
+        println!(
+            "    {case}: the {} queries answered the same {} rows",
+            of_case.len(),
+            first.lines().count()
+        );
+    }
     if args.optimize {
         let started = Instant::now();
         env.execute("OPTIMIZE TABLE usage FINAL").await?;
@@ -300,7 +397,7 @@ pub async fn run(options: &Options, args: Args) -> anyhow::Result<Vec<Row>> {
             "    OPTIMIZE TABLE usage FINAL took {:.1} s",
             started.elapsed().as_secs_f64()
         );
-        for (label, sql) in &queries[..2] {
+        for (_, label, sql) in &queries[..9] {
             let mut warm = Vec::new();
             for _ in 0..args.warm_runs {
                 warm.push(timed_query(&env, sql, false).await?.0);
@@ -324,7 +421,7 @@ async fn timed_query(
     env: &BenchEnv,
     sql: &str,
     drop_caches: bool,
-) -> anyhow::Result<(Duration, usize)> {
+) -> anyhow::Result<(Duration, String)> {
     if drop_caches {
         let status = std::process::Command::new("sh")
             .args(["-c", "sync && echo 3 > /proc/sys/vm/drop_caches"])
@@ -335,5 +432,5 @@ async fn timed_query(
     }
     let started = Instant::now();
     let answer = env.query(sql).await?;
-    Ok((started.elapsed(), answer.lines().count()))
+    Ok((started.elapsed(), answer))
 }
