@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use agentmeter_aggregator::config::ClickHouseSettings;
 use agentmeter_aggregator::service::ClickHouseService;
 use agentmeter_aggregator::state::{BatchSettings, PartitionAggregator};
-use agentmeter_schemas::{decode_enriched_action, encode_raw_action, ActionKind, RawAction};
-use common::{metering_config, repo_root, TestEnv};
+use agentmeter_schemas::{decode_enriched_action, encode_raw_action, RawAction};
+use common::{kafka_action, metering_config, repo_root, TestEnv};
 
 const SECRET: &str = "aggregator-failure-secret";
 const METERING: &str = r#"
@@ -34,39 +34,21 @@ fn now_micros() -> i64 {
 
 fn raw(index: usize) -> RawAction {
     let now = now_micros();
+    let account = if index % 2 == 0 {
+        "acc_even"
+    } else {
+        "acc_odd"
+    };
+    let action_name = if index % 5 == 0 {
+        "object_detection"
+    } else {
+        "web_search"
+    };
     RawAction {
-        event_id: format!("agg-{index}"),
-        workspace_id: "ws_agg".into(),
-        account_id: if index % 2 == 0 {
-            "acc_even".into()
-        } else {
-            "acc_odd".into()
-        },
-        agent_instance_id: if index % 2 == 0 {
-            "inst_acc_even".into()
-        } else {
-            "inst_acc_odd".into()
-        },
-        kind: ActionKind::Action,
-        action_name: if index % 5 == 0 {
-            "object_detection".into()
-        } else {
-            "web_search".into()
-        },
-        trace_event: None,
         user_id: Some(format!("user_{}", index % 11)),
-        anonymous_id: None,
         occurred_at_micros: now - (index as i64 % 7_200) * 1_000_000,
         received_at_micros: now,
-        description: None,
-        llm_provider: None,
-        llm_model: None,
-        input_tokens: None,
-        output_tokens: None,
-        total_tokens: None,
-        reported_cost: None,
-        attributes_json: "{}".into(),
-        source: "kafka".into(),
+        ..kafka_action("ws_agg", account, format!("agg-{index}"), action_name)
     }
 }
 

@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use agentmeter_schemas::{decode_enriched_action, encode_raw_action, ActionKind, RawAction};
-use common::{brokers, dec, free_port, metering_config, Lcg, TestEnv};
+use agentmeter_schemas::{decode_enriched_action, encode_raw_action, RawAction};
+use common::{brokers, dec, free_port, kafka_action, metering_config, Lcg, TestEnv};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rust_decimal::Decimal;
@@ -68,26 +68,12 @@ fn generate(count: usize, now_micros: i64) -> Vec<RawAction> {
                 _ => ("untracked_step", None, None),
             };
             RawAction {
-                event_id: format!("scale-{index}"),
-                workspace_id: WORKSPACE.into(),
-                account_id: account.into(),
-                agent_instance_id: format!("inst_{account}"),
-                kind: ActionKind::Action,
-                action_name: name.into(),
-                trace_event: None,
                 user_id: Some(format!("{account}_user_{}", random.next(20))),
-                anonymous_id: None,
                 occurred_at_micros: now_micros - random.next(600) as i64 * 1_000_000,
                 received_at_micros: now_micros,
-                description: None,
-                llm_provider: None,
-                llm_model: None,
                 input_tokens: input,
                 output_tokens: output,
-                total_tokens: None,
-                reported_cost: None,
-                attributes_json: "{}".into(),
-                source: "kafka".into(),
+                ..kafka_action(WORKSPACE, account, format!("scale-{index}"), name)
             }
         })
         .collect()

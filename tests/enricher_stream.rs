@@ -8,10 +8,8 @@ mod common;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use agentmeter_schemas::{
-    decode_enriched_action, encode_raw_action, ActionKind, EnrichedAction, RawAction,
-};
-use common::{metering_config, TestEnv};
+use agentmeter_schemas::{decode_enriched_action, encode_raw_action, EnrichedAction, RawAction};
+use common::{kafka_action, metering_config, TestEnv};
 use rust_decimal::Decimal;
 
 const SECRET: &str = "enricher-test-secret";
@@ -29,26 +27,10 @@ fn rfc3339(micros: i64) -> String {
 
 fn raw(event_id: &str, action_name: &str, occurred_at_micros: i64) -> RawAction {
     RawAction {
-        event_id: event_id.into(),
-        workspace_id: "ws_enrich".into(),
-        account_id: "acc_one".into(),
-        agent_instance_id: "inst_acc_one".into(),
-        kind: ActionKind::Action,
-        action_name: action_name.into(),
-        trace_event: None,
         user_id: Some("u1".into()),
-        anonymous_id: None,
         occurred_at_micros,
         received_at_micros: now_micros(),
-        description: None,
-        llm_provider: None,
-        llm_model: None,
-        input_tokens: None,
-        output_tokens: None,
-        total_tokens: None,
-        reported_cost: None,
-        attributes_json: "{}".into(),
-        source: "kafka".into(),
+        ..kafka_action("ws_enrich", "acc_one", event_id.into(), action_name)
     }
 }
 

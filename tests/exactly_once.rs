@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agentmeter_schemas::{encode_raw_action, ActionKind, RawAction};
-use common::{brokers, dec, metering_config, Lcg, TestEnv};
+use agentmeter_schemas::{encode_raw_action, RawAction};
+use common::{brokers, dec, kafka_action, metering_config, Lcg, TestEnv};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rust_decimal::Decimal;
 
@@ -79,26 +79,12 @@ fn generate(count: usize, now_micros: i64) -> Vec<RawAction> {
                 _ => ("untracked_step", None, None),
             };
             RawAction {
-                event_id: format!("crash-{index}"),
-                workspace_id: "ws_crash".into(),
-                account_id: account.into(),
-                agent_instance_id: format!("inst_{account}"),
-                kind: ActionKind::Action,
-                action_name: name.into(),
-                trace_event: None,
                 user_id: Some(user),
-                anonymous_id: None,
                 occurred_at_micros: now_micros - age_micros,
                 received_at_micros: now_micros,
-                description: None,
-                llm_provider: None,
-                llm_model: None,
                 input_tokens: input,
                 output_tokens: output,
-                total_tokens: None,
-                reported_cost: None,
-                attributes_json: "{}".into(),
-                source: "kafka".into(),
+                ..kafka_action("ws_crash", account, format!("crash-{index}"), name)
             }
         })
         .collect()

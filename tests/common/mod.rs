@@ -546,3 +546,36 @@ pub fn dec(text: &str) -> rust_decimal::Decimal {
     text.parse()
         .unwrap_or_else(|_| panic!("not a decimal: {text}"))
 }
+
+/// A plain action as a direct Kafka publisher sends it for agent instance `inst_<account>`: no
+/// user, tokens or cost, empty attributes, times 0. Tests set what matters to them with struct
+/// update syntax: `RawAction { user_id: Some(..), ..kafka_action(..) }`.
+pub fn kafka_action(
+    workspace: &str,
+    account: &str,
+    event_id: String,
+    action_name: &str,
+) -> agentmeter_schemas::RawAction {
+    agentmeter_schemas::RawAction {
+        event_id,
+        workspace_id: workspace.into(),
+        account_id: account.into(),
+        agent_instance_id: format!("inst_{account}"),
+        kind: agentmeter_schemas::ActionKind::Action,
+        action_name: action_name.into(),
+        trace_event: None,
+        user_id: None,
+        anonymous_id: None,
+        occurred_at_micros: 0,
+        received_at_micros: 0,
+        description: None,
+        llm_provider: None,
+        llm_model: None,
+        input_tokens: None,
+        output_tokens: None,
+        total_tokens: None,
+        reported_cost: None,
+        attributes_json: "{}".into(),
+        source: "kafka".into(),
+    }
+}
