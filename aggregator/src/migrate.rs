@@ -17,6 +17,11 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
         "usage_exact_parallel",
         include_str!("../migrations/0003_usage_exact_parallel.sql"),
     ),
+    (
+        4,
+        "usage_by_user_day_measure",
+        include_str!("../migrations/0004_usage_by_user_day_measure.sql"),
+    ),
 ];
 
 #[derive(Debug, clickhouse::Row, serde::Deserialize)]

@@ -210,6 +210,9 @@ USAGE_ROWS = [
     # ws_1/globex: two windows of one day, an outcome on another day.
     usage("ws_1", "globex", "2025-01-15 09:00:00", "u9", "llm_call", "token", 1, 0, 2, 0, 20, 5, "5000", "0.0075"),
     usage("ws_1", "globex", "2025-01-15 09:01:00", "u9", "llm_call", "token", 1, 0, 2, 0, 21, 1, "1000", "0.0015"),
+    # ... and, after a configuration change, the same action priced by another measure that day:
+    # per-user and per-account quantities must keep the two measures apart.
+    usage("ws_1", "globex", "2025-01-15 09:02:00", "u9", "llm_call", "output_token", 1, 0, 2, 0, 23, 1, "300", "0.0009"),
     usage("ws_1", "globex", "2025-02-14 17:30:00", "u8", "deliver_report", "unit", 1, 1, 2, 0, 22, 1, "1", "2.000000000001"),
     # Both sides of usage_exact's split between the 15th and the 16th (0003), each key in two
     # versions, inserted out of order.
@@ -381,7 +384,7 @@ def expected_views():
     views["usage_by_user_day"] = group_sum(tracked, [
         ("workspace_id", col("workspace_id")), ("account_id", col("account_id")),
         ("user_key", col("user_key")), ("day", day_of), ("action_name", col("action_name")),
-        ("currency", col("currency"))], billable)
+        ("measure", col("measure")), ("currency", col("currency"))], billable)
     views["outcomes_by_account_day"] = group_sum(
         [row for row in tracked if row["outcome"] == 1],
         [("workspace_id", col("workspace_id")), ("account_id", col("account_id")), ("day", day_of),
@@ -442,7 +445,7 @@ VIEW_COLUMNS = {
         ("cost", DEC), ("outcomes", "UInt64")],
     "usage_by_user_day": [
         ("workspace_id", "String"), ("account_id", "String"), ("user_key", "String"), ("day", "Date"),
-        ("action_name", "String"), ("currency", "String"), ("actions", "UInt64"), ("quantity", DEC),
+        ("action_name", "String"), ("measure", "String"), ("currency", "String"), ("actions", "UInt64"), ("quantity", DEC),
         ("cost", DEC), ("outcomes", "UInt64")],
     "outcomes_by_account_day": [
         ("workspace_id", "String"), ("account_id", "String"), ("day", "Date"), ("action_name", "String"),
