@@ -12,7 +12,7 @@ use agentmeter_aggregator::config::ClickHouseSettings;
 use agentmeter_aggregator::service::ClickHouseService;
 use agentmeter_aggregator::state::{BatchSettings, PartitionAggregator};
 use agentmeter_schemas::{decode_enriched_action, encode_raw_action, RawAction};
-use common::{kafka_action, metering_config, repo_root, TestEnv};
+use common::{kafka_action, metering_config, publisher_config, repo_root, TestEnv};
 
 const SECRET: &str = "aggregator-failure-secret";
 const METERING: &str = r#"
@@ -54,11 +54,7 @@ fn raw(index: usize) -> RawAction {
 
 fn publish(env: &TestEnv, range: std::ops::Range<usize>) {
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-    let producer: BaseProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", "127.0.0.1:9092")
-        .set("enable.idempotence", "true")
-        .create()
-        .unwrap();
+    let producer: BaseProducer = publisher_config().create().unwrap();
     let topic = format!("{}actions.raw", env.topic_prefix);
     for index in range {
         let action = raw(index);

@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agentmeter_schemas::{decode_enriched_action, encode_raw_action, RawAction};
-use common::{brokers, dec, free_port, kafka_action, metering_config, Lcg, TestEnv};
+use common::{
+    brokers, dec, free_port, kafka_action, metering_config, publisher_config, Lcg, TestEnv,
+};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rust_decimal::Decimal;
@@ -229,13 +231,7 @@ fn every_action_reaches_enriched_topic_when_one_of_two_enrichers_is_killed() {
                 .build()
                 .unwrap();
             runtime.block_on(async move {
-                let producer: FutureProducer = rdkafka::ClientConfig::new()
-                    .set("bootstrap.servers", brokers())
-                    .set("enable.idempotence", "true")
-                    .set("acks", "all")
-                    .set("linger.ms", "5")
-                    .create()
-                    .unwrap();
+                let producer: FutureProducer = publisher_config().create().unwrap();
                 let full_pace_limit = (actions.len() as f64 * FULL_PACE_BEFORE_KILL) as usize;
                 let mut next = 0;
                 while next < actions.len() {

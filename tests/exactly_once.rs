@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentmeter_schemas::{encode_raw_action, RawAction};
-use common::{brokers, dec, kafka_action, metering_config, Lcg, TestEnv};
+use common::{dec, kafka_action, metering_config, publisher_config, Lcg, TestEnv};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rust_decimal::Decimal;
 
@@ -170,13 +170,7 @@ fn totals_stay_exact_through_crashes_rebalances_and_resends() {
                 .build()
                 .unwrap();
             runtime.block_on(async move {
-                let producer: FutureProducer = rdkafka::ClientConfig::new()
-                    .set("bootstrap.servers", brokers())
-                    .set("enable.idempotence", "true")
-                    .set("acks", "all")
-                    .set("linger.ms", "5")
-                    .create()
-                    .unwrap();
+                let producer: FutureProducer = publisher_config().create().unwrap();
                 let mut random = Lcg(99);
                 let mut resend_queue: Vec<usize> = Vec::new();
                 let chunk = 2_000;

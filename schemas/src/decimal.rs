@@ -59,8 +59,13 @@ pub fn to_scaled_i128(value: Decimal) -> Result<i128, DecimalError> {
 
 /// The decimal a ClickHouse `Decimal(38, 12)` integer stands for.
 pub fn from_scaled_i128(mantissa: i128) -> Result<Decimal, DecimalError> {
-    // rust_decimal holds 96 bits: drop trailing zeros first so that, say, 10^25 (38 digits at
-    // scale 12) is still representable as an integer.
+    // The common case, on every record's hot path: the mantissa fits rust_decimal's 96 bits.
+    const DECIMAL_MAX_MANTISSA: i128 = (1i128 << 96) - 1;
+    if (-DECIMAL_MAX_MANTISSA..=DECIMAL_MAX_MANTISSA).contains(&mantissa) {
+        return Ok(Decimal::from_i128_with_scale(mantissa, STORAGE_SCALE).normalize());
+    }
+    // Beyond 96 bits, drop trailing zeros first so that, say, 10^25 (38 digits at scale 12) is
+    // still representable as an integer.
     let (mut reduced, mut scale) = (mantissa, STORAGE_SCALE);
     while scale > 0 && reduced % 10 == 0 {
         reduced /= 10;
@@ -208,6 +213,23 @@ mod tests {
             if let Ok(bytes) = to_avro_bytes(value) {
                 prop_assert!(bytes.len() <= 16);
                 prop_assert_eq!(from_avro_bytes(&bytes).unwrap(), value);
+            }
+        }
+
+        #[test]
+        fn every_readable_clickhouse_integer_reads_back_exactly(
+            mantissa in -(TEN_POW_38 - 1)..TEN_POW_38, trailing_zeros in 0u32..=14,
+        ) {
+            // Both sides of the 96-bit shortcut, with and without trailing zeros to strip.
+            let mantissa = mantissa.checked_mul(10i128.pow(trailing_zeros))
+                .filter(|scaled| scaled.abs() < TEN_POW_38)
+                .unwrap_or(mantissa);
+            match from_scaled_i128(mantissa) {
+                Ok(value) => prop_assert_eq!(to_scaled_i128(value).unwrap(), mantissa),
+                Err(error) => prop_assert!(
+                    matches!(error, DecimalError::NotRepresentable { .. }),
+                    "{error}"
+                ),
             }
         }
 

@@ -28,15 +28,22 @@ fn clickhouse_url() -> String {
     format!("http://127.0.0.1:{port}")
 }
 
-fn kafka_brokers() -> String {
+/// `host:port` of the broker the tests use (`AGENTMETER_KAFKA_PORT`, default 9092), for clients
+/// a test creates itself.
+pub fn brokers() -> String {
     let port = std::env::var("AGENTMETER_KAFKA_PORT").unwrap_or_else(|_| "9092".into());
     format!("127.0.0.1:{port}")
 }
 
-/// `host:port` of the broker the tests use (`AGENTMETER_KAFKA_PORT`, default 9092), for clients
-/// a test creates itself.
-pub fn brokers() -> String {
-    kafka_brokers()
+/// Client settings of a test publisher: idempotent, acks=all, like the stages' producers.
+pub fn publisher_config() -> rdkafka::ClientConfig {
+    let mut config = rdkafka::ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers())
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5");
+    config
 }
 
 /// Starts the broker and ClickHouse through the project's script (once per test binary).
@@ -144,7 +151,7 @@ metrics_listen = "127.0.0.1:{aggregator}"
 flush_interval_ms = 300
 {extra}
 "#,
-            brokers = kafka_brokers(),
+            brokers = brokers(),
             prefix = self.topic_prefix,
             clickhouse = clickhouse_url(),
             database = self.database,
@@ -324,11 +331,7 @@ flush_interval_ms = 300
     /// Produces raw bytes to a topic of this test (a direct publisher, or poison).
     pub fn produce(&self, suffix: &str, key: &str, payload: &[u8]) {
         use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-        let producer: BaseProducer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", kafka_brokers())
-            .set("enable.idempotence", "true")
-            .create()
-            .unwrap();
+        let producer: BaseProducer = publisher_config().create().unwrap();
         let topic = format!("{}{suffix}", self.topic_prefix);
         producer
             .send(BaseRecord::to(&topic).key(key).payload(payload))
@@ -436,7 +439,7 @@ pub fn read_topic(topic: &str) -> Vec<KafkaRecord> {
     use rdkafka::message::Headers;
     use rdkafka::{Message, Offset, TopicPartitionList};
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
+        .set("bootstrap.servers", brokers())
         .set("group.id", "agentmeter-test-reader")
         .set("enable.auto.commit", "false")
         .create()

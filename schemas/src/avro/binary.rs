@@ -15,7 +15,7 @@ use rust_decimal::Decimal;
 
 use super::CodecError;
 use crate::action::{ActionKind, CostSource, EnrichedAction, RawAction};
-use crate::decimal::{to_scaled_i128, DecimalError};
+use crate::decimal::to_scaled_i128;
 
 /// Bytes of an Avro decimal as this project writes it: the 16-byte big-endian i128.
 const DECIMAL_BYTES: usize = 16;
@@ -263,7 +263,8 @@ impl<'a> DatumReader<'a> {
     fn decimal(&mut self, field: &'static str) -> Result<Decimal, CodecError> {
         let length = self.long(field)?;
         let bytes = self.take(field, length)?;
-        decimal_from_avro_bytes(bytes).map_err(|source| CodecError::Decimal { field, source })
+        crate::decimal::from_avro_bytes(bytes)
+            .map_err(|source| CodecError::Decimal { field, source })
     }
 
     fn optional_decimal(&mut self, field: &'static str) -> Result<Option<Decimal>, CodecError> {
@@ -337,26 +338,6 @@ impl<'a> DatumReader<'a> {
             enriched_at_micros: self.long("enriched_at")?,
         })
     }
-}
-
-/// [`crate::decimal::from_avro_bytes`] with a shortcut for the common case: a mantissa that fits
-/// `Decimal`'s 96 bits converts directly instead of stripping trailing zeros one i128 division
-/// at a time. Both give equal values; the slow path stays the reference.
-fn decimal_from_avro_bytes(bytes: &[u8]) -> Result<Decimal, DecimalError> {
-    if bytes.len() > DECIMAL_BYTES || bytes.is_empty() {
-        return crate::decimal::from_avro_bytes(bytes);
-    }
-    let fill = if bytes[0] & 0x80 != 0 { 0xFF } else { 0x00 };
-    let mut full = [fill; DECIMAL_BYTES];
-    full[DECIMAL_BYTES - bytes.len()..].copy_from_slice(bytes);
-    let mantissa = i128::from_be_bytes(full);
-    const DECIMAL_MAX_MANTISSA: i128 = (1i128 << 96) - 1;
-    if (-DECIMAL_MAX_MANTISSA..=DECIMAL_MAX_MANTISSA).contains(&mantissa) {
-        return Ok(
-            Decimal::from_i128_with_scale(mantissa, crate::decimal::STORAGE_SCALE).normalize(),
-        );
-    }
-    crate::decimal::from_avro_bytes(bytes)
 }
 
 #[cfg(test)]
@@ -537,13 +518,6 @@ mod tests {
                     reference::decode_enriched_action(&bytes),
                 )?;
             }
-        }
-
-        #[test]
-        fn reads_short_decimals_like_the_reference_conversion(bytes in proptest::collection::vec(any::<u8>(), 0..=17)) {
-            let fast = decimal_from_avro_bytes(&bytes);
-            let reference = crate::decimal::from_avro_bytes(&bytes);
-            prop_assert_eq!(fast, reference);
         }
     }
 
