@@ -72,7 +72,7 @@ fn session(run_id: &str, account: &str, index: usize) -> Vec<RestAction> {
             json!({"delivery_method": "email"}),
         ),
     ];
-    if index % 3 == 0 {
+    if index.is_multiple_of(3) {
         actions.push(action(
             "detect",
             "object_detection",
@@ -80,7 +80,7 @@ fn session(run_id: &str, account: &str, index: usize) -> Vec<RestAction> {
             json!({"detected_boxes": 4, "model": "yolov8-invoice"}),
         ));
     }
-    if index % 4 == 0 {
+    if index.is_multiple_of(4) {
         actions.push(action(
             "step",
             "step_1",

@@ -34,12 +34,12 @@ fn now_micros() -> i64 {
 
 fn raw(index: usize) -> RawAction {
     let now = now_micros();
-    let account = if index % 2 == 0 {
+    let account = if index.is_multiple_of(2) {
         "acc_even"
     } else {
         "acc_odd"
     };
-    let action_name = if index % 5 == 0 {
+    let action_name = if index.is_multiple_of(5) {
         "object_detection"
     } else {
         "web_search"

@@ -139,7 +139,13 @@ fn rest_actions_reach_clickhouse_with_exact_counts_and_costs() {
         METERING,
     ));
     env.spawn("ingest", "ingest");
-    env.spawn("enrich", "enrich");
+    // Small output runs: each enricher batch goes to Kafka in several runs, one acknowledged
+    // after the other (enricher.produce_chunk_max_bytes), and the totals below must still hold.
+    env.spawn_with_env(
+        "enrich",
+        "enrich",
+        &[("AGENTMETER__ENRICHER__PRODUCE_CHUNK_MAX_BYTES", "16384")],
+    );
     env.spawn("aggregate", "aggregate");
     env.wait_http_ok(
         &format!("{}/readyz", env.ingest_url()),

@@ -187,7 +187,7 @@ fn totals_stay_exact_through_crashes_rebalances_and_resends() {
                     let end = (start + chunk).min(actions.len());
                     let mut indexes: Vec<usize> = (start..end).collect();
                     // Re-send 5% of earlier actions (same event id, same bytes) within the horizon.
-                    indexes.extend(resend_queue.drain(..));
+                    indexes.append(&mut resend_queue);
                     for index in start..end {
                         if random.next(100) < 5 {
                             resend_queue.push(index);
@@ -217,7 +217,7 @@ fn totals_stay_exact_through_crashes_rebalances_and_resends() {
                     sent.fetch_add(indexes.len(), Ordering::Relaxed);
                     tokio::time::sleep(Duration::from_millis(150)).await;
                 }
-                let leftovers: Vec<usize> = resend_queue.drain(..).collect();
+                let leftovers = std::mem::take(&mut resend_queue);
                 for index in leftovers {
                     let action = &actions[index];
                     producer

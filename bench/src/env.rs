@@ -24,6 +24,8 @@ pub struct Options {
     pub stage_cpus: String,
     /// Keep topics, database and logs after the run.
     pub keep: bool,
+    /// Extra librdkafka settings of the stages (`[kafka.client_overrides]`).
+    pub kafka_client_overrides: Vec<(String, String)>,
 }
 
 impl Options {
@@ -176,7 +178,9 @@ metrics_listen = "127.0.0.1:{enricher}"
 [aggregator]
 group_id = "{prefix}aggregator"
 metrics_listen = "127.0.0.1:{aggregator}"
-"#,
+
+[kafka.client_overrides]
+{overrides}"#,
             unique = self.unique,
             brokers = self.options.brokers,
             prefix = self.topic_prefix,
@@ -187,6 +191,12 @@ metrics_listen = "127.0.0.1:{aggregator}"
             otlp_http = self.otlp_http_port,
             enricher = self.enricher_metrics_port,
             aggregator = self.aggregator_metrics_port,
+            overrides = self
+                .options
+                .kafka_client_overrides
+                .iter()
+                .map(|(key, value)| format!("{key:?} = {value:?}\n"))
+                .collect::<String>(),
         );
         std::fs::write(&self.settings_path, settings)?;
         Ok(())

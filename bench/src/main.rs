@@ -38,6 +38,10 @@ struct Cli {
     /// Keep topics, database and logs afterwards.
     #[arg(long, global = true)]
     keep: bool,
+    /// An extra librdkafka setting for the stages, `KEY=VALUE` (repeatable): written to
+    /// `[kafka.client_overrides]` of the run's settings, to measure client tuning.
+    #[arg(long = "kafka-setting", global = true, value_parser = parse_kafka_setting)]
+    kafka_settings: Vec<(String, String)>,
     #[command(subcommand)]
     command: Command,
 }
@@ -60,6 +64,15 @@ enum Command {
     All(modes::AllArgs),
 }
 
+fn parse_kafka_setting(setting: &str) -> Result<(String, String), String> {
+    match setting.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => {
+            Ok((key.trim().to_string(), value.trim().to_string()))
+        }
+        _ => Err(format!("expected KEY=VALUE, got {setting:?}")),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let repo_root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -76,6 +89,7 @@ fn main() -> anyhow::Result<()> {
         clickhouse_url: cli.clickhouse_url.clone(),
         stage_cpus: cli.stage_cpus.clone(),
         keep: cli.keep,
+        kafka_client_overrides: cli.kafka_settings.clone(),
     };
     // Before any thread exists, so every thread (tokio, librdkafka) inherits the pinning.
     let loadgen_cpus = parse_cpus(&cli.loadgen_cpus)?;

@@ -20,6 +20,12 @@ pub struct EnricherConfig {
     pub batch_max_records: usize,
     /// Longest wait to fill a batch, in milliseconds.
     pub batch_max_wait_ms: u64,
+    /// Most bytes (keys and payloads) of output handed to the Kafka producer at once; a batch is
+    /// sent in runs of this size, each acknowledged before the next. Keep it below the
+    /// producer's `batch.size` and `message.max.bytes` (1,000,000 unless overridden), so that a
+    /// run goes out at once: librdkafka's idempotent producer busy-polls while records wait
+    /// behind an unacknowledged produce request (bench/README.md).
+    pub produce_chunk_max_bytes: usize,
     /// How long Kafka may take to acknowledge an output record before it is retried.
     pub produce_timeout_ms: u64,
     /// Actions older than this (seconds before they were received) are dead-lettered.
@@ -37,6 +43,7 @@ impl Default for EnricherConfig {
             metrics_listen: "127.0.0.1:9101".parse().expect("valid address"),
             batch_max_records: 5000,
             batch_max_wait_ms: 50,
+            produce_chunk_max_bytes: 768 * 1024,
             produce_timeout_ms: 30_000,
             max_late_seconds: 35 * 24 * 3600,
             max_future_seconds: 300,
@@ -55,6 +62,10 @@ impl EnricherConfig {
         anyhow::ensure!(
             self.batch_max_records >= 1,
             "enricher.batch_max_records must be at least 1"
+        );
+        anyhow::ensure!(
+            self.produce_chunk_max_bytes >= 1,
+            "enricher.produce_chunk_max_bytes must be at least 1"
         );
         anyhow::ensure!(
             self.produce_timeout_ms >= 100,

@@ -77,9 +77,14 @@ impl KafkaSettings {
         Ok(())
     }
 
-    fn base_config(&self) -> ClientConfig {
+    /// `bootstrap.servers`, then agentmeter's `tunable_defaults`, then `client_overrides` over
+    /// them. Callers set what delivery depends on after this, so overrides cannot change it.
+    fn client_config(&self, tunable_defaults: &[(&str, &str)]) -> ClientConfig {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &self.brokers);
+        for (key, value) in tunable_defaults {
+            config.set(*key, *value);
+        }
         for (key, value) in &self.client_overrides {
             config.set(key, value);
         }
@@ -87,23 +92,26 @@ impl KafkaSettings {
     }
 
     /// A producer that answers only once every in-sync replica has the record, never duplicates
-    /// on internal retries, and keeps per-partition order.
+    /// on internal retries, and keeps per-partition order. `linger.ms` and
+    /// `queue.buffering.max.messages` may be overridden.
     pub fn producer_config(&self, message_timeout: Duration) -> ClientConfig {
-        let mut config = self.base_config();
+        let mut config = self.client_config(&[
+            ("linger.ms", "5"),
+            ("queue.buffering.max.messages", "200000"),
+        ]);
         config
-            .set("linger.ms", "5")
-            .set("queue.buffering.max.messages", "200000")
             .set(
                 "message.timeout.ms",
                 message_timeout.as_millis().to_string(),
-            );
-        // Set last so that client_overrides cannot weaken them.
-        config.set("enable.idempotence", "true").set("acks", "all");
+            )
+            .set("enable.idempotence", "true")
+            .set("acks", "all");
         config
     }
 
     /// A group consumer whose offsets advance only when the stage stores them explicitly after
-    /// its output is durable (rust-rdkafka's at-least-once pattern).
+    /// its output is durable (rust-rdkafka's at-least-once pattern). `session.timeout.ms`,
+    /// `heartbeat.interval.ms` and `fetch.wait.max.ms` may be overridden.
     ///
     /// `group_instance_id` (non-empty) makes the process a *static* member (KIP-345): a process
     /// restarted with the same id takes over its predecessor's membership and partitions at
@@ -112,16 +120,14 @@ impl KafkaSettings {
     /// on tansu"); on Kafka it spares a rebalance per restart. Every process of a group needs
     /// its own id; empty means dynamic membership.
     pub fn group_consumer_config(&self, group_id: &str, group_instance_id: &str) -> ClientConfig {
-        let mut config = self.base_config();
+        let session_timeout_ms = GROUP_SESSION_TIMEOUT.as_millis().to_string();
+        let mut config = self.client_config(&[
+            ("session.timeout.ms", &session_timeout_ms),
+            ("heartbeat.interval.ms", "1000"),
+            ("fetch.wait.max.ms", "100"),
+        ]);
         config
             .set("auto.offset.reset", "earliest")
-            .set(
-                "session.timeout.ms",
-                GROUP_SESSION_TIMEOUT.as_millis().to_string(),
-            )
-            .set("heartbeat.interval.ms", "1000")
-            .set("fetch.wait.max.ms", "100");
-        config
             .set("group.id", group_id)
             .set("enable.auto.commit", "true")
             .set("auto.commit.interval.ms", "1000")
@@ -139,12 +145,11 @@ impl KafkaSettings {
 
     /// A consumer with no group, for reading whole topics by assignment (config topic, tools).
     pub fn standalone_consumer_config(&self) -> ClientConfig {
-        let mut config = self.base_config();
+        let mut config = self.client_config(&[("fetch.wait.max.ms", "100")]);
         config
             .set("group.id", "agentmeter-standalone-reader")
             .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false")
-            .set("fetch.wait.max.ms", "100");
+            .set("enable.partition.eof", "false");
         config
     }
 }
@@ -411,7 +416,7 @@ impl GroupWatchdog {
 pub async fn create_topics(settings: &KafkaSettings) -> anyhow::Result<Vec<String>> {
     settings.validate()?;
     let admin: AdminClient<DefaultClientContext> = settings
-        .base_config()
+        .client_config(&[])
         .create()
         .context("cannot create a Kafka admin client")?;
     let topics = settings.topics();
@@ -459,6 +464,26 @@ mod tests {
         assert_eq!(producer.get("enable.idempotence"), Some("true"));
         let consumer = settings.group_consumer_config("g", "");
         assert_eq!(consumer.get("enable.auto.offset.store"), Some("false"));
+    }
+
+    #[test]
+    fn overrides_replace_tuning_defaults() {
+        let mut settings = KafkaSettings::default();
+        settings
+            .client_overrides
+            .insert("linger.ms".into(), "20".into());
+        settings
+            .client_overrides
+            .insert("session.timeout.ms".into(), "45000".into());
+        assert_eq!(
+            settings
+                .producer_config(Duration::from_secs(5))
+                .get("linger.ms"),
+            Some("20")
+        );
+        let consumer = settings.group_consumer_config("g", "");
+        assert_eq!(consumer.get("session.timeout.ms"), Some("45000"));
+        assert_eq!(consumer.get("heartbeat.interval.ms"), Some("1000"));
     }
 
     #[test]
