@@ -279,8 +279,8 @@ impl EnricherStage {
 
         let output_bytes =
             |output: &Output| output.payload.len() + output.message.key().map_or(0, <[u8]>::len);
-        for chunk in runs_of_at_most(&outputs, self.config.produce_chunk_max_bytes, output_bytes) {
-            self.deliver_all(chunk, shutdown).await?;
+        for run in runs_of_at_most(&outputs, self.config.produce_chunk_max_bytes, output_bytes) {
+            self.deliver_all(run, shutdown).await?;
         }
 
         for output in &outputs {
