@@ -4,10 +4,8 @@
 //! stages it started (by pid) and removes its database and topics — never anything else.
 
 use std::io::Write as _;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -61,32 +59,7 @@ impl Options {
     }
 }
 
-/// A TCP port on loopback that is free now and that no other caller in this process gets.
-///
-/// Why not bind port 0 and hand that out: the kernel picks port-0 binds from the ephemeral range,
-/// the same range every outgoing connection (each Kafka and ClickHouse client) takes its source
-/// port from, and a port released by one caller can come back to the next. CI once gave a test's
-/// enricher and ingest the same port that way. These ports come from below the ephemeral range
-/// (32768+ on Linux), each handed out once per process, starting at an offset derived from the
-/// process id so that two processes running at once start far apart.
-pub fn free_port() -> u16 {
-    const FIRST_PORT: u32 = 20_000;
-    const PORT_COUNT: u32 = 12_000;
-    static HANDED_OUT: AtomicU32 = AtomicU32::new(0);
-    let start = std::process::id().wrapping_mul(7_919) % PORT_COUNT;
-    loop {
-        let handed_out = HANDED_OUT.fetch_add(1, Ordering::Relaxed);
-        assert!(
-            handed_out < PORT_COUNT,
-            "no free port left in {FIRST_PORT}..{}",
-            FIRST_PORT + PORT_COUNT
-        );
-        let port = (FIRST_PORT + (start + handed_out) % PORT_COUNT) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
+pub use agentmeter_testkit::free_port;
 
 /// A stage process.
 pub struct Stage {
