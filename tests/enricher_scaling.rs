@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use agentmeter_schemas::{decode_enriched_action, encode_raw_action, RawAction};
 use common::{
-    brokers, dec, free_port, kafka_action, metering_config, publisher_config, Lcg, TestEnv,
+    brokers, dec, free_port, kafka_action, metering_config, metrics_text, publisher_config, Lcg,
+    TestEnv,
 };
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -97,13 +98,7 @@ fn expected_price(action: &RawAction) -> (bool, &'static str, Decimal, Decimal) 
 /// `agentmeter_enricher_records_in_total` of the enricher serving metrics on `port` (0 before
 /// its first batch; `None` when it does not answer).
 fn records_in(port: u16) -> Option<u64> {
-    let text = reqwest::blocking::Client::new()
-        .get(format!("http://127.0.0.1:{port}/metrics"))
-        .timeout(Duration::from_secs(2))
-        .send()
-        .ok()?
-        .text()
-        .ok()?;
+    let text = metrics_text(port)?;
     Some(
         text.lines()
             .find_map(|line| line.strip_prefix("agentmeter_enricher_records_in_total "))

@@ -9,7 +9,7 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use agentmeter_schemas::{decode_enriched_action, encode_raw_action, EnrichedAction, RawAction};
-use common::{kafka_action, metering_config, TestEnv};
+use common::{kafka_action, metering_config, metrics_text, TestEnv};
 use rust_decimal::Decimal;
 
 const SECRET: &str = "enricher-test-secret";
@@ -243,13 +243,7 @@ fn poison_and_unknown_instance_are_dead_lettered_and_the_stream_goes_on() {
         .unwrap();
     assert_eq!(poison_record.payload, poison);
     assert!(poison_record.headers["agentmeter.dlq.source"].contains("actions.raw/"));
-    let metrics = reqwest::blocking::get(format!(
-        "http://127.0.0.1:{}/metrics",
-        env.enricher_metrics_port
-    ))
-    .unwrap()
-    .text()
-    .unwrap();
+    let metrics = metrics_text(env.enricher_metrics_port).expect("enricher /metrics");
     assert!(
         metrics.lines().any(|line| line
             .starts_with("agentmeter_enricher_dead_letters_total{reason=\"undecodable\"} 1")),
@@ -259,13 +253,7 @@ fn poison_and_unknown_instance_are_dead_lettered_and_the_stream_goes_on() {
     // partitions that had records report 0.
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let metrics = reqwest::blocking::get(format!(
-            "http://127.0.0.1:{}/metrics",
-            env.enricher_metrics_port
-        ))
-        .unwrap()
-        .text()
-        .unwrap();
+        let metrics = metrics_text(env.enricher_metrics_port).expect("enricher /metrics");
         let lags: Vec<&str> = metrics
             .lines()
             .filter(|line| line.starts_with("agentmeter_enricher_consumer_lag{partition="))

@@ -30,7 +30,7 @@ use agentmeter_ingest::otlp::proto::common::v1::{any_value, AnyValue, KeyValue};
 use agentmeter_ingest::otlp::proto::resource::v1::Resource;
 use agentmeter_ingest::otlp::proto::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use agentmeter_ingest::otlp::rpc::RpcStatus;
-use common::{metering_config, repo_root, TestEnv};
+use common::{metering_config, metrics_text, repo_root, TestEnv};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 
@@ -216,10 +216,7 @@ fn start_pipeline(env: &mut TestEnv, ingest_env: &[(&str, &str)]) {
 
 /// The value of one Prometheus sample of ingest's `/metrics` (0 when absent).
 fn metric(env: &TestEnv, sample: &str) -> f64 {
-    let text = reqwest::blocking::get(format!("{}/metrics", env.ingest_url()))
-        .unwrap()
-        .text()
-        .unwrap();
+    let text = metrics_text(env.ingest_port).expect("ingest /metrics");
     text.lines()
         .find_map(|line| line.strip_prefix(sample))
         .and_then(|rest| rest.trim().parse().ok())

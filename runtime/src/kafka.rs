@@ -452,13 +452,20 @@ pub async fn create_topics(settings: &KafkaSettings) -> anyhow::Result<Vec<Strin
 mod tests {
     use super::*;
 
+    fn settings_with_overrides(overrides: &[(&str, &str)]) -> KafkaSettings {
+        KafkaSettings {
+            client_overrides: overrides
+                .iter()
+                .map(|(key, value)| (key.to_string(), value.to_string()))
+                .collect(),
+            ..KafkaSettings::default()
+        }
+    }
+
     #[test]
     fn overrides_cannot_weaken_delivery_guarantees() {
-        let mut settings = KafkaSettings::default();
-        settings.client_overrides.insert("acks".into(), "0".into());
-        settings
-            .client_overrides
-            .insert("enable.auto.offset.store".into(), "true".into());
+        let settings =
+            settings_with_overrides(&[("acks", "0"), ("enable.auto.offset.store", "true")]);
         let producer = settings.producer_config(Duration::from_secs(5));
         assert_eq!(producer.get("acks"), Some("all"));
         assert_eq!(producer.get("enable.idempotence"), Some("true"));
@@ -468,13 +475,8 @@ mod tests {
 
     #[test]
     fn overrides_replace_tuning_defaults() {
-        let mut settings = KafkaSettings::default();
-        settings
-            .client_overrides
-            .insert("linger.ms".into(), "20".into());
-        settings
-            .client_overrides
-            .insert("session.timeout.ms".into(), "45000".into());
+        let settings =
+            settings_with_overrides(&[("linger.ms", "20"), ("session.timeout.ms", "45000")]);
         assert_eq!(
             settings
                 .producer_config(Duration::from_secs(5))
@@ -488,10 +490,7 @@ mod tests {
 
     #[test]
     fn static_membership_is_per_process_and_not_overridable() {
-        let mut settings = KafkaSettings::default();
-        settings
-            .client_overrides
-            .insert("group.instance.id".into(), "shared".into());
+        let settings = settings_with_overrides(&[("group.instance.id", "shared")]);
         let consumer = settings.group_consumer_config("g", "aggregator-host-1");
         assert_eq!(consumer.get("group.instance.id"), Some("aggregator-host-1"));
         let dynamic = settings.group_consumer_config("g", "");

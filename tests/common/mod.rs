@@ -492,6 +492,17 @@ pub fn read_topic(topic: &str) -> Vec<KafkaRecord> {
 
 /// A metering configuration for tests: `accounts` × one agent instance each, with the given
 /// secrets; `body` adds tagging, cost allocations and outcomes.
+/// The text of `/metrics` served on loopback `port`, or `None` when nothing answers within 2 s.
+pub fn metrics_text(port: u16) -> Option<String> {
+    reqwest::blocking::Client::new()
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .ok()?
+        .text()
+        .ok()
+}
+
 pub fn metering_config(workspace: &str, accounts: &[(&str, &str)], body: &str) -> String {
     let mut text = format!(
         "[workspace]\nid = \"{workspace}\"\nname = \"Test workspace\"\ncurrency = \"USD\"\n\n\
