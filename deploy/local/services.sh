@@ -31,7 +31,12 @@ UP_TIMEOUT="${AGENTMETER_UP_TIMEOUT:-60}"
 
 APT_PACKAGES=(clickhouse-server clickhouse-client cmake libcurl4-openssl-dev protobuf-compiler python3-venv)
 TANSU_VERSION="0.6.0"
-TANSU_ROOT="$AGENTMETER_CACHE/tansu-$TANSU_VERSION"
+TANSU_CRATE_SHA256="4fdd85473ec265140488cf8d55e82b844f5c051c8916fabdd4a71156ac053f6d"
+TANSU_STORAGE_CRATE_SHA256="720d2ed8e6010c70f7f06e5af5a7274ebbf6e42fdcd9e46de542b10dc4d2f35d"
+# What our build changes in the crates.io sources (see install_tansu); part of the cache path, so
+# a binary built without the fix is never reused.
+TANSU_FIXES="topic-delete-by-id"
+TANSU_ROOT="$AGENTMETER_CACHE/tansu-$TANSU_VERSION-$TANSU_FIXES"
 TANSU_BIN="$TANSU_ROOT/bin/tansu"
 TANSU_LOG="$AGENTMETER_CACHE/logs/tansu.log"
 CLICKHOUSE_SERVER="$(command -v clickhouse-server || echo /usr/sbin/clickhouse-server)"
@@ -140,14 +145,60 @@ heartbeat_until_done() { # pid log what
     done
 }
 
+# tansu 0.6.0 (the newest on crates.io) deletes EVERY topic of the cluster when asked to delete
+# one: tansu-storage's src/sql/topic_delete_by.sql selects `topic.cluster IN (the cluster of the
+# named topic)` instead of the topic's own id. We build the broker from the crates.io sources
+# with that statement fixed (nothing of the broker's source lives in this repository): the two
+# .crate files are downloaded and checked against pinned SHA-256 sums, the statement is rewritten
+# to select the topic's id, the tansu binary crate's lock file points tansu-storage at the fixed
+# copy, and everything else builds from its locked versions. The fixes are listed in
+# $TANSU_ROOT/FIXES, which tests and tools read before they delete a topic.
+tansu_crate_url() { echo "https://static.crates.io/crates/$1/$1-$2.crate"; }
+
+fetch_crate() { # name version sha256 destdir
+    local name="$1" version="$2" sum="$3" dest="$4" file
+    file="$dest/$name-$version.crate"
+    if [ ! -s "$file" ] || ! echo "$sum  $file" | sha256sum -c --status; then
+        curl -sSfL --retry 3 -o "$file.part" "$(tansu_crate_url "$name" "$version")" \
+            || die "could not download $name $version from crates.io"
+        mv "$file.part" "$file"
+    fi
+    echo "$sum  $file" | sha256sum -c --status || die "$file: SHA-256 is not the pinned $sum"
+    rm -rf "${dest:?}/$name-$version"
+    tar -xzf "$file" -C "$dest"
+}
+
+prepare_fixed_tansu_sources() { # srcdir
+    local src="$1" sql lock
+    mkdir -p "$src"
+    fetch_crate tansu "$TANSU_VERSION" "$TANSU_CRATE_SHA256" "$src"
+    fetch_crate tansu-storage "$TANSU_VERSION" "$TANSU_STORAGE_CRATE_SHA256" "$src"
+    # The storage crate must be the one tansu's own lock file names.
+    grep -A3 '^name = "tansu-storage"$' "$src/tansu-$TANSU_VERSION/Cargo.lock" \
+        | grep -q "^checksum = \"$TANSU_STORAGE_CRATE_SHA256\"$" \
+        || die "tansu $TANSU_VERSION's Cargo.lock does not pin tansu-storage $TANSU_STORAGE_CRATE_SHA256"
+
+    sql="$src/tansu-storage-$TANSU_VERSION/src/sql/topic_delete_by.sql"
+    [ "$(grep -c '^where topic.cluster in ($' "$sql")" = 1 ] && [ "$(grep -c '^    select c.id$' "$sql")" = 1 ] \
+        || die "$sql is not the statement this fix expects"
+    sed -i -e 's/^where topic.cluster in ($/where topic.id in (/' -e 's/^    select c.id$/    select t.id/' "$sql"
+    grep -q '^where topic.id in ($' "$sql" && grep -q '^    select t.id$' "$sql" || die "fixing $sql failed"
+
+    lock="$src/tansu-$TANSU_VERSION/Cargo.lock"
+    # A path dependency has no source or checksum in a lock file; with them gone, --locked holds.
+    sed -i '/^name = "tansu-storage"$/,/^$/{/^source = /d;/^checksum = /d}' "$lock"
+    printf '\n[patch.crates-io]\ntansu-storage = { path = "../tansu-storage-%s" }\n' "$TANSU_VERSION" \
+        >>"$src/tansu-$TANSU_VERSION/Cargo.toml"
+}
+
 install_tansu() {
-    if [ -x "$TANSU_BIN" ]; then
-        say "tansu $TANSU_VERSION already built: $TANSU_BIN"
+    if [ -x "$TANSU_BIN" ] && grep -qx "$TANSU_FIXES" "$TANSU_ROOT/FIXES" 2>/dev/null; then
+        say "tansu $TANSU_VERSION ($TANSU_FIXES) already built: $TANSU_BIN"
         return
     fi
     # A build started outside this script (same --root) is still running: wait for it.
     local other
-    other="$(pgrep -f "cargo install tansu.*--root $TANSU_ROOT" | head -n 1 || true)"
+    other="$(pgrep -f "cargo install .*--root $TANSU_ROOT" | head -n 1 || true)"
     if [ -n "$other" ]; then
         say "a cargo build of tansu into $TANSU_ROOT is already running (pid $other); waiting for it (log $TANSU_LOG)"
         heartbeat_until_done "$other" "$TANSU_LOG" "tansu $TANSU_VERSION (pid $other)"
@@ -156,10 +207,13 @@ install_tansu() {
     fi
     command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust (rustup) first"
     mkdir -p "$(dirname "$TANSU_LOG")"
-    say "building tansu $TANSU_VERSION from crates.io, about 12 minutes on 2 cores the first time (log $TANSU_LOG)"
+    local src="$AGENTMETER_CACHE/tansu-$TANSU_VERSION-src"
+    say "fetching tansu $TANSU_VERSION and tansu-storage $TANSU_VERSION from crates.io; fixing topic_delete_by.sql"
+    prepare_fixed_tansu_sources "$src"
+    say "building tansu $TANSU_VERSION ($TANSU_FIXES), about 12 minutes on 2 cores the first time (log $TANSU_LOG)"
     # A target dir in the cache lets a failed or interrupted build resume; removed on success.
     local target="$AGENTMETER_CACHE/tansu-$TANSU_VERSION-target" rc=0 pid
-    cargo install tansu --locked --version "$TANSU_VERSION" --features dynostore,libsql \
+    cargo install --path "$src/tansu-$TANSU_VERSION" --locked --features dynostore,libsql \
         --root "$TANSU_ROOT" --target-dir "$target" >"$TANSU_LOG" 2>&1 &
     pid=$!
     heartbeat_until_done "$pid" "$TANSU_LOG" "tansu $TANSU_VERSION"
@@ -168,8 +222,9 @@ install_tansu() {
         tail_log "$TANSU_LOG"
         die "cargo install tansu failed (exit $rc); full log: $TANSU_LOG"
     fi
-    rm -rf "$target"
-    say "tansu $TANSU_VERSION installed: $TANSU_BIN"
+    echo "$TANSU_FIXES" >"$TANSU_ROOT/FIXES"
+    rm -rf "$target" "$src"
+    say "tansu $TANSU_VERSION installed: $TANSU_BIN (fixes: $TANSU_FIXES)"
 }
 
 cmd_install() {
