@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use agentmeter_runtime::config_watch::read_config_topic;
 use agentmeter_runtime::kafka::KafkaSettings;
-use agentmeter_schemas::metering::{ConfigFileError, CONFIG_RECORD_FORMAT};
+use agentmeter_schemas::metering::ConfigFileError;
 use agentmeter_schemas::{ConfigRecord, MeteringConfig};
 use anyhow::Context;
 use clap::Subcommand;
@@ -93,16 +93,19 @@ pub async fn run(command: ConfigCommand, kafka: &KafkaSettings) -> anyhow::Resul
             let config = load(&file)?;
             let workspace_id = config.workspace.id.clone();
             let reader_settings = kafka.clone();
-            let current = tokio::task::spawn_blocking(move || {
+            let mut records = tokio::task::spawn_blocking(move || {
                 read_config_topic(&reader_settings, Duration::from_secs(30))
             })
-            .await??
-            .remove(&workspace_id)
-            .map(|(record, _)| record);
-            let version = current
-                .as_ref()
-                .map(|record| record.version + 1)
-                .unwrap_or(1);
+            .await??;
+            let current = records.remove(&workspace_id).map(|(record, _)| record);
+            let shared = config.secrets_used_elsewhere(records.values().map(|(record, _)| &record.config));
+            if !shared.is_empty() {
+                anyhow::bail!(
+                    "{} is invalid; nothing was applied.\n{}",
+                    file.display(),
+                    agentmeter_schemas::metering::ValidationErrors(shared)
+                );
+            }
             if let Some(current) = &current {
                 if current.config == config {
                     println!(
@@ -113,12 +116,8 @@ pub async fn run(command: ConfigCommand, kafka: &KafkaSettings) -> anyhow::Resul
                 }
             }
             let summary = describe_changes(current.as_ref().map(|record| &record.config), &config);
-            let record = ConfigRecord {
-                format: CONFIG_RECORD_FORMAT,
-                version,
-                applied_at: time::OffsetDateTime::now_utc(),
-                config,
-            };
+            let record = ConfigRecord::next(current.as_ref(), config, time::OffsetDateTime::now_utc());
+            let version = record.version;
             let payload = serde_json::to_vec(&record)?;
             let producer: FutureProducer = kafka
                 .producer_config(Duration::from_secs(30))

@@ -1,7 +1,8 @@
 //! `agentmeter`: one binary, a subcommand per stage and per tool.
 //!
 //! * `ingest`, `enrich`, `aggregate` — the three stages; each its own process, scaled on its own.
-//! * `migrate` — ClickHouse DDL; `topics` — creates the Kafka topics.
+//! * `migrate` — ClickHouse DDL; `topics` — creates the Kafka topics; `reset-input` — resumes
+//!   aggregating a partition whose topic was reset (deleted and re-created, restored).
 //! * `config apply FILE` / `config show` / `config validate FILE` — the metering configuration on
 //!   the config topic.
 //! * `actions` — every action name, auto tag and trace event seen, with its tracking status.
@@ -14,6 +15,7 @@
 mod actions_cmd;
 mod config_cmd;
 mod demo;
+mod reset_input_cmd;
 
 use std::path::PathBuf;
 
@@ -70,6 +72,8 @@ enum Command {
     Migrate,
     /// Create the Kafka topics (idempotent).
     Topics,
+    /// Resume aggregating partitions whose input was reset (the aggregator's /readyz names them).
+    ResetInput(reset_input_cmd::ResetInputArgs),
     /// Manage the metering configuration.
     #[command(subcommand)]
     Config(config_cmd::ConfigCommand),
@@ -148,6 +152,15 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                 }
             );
             Ok(())
+        }
+        Command::ResetInput(args) => {
+            reset_input_cmd::run(
+                args,
+                &settings.kafka,
+                &settings.clickhouse,
+                &settings.aggregator,
+            )
+            .await
         }
         Command::Config(command) => config_cmd::run(command, &settings.kafka).await,
         Command::Actions(args) => actions_cmd::run(args, &settings).await,

@@ -65,8 +65,9 @@ impl AggregatorConfig {
             self.window_seconds
         );
         anyhow::ensure!(
-            self.batch_offsets >= 1,
-            "aggregator.batch_offsets must be at least 1"
+            (1..=agentmeter_schemas::limits::MAX_BATCH_OFFSETS).contains(&self.batch_offsets),
+            "aggregator.batch_offsets must be 1 to {} (a usage row totals at most one batch, which keeps every total inside Decimal(38, 12))",
+            agentmeter_schemas::limits::MAX_BATCH_OFFSETS
         );
         anyhow::ensure!(
             self.flush_interval_ms >= 10,

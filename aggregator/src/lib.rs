@@ -40,11 +40,20 @@ pub async fn run(
     kafka.validate()?;
     let service = service::ClickHouseService::new(&clickhouse, &kafka.topics().enriched);
     let clickhouse_healthy = Arc::new(AtomicBool::new(true));
+    let input_resets = stream::InputResets::default();
     let readiness = {
         let clickhouse_healthy = clickhouse_healthy.clone();
-        Arc::new(move || match clickhouse_healthy.load(Ordering::Relaxed) {
-            true => Ok(()),
-            false => Err("ClickHouse writes are failing; retrying".to_string()),
+        let input_resets = input_resets.clone();
+        Arc::new(move || {
+            if !clickhouse_healthy.load(Ordering::Relaxed) {
+                return Err("ClickHouse writes are failing; retrying".to_string());
+            }
+            let resets = input_resets.lock().expect("input resets lock");
+            if !resets.is_empty() {
+                let messages: Vec<&str> = resets.values().map(String::as_str).collect();
+                return Err(format!("input reset: {}", messages.join(" | ")));
+            }
+            Ok(())
         })
     };
     let operations = tokio::spawn(serve(
@@ -53,7 +62,14 @@ pub async fn run(
         shutdown.clone(),
     ));
     let result = tokio::task::spawn_blocking(move || {
-        stream::run_blocking(config, kafka, service, shutdown, clickhouse_healthy)
+        stream::run_blocking(
+            config,
+            kafka,
+            service,
+            shutdown,
+            clickhouse_healthy,
+            input_resets,
+        )
     })
     .await
     .context("aggregator thread panicked")?;

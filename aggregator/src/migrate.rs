@@ -22,6 +22,11 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
         "usage_by_user_day_measure",
         include_str!("../migrations/0004_usage_by_user_day_measure.sql"),
     ),
+    (
+        5,
+        "input_epochs",
+        include_str!("../migrations/0005_input_epochs.sql"),
+    ),
 ];
 
 #[derive(Debug, clickhouse::Row, serde::Deserialize)]

@@ -122,8 +122,8 @@ impl UsageRow {
         partition: i32,
         plan: &BatchPlan,
         version: i64,
-    ) -> Result<UsageRow, DecimalError> {
-        Ok(UsageRow {
+    ) -> UsageRow {
+        UsageRow {
             window_start: u32::try_from(key.window_start_seconds).unwrap_or(0),
             window_seconds: plan.window_seconds,
             workspace_id: key.workspace_id.clone(),
@@ -138,13 +138,13 @@ impl UsageRow {
             source_partition: partition as u32,
             batch_start: plan.start as u64,
             action_count: totals.action_count,
-            quantity: to_scaled_i128(totals.quantity)?,
-            cost: to_scaled_i128(totals.cost)?,
+            quantity: totals.quantity_scaled,
+            cost: totals.cost_scaled,
             outcome_count: totals.outcome_count,
             first_seen: seconds(totals.first_seen_micros),
             last_seen: seconds(totals.last_seen_micros),
             version: version as u64,
-        })
+        }
     }
 }
 
@@ -200,4 +200,23 @@ impl PlanRow {
             dedupe_from: self.dedupe_from as i64,
         }
     }
+}
+
+/// One input epoch (`aggregator_input_epochs`).
+#[derive(Debug, Clone, PartialEq, clickhouse::Row, Serialize, Deserialize)]
+pub struct EpochRow {
+    pub topic: String,
+    pub source_partition: u32,
+    pub logical_start: u64,
+    pub physical_start: u64,
+    pub created_at: u32,
+}
+
+/// What a partition's progress has planned so far, for starting an input epoch.
+#[derive(Debug, Clone, PartialEq, clickhouse::Row, Serialize, Deserialize)]
+pub struct PlannedRow {
+    pub planned_end: u64,
+    pub batch_size: u64,
+    pub window_seconds: u32,
+    pub batches: u64,
 }

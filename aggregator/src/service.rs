@@ -8,8 +8,8 @@
 use std::time::Duration;
 
 use crate::config::ClickHouseSettings;
-use crate::rows::{ActionRow, PlanRow, ProgressRow, UsageRow};
-use crate::state::{BatchPlan, BatchWrite};
+use crate::rows::{ActionRow, EpochRow, PlanRow, PlannedRow, ProgressRow, UsageRow};
+use crate::state::{BatchPlan, BatchSettings, BatchWrite, InputEpoch};
 
 /// Whether a failed ClickHouse call may succeed if tried again.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +100,8 @@ impl ClickHouseService {
                 .await
                 .map_err(classify)?;
             for counted in &write.actions {
+                // Cannot fail: the aggregator counts only actions whose numbers are in range
+                // (`check_enriched_numbers`), and every range fits Decimal(38, 12).
                 let row = ActionRow::from_counted(counted)
                     .map_err(|error| ClickHouseError::Permanent(error.to_string()))?;
                 insert.write(&row).await.map_err(classify)?;
@@ -113,10 +115,7 @@ impl ClickHouseService {
                 .await
                 .map_err(classify)?;
             for (key, totals) in &write.usage {
-                let row = UsageRow::new(key, totals, partition, &write.plan, write.end_offset)
-                    .map_err(|error| {
-                        ClickHouseError::Permanent(format!("usage total out of range: {error}"))
-                    })?;
+                let row = UsageRow::new(key, totals, partition, &write.plan, write.end_offset);
                 insert.write(&row).await.map_err(classify)?;
             }
             insert.end().await.map_err(classify)?;
@@ -155,6 +154,14 @@ impl ClickHouseService {
 
     /// The latest batch plan of a partition, if it has any progress.
     pub async fn load_plan(&self, partition: i32) -> Result<Option<BatchPlan>, ClickHouseError> {
+        Ok(self.load_resume(partition).await?.map(|(plan, _)| plan))
+    }
+
+    /// The latest batch plan of a partition and the logical offset its progress reached.
+    pub async fn load_resume(
+        &self,
+        partition: i32,
+    ) -> Result<Option<(BatchPlan, i64)>, ClickHouseError> {
         let query = format!(
             "SELECT batch_start, argMax(batch_size, end_offset), argMax(window_seconds, end_offset), \
              argMax(dedupe_from, end_offset), max(end_offset) \
@@ -170,7 +177,103 @@ impl ClickHouseService {
             .fetch_all::<PlanRow>()
             .await
             .map_err(classify)?;
-        Ok(rows.first().map(PlanRow::plan))
+        Ok(rows.first().map(|row| (row.plan(), row.end_offset as i64)))
+    }
+
+    /// The current input epoch of a partition (identity when none was started).
+    pub async fn load_epoch(&self, partition: i32) -> Result<InputEpoch, ClickHouseError> {
+        let query = format!(
+            "SELECT logical_start, physical_start FROM {} WHERE topic = ? AND source_partition = ? \
+             ORDER BY logical_start DESC LIMIT 1",
+            self.table("aggregator_input_epochs")
+        );
+        let rows = self
+            .client
+            .query(&query)
+            .bind(&self.topic)
+            .bind(partition as u32)
+            .fetch_all::<EpochRow>()
+            .await
+            .map_err(classify)?;
+        Ok(rows
+            .first()
+            .map(|row| InputEpoch {
+                logical_start: row.logical_start as i64,
+                physical_start: row.physical_start as i64,
+            })
+            .unwrap_or_default())
+    }
+
+    /// Starts a new input epoch of a partition at Kafka offset `physical_start`: its logical
+    /// start is the end of the highest batch ever planned for the partition, so no usage row or
+    /// progress row of the new epoch can share a key with an old one. The epoch's first batch
+    /// plan is written before the epoch itself, so a reader that sees the epoch sees its plan.
+    pub async fn start_epoch(
+        &self,
+        partition: i32,
+        physical_start: i64,
+        default_settings: BatchSettings,
+    ) -> Result<InputEpoch, ClickHouseError> {
+        let query = format!(
+            "SELECT max(batch_start + batch_size) AS planned_end, argMax(batch_size, batch_start) AS batch_size, \
+             argMax(window_seconds, batch_start) AS window_seconds, count() AS batches \
+             FROM {} WHERE topic = ? AND source_partition = ?",
+            self.table("aggregator_progress")
+        );
+        let planned = self
+            .client
+            .query(&query)
+            .bind(&self.topic)
+            .bind(partition as u32)
+            .fetch_one::<PlannedRow>()
+            .await
+            .map_err(classify)?;
+        let epoch = InputEpoch {
+            logical_start: planned.planned_end as i64,
+            physical_start,
+        };
+        let plan = BatchPlan {
+            start: epoch.logical_start,
+            size: if planned.batches > 0 {
+                planned.batch_size as i64
+            } else {
+                default_settings.batch_size
+            },
+            window_seconds: if planned.batches > 0 {
+                planned.window_seconds
+            } else {
+                default_settings.window_seconds
+            },
+            dedupe_from: epoch.logical_start,
+        };
+        let now = time::OffsetDateTime::now_utc().unix_timestamp() as u32;
+        let mut insert = self
+            .client
+            .insert::<ProgressRow>("aggregator_progress")
+            .await
+            .map_err(classify)?;
+        insert
+            .write(&ProgressRow::new(&self.topic, partition, &plan, plan.start, now))
+            .await
+            .map_err(classify)?;
+        insert.end().await.map_err(classify)?;
+        let mut insert = self
+            .client
+            .insert::<EpochRow>("aggregator_input_epochs")
+            .await
+            .map_err(classify)?;
+        insert
+            .write(&EpochRow {
+                topic: self.topic.clone(),
+                source_partition: partition as u32,
+                logical_start: epoch.logical_start as u64,
+                physical_start: epoch.physical_start as u64,
+                created_at: now,
+            })
+            .await
+            .map_err(classify)?;
+        insert.end().await.map_err(classify)?;
+        Ok(epoch)
     }
 
     /// Runs a statement (migrations, tests).

@@ -20,8 +20,9 @@
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 
+use agentmeter_schemas::decimal::{checked_add_scaled, to_scaled_i128};
+use agentmeter_schemas::limits::{check_enriched_numbers, ValueError};
 use agentmeter_schemas::EnrichedAction;
-use rust_decimal::Decimal;
 use sha2::{Digest, Sha256};
 
 /// How a batch of one partition is cut and aggregated; persisted before its data.
@@ -43,6 +44,30 @@ impl BatchPlan {
     }
 }
 
+/// How the Kafka offsets of an input partition map to the logical offsets the aggregator plans,
+/// counts and stores progress in. Identity (`0 → 0`) until an operator starts a new epoch after
+/// the topic was reset (`migrations/0005_input_epochs.sql`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct InputEpoch {
+    /// The logical offset of the epoch's first Kafka offset.
+    pub logical_start: i64,
+    /// The first Kafka offset of the epoch; earlier ones belong to an older epoch.
+    pub physical_start: i64,
+}
+
+impl InputEpoch {
+    /// The logical offset of a Kafka offset; `None` before the epoch's first Kafka offset.
+    pub fn logical(&self, physical: i64) -> Option<i64> {
+        (physical >= self.physical_start)
+            .then(|| self.logical_start + (physical - self.physical_start))
+    }
+
+    /// The Kafka offset of a logical offset (the epoch's first one for earlier offsets).
+    pub fn physical(&self, logical: i64) -> i64 {
+        (logical - self.logical_start).max(0) + self.physical_start
+    }
+}
+
 /// The usage dimensions of one row of the `usage` table (besides partition and batch).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct UsageKey {
@@ -59,11 +84,17 @@ pub struct UsageKey {
 }
 
 /// Cumulative totals of one [`UsageKey`] within a batch.
+///
+/// Quantity and cost are kept as ClickHouse stores them, integers scaled by 10^12: sums of
+/// 12-digit decimals are exact in integers, while `Decimal` holds only 28 digits (7.9·10^16 at
+/// scale 12) and would round a large total silently.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageTotals {
     pub action_count: u64,
-    pub quantity: Decimal,
-    pub cost: Decimal,
+    /// Sum of the quantities × 10^12.
+    pub quantity_scaled: i128,
+    /// Sum of the costs × 10^12.
+    pub cost_scaled: i128,
     pub outcome_count: u64,
     pub first_seen_micros: i64,
     pub last_seen_micros: i64,
@@ -90,8 +121,12 @@ pub struct BatchWrite {
 }
 
 /// What happened to a record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RecordOutcome {
+    /// A value out of its accepted range (only a record that bypassed the enricher's checks):
+    /// not counted, dead-lettered by the caller. The decision depends on the record alone, so
+    /// every replay makes it again.
+    Refused(ValueError),
     /// Before the batch start: only remembered for the duplicate check.
     Rebuilt,
     /// Counted into usage and queued for the `actions` table.
@@ -283,6 +318,10 @@ impl PartitionAggregator {
             Some(plan) => plan,
         };
         self.next_offset = offset + 1;
+        // Before the duplicate check, so that a rebuild of the ids skips the same records.
+        if let Err(error) = check_enriched_numbers(&action) {
+            return RecordOutcome::Refused(error);
+        }
         let id = dedupe_id(&action.raw.workspace_id, &action.raw.event_id);
         let seen_before = self.dedupe.observe(id, offset, timestamp_ms);
         if offset < plan.start {
@@ -291,7 +330,9 @@ impl PartitionAggregator {
         if seen_before {
             return RecordOutcome::Duplicate;
         }
-        self.count(&action, plan.window_seconds);
+        if let Err(error) = self.count(&action, plan.window_seconds) {
+            return RecordOutcome::Refused(error);
+        }
         self.pending_actions.push(CountedAction {
             action,
             partition: self.partition,
@@ -322,7 +363,18 @@ impl PartitionAggregator {
         next
     }
 
-    fn count(&mut self, action: &EnrichedAction, window_seconds: u32) {
+    /// Adds an action to its key's totals. Its numbers are in range
+    /// ([`check_enriched_numbers`]), so no total of a batch can leave `Decimal(38, 12)`
+    /// (`agentmeter_schemas::limits`); the sums are checked all the same, and a failed one
+    /// changes nothing.
+    fn count(&mut self, action: &EnrichedAction, window_seconds: u32) -> Result<(), ValueError> {
+        let out_of_range = |field: &'static str| ValueError::OutOfRange {
+            field: field.into(),
+            value: "the window total".to_string(),
+            max: "Decimal(38, 12)".to_string(),
+        };
+        let quantity = to_scaled_i128(action.quantity).map_err(|_| out_of_range("quantity"))?;
+        let cost = to_scaled_i128(action.cost).map_err(|_| out_of_range("cost"))?;
         let raw = &action.raw;
         let occurred_seconds = raw.occurred_at_micros.div_euclid(1_000_000);
         let window = i64::from(window_seconds);
@@ -342,21 +394,26 @@ impl PartitionAggregator {
         let (totals, changed) = self.totals.entry(key).or_insert_with(|| {
             let empty = UsageTotals {
                 action_count: 0,
-                quantity: Decimal::ZERO,
-                cost: Decimal::ZERO,
+                quantity_scaled: 0,
+                cost_scaled: 0,
                 outcome_count: 0,
                 first_seen_micros: occurred,
                 last_seen_micros: occurred,
             };
-            (empty, true)
+            (empty, false)
         });
+        let quantity_total = checked_add_scaled(totals.quantity_scaled, quantity)
+            .ok_or_else(|| out_of_range("quantity"))?;
+        let cost_total =
+            checked_add_scaled(totals.cost_scaled, cost).ok_or_else(|| out_of_range("cost"))?;
         *changed = true;
         totals.action_count += 1;
-        totals.quantity += action.quantity;
-        totals.cost += action.cost;
+        totals.quantity_scaled = quantity_total;
+        totals.cost_scaled = cost_total;
         totals.outcome_count += u64::from(action.outcome);
         totals.first_seen_micros = totals.first_seen_micros.min(occurred);
         totals.last_seen_micros = totals.last_seen_micros.max(occurred);
+        Ok(())
     }
 
     /// The batch so far: queued actions and the keys changed since the last flush.
@@ -422,7 +479,11 @@ impl PartitionAggregator {
 mod tests {
     use super::*;
     use agentmeter_schemas::{ActionKind, CostSource, RawAction};
+    use rust_decimal::Decimal;
     use std::str::FromStr;
+
+    /// 2026-01-01T00:00:00Z: test actions happen this many seconds after the epoch and more.
+    const BASE_SECONDS: i64 = 1_767_225_600;
 
     const SETTINGS: BatchSettings = BatchSettings {
         batch_size: 10,
@@ -448,8 +509,8 @@ mod tests {
                 trace_event: None,
                 user_id: Some(user.into()),
                 anonymous_id: None,
-                occurred_at_micros: occurred_seconds * 1_000_000,
-                received_at_micros: occurred_seconds * 1_000_000,
+                occurred_at_micros: (BASE_SECONDS + occurred_seconds) * 1_000_000,
+                received_at_micros: (BASE_SECONDS + occurred_seconds) * 1_000_000,
                 description: None,
                 llm_provider: None,
                 llm_model: None,
@@ -469,7 +530,7 @@ mod tests {
             cost_source: CostSource::Allocated,
             currency: "USD".into(),
             config_version: 1,
-            enriched_at_micros: 0,
+            enriched_at_micros: BASE_SECONDS * 1_000_000,
         }
     }
 
@@ -557,16 +618,18 @@ mod tests {
         }
 
         fn totals(&self) -> (u64, Decimal, u64) {
-            self.usage.values().fold(
-                (0, Decimal::ZERO, 0),
+            let (count, cost_scaled, outcomes) = self.usage.values().fold(
+                (0, 0i128, 0),
                 |(count, cost, outcomes), (_, totals)| {
                     (
                         count + totals.action_count,
-                        cost + totals.cost,
+                        cost + totals.cost_scaled,
                         outcomes + totals.outcome_count,
                     )
                 },
-            )
+            );
+            let cost = agentmeter_schemas::decimal::from_scaled_i128(cost_scaled).unwrap();
+            (count, cost, outcomes)
         }
     }
 
@@ -689,6 +752,105 @@ mod tests {
             .iter()
             .flat_map(|write| write.usage.iter().map(|(key, _)| key.window_start_seconds))
             .collect();
-        assert_eq!(windows, vec![0, 3_600]);
+        assert_eq!(windows, vec![BASE_SECONDS, BASE_SECONDS + 3_600]);
+    }
+
+    #[test]
+    fn an_out_of_range_action_is_refused_and_the_partition_goes_on() {
+        let mut aggregator = PartitionAggregator::new(0, SETTINGS, None);
+        let mut huge = action("huge", "u", "web_search", "1", 10);
+        huge.quantity = Decimal::from_str("12345678901234567890123456").unwrap();
+        assert!(matches!(
+            aggregator.handle(0, 0, huge),
+            RecordOutcome::Refused(ValueError::OutOfRange { .. })
+        ));
+        let mut negative = action("negative", "u", "web_search", "-5", 10);
+        negative.raw.input_tokens = Some(-1);
+        assert!(matches!(aggregator.handle(1, 0, negative), RecordOutcome::Refused(_)));
+        assert_eq!(
+            aggregator.handle(2, 0, action("fine", "u", "web_search", "1", 10)),
+            RecordOutcome::Counted
+        );
+        let writes = aggregator.take_flush();
+        let counted: Vec<&str> = writes
+            .iter()
+            .flat_map(|write| &write.actions)
+            .map(|counted| counted.action.raw.event_id.as_str())
+            .collect();
+        assert_eq!(counted, vec!["fine"]);
+        assert_eq!(aggregator.next_offset(), 3, "refused records still advance the offset");
+    }
+
+    proptest::proptest! {
+        /// Any mix of the extreme values the limits allow (and some beyond them), any keys,
+        /// any batch size: every counted action makes a storable row, every usage total stays
+        /// inside Decimal(38, 12), and only out-of-range actions are refused.
+        #[test]
+        fn no_accepted_input_makes_a_window_total_leave_its_column_type(
+            values in proptest::collection::vec(
+                (0usize..3, 0u8..6, 0u8..6, 0usize..4), 1..300),
+            batch_size in 1i64..64,
+        ) {
+            let settings = BatchSettings { batch_size, ..SETTINGS };
+            let mut aggregator = PartitionAggregator::new(0, settings, None);
+            let quantities = ["0", "1", "0.000000000001", "999999999999.999999999999", "1000000000000", "1000000000000.000000000001"];
+            let costs = ["0", "0.5", "999999999.999999999999", "1000000000", "1000000000.1", "-1"];
+            let mut expected_refused = 0;
+            let mut refused = 0;
+            for (offset, (user, quantity, cost, event)) in values.into_iter().enumerate() {
+                let mut candidate = action(&format!("e{offset}_{event}"), &format!("u{user}"), "scan", "0", 10);
+                candidate.quantity = Decimal::from_str(quantities[quantity as usize]).unwrap();
+                candidate.cost = Decimal::from_str(costs[cost as usize]).unwrap();
+                let in_range = quantity < 5 && cost < 4;
+                expected_refused += usize::from(!in_range);
+                match aggregator.handle(offset as i64, 0, candidate) {
+                    RecordOutcome::Refused(_) => refused += 1,
+                    outcome => proptest::prop_assert_eq!(outcome, RecordOutcome::Counted),
+                }
+                if offset % 17 == 0 {
+                    for write in aggregator.take_flush() {
+                        check_storable(&write)?;
+                    }
+                }
+            }
+            for write in aggregator.take_flush() {
+                check_storable(&write)?;
+            }
+            proptest::prop_assert_eq!(refused, expected_refused);
+        }
+    }
+
+    fn check_storable(write: &BatchWrite) -> Result<(), proptest::test_runner::TestCaseError> {
+        for counted in &write.actions {
+            proptest::prop_assert!(crate::rows::ActionRow::from_counted(counted).is_ok());
+        }
+        for (key, totals) in &write.usage {
+            let row = crate::rows::UsageRow::new(key, totals, 0, &write.plan, write.end_offset);
+            let column_max = 10i128.pow(38);
+            proptest::prop_assert!(row.quantity.abs() < column_max && row.cost.abs() < column_max);
+            proptest::prop_assert!(row.quantity >= 0 && row.cost >= 0);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn an_input_epoch_maps_new_kafka_offsets_above_every_old_batch() {
+        let identity = InputEpoch::default();
+        assert_eq!((identity.logical(7), identity.physical(7)), (Some(7), 7));
+        // A topic re-created after 157,000 offsets: its offset 0 becomes logical 200,000.
+        let epoch = InputEpoch {
+            logical_start: 200_000,
+            physical_start: 0,
+        };
+        assert_eq!(epoch.logical(0), Some(200_000));
+        assert_eq!(epoch.physical(200_350), 350);
+        // Starting at the current end skips what was already there.
+        let latest = InputEpoch {
+            logical_start: 200_000,
+            physical_start: 350,
+        };
+        assert_eq!(latest.logical(349), None);
+        assert_eq!(latest.logical(351), Some(200_001));
+        assert_eq!(latest.physical(5), 350);
     }
 }

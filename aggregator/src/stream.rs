@@ -10,10 +10,16 @@
 //! * Group membership: static (`group_instance_id`), a [`GroupWatchdog`] that leaves and re-joins
 //!   the group when tansu left it stuck, and a LeaveGroup on shutdown — see ADR 0001,
 //!   "Consumer groups on tansu".
-//! * A record that cannot be decoded is counted, sent to the dead-letter topic, and skipped; the
-//!   skip is deterministic, so replays skip it too.
+//! * A record that cannot be decoded, or whose values are out of range, is counted, sent to the
+//!   dead-letter topic, and skipped; the skip is deterministic, so replays skip it too.
+//! * **Input resets.** A partition whose Kafka high watermark is below the progress stored in
+//!   ClickHouse was reset (the topic deleted and re-created, a restored backup, another
+//!   cluster): reading on would skip every new record as already counted. The partition is
+//!   paused, `/readyz` and `agentmeter_aggregator_input_reset` say so, until an operator starts
+//!   a new [`InputEpoch`] with `agentmeter reset-input`; the aggregator then resumes on its own.
+//!   Offsets inside the aggregator are logical (the epoch's mapping of Kafka offsets).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,7 +37,21 @@ use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
 use crate::config::AggregatorConfig;
 use crate::service::{Backoff, ClickHouseError, ClickHouseService};
-use crate::state::{BatchSettings, PartitionAggregator, RecordOutcome};
+use crate::state::{BatchSettings, InputEpoch, PartitionAggregator, RecordOutcome};
+
+/// Partitions whose input was reset, with the message for `/readyz`; shared with the readiness
+/// check.
+pub type InputResets = Arc<Mutex<BTreeMap<i32, String>>>;
+
+/// How an assigned partition is to be read.
+enum PartitionStart {
+    /// From this Kafka offset.
+    ReadFrom(Offset),
+    /// Not at all: its input was reset (the message says how).
+    Paused,
+    /// Not at all: shutdown, or ClickHouse failed permanently.
+    Abandoned,
+}
 
 /// What the poll thread and the rebalance callback share.
 struct Worker {
@@ -53,6 +73,12 @@ struct Worker {
     hints: HashMap<i32, i64>,
     /// Offset after the last record read per partition, poison included.
     read_up_to: HashMap<i32, i64>,
+    /// The input epoch of every partition being read (logical ↔ Kafka offsets).
+    epochs: HashMap<i32, InputEpoch>,
+    /// Partitions paused because their input was reset.
+    input_resets: InputResets,
+    /// Set when a record arrived below a partition's read position: check the inputs now.
+    check_inputs_now: bool,
 }
 
 impl Worker {
@@ -93,53 +119,164 @@ impl Worker {
         }
     }
 
+    /// Reads where a newly assigned (or recovered) partition resumes, from ClickHouse: its
+    /// input epoch and its latest batch plan. `high_watermark` (Kafka's, if known) below the
+    /// progress already stored means the input was reset: the partition is not read.
+    fn open_partition(&mut self, partition: i32, high_watermark: Option<i64>) -> PartitionStart {
+        let loaded = self.with_retries("reading aggregator progress", |service, runtime| {
+            runtime.block_on(async {
+                let epoch = service.load_epoch(partition).await?;
+                let resume = service.load_resume(partition).await?;
+                Ok((epoch, resume))
+            })
+        });
+        let Some((epoch, resume)) = loaded else {
+            return PartitionStart::Abandoned;
+        };
+        if let (Some((_, reached)), Some(high)) = (resume, high_watermark) {
+            let reached_physical = epoch.physical(reached);
+            if high < reached_physical {
+                self.mark_input_reset(partition, high, reached_physical);
+                return PartitionStart::Paused;
+            }
+        }
+        let plan = resume.map(|(plan, _)| plan);
+        let aggregator = PartitionAggregator::new(partition, self.settings, plan);
+        let offset = aggregator
+            .start_offset()
+            .map(|logical| Offset::Offset(epoch.physical(logical)))
+            .unwrap_or(if epoch == InputEpoch::default() {
+                Offset::Beginning
+            } else {
+                Offset::Offset(epoch.physical_start)
+            });
+        tracing::info!(
+            partition,
+            ?plan,
+            ?epoch,
+            ?offset,
+            "partition assigned; resuming from ClickHouse progress"
+        );
+        self.partitions.insert(partition, aggregator);
+        self.epochs.insert(partition, epoch);
+        self.clear_input_reset(partition);
+        PartitionStart::ReadFrom(offset)
+    }
+
+    fn mark_input_reset(&mut self, partition: i32, high_watermark: i64, reached: i64) {
+        let message = format!(
+            "partition {partition} of {topic}: Kafka's high watermark {high_watermark} is below offset {reached}, \
+             which the progress in ClickHouse says was already aggregated. The topic was deleted and re-created, \
+             restored from an older backup, or this is another Kafka cluster; reading on would skip every new \
+             record as already counted, so nothing more is read from this partition. When you know which: \
+             `agentmeter reset-input --partition {partition} --from earliest` if every record now in the topic \
+             is new, `--from latest` if they were already counted (docs/operations.md, \"Input reset\")",
+            topic = self.topic
+        );
+        self.mark_paused(partition, message);
+    }
+
+    /// Records why a partition is not read (logged once, shown by `/readyz` until cleared).
+    fn mark_paused(&mut self, partition: i32, message: String) {
+        metrics::gauge!("agentmeter_aggregator_input_reset", "partition" => partition.to_string())
+            .set(1.0);
+        let previous = self
+            .input_resets
+            .lock()
+            .expect("input resets lock")
+            .insert(partition, message.clone());
+        if previous.as_ref() != Some(&message) {
+            tracing::error!(partition, "{message}");
+        }
+    }
+
+    fn clear_input_reset(&mut self, partition: i32) {
+        let removed = self
+            .input_resets
+            .lock()
+            .expect("input resets lock")
+            .remove(&partition);
+        if removed.is_some() {
+            tracing::info!(partition, "input reset resolved; reading the partition again");
+        }
+        metrics::gauge!("agentmeter_aggregator_input_reset", "partition" => partition.to_string())
+            .set(0.0);
+    }
+
     fn handle_message(&mut self, message: &BorrowedMessage<'_>) {
         let partition = message.partition();
         let Some(aggregator) = self.partitions.get_mut(&partition) else {
             // Not (or no longer) ours: a message fetched before a revocation.
             return;
         };
-        self.read_up_to.insert(partition, message.offset() + 1);
+        let epoch = self.epochs.get(&partition).copied().unwrap_or_default();
+        let Some(offset) = epoch.logical(message.offset()) else {
+            // Before the current input epoch: already counted in the one before.
+            return;
+        };
+        self.read_up_to.insert(partition, offset + 1);
         let timestamp_ms = message.timestamp().to_millis().unwrap_or(0);
         let payload = message.payload().unwrap_or_default();
         match decode_enriched_action(payload) {
             Ok(action) => {
-                let outcome = aggregator.handle(message.offset(), timestamp_ms, action);
-                let label = match outcome {
+                let outcome = aggregator.handle(offset, timestamp_ms, action);
+                if outcome == RecordOutcome::AlreadyHandled {
+                    // Kafka went back below what was read (e.g. an offset reset after the
+                    // topic was re-created): find out at once whether the input was reset.
+                    self.check_inputs_now = true;
+                }
+                let label = match &outcome {
                     RecordOutcome::Counted => "counted",
                     RecordOutcome::Duplicate => "duplicate",
                     RecordOutcome::Rebuilt => "rebuilt",
                     RecordOutcome::AlreadyHandled => "already_handled",
+                    RecordOutcome::Refused(_) => "refused",
                 };
                 metrics::counter!("agentmeter_aggregator_records_total", "outcome" => label)
                     .increment(1);
-            }
-            Err(error) => {
-                metrics::counter!("agentmeter_aggregator_dead_letters_total", "reason" => "undecodable").increment(1);
-                let reason = format!("undecodable enriched action: {error}");
-                tracing::warn!(partition, offset = message.offset(), %reason, "poison record skipped");
-                let source = format!("{}/{}/{}", message.topic(), partition, message.offset());
-                let headers = OwnedHeaders::new()
-                    .insert(Header {
-                        key: "agentmeter.dlq.reason",
-                        value: Some("undecodable"),
-                    })
-                    .insert(Header {
-                        key: "agentmeter.dlq.message",
-                        value: Some(&reason),
-                    })
-                    .insert(Header {
-                        key: "agentmeter.dlq.source",
-                        value: Some(&source),
-                    });
-                let record = BaseRecord::to(&self.dead_letter_topic)
-                    .payload(payload)
-                    .key(message.key().unwrap_or_default())
-                    .headers(headers);
-                if let Err((error, _)) = self.dead_letters.send(record) {
-                    tracing::error!(%error, "cannot queue the dead letter");
+                if let RecordOutcome::Refused(error) = outcome {
+                    let code = if error.is_text() {
+                        "invalid_text"
+                    } else {
+                        "value_out_of_range"
+                    };
+                    self.dead_letter(message, code, &format!("refused by the aggregator: {error}"));
                 }
             }
+            Err(error) => {
+                let reason = format!("undecodable enriched action: {error}");
+                self.dead_letter(message, "undecodable", &reason);
+            }
+        }
+    }
+
+    /// Counts a poison record and queues it on the dead-letter topic with its reason; the
+    /// partition goes on (the skip is deterministic, so replays skip it too).
+    fn dead_letter(&self, message: &BorrowedMessage<'_>, code: &'static str, reason: &str) {
+        let partition = message.partition();
+        metrics::counter!("agentmeter_aggregator_dead_letters_total", "reason" => code)
+            .increment(1);
+        tracing::warn!(partition, offset = message.offset(), %reason, "poison record skipped");
+        let source = format!("{}/{}/{}", message.topic(), partition, message.offset());
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "agentmeter.dlq.reason",
+                value: Some(code),
+            })
+            .insert(Header {
+                key: "agentmeter.dlq.message",
+                value: Some(reason),
+            })
+            .insert(Header {
+                key: "agentmeter.dlq.source",
+                value: Some(&source),
+            });
+        let record = BaseRecord::to(&self.dead_letter_topic)
+            .payload(message.payload().unwrap_or_default())
+            .key(message.key().unwrap_or_default())
+            .headers(headers);
+        if let Err((error, _)) = self.dead_letters.send(record) {
+            tracing::error!(%error, "cannot queue the dead letter");
         }
     }
 
@@ -155,8 +292,8 @@ impl Worker {
             || self.pending_actions() >= self.config.max_pending_actions
     }
 
-    /// Flushes the given partitions (all when `None`); returns (partition, offset reached) of
-    /// each partition fully flushed.
+    /// Flushes the given partitions (all when `None`); returns (partition, Kafka offset reached)
+    /// of each partition fully flushed.
     fn flush(&mut self, only: Option<&[i32]>) -> Vec<(i32, i64)> {
         let started = Instant::now();
         let mut flushed = Vec::new();
@@ -222,6 +359,14 @@ impl Worker {
         for (partition, offset) in &flushed {
             self.hints.insert(*partition, *offset);
         }
+        // Kafka is told Kafka offsets.
+        let flushed = flushed
+            .into_iter()
+            .map(|(partition, logical)| {
+                let epoch = self.epochs.get(&partition).copied().unwrap_or_default();
+                (partition, epoch.physical(logical))
+            })
+            .collect();
         self.last_flush = Instant::now();
         metrics::histogram!("agentmeter_aggregator_flush_seconds")
             .record(started.elapsed().as_secs_f64());
@@ -257,35 +402,34 @@ impl ConsumerContext for AggregatorContext {
                     .iter()
                     .map(|element| element.partition())
                     .collect();
+                let topic = worker.topic.clone();
+                let mut paused = TopicPartitionList::new();
                 for partition in assigned {
-                    let plan = worker
-                        .with_retries("reading aggregator progress", |service, runtime| {
-                            runtime.block_on(service.load_plan(partition))
-                        });
-                    let Some(plan) = plan else {
+                    let high = consumer
+                        .fetch_watermarks(&topic, partition, Duration::from_secs(5))
+                        .ok()
+                        .map(|(_, high)| high);
+                    let offset = match worker.open_partition(partition, high) {
+                        PartitionStart::ReadFrom(offset) => offset,
+                        PartitionStart::Paused => {
+                            paused.add_partition(&topic, partition);
+                            Offset::End
+                        }
                         // Shutdown or a permanent error: assign nothing usable; the loop stops.
-                        continue;
+                        PartitionStart::Abandoned => continue,
                     };
-                    let aggregator = PartitionAggregator::new(partition, worker.settings, plan);
-                    let offset = aggregator
-                        .start_offset()
-                        .map(Offset::Offset)
-                        .unwrap_or(Offset::Beginning);
-                    tracing::info!(
-                        partition,
-                        ?plan,
-                        ?offset,
-                        "partition assigned; resuming from ClickHouse progress"
-                    );
-                    let topic = worker.topic.clone();
                     if let Err(error) = partitions.set_partition_offset(&topic, partition, offset) {
                         tracing::error!(%error, partition, "cannot set the start offset");
                     }
-                    worker.partitions.insert(partition, aggregator);
                 }
                 if let Err(error) = consumer.assign(partitions) {
                     tracing::error!(%error, "assignment failed");
                     worker.fatal = Some(format!("assignment failed: {error}"));
+                }
+                if paused.count() > 0 {
+                    if let Err(error) = consumer.pause(&paused) {
+                        tracing::error!(%error, "cannot pause the partitions whose input was reset");
+                    }
                 }
                 let generation = group_membership(consumer).map(|(generation, _)| generation);
                 worker.watchdog.on_assigned(generation);
@@ -302,6 +446,9 @@ impl ConsumerContext for AggregatorContext {
                     worker.partitions.remove(&partition);
                     worker.hints.remove(&partition);
                     worker.read_up_to.remove(&partition);
+                    worker.epochs.remove(&partition);
+                    // The next owner finds out about a reset input on its own.
+                    worker.clear_input_reset(partition);
                 }
                 if let Err(error) = consumer.unassign() {
                     tracing::warn!(%error, "unassign failed");
@@ -320,6 +467,7 @@ pub fn run_blocking(
     service: ClickHouseService,
     shutdown: Shutdown,
     clickhouse_healthy: Arc<AtomicBool>,
+    input_resets: InputResets,
 ) -> anyhow::Result<()> {
     let topics = kafka.topics();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -350,6 +498,9 @@ pub fn run_blocking(
         watchdog: GroupWatchdog::new(&config.group_id, &topics.enriched),
         hints: HashMap::new(),
         read_up_to: HashMap::new(),
+        epochs: HashMap::new(),
+        input_resets,
+        check_inputs_now: false,
     }));
     let mut client_config =
         kafka.group_consumer_config(&config.group_id, &config.group_instance_id);
@@ -429,8 +580,9 @@ pub fn run_blocking(
             }
         };
         store_offset_hints(&consumer, &topics.enriched, &flushed);
-        if last_lag_report.elapsed() >= Duration::from_secs(10) {
-            report_lag(&consumer, &topics.enriched, &worker);
+        let check_now = std::mem::take(&mut worker.lock().expect("worker lock").check_inputs_now);
+        if check_now || last_lag_report.elapsed() >= INPUT_CHECK_INTERVAL {
+            check_inputs(&consumer, &topics.enriched, &worker);
             last_lag_report = Instant::now();
         }
     };
@@ -479,22 +631,102 @@ fn store_offset_hints<C: ConsumerContext>(
     }
 }
 
-fn report_lag<C: ConsumerContext>(
+/// How often the inputs are checked: consumer lag, reset inputs, recovered ones.
+const INPUT_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Reports each partition's consumer lag, pauses a partition whose input was reset under it
+/// (its high watermark fell below what was read), and resumes a paused one once an operator
+/// started a new input epoch for it.
+fn check_inputs<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     topic: &str,
     worker: &Arc<Mutex<Worker>>,
 ) {
-    let positions: Vec<(i32, i64)> = worker
-        .lock()
-        .expect("worker lock")
-        .partitions
-        .values()
-        .map(|aggregator| (aggregator.partition, aggregator.next_offset()))
-        .collect();
-    for (partition, next_offset) in positions {
-        if let Ok((_, high)) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(1)) {
-            metrics::gauge!("agentmeter_aggregator_consumer_lag", "partition" => partition.to_string())
-                .set((high - next_offset).max(0) as f64);
+    let (positions, paused): (Vec<(i32, i64)>, Vec<i32>) = {
+        let worker = worker.lock().expect("worker lock");
+        let positions = worker
+            .partitions
+            .values()
+            .map(|aggregator| {
+                let epoch = worker
+                    .epochs
+                    .get(&aggregator.partition)
+                    .copied()
+                    .unwrap_or_default();
+                let read = worker
+                    .read_up_to
+                    .get(&aggregator.partition)
+                    .copied()
+                    .unwrap_or(0)
+                    .max(aggregator.next_offset());
+                (aggregator.partition, epoch.physical(read))
+            })
+            .collect();
+        let paused = worker
+            .input_resets
+            .lock()
+            .expect("input resets lock")
+            .keys()
+            .copied()
+            .collect();
+        (positions, paused)
+    };
+    for (partition, next_physical) in positions {
+        let high = match consumer.fetch_watermarks(topic, partition, Duration::from_secs(2)) {
+            Ok((_, high)) => high,
+            Err(error) => {
+                tracing::debug!(%error, partition, "cannot read the high watermark");
+                continue;
+            }
+        };
+        tracing::trace!(partition, high, next_physical, "input position");
+        metrics::gauge!("agentmeter_aggregator_consumer_lag", "partition" => partition.to_string())
+            .set((high - next_physical).max(0) as f64);
+        if high < next_physical {
+            let mut worker = worker.lock().expect("worker lock");
+            // What was read before the reset is real: make it durable, then stop reading.
+            worker.flush(Some(&[partition]));
+            worker.partitions.remove(&partition);
+            worker.hints.remove(&partition);
+            worker.read_up_to.remove(&partition);
+            worker.epochs.remove(&partition);
+            worker.mark_input_reset(partition, high, next_physical);
+            pause_partition(consumer, topic, partition);
         }
+    }
+    for partition in paused {
+        let high = consumer
+            .fetch_watermarks(topic, partition, Duration::from_secs(1))
+            .ok()
+            .map(|(_, high)| high);
+        let start = worker
+            .lock()
+            .expect("worker lock")
+            .open_partition(partition, high);
+        if let PartitionStart::ReadFrom(offset) = start {
+            if let Err(error) = consumer.seek(topic, partition, offset, Duration::from_secs(5)) {
+                let mut paused_worker = worker.lock().expect("worker lock");
+                paused_worker.partitions.remove(&partition);
+                paused_worker.epochs.remove(&partition);
+                paused_worker.mark_paused(
+                    partition,
+                    format!("partition {partition}: the new input epoch is recorded, but seeking to it failed ({error}); retrying"),
+                );
+                continue;
+            }
+            let mut resumed = TopicPartitionList::new();
+            resumed.add_partition(topic, partition);
+            if let Err(error) = consumer.resume(&resumed) {
+                tracing::error!(%error, partition, "cannot resume the recovered partition");
+            }
+        }
+    }
+}
+
+fn pause_partition<C: ConsumerContext>(consumer: &BaseConsumer<C>, topic: &str, partition: i32) {
+    let mut paused = TopicPartitionList::new();
+    paused.add_partition(topic, partition);
+    if let Err(error) = consumer.pause(&paused) {
+        tracing::error!(%error, partition, "cannot pause the partition whose input was reset");
     }
 }

@@ -95,7 +95,7 @@ fn enrich_path(c: &mut Criterion) {
         |b| {
             let llm_call = &raws[1];
             assert_eq!(llm_call.action_name, "llm_call");
-            b.iter(|| black_box(TokenCounts::of(black_box(llm_call))))
+            b.iter(|| black_box(TokenCounts::of(black_box(llm_call)).ok()))
         },
     );
     group.bench_function("piece/raw_action_clone", |b| {

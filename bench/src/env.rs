@@ -383,11 +383,28 @@ metrics_listen = "127.0.0.1:{aggregator}"
             topics.dead_letter,
             topics.config,
         ];
-        if let Err(error) = crate::kafka::delete_topics(&self.options.brokers, &names) {
-            eprintln!(
-                "note: could not delete topics {}*: {error:#}",
+        // tansu 0.6.0 from crates.io deletes every topic when asked to delete one: only a
+        // broker built by services.sh with the fix is asked.
+        let kafka_port = self
+            .options
+            .brokers
+            .rsplit(':')
+            .next()
+            .and_then(|port| port.parse::<u16>().ok())
+            .unwrap_or(9092);
+        match agentmeter_testkit::broker::topic_deletion_is_safe(kafka_port) {
+            Ok(()) => {
+                if let Err(error) = crate::kafka::delete_topics(&self.options.brokers, &names) {
+                    eprintln!(
+                        "note: could not delete topics {}*: {error:#}",
+                        self.topic_prefix
+                    );
+                }
+            }
+            Err(reason) => eprintln!(
+                "note: topics {}* left on the broker, not deleted: {reason}",
                 self.topic_prefix
-            );
+            ),
         }
         if self.database_created {
             let url = format!("{}/?database=default", self.options.clickhouse_url);

@@ -33,10 +33,12 @@ APT_PACKAGES=(clickhouse-server clickhouse-client cmake libcurl4-openssl-dev pro
 TANSU_VERSION="0.6.0"
 TANSU_CRATE_SHA256="4fdd85473ec265140488cf8d55e82b844f5c051c8916fabdd4a71156ac053f6d"
 TANSU_STORAGE_CRATE_SHA256="720d2ed8e6010c70f7f06e5af5a7274ebbf6e42fdcd9e46de542b10dc4d2f35d"
-# What our build changes in the crates.io sources (see install_tansu); part of the cache path, so
-# a binary built without the fix is never reused.
-TANSU_FIXES="topic-delete-by-id"
-TANSU_ROOT="$AGENTMETER_CACHE/tansu-$TANSU_VERSION-$TANSU_FIXES"
+# What our build changes in the crates.io sources (see install_tansu), one name per fix; written
+# to $TANSU_ROOT/FIXES. TANSU_BUILD names the set and is part of the cache path, so a binary
+# built without a fix is never reused.
+TANSU_FIXES=(topic-delete-by-id query-one-no-row-is-an-error)
+TANSU_BUILD="fixed-2"
+TANSU_ROOT="$AGENTMETER_CACHE/tansu-$TANSU_VERSION-$TANSU_BUILD"
 TANSU_BIN="$TANSU_ROOT/bin/tansu"
 TANSU_LOG="$AGENTMETER_CACHE/logs/tansu.log"
 CLICKHOUSE_SERVER="$(command -v clickhouse-server || echo /usr/sbin/clickhouse-server)"
@@ -145,14 +147,20 @@ heartbeat_until_done() { # pid log what
     done
 }
 
-# tansu 0.6.0 (the newest on crates.io) deletes EVERY topic of the cluster when asked to delete
-# one: tansu-storage's src/sql/topic_delete_by.sql selects `topic.cluster IN (the cluster of the
-# named topic)` instead of the topic's own id. We build the broker from the crates.io sources
-# with that statement fixed (nothing of the broker's source lives in this repository): the two
-# .crate files are downloaded and checked against pinned SHA-256 sums, the statement is rewritten
-# to select the topic's id, the tansu binary crate's lock file points tansu-storage at the fixed
-# copy, and everything else builds from its locked versions. The fixes are listed in
-# $TANSU_ROOT/FIXES, which tests and tools read before they delete a topic.
+# tansu 0.6.0 (the newest on crates.io) has two defects that our own tools run into, and we build
+# the broker from the crates.io sources with each fixed by one line (nothing of the broker's
+# source lives in this repository): the two .crate files are downloaded and checked against
+# pinned SHA-256 sums, the lines are rewritten with sed (each checked before and after), the
+# tansu binary crate's lock file points tansu-storage at the fixed copy, and everything else
+# builds from its locked versions. The fixes are listed in $TANSU_ROOT/FIXES, which tests and
+# tools read before they delete a topic.
+#  * topic-delete-by-id: deleting ONE topic deleted EVERY topic of the cluster:
+#    src/sql/topic_delete_by.sql selected `topic.cluster IN (the cluster of the named topic)`
+#    instead of the topic's own id.
+#  * query-one-no-row-is-an-error: src/lite.rs `query_one` panics ("more or less than one row")
+#    when a statement finds no row, e.g. a fetch of a partition whose topic was just deleted;
+#    the panic kills the storage task and the broker then fails every request while its port
+#    stays open. The fix returns libsql's QueryReturnedNoRows error for that request instead.
 tansu_crate_url() { echo "https://static.crates.io/crates/$1/$1-$2.crate"; }
 
 fetch_crate() { # name version sha256 destdir
@@ -184,6 +192,12 @@ prepare_fixed_tansu_sources() { # srcdir
     sed -i -e 's/^where topic.cluster in ($/where topic.id in (/' -e 's/^    select c.id$/    select t.id/' "$sql"
     grep -q '^where topic.id in ($' "$sql" && grep -q '^    select t.id$' "$sql" || die "fixing $sql failed"
 
+    local lite="$src/tansu-storage-$TANSU_VERSION/src/lite.rs"
+    [ "$(grep -c '^            panic!("more or less than one row");$' "$lite")" = 1 ] \
+        || die "$lite is not the code this fix expects"
+    sed -i 's/^            panic!("more or less than one row");$/            return Err(libsql::Error::QueryReturnedNoRows);/' "$lite"
+    grep -q '^            return Err(libsql::Error::QueryReturnedNoRows);$' "$lite" || die "fixing $lite failed"
+
     lock="$src/tansu-$TANSU_VERSION/Cargo.lock"
     # A path dependency has no source or checksum in a lock file; with them gone, --locked holds.
     sed -i '/^name = "tansu-storage"$/,/^$/{/^source = /d;/^checksum = /d}' "$lock"
@@ -192,8 +206,8 @@ prepare_fixed_tansu_sources() { # srcdir
 }
 
 install_tansu() {
-    if [ -x "$TANSU_BIN" ] && grep -qx "$TANSU_FIXES" "$TANSU_ROOT/FIXES" 2>/dev/null; then
-        say "tansu $TANSU_VERSION ($TANSU_FIXES) already built: $TANSU_BIN"
+    if [ -x "$TANSU_BIN" ] && [ "$(cat "$TANSU_ROOT/FIXES" 2>/dev/null)" = "$(printf '%s\n' "${TANSU_FIXES[@]}")" ]; then
+        say "tansu $TANSU_VERSION (fixes: ${TANSU_FIXES[*]}) already built: $TANSU_BIN"
         return
     fi
     # A build started outside this script (same --root) is still running: wait for it.
@@ -208,9 +222,9 @@ install_tansu() {
     command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust (rustup) first"
     mkdir -p "$(dirname "$TANSU_LOG")"
     local src="$AGENTMETER_CACHE/tansu-$TANSU_VERSION-src"
-    say "fetching tansu $TANSU_VERSION and tansu-storage $TANSU_VERSION from crates.io; fixing topic_delete_by.sql"
+    say "fetching tansu $TANSU_VERSION and tansu-storage $TANSU_VERSION from crates.io; applying fixes: ${TANSU_FIXES[*]}"
     prepare_fixed_tansu_sources "$src"
-    say "building tansu $TANSU_VERSION ($TANSU_FIXES), about 12 minutes on 2 cores the first time (log $TANSU_LOG)"
+    say "building tansu $TANSU_VERSION (fixes: ${TANSU_FIXES[*]}), about 12 minutes on 2 cores the first time (log $TANSU_LOG)"
     # A target dir in the cache lets a failed or interrupted build resume; removed on success.
     local target="$AGENTMETER_CACHE/tansu-$TANSU_VERSION-target" rc=0 pid
     cargo install --path "$src/tansu-$TANSU_VERSION" --locked --features dynostore,libsql \
@@ -222,9 +236,9 @@ install_tansu() {
         tail_log "$TANSU_LOG"
         die "cargo install tansu failed (exit $rc); full log: $TANSU_LOG"
     fi
-    echo "$TANSU_FIXES" >"$TANSU_ROOT/FIXES"
+    printf '%s\n' "${TANSU_FIXES[@]}" >"$TANSU_ROOT/FIXES"
     rm -rf "$target" "$src"
-    say "tansu $TANSU_VERSION installed: $TANSU_BIN (fixes: $TANSU_FIXES)"
+    say "tansu $TANSU_VERSION installed: $TANSU_BIN (fixes: ${TANSU_FIXES[*]})"
 }
 
 cmd_install() {

@@ -12,16 +12,23 @@
 //! * `cost` is what billing uses: quantity × the rate in force at `occurred_at` when a cost
 //!   allocation applies (`cost_source = allocated`), else the cost the caller reported
 //!   (`reported`), else 0 (`none`). The reported cost is always kept beside it.
-//! * Cost is rounded half-even to 12 fractional digits (the storage scale) — only possible with
-//!   a fractional custom quantity; an overflow of `Decimal(38, 12)` is a dead letter, never a
-//!   rounding.
+//! * Cost is quantity × rate rounded once, half-even, to 12 fractional digits (the storage
+//!   scale), in exact integer arithmetic ([`mul_round_half_even`]).
+//! * Every value is first checked against its accepted range and the text rules
+//!   ([`check_raw_action`]: ingest checks the same, so this catches direct Kafka publishers), and
+//!   every computation on it is checked: a quantity above 10^12, a cost above 10^9 or anything
+//!   that would overflow is a dead letter with the reason (`docs/adr/0002-value-ranges.md`) —
+//!   never a panic, a wrap-around or a rounding.
 
 use std::str::FromStr;
 
-use agentmeter_schemas::decimal::{to_scaled_i128, STORAGE_SCALE};
+use agentmeter_schemas::decimal::mul_round_half_even;
+use agentmeter_schemas::limits::{
+    check_action_cost, check_quantity, check_raw_action, check_token_count, ValueError,
+};
 use agentmeter_schemas::metering::Measure;
 use agentmeter_schemas::{CostSource, EnrichedAction, RawAction, WorkspaceSnapshot};
-use rust_decimal::{Decimal, RoundingStrategy};
+use rust_decimal::Decimal;
 
 /// Why a record goes to the dead-letter topic instead of downstream.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -42,8 +49,10 @@ pub enum DeadLetterReason {
     OutsideTimeWindow(String),
     #[error("cannot measure {measure}: {problem}")]
     Unmeasurable { measure: String, problem: String },
-    #[error("cost does not fit Decimal(38, 12): {0}")]
-    CostOverflow(String),
+    #[error("{0}")]
+    InvalidValue(ValueError),
+    #[error("cannot encode the enriched action: {0}")]
+    Unencodable(String),
 }
 
 impl DeadLetterReason {
@@ -56,7 +65,9 @@ impl DeadLetterReason {
             DeadLetterReason::AccountMismatch { .. } => "account_mismatch",
             DeadLetterReason::OutsideTimeWindow(_) => "outside_time_window",
             DeadLetterReason::Unmeasurable { .. } => "unmeasurable",
-            DeadLetterReason::CostOverflow(_) => "cost_overflow",
+            DeadLetterReason::InvalidValue(error) if error.is_text() => "invalid_text",
+            DeadLetterReason::InvalidValue(_) => "value_out_of_range",
+            DeadLetterReason::Unencodable(_) => "unencodable",
         }
     }
 }
@@ -75,6 +86,7 @@ pub fn enrich(
     window: TimeWindow,
     now_micros: i64,
 ) -> Result<EnrichedAction, DeadLetterReason> {
+    check_raw_action(&raw).map_err(DeadLetterReason::InvalidValue)?;
     let instance = snapshot.instance(&raw.agent_instance_id).ok_or_else(|| {
         DeadLetterReason::UnknownAgentInstance {
             workspace: raw.workspace_id.clone(),
@@ -91,6 +103,7 @@ pub fn enrich(
             claimed: raw.account_id.clone(),
         });
     }
+    // Both instants are within 2000–2100 (checked above): the difference cannot overflow.
     let late_by = raw.received_at_micros - raw.occurred_at_micros;
     if late_by > window.max_late_micros || -late_by > window.max_future_micros {
         return Err(DeadLetterReason::OutsideTimeWindow(format!(
@@ -117,10 +130,15 @@ pub fn enrich(
         ),
         (true, Some((pricing, rate))) => {
             let quantity = measure_quantity(&pricing.measure, &raw)?;
-            let cost = (quantity * rate)
-                .round_dp_with_strategy(STORAGE_SCALE, RoundingStrategy::MidpointNearestEven);
-            to_scaled_i128(cost)
-                .map_err(|error| DeadLetterReason::CostOverflow(error.to_string()))?;
+            check_quantity("quantity", quantity).map_err(DeadLetterReason::InvalidValue)?;
+            let cost = mul_round_half_even(quantity, rate)
+                .ok_or_else(|| ValueError::OutOfRange {
+                    field: "cost".into(),
+                    value: format!("{quantity} × {rate}"),
+                    max: agentmeter_schemas::limits::MAX_ACTION_COST.to_string(),
+                })
+                .and_then(|cost| check_action_cost("cost", cost).map(|()| cost))
+                .map_err(DeadLetterReason::InvalidValue)?;
             (
                 pricing.measure.name().to_string(),
                 quantity,
@@ -170,7 +188,9 @@ pub struct TokenCounts {
 }
 
 impl TokenCounts {
-    pub fn of(raw: &RawAction) -> TokenCounts {
+    /// The counts of `raw`; counts found in the attributes are held to the same range as the
+    /// typed fields (which [`check_raw_action`] checked).
+    pub fn of(raw: &RawAction) -> Result<TokenCounts, ValueError> {
         let mut counts = TokenCounts {
             input: raw.input_tokens,
             output: raw.output_tokens,
@@ -180,24 +200,40 @@ impl TokenCounts {
             if let Ok(serde_json::Value::Object(attributes)) =
                 serde_json::from_str(&raw.attributes_json)
             {
-                let read = |name: &str| attributes.get(name).and_then(integer_of);
-                counts.input = counts.input.or_else(|| read("input_tokens"));
-                counts.output = counts.output.or_else(|| read("output_tokens"));
-                counts.total = counts.total.or_else(|| read("total_tokens"));
+                let read = |name: &'static str| -> Result<Option<i64>, ValueError> {
+                    let Some(count) = attributes.get(name).and_then(integer_of) else {
+                        return Ok(None);
+                    };
+                    check_token_count(name, count)?;
+                    Ok(Some(count))
+                };
+                if counts.input.is_none() {
+                    counts.input = read("input_tokens")?;
+                }
+                if counts.output.is_none() {
+                    counts.output = read("output_tokens")?;
+                }
+                if counts.total.is_none() {
+                    counts.total = read("total_tokens")?;
+                }
             }
         }
-        counts
+        Ok(counts)
     }
 
     /// Output tokens including those the provider bills as output but does not report there
-    /// (total − input − output, when positive).
+    /// (total − input − output, when positive). Counts are at most 10^9 each, so no sum or
+    /// difference here can overflow; they are checked all the same.
     pub fn billed_output(&self) -> Option<i64> {
         let unreported = match (self.total, self.input, self.output) {
-            (Some(total), Some(input), Some(output)) => (total - input - output).max(0),
-            (Some(total), Some(input), None) => return Some((total - input).max(0)),
+            (Some(total), Some(input), Some(output)) => total
+                .checked_sub(input)?
+                .checked_sub(output)?
+                .max(0),
+            (Some(total), Some(input), None) => return Some(total.checked_sub(input)?.max(0)),
             _ => 0,
         };
-        self.output.map(|output| output + unreported)
+        self.output?.checked_add(unreported)
     }
 }
 
@@ -207,7 +243,6 @@ fn integer_of(value: &serde_json::Value) -> Option<i64> {
         serde_json::Value::String(text) => text.trim().parse().ok(),
         _ => None,
     }
-    .filter(|count| *count >= 0)
 }
 
 /// The quantity of an action under a measure.
@@ -226,11 +261,20 @@ pub fn measure_quantity(measure: &Measure, raw: &RawAction) -> Result<Decimal, D
         | Measure::Custom {
             quantity_attribute: attribute,
             ..
-        } => attribute_quantity(raw, attribute).map_err(|problem| missing(&problem)),
+        } => {
+            let quantity = attribute_quantity(raw, attribute).map_err(|problem| missing(&problem))?;
+            check_quantity(format!("attribute {attribute:?}"), quantity)
+                .map_err(DeadLetterReason::InvalidValue)?;
+            Ok(quantity)
+        }
         Measure::Token => {
-            let counts = TokenCounts::of(raw);
+            let counts = TokenCounts::of(raw).map_err(DeadLetterReason::InvalidValue)?;
+            let overflow = || missing("the token counts overflow");
             match (counts.input, counts.billed_output()) {
-                (Some(input), Some(output)) => Ok(Decimal::from(input + output)),
+                (Some(input), Some(output)) => input
+                    .checked_add(output)
+                    .map(Decimal::from)
+                    .ok_or_else(overflow),
                 (None, Some(output)) => Ok(Decimal::from(output)),
                 (Some(input), None) => Ok(Decimal::from(input)),
                 (None, None) => counts
@@ -240,10 +284,12 @@ pub fn measure_quantity(measure: &Measure, raw: &RawAction) -> Result<Decimal, D
             }
         }
         Measure::InputToken => TokenCounts::of(raw)
+            .map_err(DeadLetterReason::InvalidValue)?
             .input
             .map(Decimal::from)
             .ok_or_else(|| missing("the action carries no input_tokens")),
         Measure::OutputToken => TokenCounts::of(raw)
+            .map_err(DeadLetterReason::InvalidValue)?
             .billed_output()
             .map(Decimal::from)
             .ok_or_else(|| missing("the action carries no output_tokens")),
@@ -261,9 +307,7 @@ fn attribute_quantity(raw: &RawAction, attribute: &str) -> Result<Decimal, Strin
         serde_json::Value::String(text) => Decimal::from_str(text.trim()).ok(),
         _ => None,
     }
-    .filter(|quantity| !quantity.is_sign_negative())
-    .ok_or_else(|| format!("attribute {attribute:?} = {value} is not a non-negative decimal"))?;
-    to_scaled_i128(quantity).map_err(|error| format!("attribute {attribute:?}: {error}"))?;
+    .ok_or_else(|| format!("attribute {attribute:?} = {value} is not a decimal number"))?;
     Ok(quantity)
 }
 
@@ -459,5 +503,136 @@ mod tests {
                 .account_id,
             "acc_acme"
         );
+    }
+
+    /// The example workspace plus a custom measure (`pages`) priced at the largest rate.
+    fn snapshot_with_pages(rate: &str) -> WorkspaceSnapshot {
+        let mut config = snapshot().config;
+        config.tagging.tracked.push("scan".into());
+        config
+            .cost_allocations
+            .push(agentmeter_schemas::metering::CostAllocation {
+                action: "scan".into(),
+                measure: "pages".into(),
+                quantity_attribute: Some("page_count".into()),
+                rates: vec![agentmeter_schemas::metering::Rate {
+                    effective_from: time::OffsetDateTime::UNIX_EPOCH,
+                    cost_per_unit: dec(rate),
+                }],
+            });
+        WorkspaceSnapshot::build(1, config).unwrap()
+    }
+
+    #[test]
+    fn extreme_values_of_a_direct_publisher_are_dead_letters_not_panics() {
+        let cases: Vec<(&str, Box<dyn Fn(&mut RawAction)>)> = vec![
+            ("tokens near i64::MAX", Box::new(|a: &mut RawAction| {
+                a.action_name = "llm_call".into();
+                (a.input_tokens, a.output_tokens) = (Some(i64::MAX), Some(i64::MAX));
+            })),
+            ("negative tokens", Box::new(|a: &mut RawAction| {
+                a.action_name = "llm_call".into();
+                a.input_tokens = Some(-5);
+            })),
+            ("absurd tokens in attributes", Box::new(|a: &mut RawAction| {
+                a.action_name = "llm_call".into();
+                a.attributes_json = r#"{"input_tokens":1000000000000000,"output_tokens":1}"#.into();
+            })),
+            ("reported cost near the top of Decimal", Box::new(|a: &mut RawAction| {
+                a.action_name = "translate_untracked".into();
+                a.reported_cost = Some(Decimal::MAX);
+            })),
+            ("negative reported cost", Box::new(|a: &mut RawAction| {
+                a.reported_cost = Some(dec("-100"));
+            })),
+            ("occurred_at at i64::MIN", Box::new(|a: &mut RawAction| {
+                a.occurred_at_micros = i64::MIN;
+            })),
+            ("received_at at i64::MAX", Box::new(|a: &mut RawAction| {
+                a.received_at_micros = i64::MAX;
+            })),
+            ("a zero-width space in the name", Box::new(|a: &mut RawAction| {
+                a.action_name = "web\u{200B}search".into();
+            })),
+            ("a control character in the description", Box::new(|a: &mut RawAction| {
+                a.description = Some("bell\u{7}".into());
+            })),
+            ("attributes that are no object", Box::new(|a: &mut RawAction| {
+                a.attributes_json = "[1]".into();
+            })),
+        ];
+        for (what, change) in cases {
+            let mut action = raw("web_search", JAN_2026);
+            change(&mut action);
+            let error = enrich(action, &snapshot(), WINDOW, 0).expect_err(what);
+            assert!(
+                matches!(error.code(), "value_out_of_range" | "invalid_text"),
+                "{what}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_quantity_of_26_digits_or_a_cost_beyond_a_billion_is_a_dead_letter() {
+        let snapshot = snapshot_with_pages("1000000000");
+        let mut scan = raw("scan", JAN_2026);
+        scan.attributes_json = r#"{"page_count":"12345678901234567890123456"}"#.into();
+        let error = enrich(scan.clone(), &snapshot, WINDOW, 0).unwrap_err();
+        assert_eq!(error.code(), "value_out_of_range", "{error}");
+        assert!(error.to_string().contains("page_count"), "{error}");
+        // 10^12 pages is accepted as a quantity, but at 10^9 per page costs too much.
+        scan.attributes_json = r#"{"page_count":1000000000000}"#.into();
+        let error = enrich(scan.clone(), &snapshot, WINDOW, 0).unwrap_err();
+        assert_eq!(error.code(), "value_out_of_range", "{error}");
+        assert!(error.to_string().contains("cost"), "{error}");
+        // One page at the largest rate is exactly the largest cost.
+        scan.attributes_json = r#"{"page_count":1}"#.into();
+        let enriched = enrich(scan, &snapshot, WINDOW, 0).unwrap();
+        assert_eq!(enriched.cost, dec("1000000000"));
+    }
+
+    #[test]
+    fn the_largest_token_counts_are_priced_exactly() {
+        let mut action = raw("gemini_llm_gemini-2.5-flash", JAN_2026);
+        (action.input_tokens, action.output_tokens, action.total_tokens) =
+            (Some(1_000_000_000), Some(1_000_000_000), Some(1_000_000_000));
+        let enriched = enrich(action, &snapshot(), WINDOW, 0).unwrap();
+        assert_eq!(enriched.quantity, dec("2000000000"));
+        assert_eq!(enriched.cost, dec("12000000")); // × 0.006
+    }
+
+    proptest::proptest! {
+        /// Whatever numbers a publisher puts in a raw action, the enricher answers with an
+        /// enriched action whose values fit their columns, or a dead letter — never a panic.
+        #[test]
+        fn any_numbers_give_storable_values_or_a_dead_letter(
+            input in proptest::option::of(proptest::prop_oneof![proptest::num::i64::ANY, 0i64..=2_000_000_000]),
+            output in proptest::option::of(proptest::prop_oneof![proptest::num::i64::ANY, 0i64..=2_000_000_000]),
+            total in proptest::option::of(proptest::num::i64::ANY),
+            reported in proptest::option::of((proptest::num::i128::ANY, 0u32..=28)),
+            pages in "[0-9]{1,30}(\\.[0-9]{1,14})?",
+            rate in "[0-9]{1,9}(\\.[0-9]{1,12})?",
+            name in proptest::sample::select(vec!["llm_call", "scan", "web_search", "gemini_llm_gemini-2.5-flash", "untracked"]),
+        ) {
+            let snapshot = snapshot_with_pages(&rate);
+            let mut action = raw(name, JAN_2026);
+            (action.input_tokens, action.output_tokens, action.total_tokens) = (input, output, total);
+            action.reported_cost = reported.and_then(|(mantissa, scale)| {
+                Decimal::try_from_i128_with_scale(mantissa % (1i128 << 95), scale).ok()
+            });
+            action.attributes_json = format!(r#"{{"page_count":"{pages}"}}"#);
+            match enrich(action, &snapshot, WINDOW, 0) {
+                Ok(enriched) => {
+                    for value in [enriched.quantity, enriched.unit_cost, enriched.cost] {
+                        proptest::prop_assert!(agentmeter_schemas::decimal::to_scaled_i128(value).is_ok());
+                    }
+                    proptest::prop_assert!(agentmeter_schemas::limits::check_enriched_numbers(&enriched).is_ok());
+                    proptest::prop_assert!(agentmeter_schemas::encode_enriched_action(&enriched).is_ok());
+                }
+                Err(reason) => proptest::prop_assert!(
+                    matches!(reason.code(), "value_out_of_range" | "unmeasurable"), "{reason}"
+                ),
+            }
+        }
     }
 }

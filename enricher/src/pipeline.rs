@@ -20,6 +20,7 @@ use futures::future::join_all;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
+use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::statistics::Statistics;
@@ -204,12 +205,25 @@ impl EnricherStage {
                 // A member without partitions receives nothing: check the group regularly.
                 _ = tokio::time::sleep(GroupWatchdog::CHECK_INTERVAL) => continue,
             };
-            let mut batch = vec![first.context("Kafka consumer failed")?];
+            let first = match first {
+                Ok(message) => message,
+                Err(error) => {
+                    consumer_error(error)?;
+                    // librdkafka reconnects by itself; do not spin while it does.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            let mut batch = vec![first];
             let deadline = Instant::now() + Duration::from_millis(self.config.batch_max_wait_ms);
             while batch.len() < self.config.batch_max_records {
                 let remaining = deadline.saturating_duration_since(Instant::now());
                 match tokio::time::timeout(remaining, self.consumer.recv()).await {
-                    Ok(received) => batch.push(received.context("Kafka consumer failed")?),
+                    Ok(Ok(message)) => batch.push(message),
+                    Ok(Err(error)) => {
+                        consumer_error(error)?;
+                        break;
+                    }
                     Err(_) => break,
                 }
             }
@@ -394,6 +408,21 @@ impl EnricherStage {
     }
 }
 
+/// What a consumer error means for the stage: a broker outage, a failed fetch or a rebalance
+/// in progress is transient (librdkafka reconnects and the stage goes on: the local broker is
+/// restarted within seconds, and stopping would leave the stage down until started by hand);
+/// only a fatal error (e.g. another process fenced our static member id) stops it.
+fn consumer_error(error: KafkaError) -> anyhow::Result<()> {
+    if let KafkaError::MessageConsumptionFatal(code) = error {
+        anyhow::bail!(
+            "fatal Kafka consumer error: {code} (is the group_instance_id used by another process?)"
+        );
+    }
+    metrics::counter!("agentmeter_enricher_consumer_errors_total").increment(1);
+    tracing::warn!(%error, "Kafka consumer error; going on (librdkafka retries)");
+    Ok(())
+}
+
 fn enrich_message<'a>(
     message: &'a BorrowedMessage<'a>,
     state: &MeteringState,
@@ -420,7 +449,7 @@ fn enrich_message<'a>(
                 payload,
                 dead_letter: None,
             },
-            Err(error) => dead_letter(DeadLetterReason::CostOverflow(error.to_string())),
+            Err(error) => dead_letter(DeadLetterReason::Unencodable(error.to_string())),
         },
         Err(reason) => dead_letter(reason),
     }

@@ -4,11 +4,21 @@
 //! (`input_tokens`, `output_tokens`, `total_tokens`, `model`, `cost_usd`) so that the guide's
 //! `ctx.send(action_name="llm_call", model=..., input_tokens=...)` meters tokens without any
 //! special field. Integers may arrive as JSON numbers or as strings of digits.
+//!
+//! Every value is held to its documented range and every text to the text rules
+//! (`agentmeter_schemas::limits` and `::text`, `docs/metering.md` "Accepted values"): what is
+//! refused here with a message would be dead-lettered by the enricher, so a client learns of it
+//! at once instead.
 
 use std::str::FromStr;
 
-use agentmeter_schemas::metering::is_valid_action_name;
+use agentmeter_schemas::limits::{
+    check_action_cost, check_name_field, check_raw_action, check_token_count, MAX_DESCRIPTION_CHARS,
+    MAX_ID_CHARS, MAX_TOKEN_COUNT,
+};
+use agentmeter_schemas::metering::check_action_name;
 use agentmeter_schemas::rest::RestAction;
+use agentmeter_schemas::text::{check_attributes_json, check_free_text, MaxLength};
 use agentmeter_schemas::{ActionKind, RawAction};
 use rust_decimal::Decimal;
 use serde_json::{Map, Value};
@@ -41,9 +51,9 @@ impl Limits {
 }
 
 /// Most characters in an event id, user id or anonymous id.
-pub const MAX_ID_LENGTH: usize = 256;
+pub const MAX_ID_LENGTH: usize = MAX_ID_CHARS;
 /// Most characters in a description.
-pub const MAX_DESCRIPTION_LENGTH: usize = 4096;
+pub const MAX_DESCRIPTION_LENGTH: usize = MAX_DESCRIPTION_CHARS;
 
 /// Microseconds since the Unix epoch, now.
 pub fn now_micros() -> i64 {
@@ -57,9 +67,9 @@ pub fn rest_action_to_raw(
     limits: &Limits,
     source: &str,
 ) -> Result<RawAction, String> {
-    if !is_valid_action_name(&item.action_name) {
+    if let Err(problem) = check_action_name(&item.action_name) {
         return Err(format!(
-            "action_name {:?} must be 1-256 printable characters",
+            "action_name {:?} {problem}; an action name is 1-256 bytes of visible characters",
             truncate_for_message(&item.action_name)
         ));
     }
@@ -77,11 +87,7 @@ pub fn rest_action_to_raw(
         check_id("anonymous_id", anonymous_id)?;
     }
     if let Some(description) = &item.description {
-        if description.chars().count() > MAX_DESCRIPTION_LENGTH {
-            return Err(format!(
-                "description is longer than {MAX_DESCRIPTION_LENGTH} characters"
-            ));
-        }
+        check_description(description)?;
     }
     let occurred_at_micros = match &item.occurred_at {
         None => limits.now_micros,
@@ -96,7 +102,7 @@ pub fn rest_action_to_raw(
     let attributes = item.attributes;
     let llm = LlmFields::from_attributes(&attributes)?;
     let attributes_json = check_attributes(&attributes, limits)?;
-    Ok(RawAction {
+    let raw = RawAction {
         event_id,
         workspace_id: identity.workspace.workspace_id().to_string(),
         account_id: identity.instance.account.clone(),
@@ -117,20 +123,24 @@ pub fn rest_action_to_raw(
         reported_cost: llm.reported_cost,
         attributes_json,
         source: source.to_string(),
+    };
+    // Everything above was checked with a message of its own; this is the rule the enricher
+    // applies, so nothing accepted here can be dead-lettered there for its values.
+    check_raw_action(&raw).map_err(|error| error.to_string())?;
+    Ok(raw)
+}
+
+/// An event id, user id or anonymous id: a name of at most 256 characters.
+pub fn check_id(field: &'static str, value: &str) -> Result<(), String> {
+    check_name_field(field, value, MaxLength::Chars(MAX_ID_LENGTH)).map_err(|error| {
+        format!("{error}; an id is 1-{MAX_ID_LENGTH} visible characters")
     })
 }
 
-fn check_id(field: &str, value: &str) -> Result<(), String> {
-    if value.is_empty()
-        || value.chars().count() > MAX_ID_LENGTH
-        || value.chars().any(char::is_control)
-    {
-        return Err(format!(
-            "{field} {:?} must be 1-{MAX_ID_LENGTH} printable characters",
-            truncate_for_message(value)
-        ));
-    }
-    Ok(())
+/// A description: free text of at most 4096 characters.
+pub fn check_description(description: &str) -> Result<(), String> {
+    check_free_text(description, Some(MaxLength::Chars(MAX_DESCRIPTION_LENGTH)))
+        .map_err(|problem| format!("description {problem}"))
 }
 
 /// `occurred_at` must fall in [now − max_late, now + max_future].
@@ -174,6 +184,7 @@ pub fn check_attributes(
             limits.max_attributes_bytes
         ));
     }
+    check_attributes_json(&text)?;
     Ok(text)
 }
 
@@ -190,11 +201,21 @@ pub struct LlmFields {
 impl LlmFields {
     /// Reads `model`, `input_tokens`, `output_tokens`, `total_tokens` and `cost_usd`.
     pub fn from_attributes(attributes: &Map<String, Value>) -> Result<LlmFields, String> {
+        let model = attributes
+            .get("model")
+            .and_then(Value::as_str)
+            .filter(|model| !model.is_empty())
+            .map(str::to_string);
+        if let Some(model) = &model {
+            check_action_name(model).map_err(|problem| {
+                format!(
+                    "attribute model {:?} {problem}",
+                    truncate_for_message(model)
+                )
+            })?;
+        }
         Ok(LlmFields {
-            model: attributes
-                .get("model")
-                .and_then(Value::as_str)
-                .map(str::to_string),
+            model,
             input_tokens: token_count(attributes, "input_tokens")?,
             output_tokens: token_count(attributes, "output_tokens")?,
             total_tokens: token_count(attributes, "total_tokens")?,
@@ -223,9 +244,13 @@ pub fn token_count(attributes: &Map<String, Value>, name: &str) -> Result<Option
         _ => None,
     };
     match parsed {
-        Some(count) if count >= 0 => Ok(Some(count)),
-        _ => Err(format!(
-            "attribute {name} must be a non-negative integer, got {value}"
+        Some(count) if check_token_count(name.to_string(), count).is_ok() => Ok(Some(count)),
+        Some(count) => Err(format!(
+            "attribute {name} must be a non-negative integer of at most {MAX_TOKEN_COUNT}, got {count}"
+        )),
+        None => Err(format!(
+            "attribute {name} must be a non-negative integer, got {}",
+            truncate_for_message(&value.to_string())
         )),
     }
 }
@@ -240,10 +265,13 @@ pub fn decimal_attribute(name: &str, value: &Value) -> Result<Decimal, String> {
         Value::String(text) => Decimal::from_str(text.trim()).ok(),
         _ => None,
     };
-    let decimal =
-        parsed.ok_or_else(|| format!("attribute {name} must be a decimal number, got {value}"))?;
-    agentmeter_schemas::decimal::to_scaled_i128(decimal)
-        .map_err(|error| format!("attribute {name}: {error}"))?;
+    let decimal = parsed.ok_or_else(|| {
+        format!(
+            "attribute {name} must be a decimal number, got {}",
+            truncate_for_message(&value.to_string())
+        )
+    })?;
+    check_action_cost(name.to_string(), decimal).map_err(|error| format!("attribute {error}"))?;
     Ok(decimal)
 }
 

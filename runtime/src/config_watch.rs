@@ -28,39 +28,66 @@ use crate::shutdown::Shutdown;
 #[derive(Debug, Default)]
 pub struct MeteringState {
     workspaces: HashMap<String, Arc<WorkspaceSnapshot>>,
-    /// SHA-256 of a secret → workspace id. Secrets shared by two workspaces are left out.
+    /// SHA-256 of a secret → the workspace it authenticates for.
     workspace_by_secret_digest: HashMap<[u8; 32], String>,
+    /// Secrets configured in more than one workspace (each kept by its first owner).
+    secret_conflicts: usize,
 }
 
 impl MeteringState {
     /// Compiles the latest record of each workspace.
+    ///
+    /// `config apply` refuses a secret another workspace uses, but two applies racing (or a
+    /// record written by other means) could still put one secret in two workspaces. Then the
+    /// workspace that has had it longest keeps it ([`ConfigRecord::secret_since`], carried in
+    /// every record, so the answer survives compaction and is the same in every process); the
+    /// later claim is refused and logged. Refusing it in both would let any tenant lock another
+    /// tenant's agent out by copying its hash.
     pub fn build(
         records: &HashMap<String, (ConfigRecord, Arc<WorkspaceSnapshot>)>,
     ) -> MeteringState {
         let mut workspaces = HashMap::new();
-        let mut workspace_by_secret_digest: HashMap<[u8; 32], String> = HashMap::new();
-        let mut ambiguous = Vec::new();
-        for (workspace_id, (_, snapshot)) in records {
+        // digest → (since, workspace id) of its current owner.
+        let mut owners: HashMap<[u8; 32], (time::OffsetDateTime, &str)> = HashMap::new();
+        let mut conflicts = std::collections::HashSet::new();
+        for (workspace_id, (record, snapshot)) in records {
             workspaces.insert(workspace_id.clone(), snapshot.clone());
             for (digest, instance_id) in snapshot.secret_digests() {
-                if let Some(other) =
-                    workspace_by_secret_digest.insert(*digest, workspace_id.clone())
-                {
-                    tracing::error!(
-                        workspace = %workspace_id, other_workspace = %other, instance = %instance_id,
-                        "an agent secret is configured in two workspaces; refusing it in both"
-                    );
-                    ambiguous.push(*digest);
+                let since = record.secret_since(&hex::encode(digest));
+                let claim = (since, workspace_id.as_str());
+                match owners.entry(*digest) {
+                    std::collections::hash_map::Entry::Vacant(entry) => {
+                        entry.insert(claim);
+                    }
+                    std::collections::hash_map::Entry::Occupied(mut entry) => {
+                        conflicts.insert(*digest);
+                        let (kept, refused) = if claim < *entry.get() {
+                            (claim, *entry.get())
+                        } else {
+                            (*entry.get(), claim)
+                        };
+                        entry.insert(kept);
+                        tracing::error!(
+                            kept_by = %kept.1, refused_for = %refused.1, instance = %instance_id,
+                            "an agent secret is configured in two workspaces; the workspace that had it first keeps it"
+                        );
+                    }
                 }
             }
         }
-        for digest in ambiguous {
-            workspace_by_secret_digest.remove(&digest);
-        }
         MeteringState {
             workspaces,
-            workspace_by_secret_digest,
+            workspace_by_secret_digest: owners
+                .into_iter()
+                .map(|(digest, (_, workspace_id))| (digest, workspace_id.to_string()))
+                .collect(),
+            secret_conflicts: conflicts.len(),
         }
+    }
+
+    /// Secrets configured in more than one workspace.
+    pub fn secret_conflicts(&self) -> usize {
+        self.secret_conflicts
     }
 
     /// A state holding exactly these snapshots (tests and tools).
@@ -73,6 +100,7 @@ impl MeteringState {
                     version: snapshot.version,
                     applied_at: time::OffsetDateTime::UNIX_EPOCH,
                     config: snapshot.config.clone(),
+                    secrets_since: Default::default(),
                 };
                 (
                     snapshot.workspace_id().to_string(),
@@ -163,6 +191,7 @@ pub fn spawn_config_watcher(
                         if changed {
                             let next = MeteringState::build(&reader.records);
                             metrics::gauge!("agentmeter_config_workspaces").set(next.workspace_count() as f64);
+                            metrics::gauge!("agentmeter_config_secret_conflicts").set(next.secret_conflicts() as f64);
                             published.store(Arc::new(next));
                         }
                         if !announced && reader.caught_up {
@@ -330,4 +359,75 @@ fn parse_config_record(
     );
     let snapshot = WorkspaceSnapshot::build(record.version, record.config.clone())?;
     Ok((record, Arc::new(snapshot)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agentmeter_schemas::metering::hash_secret;
+    use agentmeter_schemas::MeteringConfig;
+
+    fn config(workspace: &str, secret: &str) -> MeteringConfig {
+        MeteringConfig::from_toml(&format!(
+            r#"
+            [workspace]
+            id = "{workspace}"
+            name = "{workspace}"
+            currency = "USD"
+            [[accounts]]
+            id = "acc"
+            name = "Account"
+            [[agent_types]]
+            id = "type"
+            name = "Type"
+            [[agent_instances]]
+            id = "agent_of_{workspace}"
+            name = "Agent"
+            agent_type = "type"
+            account = "acc"
+            secret_sha256 = "{}"
+            "#,
+            hash_secret(secret)
+        ))
+        .unwrap()
+    }
+
+    fn records(
+        entries: &[(&str, &str, i64)],
+    ) -> HashMap<String, (ConfigRecord, Arc<WorkspaceSnapshot>)> {
+        entries
+            .iter()
+            .map(|(workspace, secret, day)| {
+                let applied_at = time::OffsetDateTime::UNIX_EPOCH + time::Duration::days(*day);
+                let record = ConfigRecord::next(None, config(workspace, secret), applied_at);
+                let snapshot = WorkspaceSnapshot::build(1, record.config.clone()).unwrap();
+                (workspace.to_string(), (record, Arc::new(snapshot)))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_copied_secret_stays_with_the_workspace_that_had_it_first() {
+        // The victim had the secret on day 100; the copy appears on day 200. Whatever the order
+        // of the map, the victim's agent keeps working and the copy authenticates nothing.
+        for entries in [
+            [("victim", "s3cret", 100), ("copycat", "s3cret", 200)],
+            [("copycat", "s3cret", 200), ("victim", "s3cret", 100)],
+        ] {
+            let state = MeteringState::build(&records(&entries));
+            let (workspace, instance) = state.authenticate("s3cret").unwrap();
+            assert_eq!(workspace.workspace_id(), "victim");
+            assert_eq!(instance.id, "agent_of_victim");
+            assert_eq!(state.secret_conflicts(), 1);
+        }
+        let state = MeteringState::build(&records(&[("a", "one", 1), ("b", "two", 1)]));
+        assert_eq!(state.secret_conflicts(), 0);
+        assert_eq!(state.authenticate("two").unwrap().0.workspace_id(), "b");
+    }
+
+    #[test]
+    fn a_tie_is_broken_the_same_way_in_every_process() {
+        let state = MeteringState::build(&records(&[("zeta", "same", 5), ("alpha", "same", 5)]));
+        assert_eq!(state.authenticate("same").unwrap().0.workspace_id(), "alpha");
+    }
 }

@@ -79,6 +79,34 @@ pub fn from_scaled_i128(mantissa: i128) -> Result<Decimal, DecimalError> {
         })
 }
 
+/// `a + b` of two `Decimal(38, 12)` integers, if the sum is one too.
+pub fn checked_add_scaled(a: i128, b: i128) -> Option<i128> {
+    a.checked_add(b).filter(|sum| sum.abs() < TEN_POW_38)
+}
+
+/// `a × b` rounded half-even to 12 fractional digits, exactly: both factors are taken at scale
+/// 12 as integers, multiplied in 128 bits (scale 24) and rounded once. (`Decimal`'s own `*`
+/// would first cut the product to its 96-bit mantissa with a rounding of its own, and then a
+/// second rounding to 12 digits could differ from the single one in the last digit.) `None`
+/// when a factor is not storable or the product's magnitude reaches about 1.7·10^14 (where
+/// `a·10^12 × b·10^12` leaves 128 bits) — far above any one action's cost (at most 10^9,
+/// `crate::limits`).
+pub fn mul_round_half_even(a: Decimal, b: Decimal) -> Option<Decimal> {
+    const UNIT: i128 = 1_000_000_000_000; // 10^12
+    let product = to_scaled_i128(a).ok()?.checked_mul(to_scaled_i128(b).ok()?)?;
+    let quotient = product.div_euclid(UNIT);
+    let remainder = product.rem_euclid(UNIT); // 0 ≤ remainder < UNIT, also for negatives
+    let rounded = match (remainder * 2).cmp(&UNIT) {
+        std::cmp::Ordering::Less => quotient,
+        std::cmp::Ordering::Greater => quotient + 1,
+        std::cmp::Ordering::Equal => quotient + (quotient & 1),
+    };
+    if rounded.abs() >= TEN_POW_38 {
+        return None;
+    }
+    from_scaled_i128(rounded).ok()
+}
+
 /// Avro `decimal` bytes: the big-endian two's-complement unscaled integer, always 16 bytes.
 ///
 /// Avro allows shorter (sign-trimmed) forms and [`from_avro_bytes`] reads them, but the
@@ -186,6 +214,22 @@ mod tests {
         assert_eq!(from_avro_bytes(&[0x80]).unwrap(), dec("-0.000000000128"));
     }
 
+    #[test]
+    fn multiplication_rounds_once_half_to_even() {
+        assert_eq!(mul_round_half_even(dec("3300"), dec("0.00004")), Some(dec("0.132")));
+        // 0.0000000000005 exactly half way: to the even neighbour, both ways.
+        assert_eq!(mul_round_half_even(dec("0.5"), dec("0.000000000001")), Some(dec("0")));
+        assert_eq!(mul_round_half_even(dec("1.5"), dec("0.000000000001")), Some(dec("0.000000000002")));
+        assert_eq!(mul_round_half_even(dec("-1.5"), dec("0.000000000001")), Some(dec("-0.000000000002")));
+        // Just above half way rounds up even though Decimal's own product would cut it first.
+        assert_eq!(
+            mul_round_half_even(dec("0.500000000001"), dec("0.000000000001")),
+            Some(dec("0.000000000001"))
+        );
+        assert_eq!(mul_round_half_even(Decimal::MAX, dec("2")), None);
+        assert_eq!(mul_round_half_even(dec("99999999999999"), dec("99999999999999")), None);
+    }
+
     fn storable_decimal() -> impl Strategy<Value = Decimal> {
         // Any mantissa of up to 96 bits with 0..=12 fractional digits is storable when
         // its integer part stays within Decimal(38, 12) — which 96 bits always do at scale >= 3.
@@ -205,6 +249,23 @@ mod tests {
                     prop_assert!(value.abs() >= dec("99999999999999999999999999"));
                 }
                 Err(other) => prop_assert!(false, "unexpected error {other}"),
+            }
+        }
+
+        #[test]
+        fn multiplication_agrees_with_an_exact_product_rounded_once(
+            a in -10_000_000_000i64..10_000_000_000, a_scale in 0u32..=12,
+            b in -10_000_000_000i64..10_000_000_000, b_scale in 0u32..=12,
+        ) {
+            let (a, b) = (Decimal::new(a, a_scale), Decimal::new(b, b_scale));
+            // Below 20 + 20 digits at scale ≤ 24, Decimal's product is exact: a valid reference.
+            let exact = a.checked_mul(b).unwrap();
+            prop_assume!(exact.scale() == a_scale + b_scale);
+            let expected = exact.round_dp_with_strategy(
+                STORAGE_SCALE, rust_decimal::RoundingStrategy::MidpointNearestEven);
+            match mul_round_half_even(a, b) {
+                Some(product) => prop_assert_eq!(product, expected.normalize()),
+                None => prop_assert!(exact.abs() >= Decimal::from(170_141_183_460_000i64), "{a} × {b}"),
             }
         }
 

@@ -6,6 +6,9 @@
 //!   truth; Kafka values use Avro single-object encoding (`C3 01` + schema fingerprint + datum).
 //! * [`decimal`] — exact money and quantity mapping between `rust_decimal`, Avro `decimal` and
 //!   ClickHouse `Decimal(38, 12)`; overflow is an error, never a rounding.
+//! * [`limits`] — the accepted range of every value an action carries, checked by the first
+//!   stage that sees it, and why no accepted action can make a total leave its column type.
+//! * [`text`] — what names (grouped and billed by) and free texts may contain.
 //! * [`metering`] — a workspace's metering configuration (file format, validation, the compiled
 //!   immutable snapshot the stages share, secret hashing).
 //! * [`rest`] — the JSON body of ingest's `POST /v1/actions`.
@@ -13,8 +16,10 @@
 pub mod action;
 pub mod avro;
 pub mod decimal;
+pub mod limits;
 pub mod metering;
 pub mod rest;
+pub mod text;
 
 pub use action::{message_key, ActionKind, CostSource, EnrichedAction, RawAction};
 pub use avro::{

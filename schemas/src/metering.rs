@@ -9,7 +9,7 @@
 //! * [`WorkspaceSnapshot`] is the validated configuration compiled into lookup tables. Stages hold
 //!   it behind an `Arc` and swap whole snapshots, so a half-applied configuration is never seen.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 
 use rust_decimal::Decimal;
@@ -19,6 +19,8 @@ use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
 
 use crate::decimal::to_scaled_i128;
+use crate::limits::{MAX_COST_PER_UNIT, MAX_NAME_BYTES};
+use crate::text::{check_name, MaxLength, TextProblem};
 
 /// One workspace's whole metering configuration, as written in a config file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -258,12 +260,15 @@ pub fn is_valid_identifier(text: &str) -> bool {
             .all(|character| character.is_ascii_alphanumeric() || "_-.:".contains(character))
 }
 
-/// Action names, trace events and auto tags: printable, no control characters.
+/// Action names, trace events and auto tags: a name of at most 256 bytes by the rules of
+/// [`crate::text`] (no control or invisible characters, no edge or unusual whitespace, NFC).
 pub fn is_valid_action_name(text: &str) -> bool {
-    !text.is_empty()
-        && text.len() <= 256
-        && !text.trim().is_empty()
-        && text.chars().all(|character| !character.is_control())
+    check_action_name(text).is_ok()
+}
+
+/// Why `text` is not a valid action name.
+pub fn check_action_name(text: &str) -> Result<(), TextProblem> {
+    check_name(text, MaxLength::Bytes(MAX_NAME_BYTES))
 }
 
 impl MeteringConfig {
@@ -371,9 +376,9 @@ impl MeteringConfig {
 
         let mut tracked = HashSet::new();
         for name in &self.tagging.tracked {
-            if !is_valid_action_name(name) {
+            if let Err(problem) = check_action_name(name) {
                 problems.push(format!(
-                    "tagging.tracked: {name:?} is not a valid action name"
+                    "tagging.tracked: {name:?} is not a valid action name: it {problem}"
                 ));
             } else if !tracked.insert(name.as_str()) {
                 problems.push(format!("tagging.tracked: {name:?} is listed twice"));
@@ -408,9 +413,14 @@ impl MeteringConfig {
                 }
             }
             for rate in &allocation.rates {
-                if rate.cost_per_unit.is_sign_negative() {
+                if rate.cost_per_unit < Decimal::ZERO {
                     problems.push(format!(
                         "cost allocation for {action:?}: cost_per_unit {} is negative",
+                        rate.cost_per_unit
+                    ));
+                } else if rate.cost_per_unit > MAX_COST_PER_UNIT {
+                    problems.push(format!(
+                        "cost allocation for {action:?}: cost_per_unit {} is above the largest accepted, {MAX_COST_PER_UNIT}",
                         rate.cost_per_unit
                     ));
                 }
@@ -519,10 +529,94 @@ pub struct ConfigRecord {
     #[serde(with = "time::serde::rfc3339")]
     pub applied_at: OffsetDateTime,
     pub config: MeteringConfig,
+    /// When each agent secret of this workspace (by its `secret_sha256`) was first published in
+    /// it, carried from version to version by `config apply`. Should two workspaces ever
+    /// configure one secret, the one that had it first keeps it ([`ConfigRecord::secret_since`]).
+    /// Missing entries (records written before this field) count from `applied_at`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets_since: BTreeMap<String, Rfc3339>,
+}
+
+/// An instant written as RFC 3339 text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Rfc3339(#[serde(with = "time::serde::rfc3339")] pub OffsetDateTime);
+
+impl ConfigRecord {
+    /// A record of `config` as version `version`, published at `applied_at`, following
+    /// `previous` (the workspace's current record, if any): secrets it already had keep their
+    /// first-published instant, new ones start now.
+    pub fn next(
+        previous: Option<&ConfigRecord>,
+        config: MeteringConfig,
+        applied_at: OffsetDateTime,
+    ) -> ConfigRecord {
+        let secrets_since = config
+            .agent_instances
+            .iter()
+            .map(|instance| {
+                let hash = instance.secret_sha256.clone();
+                let since = previous
+                    .filter(|previous| previous.has_secret(&hash))
+                    .map(|previous| previous.secret_since(&hash))
+                    .unwrap_or(applied_at);
+                (hash, Rfc3339(since))
+            })
+            .collect();
+        ConfigRecord {
+            format: CONFIG_RECORD_FORMAT,
+            version: previous.map(|previous| previous.version + 1).unwrap_or(1),
+            applied_at,
+            config,
+            secrets_since,
+        }
+    }
+
+    fn has_secret(&self, secret_sha256: &str) -> bool {
+        self.config
+            .agent_instances
+            .iter()
+            .any(|instance| instance.secret_sha256 == secret_sha256)
+    }
+
+    /// Since when this workspace has had the secret whose hash this is.
+    pub fn secret_since(&self, secret_sha256: &str) -> OffsetDateTime {
+        self.secrets_since
+            .get(secret_sha256)
+            .map(|since| since.0)
+            .unwrap_or(self.applied_at)
+    }
 }
 
 /// The only [`ConfigRecord::format`] this build reads and writes.
 pub const CONFIG_RECORD_FORMAT: u32 = 1;
+
+impl MeteringConfig {
+    /// Problems with secrets this configuration shares with *other* workspaces (`others`: their
+    /// current configurations). One line per instance; the other workspace is not named, so a
+    /// tenant learns nothing about another.
+    pub fn secrets_used_elsewhere<'a>(
+        &self,
+        others: impl IntoIterator<Item = &'a MeteringConfig>,
+    ) -> Vec<String> {
+        let elsewhere: HashSet<&str> = others
+            .into_iter()
+            .filter(|other| other.workspace.id != self.workspace.id)
+            .flat_map(|other| other.agent_instances.iter())
+            .map(|instance| instance.secret_sha256.as_str())
+            .collect();
+        self.agent_instances
+            .iter()
+            .filter(|instance| elsewhere.contains(instance.secret_sha256.as_str()))
+            .map(|instance| {
+                format!(
+                    "agent instance {:?}: its secret_sha256 is already in use; every agent instance needs a secret of its own (make one with `agentmeter secret new`)",
+                    instance.id
+                )
+            })
+            .collect()
+    }
+}
 
 /// The rule for one action name in a workspace.
 #[derive(Debug, Clone, PartialEq)]
@@ -803,5 +897,72 @@ pub(crate) mod tests {
         assert!(config.validate().unwrap_err().0[0].contains("quantity_attribute"));
         config.cost_allocations[0].quantity_attribute = Some("page_count".into());
         config.validate().unwrap();
+    }
+
+    #[test]
+    fn a_record_keeps_when_each_secret_was_first_published() {
+        let first_at = OffsetDateTime::UNIX_EPOCH + time::Duration::days(20_000);
+        let later = first_at + time::Duration::days(3);
+        let first = ConfigRecord::next(None, minimal(), first_at);
+        assert_eq!(first.version, 1);
+        let hash = minimal().agent_instances[0].secret_sha256.clone();
+        assert_eq!(first.secret_since(&hash), first_at);
+
+        let mut rotated = minimal();
+        rotated.agent_instances.push(AgentInstance {
+            id: "i2".into(),
+            secret_sha256: hash_secret("another"),
+            ..rotated.agent_instances[0].clone()
+        });
+        let second = ConfigRecord::next(Some(&first), rotated.clone(), later);
+        assert_eq!(second.version, 2);
+        assert_eq!(second.secret_since(&hash), first_at, "kept across versions");
+        assert_eq!(second.secret_since(&hash_secret("another")), later);
+
+        // A secret removed and added back starts again.
+        let without = ConfigRecord::next(Some(&second), minimal(), later);
+        let back = ConfigRecord::next(Some(&without), rotated, later + time::Duration::days(1));
+        assert_eq!(back.secret_since(&hash_secret("another")), later + time::Duration::days(1));
+
+        // Round trip through the topic's JSON, and records without the field still read.
+        let text = serde_json::to_string(&second).unwrap();
+        assert_eq!(serde_json::from_str::<ConfigRecord>(&text).unwrap(), second);
+        let old = r#"{"format":1,"version":1,"applied_at":"2025-01-01T00:00:00Z","config":{"workspace":{"id":"ws","name":"W","currency":"USD"}}}"#;
+        let old: ConfigRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(old.secret_since("any"), old.applied_at);
+    }
+
+    #[test]
+    fn a_secret_of_another_workspace_is_refused_without_naming_it() {
+        let mine = minimal();
+        let mut theirs = minimal();
+        theirs.workspace.id = "other_tenant".into();
+        let problems = mine.secrets_used_elsewhere([&theirs]);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("\"i1\"") && problems[0].contains("already in use"));
+        assert!(!problems[0].contains("other_tenant"), "{}", problems[0]);
+        // The workspace's own previous version is no conflict.
+        assert!(mine.secrets_used_elsewhere([&minimal()]).is_empty());
+        theirs.agent_instances[0].secret_sha256 = hash_secret("different");
+        assert!(mine.secrets_used_elsewhere([&theirs]).is_empty());
+    }
+
+    #[test]
+    fn tracked_names_follow_the_text_rules() {
+        let mut config = minimal();
+        config.tagging.tracked.push("web\u{200B}search".into());
+        config.tagging.tracked.push("web_search ".into());
+        let problems = config.validate().unwrap_err().0;
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].contains("U+200B"), "{problems:?}");
+        assert!(problems[1].contains("whitespace"), "{problems:?}");
+    }
+
+    #[test]
+    fn a_cost_per_unit_above_the_bound_is_refused() {
+        let mut config = minimal();
+        config.cost_allocations[0].rates[1].cost_per_unit = "1000000000.5".parse().unwrap();
+        let problems = config.validate().unwrap_err().0;
+        assert!(problems[0].contains("above the largest accepted"), "{problems:?}");
     }
 }

@@ -3,6 +3,10 @@
 //! `deploy/local/services.sh`. Nothing here is part of the product.
 //!
 //! * [`free_port`]: loopback ports for the stages' listeners, unique within the process.
+//! * [`broker::topic_deletion_is_safe`]: whether the local broker deletes only the topic it is
+//!   asked to delete (tansu 0.6.0 from crates.io deletes them all).
+
+pub mod broker;
 
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicU32, Ordering};

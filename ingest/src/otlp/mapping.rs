@@ -19,7 +19,9 @@
 //! A problem with one span rejects that span only ([`SpanError`]); the caller reports it through
 //! OTLP's partial success.
 
-use agentmeter_schemas::metering::is_valid_action_name;
+use agentmeter_schemas::limits::{check_raw_action, check_token_count, MAX_TOKEN_COUNT};
+use agentmeter_schemas::metering::check_action_name as check_action_name_rules;
+use agentmeter_schemas::text::{check_free_text, check_name, MaxLength, MAX_ATTRIBUTE_KEY_BYTES};
 use agentmeter_schemas::{ActionKind, RawAction};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as OtlpValue;
@@ -29,7 +31,7 @@ use serde_json::{Map, Value};
 
 use crate::auth::AgentIdentity;
 use crate::normalize::{
-    check_attributes, check_occurred_at, Limits, LlmFields, MAX_DESCRIPTION_LENGTH, MAX_ID_LENGTH,
+    check_attributes, check_description, check_id, check_occurred_at, Limits, LlmFields,
 };
 
 /// Name of the spans value-python's `ctx.send` emits.
@@ -265,7 +267,7 @@ pub fn span_to_action(
     } else {
         trace_event(span, attributes, limits)?
     };
-    Ok(RawAction {
+    let action = RawAction {
         event_id,
         workspace_id: identity.workspace.workspace_id().to_string(),
         account_id: identity.instance.account.clone(),
@@ -286,7 +288,10 @@ pub fn span_to_action(
         reported_cost: shape.llm.reported_cost,
         attributes_json: shape.attributes_json,
         source: source.as_str().to_string(),
-    })
+    };
+    // The enricher's rule for every value; the checks above already explained any problem.
+    check_raw_action(&action).map_err(|error| SpanError::InvalidAttribute(error.to_string()))?;
+    Ok(action)
 }
 
 /// What distinguishes the three kinds of spans; the rest of the action is common.
@@ -325,11 +330,8 @@ fn value_action(attributes: &[KeyValue], limits: &Limits) -> Result<ActionShape,
     let description = text_attribute(attributes, "value.action.description")
         .filter(|description| !description.is_empty());
     if let Some(description) = &description {
-        if description.chars().count() > MAX_DESCRIPTION_LENGTH {
-            return Err(SpanError::InvalidAttribute(format!(
-                "value.action.description is longer than {MAX_DESCRIPTION_LENGTH} characters"
-            )));
-        }
+        check_description(description)
+            .map_err(|problem| SpanError::InvalidAttribute(format!("value.action.{problem}")))?;
     }
     let mut object = user_attributes(attributes)?;
     let from_user_attributes =
@@ -531,6 +533,13 @@ fn span_attributes_json(attributes: &[KeyValue], limits: &Limits) -> Result<Stri
             continue;
         }
         let value = truncate_json_text(any_to_json(pair.value.as_ref()), MAX_SPAN_ATTRIBUTE_CHARS);
+        // An instrumentation's attribute that breaks the text rules is dropped, not the span.
+        if check_name(&pair.key, MaxLength::Bytes(MAX_ATTRIBUTE_KEY_BYTES)).is_err()
+            || !json_text_is_clean(&value)
+        {
+            dropped += 1;
+            continue;
+        }
         let size = pair.key.len() + value.to_string().len() + 4;
         let too_large = matches!(value, Value::Array(_) | Value::Object(_))
             && value.to_string().len() > MAX_SPAN_ATTRIBUTE_CHARS;
@@ -547,15 +556,26 @@ fn span_attributes_json(attributes: &[KeyValue], limits: &Limits) -> Result<Stri
     check_attributes(&object, limits).map_err(SpanError::AttributeLimits)
 }
 
-fn check_action_name(what: &str, name: &str) -> Result<(), SpanError> {
-    if is_valid_action_name(name) {
-        Ok(())
-    } else {
-        Err(SpanError::InvalidName(format!(
-            "{what} {:?} is not a valid action name: it must be 1-256 bytes of printable characters",
-            truncate_chars(name, 64)
-        )))
+/// Whether every key and string inside `value` passes the text rules (names and free texts).
+fn json_text_is_clean(value: &Value) -> bool {
+    match value {
+        Value::String(text) => check_free_text(text, None).is_ok(),
+        Value::Array(items) => items.iter().all(json_text_is_clean),
+        Value::Object(object) => object.iter().all(|(key, value)| {
+            check_name(key, MaxLength::Bytes(MAX_ATTRIBUTE_KEY_BYTES)).is_ok()
+                && json_text_is_clean(value)
+        }),
+        Value::Null | Value::Bool(_) | Value::Number(_) => true,
     }
+}
+
+fn check_action_name(what: &str, name: &str) -> Result<(), SpanError> {
+    check_action_name_rules(name).map_err(|problem| {
+        SpanError::InvalidName(format!(
+            "{what} {:?} is not a valid action name: it {problem} (an action name is 1-256 bytes of visible characters)",
+            truncate_chars(name, 64)
+        ))
+    })
 }
 
 /// `event_id` = lowercase hex trace id + `-` + hex span id: an exporter's retry of the same span
@@ -602,12 +622,8 @@ fn user_attribute(attributes: &[KeyValue], key: &str) -> Result<Option<String>, 
     let Some(value) = text_attribute(attributes, key).filter(|value| !value.is_empty()) else {
         return Ok(None);
     };
-    if value.chars().count() > MAX_ID_LENGTH || value.chars().any(char::is_control) {
-        return Err(SpanError::InvalidUser(format!(
-            "{key} {:?} must be 1-{MAX_ID_LENGTH} printable characters",
-            truncate_chars(&value, 64)
-        )));
-    }
+    check_id("user id", &value)
+        .map_err(|problem| SpanError::InvalidUser(format!("{key}: {problem}")))?;
     Ok(Some(value))
 }
 
@@ -657,8 +673,11 @@ fn integer_attribute(attributes: &[KeyValue], key: &str) -> Result<Option<i64>, 
         _ => None,
     };
     match parsed {
-        Some(count) if count >= 0 => Ok(Some(count)),
-        _ => Err(SpanError::InvalidAttribute(format!(
+        Some(count) if check_token_count(key.to_string(), count).is_ok() => Ok(Some(count)),
+        Some(count) => Err(SpanError::InvalidAttribute(format!(
+            "attribute {key} must be a non-negative integer of at most {MAX_TOKEN_COUNT}, got {count}"
+        ))),
+        None => Err(SpanError::InvalidAttribute(format!(
             "attribute {key} must be a non-negative integer, got {}",
             truncate_chars(&any_value_to_json(value).to_string(), 64)
         ))),
