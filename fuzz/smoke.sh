@@ -39,8 +39,10 @@ for target in "${targets[@]}"; do
   if [ "$status" -ne 0 ]; then
     failed+=("$target")
     line="$line, CRASH (exit $status)"
-    grep -E 'panicked at|^SUMMARY|Test unit written to|ERROR: libFuzzer' "$log" | head -n 5 || true
-    tail -n 40 "$log"
+    # The panic, the first frames in the project's crates, and the saved input.
+    grep -E -A1 'panicked at' "$log" | head -n 2 || true
+    grep -E "at $(cd "$fuzz_dir/.." && pwd)/(schemas|ingest|enricher|aggregator|runtime)/" "$log" | head -n 3 || true
+    grep -E 'Test unit written to|ERROR: libFuzzer' "$log" | head -n 2 || true
   fi
   summary+=("$line")
   echo "fuzz smoke: $line"
