@@ -21,6 +21,7 @@ use agentmeter_aggregator::state::{
 use agentmeter_fuzz::structured::{edgy_i64, storable_decimal};
 use agentmeter_fuzz::FIXED_NOW_MICROS;
 use agentmeter_schemas::decimal::to_scaled_i128;
+use agentmeter_schemas::limits::check_enriched_numbers;
 use agentmeter_schemas::{
     encode_enriched_action, ActionKind, CostSource, EnrichedAction, RawAction,
 };
@@ -32,13 +33,16 @@ const PARTITION: i32 = 3;
 
 /// Whether a record was counted into usage (and queued for the `actions` table).
 ///
-/// The one place that interprets `handle`'s answer. When `RecordOutcome` gains a variant (the
-/// lead is making the aggregator refuse, i.e. dead-letter, actions whose totals would leave
-/// `Decimal(38, 12)`), this match stops compiling: add the variant here, as not counted.
-fn is_counted(outcome: RecordOutcome) -> bool {
+/// The one place that interprets `handle`'s answer: only `Counted` actions are in the totals.
+/// A `Refused` one (out of range, dead-lettered by the stream) must have had a value out of
+/// its range — checked by the caller.
+fn is_counted(outcome: &RecordOutcome) -> bool {
     match outcome {
         RecordOutcome::Counted => true,
-        RecordOutcome::Rebuilt | RecordOutcome::Duplicate | RecordOutcome::AlreadyHandled => false,
+        RecordOutcome::Rebuilt
+        | RecordOutcome::Duplicate
+        | RecordOutcome::AlreadyHandled
+        | RecordOutcome::Refused(_) => false,
     }
 }
 
@@ -52,7 +56,14 @@ fuzz_target!(|data: &[u8]| {
     let mut counted = Vec::new();
     for record in case.records {
         let outcome = aggregator.handle(record.offset, record.timestamp_ms, record.action.clone());
-        if is_counted(outcome) {
+        if let RecordOutcome::Refused(error) = &outcome {
+            // Refused only for a value out of range — never for a total of valid values.
+            assert!(
+                check_enriched_numbers(&record.action).is_err(),
+                "refused an in-range action: {error}"
+            );
+        }
+        if is_counted(&outcome) {
             counted.push(record.action);
         }
         if record.flush_after {
@@ -137,10 +148,13 @@ impl TableModel {
                 self.action_offsets.insert(counted.offset);
             }
             for (key, totals) in &write.usage {
-                let row = UsageRow::new(key, totals, PARTITION, &write.plan, write.end_offset)
-                    .unwrap_or_else(|error| {
-                        panic!("usage row fails: {error}\nkey {key:?}\ntotals {totals:?}")
-                    });
+                let row = UsageRow::new(key, totals, PARTITION, &write.plan, write.end_offset);
+                for (column, value) in [("quantity", row.quantity), ("cost", row.cost)] {
+                    assert!(
+                        value.unsigned_abs() < 10u128.pow(38),
+                        "usage {column} {value} does not fit Decimal(38, 12)\nkey {key:?}\ntotals {totals:?}"
+                    );
+                }
                 let slot = self
                     .usage
                     .entry((key.clone(), write.plan.start))

@@ -8,7 +8,7 @@
 
 #![no_main]
 
-use agentmeter_schemas::metering::{ConfigRecord, CONFIG_RECORD_FORMAT};
+use agentmeter_schemas::metering::ConfigRecord;
 use agentmeter_schemas::{MeteringConfig, WorkspaceSnapshot};
 use libfuzzer_sys::fuzz_target;
 
@@ -21,12 +21,7 @@ const DEMO_SECRETS: [&str; 2] = [
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
         if let Ok(config) = MeteringConfig::from_toml(text) {
-            let record = ConfigRecord {
-                format: CONFIG_RECORD_FORMAT,
-                version: 1,
-                applied_at: time::OffsetDateTime::UNIX_EPOCH,
-                config: config.clone(),
-            };
+            let record = ConfigRecord::next(None, config.clone(), time::OffsetDateTime::UNIX_EPOCH);
             check_record_round_trip(&record);
             let snapshot = WorkspaceSnapshot::build(1, config).unwrap_or_else(|problems| {
                 panic!("from_toml accepted it, build refused: {problems}")

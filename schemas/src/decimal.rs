@@ -33,6 +33,12 @@ pub enum DecimalError {
     TooManyBytes(usize),
 }
 
+/// Whether a scaled integer fits `Decimal(38, 12)`: fewer than 38 digits. (`unsigned_abs`,
+/// because `i128::MIN.abs()` overflows.)
+fn fits_storage(scaled: i128) -> bool {
+    scaled.unsigned_abs() < TEN_POW_38 as u128
+}
+
 /// The integer `value × 10^12`, as ClickHouse `Decimal(38, 12)` stores it.
 pub fn to_scaled_i128(value: Decimal) -> Result<i128, DecimalError> {
     let normalized = value.normalize();
@@ -48,7 +54,7 @@ pub fn to_scaled_i128(value: Decimal) -> Result<i128, DecimalError> {
     let scaled = normalized
         .mantissa()
         .checked_mul(factor)
-        .filter(|scaled| scaled.abs() < TEN_POW_38)
+        .filter(|scaled| fits_storage(*scaled))
         .ok_or_else(|| DecimalError::OutOfRange {
             value: value.to_string(),
             precision: STORAGE_PRECISION,
@@ -81,7 +87,7 @@ pub fn from_scaled_i128(mantissa: i128) -> Result<Decimal, DecimalError> {
 
 /// `a + b` of two `Decimal(38, 12)` integers, if the sum is one too.
 pub fn checked_add_scaled(a: i128, b: i128) -> Option<i128> {
-    a.checked_add(b).filter(|sum| sum.abs() < TEN_POW_38)
+    a.checked_add(b).filter(|sum| fits_storage(*sum))
 }
 
 /// `a × b` rounded half-even to 12 fractional digits, exactly: both factors are taken at scale
@@ -101,7 +107,7 @@ pub fn mul_round_half_even(a: Decimal, b: Decimal) -> Option<Decimal> {
         std::cmp::Ordering::Greater => quotient + 1,
         std::cmp::Ordering::Equal => quotient + (quotient & 1),
     };
-    if rounded.abs() >= TEN_POW_38 {
+    if !fits_storage(rounded) {
         return None;
     }
     from_scaled_i128(rounded).ok()
@@ -128,7 +134,7 @@ pub fn from_avro_bytes(bytes: &[u8]) -> Result<Decimal, DecimalError> {
     let mut full = [fill; 16];
     full[16 - bytes.len()..].copy_from_slice(bytes);
     let mantissa = i128::from_be_bytes(full);
-    if mantissa.abs() >= TEN_POW_38 {
+    if !fits_storage(mantissa) {
         return Err(DecimalError::OutOfRange {
             value: format!("{mantissa}e-{STORAGE_SCALE}"),
             precision: STORAGE_PRECISION,
@@ -202,6 +208,18 @@ mod tests {
         let mut expected = vec![0x00; 16];
         expected[15] = 0x80;
         assert_eq!(to_avro_bytes(dec("0.000000000128")).unwrap(), expected);
+    }
+
+    #[test]
+    fn the_most_negative_sixteen_bytes_are_out_of_range_not_an_overflow() {
+        let mut bytes = [0u8; 16];
+        bytes[0] = 0x80; // i128::MIN, found by the avro fuzz targets
+        assert!(matches!(
+            from_avro_bytes(&bytes),
+            Err(DecimalError::OutOfRange { .. })
+        ));
+        assert_eq!(checked_add_scaled(-(TEN_POW_38 - 1), -(TEN_POW_38 - 1)), None);
+        assert_eq!(checked_add_scaled(i128::MIN / 2, i128::MIN / 2), None);
     }
 
     #[test]

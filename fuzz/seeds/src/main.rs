@@ -15,7 +15,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use agentmeter_schemas::metering::{ConfigRecord, MeteringConfig, CONFIG_RECORD_FORMAT};
+use agentmeter_schemas::metering::{ConfigRecord, MeteringConfig};
 use agentmeter_schemas::{
     encode_enriched_action, encode_raw_action, ActionKind, CostSource, EnrichedAction, RawAction,
 };
@@ -547,10 +547,8 @@ fn enriched_actions() -> Vec<(&'static str, EnrichedAction)> {
 fn config_seeds() -> Vec<(String, String)> {
     let config = MeteringConfig::from_toml(EXAMPLE_CONFIG_TOML).expect("the example is valid");
     let record = ConfigRecord {
-        format: CONFIG_RECORD_FORMAT,
         version: 3,
-        applied_at: time_from_rfc3339("2026-12-01T12:00:00Z"),
-        config,
+        ..ConfigRecord::next(None, config, time_from_rfc3339("2026-12-01T12:00:00Z"))
     };
     let minimal = r#"[workspace]
 id = "ws"
