@@ -212,6 +212,13 @@ pub struct EpochRow {
     pub created_at: u32,
 }
 
+/// An input epoch as read back: where it starts.
+#[derive(Debug, Clone, PartialEq, clickhouse::Row, Serialize, Deserialize)]
+pub struct EpochStartRow {
+    pub logical_start: u64,
+    pub physical_start: u64,
+}
+
 /// What a partition's progress has planned so far, for starting an input epoch.
 #[derive(Debug, Clone, PartialEq, clickhouse::Row, Serialize, Deserialize)]
 pub struct PlannedRow {

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use crate::config::ClickHouseSettings;
-use crate::rows::{ActionRow, EpochRow, PlanRow, PlannedRow, ProgressRow, UsageRow};
+use crate::rows::{ActionRow, EpochRow, EpochStartRow, PlanRow, PlannedRow, ProgressRow, UsageRow};
 use crate::state::{BatchPlan, BatchSettings, BatchWrite, InputEpoch};
 
 /// Whether a failed ClickHouse call may succeed if tried again.
@@ -192,7 +192,7 @@ impl ClickHouseService {
             .query(&query)
             .bind(&self.topic)
             .bind(partition as u32)
-            .fetch_all::<EpochRow>()
+            .fetch_all::<EpochStartRow>()
             .await
             .map_err(classify)?;
         Ok(rows
@@ -215,8 +215,8 @@ impl ClickHouseService {
         default_settings: BatchSettings,
     ) -> Result<InputEpoch, ClickHouseError> {
         let query = format!(
-            "SELECT max(batch_start + batch_size) AS planned_end, argMax(batch_size, batch_start) AS batch_size, \
-             argMax(window_seconds, batch_start) AS window_seconds, count() AS batches \
+            "SELECT max(batch_start + batch_size) AS planned_end, argMax(batch_size, batch_start) AS last_batch_size, \
+             argMax(window_seconds, batch_start) AS last_window_seconds, count() AS batches \
              FROM {} WHERE topic = ? AND source_partition = ?",
             self.table("aggregator_progress")
         );

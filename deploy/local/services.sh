@@ -36,8 +36,8 @@ TANSU_STORAGE_CRATE_SHA256="720d2ed8e6010c70f7f06e5af5a7274ebbf6e42fdcd9e46de542
 # What our build changes in the crates.io sources (see install_tansu), one name per fix; written
 # to $TANSU_ROOT/FIXES. TANSU_BUILD names the set and is part of the cache path, so a binary
 # built without a fix is never reused.
-TANSU_FIXES=(topic-delete-by-id query-one-no-row-is-an-error)
-TANSU_BUILD="fixed-2"
+TANSU_FIXES=(topic-delete-by-id query-one-no-row-is-an-error unknown-topic-fetch-without-leader)
+TANSU_BUILD="fixed-3"
 TANSU_ROOT="$AGENTMETER_CACHE/tansu-$TANSU_VERSION-$TANSU_BUILD"
 TANSU_BIN="$TANSU_ROOT/bin/tansu"
 TANSU_LOG="$AGENTMETER_CACHE/logs/tansu.log"
@@ -161,6 +161,12 @@ heartbeat_until_done() { # pid log what
 #    when a statement finds no row, e.g. a fetch of a partition whose topic was just deleted;
 #    the panic kills the storage task and the broker then fails every request while its port
 #    stays open. The fix returns libsql's QueryReturnedNoRows error for that request instead.
+#  * unknown-topic-fetch-without-leader: src/service/fetch.rs answers a fetch of an unknown
+#    (e.g. just deleted) topic with an all-zero topic id *and* a CurrentLeader tag; librdkafka
+#    2.12 turns that tag into a leader-discovery metadata update for a topic with neither id nor
+#    name and crashes (SIGSEGV in rd_kafka_metadata_cache_find, strcmp of NULL): every consumer
+#    of a deleted topic died. The fix sends no CurrentLeader for an unknown topic (none is
+#    known), as Kafka does.
 tansu_crate_url() { echo "https://static.crates.io/crates/$1/$1-$2.crate"; }
 
 fetch_crate() { # name version sha256 destdir
@@ -197,6 +203,13 @@ prepare_fixed_tansu_sources() { # srcdir
         || die "$lite is not the code this fix expects"
     sed -i 's/^            panic!("more or less than one row");$/            return Err(libsql::Error::QueryReturnedNoRows);/' "$lite"
     grep -q '^            return Err(libsql::Error::QueryReturnedNoRows);$' "$lite" || die "fixing $lite failed"
+
+    local fetch="$src/tansu-storage-$TANSU_VERSION/src/service/fetch.rs"
+    [ "$(grep -c '^                                LeaderIdAndEpoch::default().leader_id(0).leader_epoch(0),$' "$fetch")" = 1 ] \
+        || die "$fetch is not the code this fix expects"
+    # The three lines `.current_leader(Some(` / `LeaderIdAndEpoch…(0),` / `))` become `.current_leader(None)`.
+    sed -i -e '/^                            \.current_leader(Some($/{N;N;s/^\( *\)\.current_leader(Some(\n *LeaderIdAndEpoch::default().leader_id(0).leader_epoch(0),\n *))$/\1.current_leader(None)/}' "$fetch"
+    ! grep -q 'leader_id(0).leader_epoch(0)' "$fetch" || die "fixing $fetch failed"
 
     lock="$src/tansu-$TANSU_VERSION/Cargo.lock"
     # A path dependency has no source or checksum in a lock file; with them gone, --locked holds.
