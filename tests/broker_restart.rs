@@ -118,7 +118,13 @@ rates = [{ effective_from = "2020-01-01T00:00:00Z", cost_per_unit = "0.00004" }]
                     }
                 }
                 let body = json!({ "actions": items });
+                // A broker that never comes back fails the test here rather than hanging it.
+                let give_up_at = Instant::now() + Duration::from_secs(180);
                 loop {
+                    assert!(
+                        Instant::now() < give_up_at,
+                        "batch {batch_index} not accepted within 180 s of its first try"
+                    );
                     let status = client
                         .post(&url)
                         .header("X-Agent-Secret", SECRET)
@@ -150,6 +156,12 @@ rates = [{ effective_from = "2020-01-01T00:00:00Z", cost_per_unit = "0.00004" }]
     }
     std::thread::sleep(Duration::from_secs(5));
     stop.store(true, Ordering::Relaxed);
+    // The batch in flight may wait for a broker whose storage task panicked after its restart;
+    // `services.sh up` restarts such a broker, as an operator's watchdog would.
+    while !sender.is_finished() {
+        services("up", &state, port);
+        std::thread::sleep(Duration::from_secs(2));
+    }
     sender.join().expect("sender");
 
     let accepted = accepted.lock().unwrap().clone();
