@@ -36,8 +36,8 @@ TANSU_STORAGE_CRATE_SHA256="720d2ed8e6010c70f7f06e5af5a7274ebbf6e42fdcd9e46de542
 # What our build changes in the crates.io sources (see install_tansu), one name per fix; written
 # to $TANSU_ROOT/FIXES. TANSU_BUILD names the set and is part of the cache path, so a binary
 # built without a fix is never reused.
-TANSU_FIXES=(topic-delete-by-id query-one-no-row-is-an-error unknown-topic-fetch-without-leader)
-TANSU_BUILD="fixed-3"
+TANSU_FIXES=(topic-delete-by-id query-one-no-row-is-an-error unknown-topic-fetch-without-leader idempotent-epoch-bump)
+TANSU_BUILD="fixed-4"
 TANSU_ROOT="$AGENTMETER_CACHE/tansu-$TANSU_VERSION-$TANSU_BUILD"
 TANSU_BIN="$TANSU_ROOT/bin/tansu"
 TANSU_LOG="$AGENTMETER_CACHE/logs/tansu.log"
@@ -147,7 +147,7 @@ heartbeat_until_done() { # pid log what
     done
 }
 
-# tansu 0.6.0 (the newest on crates.io) has two defects that our own tools run into, and we build
+# tansu 0.6.0 (the newest on crates.io) has defects that our own tools run into, and we build
 # the broker from the crates.io sources with each fixed by one line (nothing of the broker's
 # source lives in this repository): the two .crate files are downloaded and checked against
 # pinned SHA-256 sums, the lines are rewritten with sed (each checked before and after), the
@@ -167,6 +167,13 @@ heartbeat_until_done() { # pid log what
 #    name and crashes (SIGSEGV in rd_kafka_metadata_cache_find, strcmp of NULL): every consumer
 #    of a deleted topic died. The fix sends no CurrentLeader for an unknown topic (none is
 #    known), as Kafka does.
+#  * idempotent-epoch-bump: when an idempotent producer's messages time out (the broker was down
+#    longer than message.timeout.ms), librdkafka bumps the producer epoch on its own, without
+#    InitProducerId, and starts every partition again at sequence 0 (KIP-360; Kafka accepts a
+#    higher epoch at sequence 0). tansu's src/lite.rs only accepts epochs it handed out, so every
+#    produce then failed forever ("QueryReturnedNoRows" at lite.rs:584): ingest answered 503 until
+#    restarted. The fix registers the higher epoch (producer_epoch_insert.sql, max + 1, until it
+#    is reached) when a batch at sequence 0 carries it.
 tansu_crate_url() { echo "https://static.crates.io/crates/$1/$1-$2.crate"; }
 
 fetch_crate() { # name version sha256 destdir
@@ -210,6 +217,19 @@ prepare_fixed_tansu_sources() { # srcdir
     # The three lines `.current_leader(Some(` / `LeaderIdAndEpoch…(0),` / `))` become `.current_leader(None)`.
     sed -i -e '/^                            \.current_leader(Some($/{N;N;s/^\( *\)\.current_leader(Some(\n *LeaderIdAndEpoch::default().leader_id(0).leader_epoch(0),\n *))$/\1.current_leader(None)/}' "$fetch"
     ! grep -q 'leader_id(0).leader_epoch(0)' "$fetch" || die "fixing $fetch failed"
+
+    # idempotent-epoch-bump: `let current_epoch = row … as i16;` becomes `let mut`, followed by one
+    # line that registers the producer's higher epochs before the sequence check.
+    [ "$(grep -c '^            let current_epoch = row$' "$lite")" = 1 ] \
+        && [ "$(grep -c 'idempotent_sequence_check(&current_epoch, &sequence, deflated)' "$lite")" = 1 ] \
+        || die "$lite is not the code the epoch fix expects"
+    sed -i -e '/^            let current_epoch = row$/,/^                as i16;$/{' \
+        -e 's/^            let current_epoch = row$/            let mut current_epoch = row/' \
+        -e '/^                as i16;$/a\            while current_epoch < deflated.producer_epoch && deflated.base_sequence == 0 { current_epoch = connection.query_one("producer_epoch_insert.sql", (self.cluster.as_str(), deflated.producer_id)).await?.get::<i32>(0)? as i16; }' \
+        -e '}' "$lite"
+    grep -q '^            let mut current_epoch = row$' "$lite" \
+        && grep -q '^            while current_epoch < deflated.producer_epoch && deflated.base_sequence == 0 {' "$lite" \
+        || die "fixing $lite (epoch bump) failed"
 
     lock="$src/tansu-$TANSU_VERSION/Cargo.lock"
     # A path dependency has no source or checksum in a lock file; with them gone, --locked holds.

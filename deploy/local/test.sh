@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command: installs and starts the real services, then runs every test of the workspace
 # (unit tests, and integration tests that start `agentmeter` stages as processes against the real
-# broker and ClickHouse).
+# broker and ClickHouse), the SQL checks and a short run of every fuzz target.
 #
 #   deploy/local/test.sh [extra cargo test arguments]
 set -euo pipefail
@@ -20,5 +20,8 @@ cargo test --workspace --locked "$@"
 
 say "SQL: migrations and views on current ClickHouse (chdb) and on the local ClickHouse"
 bash deploy/local/check_sql_current_clickhouse.sh --http "http://127.0.0.1:${AGENTMETER_CLICKHOUSE_HTTP_PORT:-8123}"
+
+say "fuzz smoke: every fuzz target built, its corpus replayed, then fuzzed ${FUZZ_SMOKE_SECONDS:-20} s (fuzz/README.md)"
+bash fuzz/smoke.sh
 
 say "all tests passed in $(( $(date +%s) - started_at ))s"
