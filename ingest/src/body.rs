@@ -39,6 +39,32 @@ pub enum BodyError {
     InvalidGzip(String),
 }
 
+/// A `Content-Type`'s media type, lowercased (`application/json`), and its `charset`
+/// parameter if any (lowercased, quotes removed). Other parameters are ignored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaType {
+    pub essence: String,
+    pub charset: Option<String>,
+}
+
+impl MediaType {
+    /// The request's media type; `None` without a `Content-Type` header. Type, subtype and
+    /// parameter names are case-insensitive (RFC 9110 §8.3.1).
+    pub fn from_headers(headers: &HeaderMap) -> Option<MediaType> {
+        let value = headers.get(header::CONTENT_TYPE)?;
+        let text = String::from_utf8_lossy(value.as_bytes());
+        let mut parts = text.split(';');
+        let essence = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let charset = parts.find_map(|parameter| {
+            let (name, value) = parameter.split_once('=')?;
+            name.trim()
+                .eq_ignore_ascii_case("charset")
+                .then(|| value.trim().trim_matches('"').to_ascii_lowercase())
+        });
+        Some(MediaType { essence, charset })
+    }
+}
+
 impl ContentEncoding {
     /// The body's encoding from its `Content-Encoding` header (case-insensitive).
     pub fn from_headers(headers: &HeaderMap) -> Result<ContentEncoding, BodyError> {
@@ -186,6 +212,37 @@ mod tests {
             assert!(error
                 .to_string()
                 .contains("send gzip or no Content-Encoding"));
+        }
+    }
+
+    #[test]
+    fn reads_the_media_type_and_charset_case_insensitively() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(MediaType::from_headers(&headers), None);
+        for (given, essence, charset) in [
+            ("application/json", "application/json", None),
+            (
+                "Application/JSON; Charset=\"UTF-8\"",
+                "application/json",
+                Some("utf-8"),
+            ),
+            (
+                "application/json;charset=utf-8;q=1",
+                "application/json",
+                Some("utf-8"),
+            ),
+            ("application/jsonx", "application/jsonx", None),
+            (" text/plain ; format=flowed", "text/plain", None),
+        ] {
+            headers.insert(header::CONTENT_TYPE, given.parse().unwrap());
+            assert_eq!(
+                MediaType::from_headers(&headers),
+                Some(MediaType {
+                    essence: essence.to_string(),
+                    charset: charset.map(str::to_string)
+                }),
+                "{given}"
+            );
         }
     }
 

@@ -379,6 +379,34 @@ mod tests {
         assert_eq!(status.details.len(), 1);
     }
 
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_413_with_a_status_that_says_what_to_change() {
+        let cluster = MockCluster::new(1).unwrap();
+        let limit = IngestConfig::default().max_body_bytes;
+        let response = post(
+            state(&cluster.bootstrap_servers(), 100),
+            "application/json",
+            vec![b' '; limit + 1],
+            false,
+        )
+        .await;
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let status: serde_json::Value =
+            serde_json::from_slice(&body_bytes(response).await).unwrap();
+        assert_eq!(
+            status["code"],
+            tonic::Code::InvalidArgument as i32,
+            "{status}"
+        );
+        let message = status["message"].as_str().unwrap();
+        assert!(
+            message.starts_with(&format!(
+                "the request body is larger than {limit} bytes; lower the exporter's batch size"
+            )),
+            "{message}"
+        );
+    }
+
     #[test]
     fn reads_the_encoding_from_the_content_type() {
         let mut headers = HeaderMap::new();

@@ -106,10 +106,7 @@ impl ExportError {
 /// Counts and logs a refused authentication. The log says how to fix it, because the exporter
 /// drops the batch without retry and the agent otherwise runs on, unmetered, in silence.
 pub(crate) fn auth_failed(source: OtlpSource, error: AuthError) -> ExportError {
-    let reason = match error {
-        AuthError::Missing => "missing_secret",
-        AuthError::Unknown => "unknown_secret",
-    };
+    let reason = error.reason();
     metrics::counter!("agentmeter_ingest_auth_failures_total", "reason" => reason).increment(1);
     tracing::warn!(
         endpoint = source.as_str(),
