@@ -4,6 +4,8 @@
 //! * [`config`] — `[ingest]` settings with their limits, checked at start.
 //! * [`auth`] — agent secret → agent instance → account → workspace. Identity never comes from
 //!   the request body.
+//! * [`body`] — request bodies within `ingest.max_body_bytes`, gzip decompressed within the same
+//!   limit; shared by REST and OTLP/HTTP.
 //! * [`normalize`] — turns client input (REST items) into [`RawAction`]s and says precisely what
 //!   is wrong with bad input. Pure functions, unit-tested.
 //! * [`sink`] — the Kafka side: admission control (bounded in-flight actions → 429), encode,
@@ -17,6 +19,7 @@
 //! [`RawAction`]: agentmeter_schemas::RawAction
 
 pub mod auth;
+pub mod body;
 pub mod config;
 pub mod normalize;
 pub mod otlp;

@@ -13,8 +13,8 @@
 use std::str::FromStr;
 
 use agentmeter_schemas::limits::{
-    check_action_cost, check_name_field, check_raw_action, check_token_count, MAX_DESCRIPTION_CHARS,
-    MAX_ID_CHARS, MAX_TOKEN_COUNT,
+    check_action_cost, check_name_field, check_raw_action, check_token_count,
+    MAX_DESCRIPTION_CHARS, MAX_ID_CHARS, MAX_TOKEN_COUNT,
 };
 use agentmeter_schemas::metering::check_action_name;
 use agentmeter_schemas::rest::RestAction;
@@ -132,9 +132,8 @@ pub fn rest_action_to_raw(
 
 /// An event id, user id or anonymous id: a name of at most 256 characters.
 pub fn check_id(field: &'static str, value: &str) -> Result<(), String> {
-    check_name_field(field, value, MaxLength::Chars(MAX_ID_LENGTH)).map_err(|error| {
-        format!("{error}; an id is 1-{MAX_ID_LENGTH} visible characters")
-    })
+    check_name_field(field, value, MaxLength::Chars(MAX_ID_LENGTH))
+        .map_err(|error| format!("{error}; an id is 1-{MAX_ID_LENGTH} visible characters"))
 }
 
 /// A description: free text of at most 4096 characters.

@@ -20,6 +20,9 @@ use rdkafka::producer::{FutureProducer, Producer};
 use serde_json::json;
 
 use crate::auth::{authenticate, AuthError};
+use crate::body::{
+    decode_content, read_limited, BodyError, ContentEncoding, MediaType, BLOCKING_DECODE_BYTES,
+};
 use crate::config::IngestConfig;
 use crate::normalize::{now_micros, rest_action_to_raw, Limits};
 use crate::sink::{ActionSink, SinkError};
@@ -181,10 +184,7 @@ fn count_rejected(reason: &'static str, actions: usize) {
 }
 
 fn auth_error(endpoint: &'static str, error: AuthError) -> Response {
-    let reason = match error {
-        AuthError::Missing => "missing_secret",
-        AuthError::Unknown => "unknown_secret",
-    };
+    let reason = error.reason();
     metrics::counter!("agentmeter_ingest_auth_failures_total", "reason" => reason).increment(1);
     error_response(
         endpoint,
@@ -221,6 +221,87 @@ async fn agent_instance_info(State(state): State<AppState>, headers: HeaderMap) 
     .into_response()
 }
 
+/// The body of `POST /v1/actions`: `Content-Type: application/json` (415 otherwise, also when
+/// absent; a `charset` must be UTF-8), `Content-Encoding` gzip or none (415 otherwise), at most
+/// `ingest.max_body_bytes` as received and once decompressed (413).
+async fn read_rest_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<bytes::Bytes, Response> {
+    const ENDPOINT: &str = "rest_actions";
+    let unsupported = |message: String| {
+        count_rejected("unsupported_media_type", 1);
+        error_response(
+            ENDPOINT,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            message,
+            json!({}),
+        )
+    };
+    match MediaType::from_headers(headers) {
+        None => {
+            return Err(unsupported(
+                "Content-Type is missing; send Content-Type: application/json".to_string(),
+            ))
+        }
+        Some(media_type) if media_type.essence != "application/json" => {
+            return Err(unsupported(format!(
+                "Content-Type must be application/json, got {:?}",
+                media_type.essence
+            )))
+        }
+        Some(MediaType {
+            charset: Some(charset),
+            ..
+        }) if charset != "utf-8" => {
+            return Err(unsupported(format!(
+                "Content-Type application/json must be UTF-8 (charset=utf-8 or none), got charset={charset:?}"
+            )))
+        }
+        Some(_) => {}
+    }
+    let limit = state.config.max_body_bytes;
+    let body_refused = |error: BodyError| match error {
+        BodyError::TooLarge { .. } => {
+            count_rejected("body_too_large", 1);
+            error_response(
+                ENDPOINT,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("{error}; send smaller batches"),
+                json!({}),
+            )
+        }
+        BodyError::UnsupportedEncoding(_) => unsupported(error.to_string()),
+        BodyError::InvalidGzip(_) => {
+            count_rejected("malformed", 1);
+            error_response(
+                ENDPOINT,
+                StatusCode::BAD_REQUEST,
+                error.to_string(),
+                json!({}),
+            )
+        }
+    };
+    let content_encoding = ContentEncoding::from_headers(headers).map_err(body_refused)?;
+    let received = read_limited(body, headers, limit)
+        .await
+        .map_err(body_refused)?;
+    let decoded =
+        if content_encoding == ContentEncoding::Gzip && received.len() >= BLOCKING_DECODE_BYTES {
+            tokio::task::spawn_blocking(move || decode_content(content_encoding, received, limit))
+                .await
+                .unwrap_or_else(|error| {
+                    Err(BodyError::InvalidGzip(format!(
+                        "decompression failed: {error}"
+                    )))
+                })
+        } else {
+            decode_content(content_encoding, received, limit)
+        };
+    decoded.map_err(body_refused)
+}
+
 /// `POST /v1/actions` — a JSON batch, accepted whole (202) or rejected whole.
 async fn post_actions(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     const ENDPOINT: &str = "rest_actions";
@@ -228,31 +309,9 @@ async fn post_actions(State(state): State<AppState>, headers: HeaderMap, body: B
         Ok(identity) => identity,
         Err(error) => return auth_error(ENDPOINT, error),
     };
-    if let Some(content_type) = headers.get(header::CONTENT_TYPE) {
-        let is_json = content_type
-            .to_str()
-            .map(|value| value.starts_with("application/json"))
-            .unwrap_or(false);
-        if !is_json {
-            return error_response(
-                ENDPOINT,
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                format!("Content-Type must be application/json, got {content_type:?}"),
-                json!({}),
-            );
-        }
-    }
-    let limit = state.config.max_body_bytes;
-    let bytes = match axum::body::to_bytes(body, limit).await {
+    let bytes = match read_rest_body(&state, &headers, body).await {
         Ok(bytes) => bytes,
-        Err(_) => {
-            return error_response(
-                ENDPOINT,
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request body is larger than {limit} bytes; send smaller batches"),
-                json!({}),
-            )
-        }
+        Err(response) => return response,
     };
     let batch: RestActionBatch = match serde_json::from_slice(&bytes) {
         Ok(batch) => batch,
@@ -355,5 +414,200 @@ async fn post_actions(State(state): State<AppState>, headers: HeaderMap, body: B
             );
             response
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    use agentmeter_runtime::config_watch::MeteringState;
+    use agentmeter_schemas::metering::MeteringConfig;
+    use agentmeter_schemas::WorkspaceSnapshot;
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::ClientConfig;
+    use tonic::codegen::Service;
+
+    /// The demo secret of `inst_acme_research` (deploy/local/demo-secrets.env).
+    const SECRET: &str = "am_demo_acme_research_secret";
+    const TOPIC: &str = "agentmeter.actions.raw";
+    const BATCH: &str = r#"{"actions": [{"action_name": "web_search"}]}"#;
+
+    fn state(bootstrap: &str, max_body_bytes: usize) -> AppState {
+        let config =
+            MeteringConfig::from_toml(include_str!("../../deploy/local/metering.example.toml"))
+                .unwrap();
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("message.timeout.ms", "1500")
+            .create()
+            .unwrap();
+        AppState {
+            config: Arc::new(IngestConfig {
+                max_body_bytes,
+                ..IngestConfig::default()
+            }),
+            metering: ConfigHandle::fixed(MeteringState::from_snapshots([
+                WorkspaceSnapshot::build(1, config).unwrap(),
+            ])),
+            sink: Arc::new(ActionSink::new(producer, TOPIC.to_string(), 100)),
+        }
+    }
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        encoder.write_all(bytes).unwrap();
+        encoder.finish().unwrap()
+    }
+
+    /// Posts to `/v1/actions` with the given headers (the secret is added) and returns the
+    /// status and the JSON answer.
+    async fn post(
+        state: AppState,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> (StatusCode, serde_json::Value) {
+        let mut builder = axum::http::Request::post("/v1/actions").header("x-agent-secret", SECRET);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        let mut service = router(state, Arc::new(|| Ok(())));
+        std::future::poll_fn(|context| {
+            <Router as Service<axum::http::Request<Body>>>::poll_ready(&mut service, context)
+        })
+        .await
+        .unwrap();
+        let response = service
+            .call(builder.body(Body::from(body)).unwrap())
+            .await
+            .unwrap();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn refuses_a_missing_or_other_media_type_with_415() {
+        let cluster = MockCluster::new(1).unwrap();
+        let bootstrap = cluster.bootstrap_servers();
+        let cases = [
+            (None, "Content-Type is missing; send Content-Type: application/json"),
+            (
+                Some("text/plain"),
+                "Content-Type must be application/json, got \"text/plain\"",
+            ),
+            (
+                Some("application/jsonl"),
+                "Content-Type must be application/json, got \"application/jsonl\"",
+            ),
+            (
+                Some("application/json-patch+json"),
+                "Content-Type must be application/json, got \"application/json-patch+json\"",
+            ),
+            (
+                Some("application/json; charset=latin1"),
+                "Content-Type application/json must be UTF-8 (charset=utf-8 or none), got charset=\"latin1\"",
+            ),
+        ];
+        for (content_type, message) in cases {
+            let headers: Vec<(&str, &str)> = content_type
+                .map(|value| ("content-type", value))
+                .into_iter()
+                .collect();
+            let (status, answer) = post(state(&bootstrap, 1 << 20), &headers, BATCH.into()).await;
+            assert_eq!(
+                status,
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "{content_type:?}"
+            );
+            assert_eq!(answer["error"], message, "{content_type:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn refuses_an_unknown_content_encoding_with_415() {
+        let cluster = MockCluster::new(1).unwrap();
+        for encoding in ["br", "deflate", "zstd"] {
+            let (status, answer) = post(
+                state(&cluster.bootstrap_servers(), 1 << 20),
+                &[
+                    ("content-type", "application/json"),
+                    ("content-encoding", encoding),
+                ],
+                BATCH.into(),
+            )
+            .await;
+            assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{encoding}");
+            assert_eq!(
+                answer["error"],
+                format!("Content-Encoding \"{encoding}\" is not supported; send gzip or no Content-Encoding")
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn accepts_json_with_parameters_and_gzip_bodies() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic(TOPIC, 1, 1).unwrap();
+        for (content_type, encoding, body) in [
+            (
+                "Application/JSON; charset=UTF-8",
+                None,
+                BATCH.as_bytes().to_vec(),
+            ),
+            ("application/json", Some("gzip"), gzip(BATCH.as_bytes())),
+            ("application/json", Some("GZIP"), gzip(BATCH.as_bytes())),
+        ] {
+            let mut headers = vec![("content-type", content_type)];
+            headers.extend(encoding.map(|encoding| ("content-encoding", encoding)));
+            let (status, answer) =
+                post(state(&cluster.bootstrap_servers(), 1 << 20), &headers, body).await;
+            assert_eq!(
+                status,
+                StatusCode::ACCEPTED,
+                "{content_type} {encoding:?}: {answer}"
+            );
+            assert_eq!(answer["accepted"], 1);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_gzip_bomb_or_a_large_body_is_413_and_bad_gzip_is_400() {
+        let cluster = MockCluster::new(1).unwrap();
+        let bootstrap = cluster.bootstrap_servers();
+        // A valid batch padded with 1 MiB of spaces: 1 KiB compressed, far over a 64 KiB limit.
+        let padded = format!("{BATCH}{}", " ".repeat(1 << 20));
+        let bomb = gzip(padded.as_bytes());
+        assert!(bomb.len() < 4096, "{}", bomb.len());
+        let json_gzip = [
+            ("content-type", "application/json"),
+            ("content-encoding", "gzip"),
+        ];
+        let (status, answer) = post(state(&bootstrap, 64 * 1024), &json_gzip, bomb).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{answer}");
+        assert_eq!(
+            answer["error"],
+            "decompressed request body is larger than 65536 bytes; send smaller batches"
+        );
+        let (status, answer) = post(
+            state(&bootstrap, 64 * 1024),
+            &[("content-type", "application/json")],
+            padded.into_bytes(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{answer}");
+        assert_eq!(
+            answer["error"],
+            "the request body is larger than 65536 bytes; send smaller batches"
+        );
+        let (status, answer) = post(state(&bootstrap, 64 * 1024), &json_gzip, BATCH.into()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+        assert!(answer["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("invalid gzip body"));
     }
 }

@@ -1,15 +1,13 @@
 //! OTLP/HTTP: `POST /v1/traces` on `ingest.otlp_http_listen`, an axum router of its own.
 //!
 //! * Body: `application/x-protobuf` (also `application/protobuf`) or `application/json`
-//!   (OTLP/JSON: hex trace and span ids, int64 as strings or numbers), optionally
+//!   (OTLP/JSON as ProtoJSON parsers read it, with hex ids: [`super::json`]), optionally
 //!   `Content-Encoding: gzip`. Both the received and the decompressed body are limited to
-//!   `ingest.max_body_bytes`.
+//!   `ingest.max_body_bytes` (413 beyond; [`crate::body`]).
 //! * Success: 200 with an `ExportTraceServiceResponse` in the request's encoding (with
 //!   `partialSuccess` when spans were rejected).
 //! * Failure: the status of [`ExportError::http_status`] and a `google.rpc.Status` body in the
 //!   request's encoding (JSON when the encoding is unknown); 429 and 503 carry `Retry-After`.
-
-use std::io::Read;
 
 use anyhow::Context as _;
 use axum::body::Body;
@@ -25,18 +23,19 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use prost::Message;
 use serde_json::json;
 
+use super::json::decode_export_request;
 use super::mapping::OtlpSource;
 use super::rpc::{RetryInfo, RpcStatus, RETRY_INFO_TYPE_URL};
 use super::{auth_failed, count_rejected, count_request, export, retry_delay, ExportError};
 use crate::auth::authenticate;
+use crate::body::{
+    decode_content, read_limited, BodyError, ContentEncoding, BLOCKING_DECODE_BYTES,
+};
 use crate::server::AppState;
 use agentmeter_runtime::shutdown::Shutdown;
 
 /// The OTLP/HTTP traces path.
 pub const TRACES_PATH: &str = "/v1/traces";
-/// Bodies at least this large are decompressed and decoded on a blocking thread, so that the
-/// async workers never stall for long.
-const BLOCKING_DECODE_BYTES: usize = 64 * 1024;
 
 /// The OTLP/HTTP router.
 pub fn router(state: AppState) -> Router {
@@ -124,86 +123,58 @@ async fn handle(
     let identity = authenticate(&state.metering, headers)
         .map_err(|error| auth_failed(OtlpSource::Http, error))?;
     let encoding = Encoding::from_headers(headers).map_err(ExportError::UnsupportedMediaType)?;
-    let gzip = is_gzip(headers)?;
     let limit = state.config.max_body_bytes;
-    let too_large = || {
-        count_rejected("body_too_large", 1);
-        ExportError::PayloadTooLarge(format!(
-            "request body is larger than {limit} bytes; lower the exporter's batch size (OTEL_BSP_MAX_EXPORT_BATCH_SIZE)"
-        ))
-    };
-    let declared_length = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.parse::<usize>().ok());
-    if declared_length.is_some_and(|length| length > limit) {
-        return Err(too_large());
-    }
-    let bytes = axum::body::to_bytes(body, limit)
+    let content_encoding =
+        ContentEncoding::from_headers(headers).map_err(|error| body_refused(error, limit))?;
+    let bytes = read_limited(body, headers, limit)
         .await
-        .map_err(|_| too_large())?;
+        .map_err(|error| body_refused(error, limit))?;
     let request = if bytes.len() >= BLOCKING_DECODE_BYTES {
-        tokio::task::spawn_blocking(move || decode_body(encoding, gzip, bytes, limit))
+        tokio::task::spawn_blocking(move || decode_body(encoding, content_encoding, bytes, limit))
             .await
             .map_err(|error| ExportError::Unavailable(format!("decoding failed: {error}")))?
     } else {
-        decode_body(encoding, gzip, bytes, limit)
+        decode_body(encoding, content_encoding, bytes, limit)
     }?;
     export(state, &identity, &request, OtlpSource::Http).await
 }
 
-fn is_gzip(headers: &HeaderMap) -> Result<bool, ExportError> {
-    let Some(value) = headers.get(header::CONTENT_ENCODING) else {
-        return Ok(false);
-    };
-    let text = value.to_str().unwrap_or("").trim().to_ascii_lowercase();
-    match text.as_str() {
-        "" | "identity" => Ok(false),
-        "gzip" | "x-gzip" => Ok(true),
-        _ => Err(ExportError::UnsupportedMediaType(format!(
-            "Content-Encoding {text:?} is not supported; send gzip or no compression"
-        ))),
+/// The answer to a body that could not be read: 413, 415 or 400, counted as rejected.
+fn body_refused(error: BodyError, limit: usize) -> ExportError {
+    match error {
+        BodyError::TooLarge { .. } => {
+            count_rejected("body_too_large", 1);
+            // Exporters do not retry a 413: the message says what to change.
+            ExportError::PayloadTooLarge(format!(
+                "{error}; lower the exporter's batch size (OTEL_BSP_MAX_EXPORT_BATCH_SIZE) or raise ingest.max_body_bytes ({limit})"
+            ))
+        }
+        BodyError::UnsupportedEncoding(_) => ExportError::UnsupportedMediaType(error.to_string()),
+        BodyError::InvalidGzip(_) => {
+            count_rejected("malformed", 1);
+            ExportError::InvalidArgument(error.to_string())
+        }
     }
 }
 
 /// Decompresses (bounded by `limit`) and decodes a request body.
 fn decode_body(
     encoding: Encoding,
-    gzip: bool,
+    content_encoding: ContentEncoding,
     bytes: Bytes,
     limit: usize,
 ) -> Result<ExportTraceServiceRequest, ExportError> {
-    let bytes = if gzip { gunzip(&bytes, limit)? } else { bytes };
+    let bytes = decode_content(content_encoding, bytes, limit)
+        .map_err(|error| body_refused(error, limit))?;
     let decoded = match encoding {
         Encoding::Protobuf => ExportTraceServiceRequest::decode(bytes)
             .map_err(|error| format!("invalid protobuf ExportTraceServiceRequest: {error}")),
-        Encoding::Json => serde_json::from_slice::<ExportTraceServiceRequest>(&bytes)
-            .map_err(|error| format!("invalid OTLP/JSON ExportTraceServiceRequest: {error}")),
+        Encoding::Json => decode_export_request(&bytes).map_err(|error| error.to_string()),
     };
     decoded.map_err(|message| {
         count_rejected("malformed", 1);
         ExportError::InvalidArgument(message)
     })
-}
-
-fn gunzip(compressed: &[u8], limit: usize) -> Result<Bytes, ExportError> {
-    // One byte over the limit is enough to know the body is too large (a zip bomb stops here).
-    let limit_plus_one = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
-    let mut decompressed = Vec::new();
-    flate2::read::MultiGzDecoder::new(compressed)
-        .take(limit_plus_one)
-        .read_to_end(&mut decompressed)
-        .map_err(|error| {
-            count_rejected("malformed", 1);
-            ExportError::InvalidArgument(format!("invalid gzip body: {error}"))
-        })?;
-    if decompressed.len() > limit {
-        count_rejected("body_too_large", 1);
-        return Err(ExportError::PayloadTooLarge(format!(
-            "decompressed request body is larger than {limit} bytes; lower the exporter's batch size (OTEL_BSP_MAX_EXPORT_BATCH_SIZE)"
-        )));
-    }
-    Ok(Bytes::from(decompressed))
 }
 
 /// OTLP/JSON of the response: `{}` on full success, else `{"partialSuccess": {...}}`.
@@ -408,6 +379,34 @@ mod tests {
         assert_eq!(status.details.len(), 1);
     }
 
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_413_with_a_status_that_says_what_to_change() {
+        let cluster = MockCluster::new(1).unwrap();
+        let limit = IngestConfig::default().max_body_bytes;
+        let response = post(
+            state(&cluster.bootstrap_servers(), 100),
+            "application/json",
+            vec![b' '; limit + 1],
+            false,
+        )
+        .await;
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let status: serde_json::Value =
+            serde_json::from_slice(&body_bytes(response).await).unwrap();
+        assert_eq!(
+            status["code"],
+            tonic::Code::InvalidArgument as i32,
+            "{status}"
+        );
+        let message = status["message"].as_str().unwrap();
+        assert!(
+            message.starts_with(&format!(
+                "the request body is larger than {limit} bytes; lower the exporter's batch size"
+            )),
+            "{message}"
+        );
+    }
+
     #[test]
     fn reads_the_encoding_from_the_content_type() {
         let mut headers = HeaderMap::new();
@@ -428,18 +427,32 @@ mod tests {
     }
 
     #[test]
-    fn gunzip_stops_at_the_limit() {
+    fn a_body_too_large_once_decompressed_is_payload_too_large() {
         let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-        encoder.write_all(&vec![b'x'; 10_000]).unwrap();
-        let compressed = encoder.finish().unwrap();
-        assert_eq!(gunzip(&compressed, 10_000).unwrap().len(), 10_000);
+        encoder.write_all(&vec![b' '; 10_000]).unwrap();
+        let compressed = Bytes::from(encoder.finish().unwrap());
+        let decoded = decode_body(
+            Encoding::Json,
+            ContentEncoding::Gzip,
+            compressed.clone(),
+            10_000,
+        );
+        assert!(
+            matches!(decoded, Err(ExportError::InvalidArgument(_))),
+            "{decoded:?}"
+        );
+        let refused = decode_body(Encoding::Json, ContentEncoding::Gzip, compressed, 9_999);
+        assert!(
+            matches!(&refused, Err(ExportError::PayloadTooLarge(message)) if message.contains("decompressed request body is larger than 9999 bytes")),
+            "{refused:?}"
+        );
+        assert_eq!(
+            refused.unwrap_err().http_status(),
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
         assert!(matches!(
-            gunzip(&compressed, 9_999),
-            Err(ExportError::PayloadTooLarge(_))
-        ));
-        assert!(matches!(
-            gunzip(b"not gzip", 100),
-            Err(ExportError::InvalidArgument(_))
+            decode_body(Encoding::Json, ContentEncoding::Gzip, Bytes::from_static(b"not gzip"), 100),
+            Err(ExportError::InvalidArgument(message)) if message.contains("invalid gzip body")
         ));
     }
 
@@ -453,7 +466,13 @@ mod tests {
               {"key":"gen_ai.usage.output_tokens","value":{"intValue":7}},
               {"key":"ratio","value":{"doubleValue":0.5}}],
             "status":{"code":1},"unknownField":true}]}]}]}"#;
-        let request = decode_body(Encoding::Json, false, Bytes::from(body), 1 << 20).unwrap();
+        let request = decode_body(
+            Encoding::Json,
+            ContentEncoding::Identity,
+            Bytes::from(body),
+            1 << 20,
+        )
+        .unwrap();
         let span = &request.resource_spans[0].scope_spans[0].spans[0];
         assert_eq!(
             hex::encode(&span.trace_id),
@@ -463,11 +482,11 @@ mod tests {
         assert_eq!(span.end_time_unix_nano, 1_765_815_104_000_000_000);
         assert_eq!(span.attributes.len(), 3);
         assert!(matches!(
-            decode_body(Encoding::Json, false, Bytes::from("{\"resourceSpans\": 1}"), 1 << 20),
+            decode_body(Encoding::Json, ContentEncoding::Identity, Bytes::from("{\"resourceSpans\": 1}"), 1 << 20),
             Err(ExportError::InvalidArgument(message)) if message.contains("OTLP/JSON")
         ));
         assert!(matches!(
-            decode_body(Encoding::Protobuf, false, Bytes::from_static(b"\xff\xff\xff"), 1 << 20),
+            decode_body(Encoding::Protobuf, ContentEncoding::Identity, Bytes::from_static(b"\xff\xff\xff"), 1 << 20),
             Err(ExportError::InvalidArgument(message)) if message.contains("protobuf")
         ));
     }

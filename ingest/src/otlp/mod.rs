@@ -6,6 +6,8 @@
 //! * [`grpc`] — the OTLP/gRPC `TraceService` on `ingest.otlp_grpc_listen` (default 4317).
 //! * [`http`] — OTLP/HTTP `POST /v1/traces` (protobuf or JSON, optionally gzip) on
 //!   `ingest.otlp_http_listen` (default 4318), an axum router of its own.
+//! * [`json`] — OTLP/JSON decoding as protobuf's JSON mapping tells parsers to read it (both
+//!   field-name spellings, enum names or numbers, hex ids), into the same prost types.
 //! * [`rpc`] — the `google.rpc` messages used to explain errors.
 //!
 //! Both transports authenticate by the agent secret (`x-agent-secret`, or
@@ -21,6 +23,7 @@
 
 pub mod grpc;
 pub mod http;
+pub mod json;
 pub mod mapping;
 pub mod rpc;
 
@@ -103,10 +106,7 @@ impl ExportError {
 /// Counts and logs a refused authentication. The log says how to fix it, because the exporter
 /// drops the batch without retry and the agent otherwise runs on, unmetered, in silence.
 pub(crate) fn auth_failed(source: OtlpSource, error: AuthError) -> ExportError {
-    let reason = match error {
-        AuthError::Missing => "missing_secret",
-        AuthError::Unknown => "unknown_secret",
-    };
+    let reason = error.reason();
     metrics::counter!("agentmeter_ingest_auth_failures_total", "reason" => reason).increment(1);
     tracing::warn!(
         endpoint = source.as_str(),
