@@ -1,4 +1,9 @@
 //! HTTP routes of ingest and the process's life cycle.
+//!
+//! Every listener is served by [`crate::connections::serve`] (connection limit, header-read,
+//! first-request and idle deadlines); the axum routers also carry a request timeout
+//! (`ingest.request_timeout_ms`, 408). With `ingest.operations_listen` set, `/metrics`,
+//! `/healthz` and `/readyz` move from the public API listener to that address.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -19,8 +24,10 @@ use axum::{Json, Router};
 use rdkafka::producer::{FutureProducer, Producer};
 use serde_json::json;
 
+use crate::admission::AdmissionLimits;
 use crate::auth::{authenticate, AuthError};
 use crate::config::IngestConfig;
+use crate::connections::{self, ListenerLimits};
 use crate::normalize::{now_micros, rest_action_to_raw, Limits};
 use crate::sink::{ActionSink, SinkError};
 
@@ -32,16 +39,28 @@ pub struct AppState {
     pub sink: Arc<ActionSink>,
 }
 
-/// The HTTP API of ingest.
+/// The HTTP API of ingest with the operations routes (`/metrics`, `/healthz`, `/readyz`).
 pub fn router(
     state: AppState,
     readiness: agentmeter_runtime::observability::ReadinessCheck,
 ) -> Router {
+    api_router(state).merge(operations_router(readiness))
+}
+
+/// The HTTP API of ingest alone: `POST /v1/actions`, `GET /api/v1/agent_instance/info`.
+pub fn api_router(state: AppState) -> Router {
     Router::new()
         .route("/v1/actions", post(post_actions))
         .route("/api/v1/agent_instance/info", get(agent_instance_info))
         .with_state(state)
-        .merge(operations_router(readiness))
+}
+
+/// `router` with the request timeout: a request not answered within it gets 408.
+fn with_request_timeout(router: Router, config: &IngestConfig) -> Router {
+    router.layer(tower_http::timeout::TimeoutLayer::with_status_code(
+        StatusCode::REQUEST_TIMEOUT,
+        Duration::from_millis(config.request_timeout_ms),
+    ))
 }
 
 /// Runs ingest until shutdown: in-flight requests finish (and their records are acknowledged)
@@ -62,10 +81,10 @@ pub async fn run(
         .producer_config(Duration::from_millis(config.produce_timeout_ms))
         .create()
         .context("cannot create the Kafka producer")?;
-    let sink = Arc::new(ActionSink::new(
+    let sink = Arc::new(ActionSink::with_admission(
         producer,
         kafka.topics().raw,
-        config.max_in_flight_actions,
+        AdmissionLimits::from_config(&config),
     ));
 
     let broker_reachable = Arc::new(AtomicBool::new(true));
@@ -108,23 +127,65 @@ pub async fn run(
                 config.otlp_http_listen
             )
         })?;
-    tracing::info!(listen = %config.http_listen, "ingest HTTP API ready");
-    let drain = shutdown.clone();
-    let rest = async {
-        axum::serve(listener, router(state.clone(), readiness))
-            .with_graceful_shutdown(async move {
-                let mut drain = drain;
-                drain.requested().await
-            })
-            .await
-            .context("ingest HTTP server failed")
+    let operations_listener =
+        match config.operations_listen {
+            Some(address) => Some(tokio::net::TcpListener::bind(address).await.with_context(
+                || format!("cannot listen on {address} (ingest.operations_listen)"),
+            )?),
+            None => None,
+        };
+    let limits = ListenerLimits::from_config(&config);
+    let (rest_router, operations) = match operations_listener {
+        Some(operations_listener) => {
+            tracing::info!(listen = ?config.operations_listen, "ingest operations endpoints ready");
+            let operations = connections::serve(
+                "operations",
+                operations_listener,
+                with_request_timeout(operations_router(readiness), &config),
+                limits,
+                shutdown.clone(),
+            );
+            (api_router(state.clone()), Some(operations))
+        }
+        None => (router(state.clone(), readiness), None),
     };
-    // The three servers stop on the same shutdown and each drains its in-flight requests;
-    // the producer is flushed only after all of them have finished.
+    tracing::info!(listen = %config.http_listen, "ingest HTTP API ready");
+    let rest = async {
+        connections::serve(
+            "rest",
+            listener,
+            with_request_timeout(rest_router, &config),
+            limits,
+            shutdown.clone(),
+        )
+        .await
+        .context("ingest HTTP server failed")
+    };
+    let otlp_http = async {
+        tracing::info!(listen = %config.otlp_http_listen, "ingest OTLP/HTTP ready");
+        connections::serve(
+            "otlp_http",
+            otlp_http_listener,
+            with_request_timeout(crate::otlp::http::router(state.clone()), &config),
+            limits,
+            shutdown.clone(),
+        )
+        .await
+        .context("OTLP/HTTP server failed")
+    };
+    let operations = async {
+        match operations {
+            Some(operations) => operations.await.context("ingest operations server failed"),
+            None => Ok(()),
+        }
+    };
+    // The servers stop on the same shutdown and each drains its in-flight requests; the
+    // producer is flushed only after all of them have finished.
     tokio::try_join!(
         rest,
         crate::otlp::grpc::serve(state.clone(), otlp_grpc_listener, shutdown.clone()),
-        crate::otlp::http::serve(state.clone(), otlp_http_listener, shutdown.clone()),
+        otlp_http,
+        operations,
     )?;
     shutdown.requested().await;
     let flushed =
