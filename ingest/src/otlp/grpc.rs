@@ -518,6 +518,85 @@ mod tests {
             .is_some());
     }
 
+    /// Sends `message` as raw bytes to Export, gzip-compressed when asked.
+    async fn export_raw(
+        channel: Channel,
+        request: Request<Bytes>,
+        gzip: bool,
+    ) -> Result<ExportTraceServiceResponse, Status> {
+        let mut raw = tonic::client::Grpc::new(channel);
+        if gzip {
+            raw = raw.send_compressed(CompressionEncoding::Gzip);
+        }
+        raw.ready().await.unwrap();
+        raw.unary(
+            request,
+            http::uri::PathAndQuery::from_static(EXPORT_PATH),
+            RawBytesClientCodec,
+        )
+        .await
+        .map(Response::into_inner)
+    }
+
+    #[tokio::test]
+    async fn an_unauthenticated_call_is_refused_before_its_body_is_decompressed() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic(TOPIC, 1, 1).unwrap();
+        let (channel, _server) = start(state(&cluster.bootstrap_servers(), 100)).await;
+        // 64 MiB of zeros, gzip-compressed to a few hundred KiB: inflated it would pass the
+        // 4 MiB limit. Without a secret the answer is UNAUTHENTICATED, not a size error: the
+        // body was not inflated.
+        let bomb = Bytes::from(vec![0u8; 64 * 1024 * 1024]);
+        let status = export_raw(channel.clone(), Request::new(bomb), true)
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+        let mut wrong_secret = Request::new(Bytes::from_static(b"not even protobuf"));
+        wrong_secret
+            .metadata_mut()
+            .insert("x-agent-secret", "no-such-secret".parse().unwrap());
+        let status = export_raw(channel, wrong_secret, true).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    }
+
+    #[tokio::test]
+    async fn a_too_large_message_gets_a_status_exporters_do_not_retry() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic(TOPIC, 1, 1).unwrap();
+        let state = state(&cluster.bootstrap_servers(), 100);
+        let limit = state.config.max_body_bytes;
+        let (channel, _server) = start(state).await;
+        // Declared length above the limit (tonic: OUT_OF_RANGE).
+        let plain = Bytes::from(vec![0u8; limit + 1]);
+        let status = export_raw(channel.clone(), with_secret(plain), false)
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().contains("larger than"),
+            "{}",
+            status.message()
+        );
+        // Small compressed, above the limit once inflated (tonic: RESOURCE_EXHAUSTED).
+        let inflates_too_large = Bytes::from(vec![0u8; limit * 2]);
+        let status = export_raw(channel.clone(), with_secret(inflates_too_large), true)
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(status
+            .metadata()
+            .get_bin("google.rpc.retryinfo-bin")
+            .is_none());
+        // The service still answers normally afterwards.
+        let mut client = TraceServiceClient::new(channel);
+        let answer = client
+            .export(with_secret(request("inst_acme_research", &[(9, "{}")])))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answer.partial_success, None);
+    }
+
     /// A client codec that sends raw bytes (to send what is no protobuf message).
     #[derive(Debug, Clone, Copy, Default)]
     struct RawBytesClientCodec;
