@@ -425,4 +425,154 @@ mod tests {
             Verdict::FirstRequestOverdue
         );
     }
+
+    /// Serves a router answering `ok` under `limits`; the server runs while the trigger lives.
+    async fn start(
+        limits: ListenerLimits,
+    ) -> (
+        std::net::SocketAddr,
+        agentmeter_runtime::shutdown::ShutdownTrigger,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (trigger, shutdown) = Shutdown::new();
+        let router = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        tokio::spawn(serve("test", listener, router, limits, shutdown));
+        (address, trigger)
+    }
+
+    /// Reads until the peer closes (Ok) or `within` passes (Err); what was read is returned.
+    async fn read_until_closed(
+        stream: &mut tokio::net::TcpStream,
+        within: Duration,
+    ) -> Result<Vec<u8>, Vec<u8>> {
+        use tokio::io::AsyncReadExt;
+        let mut received = Vec::new();
+        let deadline = Instant::now() + within;
+        loop {
+            let mut buffer = [0u8; 1024];
+            match tokio::time::timeout_at(deadline, stream.read(&mut buffer)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return Ok(received),
+                Ok(Ok(read)) => received.extend_from_slice(&buffer[..read]),
+                Err(_) => return Err(received),
+            }
+        }
+    }
+
+    /// Writes `bytes` one per 300 ms until the peer closes; returns when it did.
+    async fn trickle(stream: &mut tokio::net::TcpStream, bytes: &[u8]) -> Duration {
+        use tokio::io::AsyncWriteExt;
+        let started = Instant::now();
+        for byte in bytes.iter().cycle().take(100) {
+            if stream.write_all(&[*byte]).await.is_err() {
+                break;
+            }
+            let mut probe = [0u8; 64];
+            match tokio::time::timeout(Duration::from_millis(300), stream.peek(&mut probe)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                _ => {}
+            }
+        }
+        started.elapsed()
+    }
+
+    #[tokio::test]
+    async fn a_slow_http1_header_is_cut_at_the_header_timeout() {
+        let (address, _server) = start(limits()).await;
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        let took = trickle(
+            &mut stream,
+            b"GET / HTTP/1.1\r\nx-slow: aaaaaaaaaaaaaaaaaaaaa",
+        )
+        .await;
+        assert!(took < Duration::from_secs(6), "still open after {took:?}");
+        assert!(
+            took >= Duration::from_millis(1500),
+            "closed early, after {took:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_slow_http2_preface_is_cut_at_the_header_timeout() {
+        let (address, _server) = start(limits()).await;
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        let took = trickle(&mut stream, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+        assert!(took < Duration::from_secs(6), "still open after {took:?}");
+    }
+
+    #[tokio::test]
+    async fn an_idle_keep_alive_connection_is_closed() {
+        use tokio::io::AsyncWriteExt;
+        let (address, _server) = start(limits()).await;
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")
+            .await
+            .unwrap();
+        // The answer, then nothing: the connection must be closed by the server (hyper's
+        // header timer runs while it waits for the next request head).
+        let received = read_until_closed(&mut stream, Duration::from_secs(6))
+            .await
+            .expect("connection still open 6 s after its only request");
+        assert!(received.starts_with(b"HTTP/1.1 200"), "{received:?}");
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_limit_are_closed_at_once_and_the_rest_are_served() {
+        use tokio::io::AsyncWriteExt;
+        let (address, _server) = start(ListenerLimits {
+            max_connections: 2,
+            header_read_timeout: Duration::from_secs(30),
+            ..limits()
+        })
+        .await;
+        let _first = tokio::net::TcpStream::connect(address).await.unwrap();
+        let _second = tokio::net::TcpStream::connect(address).await.unwrap();
+        let mut third = tokio::net::TcpStream::connect(address).await.unwrap();
+        let _ = third
+            .write_all(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")
+            .await;
+        let received = read_until_closed(&mut third, Duration::from_secs(3))
+            .await
+            .expect("the connection beyond the limit was not closed");
+        assert!(received.is_empty(), "{received:?}");
+        drop(_first);
+        // A slot is free again once the first connection is gone.
+        let mut answered = false;
+        for _ in 0..50 {
+            let mut next = tokio::net::TcpStream::connect(address).await.unwrap();
+            let _ = next
+                .write_all(b"GET / HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n")
+                .await;
+            let received = read_until_closed(&mut next, Duration::from_secs(3))
+                .await
+                .unwrap_or_default();
+            if received.starts_with(b"HTTP/1.1 200") {
+                answered = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            answered,
+            "no connection was served after a slot became free"
+        );
+    }
+
+    #[tokio::test]
+    async fn http2_with_prior_knowledge_is_accepted_on_an_http_listener() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (address, _server) = start(limits()).await;
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        stream
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            .await
+            .unwrap();
+        let mut frame_header = [0u8; 9];
+        tokio::time::timeout(Duration::from_secs(3), stream.read_exact(&mut frame_header))
+            .await
+            .expect("no answer to the HTTP/2 preface")
+            .unwrap();
+        assert_eq!(frame_header[3], 0x4, "the first frame must be SETTINGS");
+    }
 }
