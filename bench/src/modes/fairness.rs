@@ -139,7 +139,9 @@ async fn steady_phase(
     for request in requests {
         let _ = request.await;
     }
-    std::mem::take(&mut *tally.lock().unwrap())
+    Arc::try_unwrap(tally)
+        .map(|tally| tally.into_inner().unwrap_or_default())
+        .unwrap_or_default()
 }
 
 pub async fn run(options: &Options, args: Args) -> anyhow::Result<Vec<Row>> {
