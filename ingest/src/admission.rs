@@ -8,6 +8,12 @@
 //! that floods ingest holds at most its share of the producer's queue: the other workspaces keep
 //! the rest of the budget, and their records never wait behind more than that share.
 //!
+//! Before that, while the request is still unread, [`Admission::begin_request`] bounds how many
+//! requests of one agent instance and of one workspace are in progress at once, and refuses a
+//! request at once when its share of in-flight actions is already full. A flooding client's
+//! surplus requests are so refused before ingest spends CPU reading and parsing their bodies —
+//! CPU the other workspaces' requests need as much as the Kafka budget.
+//!
 //! The counters live in one `std::sync::Mutex` held for a few map operations per request (never
 //! across an `.await`). An entry exists only while its workspace or instance has actions in
 //! flight: the last release removes it, so idle workspaces take no memory.
@@ -29,6 +35,10 @@ pub struct AdmissionLimits {
     pub per_workspace: usize,
     /// Actions of one agent instance at most.
     pub per_agent_instance: usize,
+    /// Requests of one workspace in progress at once at most.
+    pub requests_per_workspace: usize,
+    /// Requests of one agent instance in progress at once at most.
+    pub requests_per_agent_instance: usize,
 }
 
 impl AdmissionLimits {
@@ -38,6 +48,8 @@ impl AdmissionLimits {
             global,
             per_workspace: global,
             per_agent_instance: global,
+            requests_per_workspace: usize::MAX,
+            requests_per_agent_instance: usize::MAX,
         }
     }
 
@@ -47,6 +59,8 @@ impl AdmissionLimits {
             global: config.max_in_flight_actions,
             per_workspace: config.max_in_flight_actions_per_workspace,
             per_agent_instance: config.max_in_flight_actions_per_agent_instance,
+            requests_per_workspace: config.max_concurrent_requests_per_workspace,
+            requests_per_agent_instance: config.max_concurrent_requests_per_agent_instance,
         }
     }
 }
@@ -91,12 +105,66 @@ pub struct Refusal {
     pub limit: usize,
 }
 
+/// Why a request was refused before its body was read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EarlyRefusal {
+    /// Too many requests of this workspace or agent instance in progress.
+    #[error(
+        "{scope} has {in_progress} requests in progress (at most {limit}); retry after a moment"
+    )]
+    Requests {
+        scope: AdmissionScope,
+        in_progress: usize,
+        limit: usize,
+    },
+    /// This workspace's or agent instance's share of in-flight actions is full.
+    #[error("{} is saturated ({} actions waiting for Kafka, at most {}); retry after a moment", .0.scope, .0.in_flight, .0.limit)]
+    Actions(Refusal),
+}
+
+impl EarlyRefusal {
+    /// The metric label of `agentmeter_ingest_admission_refused_total{scope}`.
+    pub fn metric_scope(&self) -> &'static str {
+        match self {
+            EarlyRefusal::Requests {
+                scope: AdmissionScope::Workspace(_),
+                ..
+            } => "workspace_requests",
+            EarlyRefusal::Requests { .. } => "agent_instance_requests",
+            EarlyRefusal::Actions(refusal) => refusal.scope.as_str(),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Counters {
     global: usize,
     workspaces: HashMap<String, usize>,
     /// Keyed by (workspace, agent instance): instance ids are unique only within a workspace.
     agent_instances: HashMap<(String, String), usize>,
+    workspace_requests: HashMap<String, usize>,
+    agent_instance_requests: HashMap<(String, String), usize>,
+}
+
+/// A request in progress (see [`Admission::begin_request`]); released when dropped.
+#[derive(Debug)]
+#[must_use = "the request is counted until this is dropped"]
+pub struct RequestInProgress<'a> {
+    admission: &'a Admission,
+    workspace: String,
+    agent_instance: String,
+}
+
+impl Drop for RequestInProgress<'_> {
+    fn drop(&mut self) {
+        let mut counters = self.admission.lock();
+        release_entry(&mut counters.workspace_requests, self.workspace.clone(), 1);
+        release_entry(
+            &mut counters.agent_instance_requests,
+            (self.workspace.clone(), self.agent_instance.clone()),
+            1,
+        );
+    }
 }
 
 /// The in-flight counters.
@@ -147,7 +215,76 @@ impl Admission {
     /// How many workspaces and agent instances have an entry (those with actions in flight).
     pub fn tracked_entries(&self) -> usize {
         let counters = self.lock();
-        counters.workspaces.len() + counters.agent_instances.len()
+        counters.workspaces.len()
+            + counters.agent_instances.len()
+            + counters.workspace_requests.len()
+            + counters.agent_instance_requests.len()
+    }
+
+    /// Counts a request of `agent_instance` (of `workspace`) as in progress, before its body is
+    /// read; refuses it when too many of theirs are in progress or their share of in-flight
+    /// actions is already full.
+    pub fn begin_request(
+        &self,
+        workspace: &str,
+        agent_instance: &str,
+    ) -> Result<RequestInProgress<'_>, EarlyRefusal> {
+        let key = (workspace.to_string(), agent_instance.to_string());
+        let mut counters = self.lock();
+        let agent_requests = counters
+            .agent_instance_requests
+            .get(&key)
+            .copied()
+            .unwrap_or(0);
+        if agent_requests >= self.limits.requests_per_agent_instance {
+            return Err(EarlyRefusal::Requests {
+                scope: AdmissionScope::AgentInstance(key.1),
+                in_progress: agent_requests,
+                limit: self.limits.requests_per_agent_instance,
+            });
+        }
+        let workspace_requests = counters
+            .workspace_requests
+            .get(workspace)
+            .copied()
+            .unwrap_or(0);
+        if workspace_requests >= self.limits.requests_per_workspace {
+            return Err(EarlyRefusal::Requests {
+                scope: AdmissionScope::Workspace(key.0),
+                in_progress: workspace_requests,
+                limit: self.limits.requests_per_workspace,
+            });
+        }
+        let agent_actions = counters.agent_instances.get(&key).copied().unwrap_or(0);
+        if agent_actions >= self.limits.per_agent_instance {
+            return Err(EarlyRefusal::Actions(Refusal {
+                scope: AdmissionScope::AgentInstance(key.1),
+                in_flight: agent_actions,
+                limit: self.limits.per_agent_instance,
+            }));
+        }
+        let workspace_actions = counters.workspaces.get(workspace).copied().unwrap_or(0);
+        if workspace_actions >= self.limits.per_workspace {
+            return Err(EarlyRefusal::Actions(Refusal {
+                scope: AdmissionScope::Workspace(key.0),
+                in_flight: workspace_actions,
+                limit: self.limits.per_workspace,
+            }));
+        }
+        *counters
+            .workspace_requests
+            .entry(key.0.clone())
+            .or_insert(0) += 1;
+        *counters
+            .agent_instance_requests
+            .entry(key.clone())
+            .or_insert(0) += 1;
+        drop(counters);
+        Ok(RequestInProgress {
+            admission: self,
+            workspace: key.0,
+            agent_instance: key.1,
+        })
     }
 
     /// Admits a batch of actions whole, or refuses it whole without counting anything.
@@ -304,6 +441,8 @@ mod tests {
             global: 100,
             per_workspace: 40,
             per_agent_instance: 25,
+            requests_per_workspace: 3,
+            requests_per_agent_instance: 2,
         }
     }
 
@@ -408,5 +547,45 @@ mod tests {
         let _all = admission.admit_keys(batch("ws_a", "inst", 10)).unwrap();
         let refusal = admission.admit_keys(batch("ws_b", "inst", 1)).unwrap_err();
         assert_eq!(refusal.scope, AdmissionScope::Global);
+    }
+
+    #[test]
+    fn requests_beyond_the_concurrency_of_an_agent_or_workspace_are_refused_early() {
+        let admission = Admission::new(limits());
+        let first = admission.begin_request("ws_a", "inst_1").unwrap();
+        let _second = admission.begin_request("ws_a", "inst_1").unwrap();
+        let refusal = admission.begin_request("ws_a", "inst_1").unwrap_err();
+        assert_eq!(refusal.metric_scope(), "agent_instance_requests");
+        assert!(
+            refusal.to_string().contains("2 requests in progress"),
+            "{refusal}"
+        );
+        let _third = admission.begin_request("ws_a", "inst_2").unwrap();
+        let refusal = admission.begin_request("ws_a", "inst_3").unwrap_err();
+        assert_eq!(refusal.metric_scope(), "workspace_requests");
+        // Another workspace is not affected; a finished request frees its place.
+        let _other = admission.begin_request("ws_b", "inst_1").unwrap();
+        drop(first);
+        let _again = admission.begin_request("ws_a", "inst_1").unwrap();
+    }
+
+    #[test]
+    fn a_request_is_refused_early_when_its_share_of_actions_is_full() {
+        let admission = Admission::new(limits());
+        let _full = admission.admit_keys(batch("ws_a", "inst_1", 25)).unwrap();
+        let refusal = admission.begin_request("ws_a", "inst_1").unwrap_err();
+        assert_eq!(refusal.metric_scope(), "agent_instance");
+        assert!(refusal.to_string().contains("is saturated"), "{refusal}");
+        let _fits = admission.begin_request("ws_a", "inst_2").unwrap();
+    }
+
+    #[test]
+    fn finished_requests_leave_no_entries() {
+        let admission = Admission::new(limits());
+        for index in 0..1000 {
+            let workspace = format!("ws_{index}");
+            drop(admission.begin_request(&workspace, "inst").unwrap());
+        }
+        assert_eq!(admission.tracked_entries(), 0);
     }
 }

@@ -46,6 +46,11 @@ pub struct IngestConfig {
     pub max_in_flight_actions_per_workspace: usize,
     /// Actions of one agent instance in flight at most (its share of its workspace's).
     pub max_in_flight_actions_per_agent_instance: usize,
+    /// Requests of one agent instance in progress at once at most; more are refused (429 /
+    /// RESOURCE_EXHAUSTED) before their body is read, so a flood costs little CPU.
+    pub max_concurrent_requests_per_agent_instance: usize,
+    /// Requests of one workspace in progress at once at most (all its agent instances).
+    pub max_concurrent_requests_per_workspace: usize,
     /// Time a client has to send a complete request head: from connecting until its first
     /// request has arrived (any protocol), and on a keep-alive HTTP/1 connection from the end of
     /// one response until the next request head is complete. Beyond it the connection is closed.
@@ -89,6 +94,8 @@ impl Default for IngestConfig {
             retry_after_seconds: 1,
             max_in_flight_actions_per_workspace: 20_000,
             max_in_flight_actions_per_agent_instance: 10_000,
+            max_concurrent_requests_per_agent_instance: 8,
+            max_concurrent_requests_per_workspace: 32,
             header_read_timeout_ms: 10_000,
             idle_timeout_ms: 60_000,
             request_timeout_ms: 30_000,
@@ -141,6 +148,14 @@ impl IngestConfig {
             self.max_in_flight_actions_per_agent_instance >= largest_request,
             "ingest.max_in_flight_actions_per_agent_instance ({}) must be at least max_batch_actions and max_spans_per_request ({largest_request}), or a full request could never be admitted",
             self.max_in_flight_actions_per_agent_instance
+        );
+        anyhow::ensure!(
+            self.max_concurrent_requests_per_agent_instance >= 1
+                && self.max_concurrent_requests_per_agent_instance
+                    <= self.max_concurrent_requests_per_workspace,
+            "ingest.max_concurrent_requests_per_agent_instance ({}) must be at least 1 and at most max_concurrent_requests_per_workspace ({})",
+            self.max_concurrent_requests_per_agent_instance,
+            self.max_concurrent_requests_per_workspace
         );
         anyhow::ensure!(
             self.header_read_timeout_ms >= 100 && self.idle_timeout_ms >= 100,

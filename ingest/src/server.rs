@@ -55,6 +55,97 @@ pub fn api_router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// `router` with the early admission check (see [`refuse_early`]).
+fn with_early_admission(router: Router, state: &AppState) -> Router {
+    router.layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        refuse_early,
+    ))
+}
+
+/// Counts an authenticated request as in progress for its agent instance and workspace until it
+/// is answered, and refuses it with 429 before its body is read when too many of theirs are in
+/// progress or their share of in-flight actions is full (`admission::Admission::begin_request`).
+/// Unauthenticated requests pass through: the handler answers them 401.
+async fn refuse_early(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Ok(identity) = authenticate(&state.metering, request.headers()) else {
+        return next.run(request).await;
+    };
+    let sink = state.sink.clone();
+    let in_progress = sink.admission().begin_request(
+        &identity.workspace.config.workspace.id,
+        &identity.instance.id,
+    );
+    match in_progress {
+        Ok(in_progress) => {
+            let response = next.run(request).await;
+            drop(in_progress);
+            response
+        }
+        Err(refusal) => {
+            metrics::counter!("agentmeter_ingest_admission_refused_total", "scope" => refusal.metric_scope())
+                .increment(1);
+            early_refusal_response(&state, &request, &refusal)
+        }
+    }
+}
+
+/// 429 with Retry-After; on OTLP/HTTP a `google.rpc.Status` with a `RetryInfo` in the request's
+/// encoding, elsewhere the REST error JSON.
+fn early_refusal_response(
+    state: &AppState,
+    request: &axum::extract::Request,
+    refusal: &crate::admission::EarlyRefusal,
+) -> Response {
+    use crate::otlp::rpc::{RetryInfo, RpcStatus, RETRY_INFO_TYPE_URL};
+    use prost::Message as _;
+    let message = refusal.to_string();
+    let delay = Duration::from_secs(state.config.retry_after_seconds);
+    let mut response = if request.uri().path() == crate::otlp::http::TRACES_PATH {
+        count_request("otlp_http", StatusCode::TOO_MANY_REQUESTS);
+        let protobuf = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .is_some_and(|value| value.contains("protobuf"));
+        let code = tonic::Code::ResourceExhausted as i32;
+        if protobuf {
+            let body = RpcStatus {
+                code,
+                message,
+                details: vec![RetryInfo::after(delay).to_any()],
+            }
+            .encode_to_vec();
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::CONTENT_TYPE, "application/x-protobuf")],
+                body,
+            )
+                .into_response()
+        } else {
+            let body = json!({"code": code, "message": message, "details": [{
+                "@type": RETRY_INFO_TYPE_URL, "retryDelay": format!("{}s", delay.as_secs())}]});
+            (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response()
+        }
+    } else {
+        error_response(
+            "rest_actions",
+            StatusCode::TOO_MANY_REQUESTS,
+            message,
+            json!({}),
+        )
+    };
+    response.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(state.config.retry_after_seconds),
+    );
+    response
+}
+
 /// `router` with the request timeout: a request not answered within it gets 408.
 fn with_request_timeout(router: Router, config: &IngestConfig) -> Router {
     router.layer(tower_http::timeout::TimeoutLayer::with_status_code(
@@ -145,9 +236,16 @@ pub async fn run(
                 limits,
                 shutdown.clone(),
             );
-            (api_router(state.clone()), Some(operations))
+            (
+                with_early_admission(api_router(state.clone()), &state),
+                Some(operations),
+            )
         }
-        None => (router(state.clone(), readiness), None),
+        None => (
+            with_early_admission(api_router(state.clone()), &state)
+                .merge(operations_router(readiness)),
+            None,
+        ),
     };
     tracing::info!(listen = %config.http_listen, "ingest HTTP API ready");
     let rest = async {
@@ -166,7 +264,10 @@ pub async fn run(
         connections::serve(
             "otlp_http",
             otlp_http_listener,
-            with_request_timeout(crate::otlp::http::router(state.clone()), &config),
+            with_request_timeout(
+                with_early_admission(crate::otlp::http::router(state.clone()), &state),
+                &config,
+            ),
             limits,
             shutdown.clone(),
         )

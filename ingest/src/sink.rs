@@ -72,6 +72,11 @@ impl ActionSink {
         }
     }
 
+    /// The in-flight counters (also used to refuse requests before their body is read).
+    pub fn admission(&self) -> &Admission {
+        &self.admission
+    }
+
     pub fn producer(&self) -> &FutureProducer {
         &self.producer
     }

@@ -113,6 +113,22 @@ where
                     return Ok(to_status(&state, error).into_http());
                 }
             };
+            // Before the body is read, too: a flood's surplus costs no decoding.
+            let admission = state.sink.clone();
+            let in_progress = match admission.admission().begin_request(
+                &identity.workspace.config.workspace.id,
+                &identity.instance.id,
+            ) {
+                Ok(in_progress) => in_progress,
+                Err(refusal) => {
+                    metrics::counter!("agentmeter_ingest_admission_refused_total", "scope" => refusal.metric_scope())
+                        .increment(1);
+                    super::count_rejected("saturated", 1);
+                    count_request(OtlpSource::Grpc, "ResourceExhausted".to_string());
+                    let error = ExportError::Saturated(refusal.to_string());
+                    return Ok(to_status(&state, error).into_http());
+                }
+            };
             let max_message_bytes = state.config.max_body_bytes;
             let request_timeout = Duration::from_millis(state.config.request_timeout_ms);
             let mut grpc = Grpc::new(RawRequestCodec)
@@ -136,6 +152,7 @@ where
                         .into_http());
                     }
                 };
+            drop(in_progress);
             if handler_called.load(Ordering::Relaxed) {
                 return Ok(response);
             }
