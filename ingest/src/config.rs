@@ -92,10 +92,10 @@ impl Default for IngestConfig {
             max_in_flight_actions: 100_000,
             produce_timeout_ms: 10_000,
             retry_after_seconds: 1,
-            max_in_flight_actions_per_workspace: 20_000,
-            max_in_flight_actions_per_agent_instance: 10_000,
-            max_concurrent_requests_per_agent_instance: 8,
-            max_concurrent_requests_per_workspace: 32,
+            max_in_flight_actions_per_workspace: 10_000,
+            max_in_flight_actions_per_agent_instance: 5_000,
+            max_concurrent_requests_per_agent_instance: 4,
+            max_concurrent_requests_per_workspace: 16,
             header_read_timeout_ms: 10_000,
             idle_timeout_ms: 60_000,
             request_timeout_ms: 30_000,
@@ -255,6 +255,7 @@ mod tests {
         );
         let agent_above_workspace = IngestConfig {
             max_in_flight_actions_per_agent_instance: 30_000,
+            max_in_flight_actions_per_workspace: 20_000,
             ..IngestConfig::default()
         };
         let error = agent_above_workspace.validate().unwrap_err().to_string();
