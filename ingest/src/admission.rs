@@ -308,7 +308,8 @@ impl Admission {
         for portion in &portions {
             let key = (portion.workspace.clone(), portion.agent_instance.clone());
             let in_flight = counters.agent_instances.get(&key).copied().unwrap_or(0);
-            if in_flight + portion.actions > self.limits.per_agent_instance {
+            // A batch larger than the share is admitted alone, so every valid request fits.
+            if in_flight > 0 && in_flight + portion.actions > self.limits.per_agent_instance {
                 return Err(Refusal {
                     scope: AdmissionScope::AgentInstance(portion.agent_instance.clone()),
                     in_flight,
@@ -318,7 +319,7 @@ impl Admission {
         }
         for (workspace, actions) in workspace_totals(&portions) {
             let in_flight = counters.workspaces.get(workspace).copied().unwrap_or(0);
-            if in_flight + actions > self.limits.per_workspace {
+            if in_flight > 0 && in_flight + actions > self.limits.per_workspace {
                 return Err(Refusal {
                     scope: AdmissionScope::Workspace(workspace.to_string()),
                     in_flight,
@@ -547,6 +548,23 @@ mod tests {
         let _all = admission.admit_keys(batch("ws_a", "inst", 10)).unwrap();
         let refusal = admission.admit_keys(batch("ws_b", "inst", 1)).unwrap_err();
         assert_eq!(refusal.scope, AdmissionScope::Global);
+    }
+
+    #[test]
+    fn a_batch_larger_than_the_share_is_admitted_alone() {
+        let admission = Admission::new(limits());
+        let alone = admission.admit_keys(batch("ws_a", "inst_1", 30)).unwrap();
+        let refusal = admission
+            .admit_keys(batch("ws_a", "inst_1", 1))
+            .unwrap_err();
+        assert_eq!(
+            refusal.scope,
+            AdmissionScope::AgentInstance("inst_1".into())
+        );
+        drop(alone);
+        assert!(admission.admit_keys(batch("ws_a", "inst_1", 30)).is_ok());
+        // Never beyond the global budget.
+        assert!(admission.admit_keys(batch("ws_b", "inst_1", 101)).is_err());
     }
 
     #[test]
