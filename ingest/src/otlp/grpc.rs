@@ -535,6 +535,65 @@ mod tests {
             .is_some());
     }
 
+    #[tokio::test]
+    async fn an_agent_whose_share_is_full_is_refused_with_a_retry_delay_while_another_is_served() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic(TOPIC, 1, 1).unwrap();
+        let base = state(&cluster.bootstrap_servers(), 100);
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .set("message.timeout.ms", "1500")
+            .create()
+            .unwrap();
+        let limits = crate::admission::AdmissionLimits {
+            global: 100,
+            per_workspace: 100,
+            per_agent_instance: 10,
+            requests_per_workspace: 8,
+            requests_per_agent_instance: 4,
+        };
+        let sink = Arc::new(ActionSink::with_admission(
+            producer,
+            TOPIC.to_string(),
+            limits,
+        ));
+        let state = AppState {
+            sink: sink.clone(),
+            ..base
+        };
+        let (channel, _server) = start(state).await;
+        // The Acme agent's share is taken (as by its own requests still waiting for Kafka).
+        let _held = sink
+            .admission()
+            .admit_keys(vec![("ws_demo", "inst_acme_research"); 10])
+            .unwrap();
+        let mut client = TraceServiceClient::new(channel);
+        let status = client
+            .export(with_secret(request("inst_acme_research", &[(1, "{}")])))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+        assert!(
+            status
+                .message()
+                .contains("agent instance inst_acme_research is saturated"),
+            "{}",
+            status.message()
+        );
+        assert!(status
+            .metadata()
+            .get_bin("google.rpc.retryinfo-bin")
+            .is_some());
+        // The other agent instance is served.
+        let mut globex = Request::new(request("inst_globex_support", &[(2, "{}")]));
+        globex.metadata_mut().insert(
+            "x-agent-secret",
+            "am_demo_globex_support_secret".parse().unwrap(),
+        );
+        let answer = client.export(globex).await.unwrap().into_inner();
+        assert_eq!(answer.partial_success, None);
+    }
+
     /// Sends `message` as raw bytes to Export, gzip-compressed when asked.
     async fn export_raw(
         channel: Channel,
