@@ -519,3 +519,151 @@ async fn post_actions(State(state): State<AppState>, headers: HeaderMap, body: B
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The early refusal (before the body is read) on the HTTP listeners.
+
+    use agentmeter_runtime::config_watch::MeteringState;
+    use agentmeter_schemas::metering::MeteringConfig;
+    use agentmeter_schemas::WorkspaceSnapshot;
+    use prost::Message as _;
+    use rdkafka::ClientConfig;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::otlp::rpc::{RpcStatus, RETRY_INFO_TYPE_URL};
+
+    const ACME_SECRET: &str = "am_demo_acme_research_secret";
+
+    /// State whose Acme agent may have 1 request in progress and 10 actions in flight; no
+    /// broker is needed: nothing here reaches the producer.
+    fn state() -> AppState {
+        let config =
+            MeteringConfig::from_toml(include_str!("../../deploy/local/metering.example.toml"))
+                .unwrap();
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:9")
+            .create()
+            .unwrap();
+        AppState {
+            config: Arc::new(IngestConfig::default()),
+            metering: ConfigHandle::fixed(MeteringState::from_snapshots([
+                WorkspaceSnapshot::build(1, config).unwrap(),
+            ])),
+            sink: Arc::new(ActionSink::with_admission(
+                producer,
+                "unused".to_string(),
+                AdmissionLimits {
+                    global: 100,
+                    per_workspace: 100,
+                    per_agent_instance: 10,
+                    requests_per_workspace: 8,
+                    requests_per_agent_instance: 1,
+                },
+            )),
+        }
+    }
+
+    /// One HTTP/1.1 request on a fresh connection; the whole answer.
+    async fn exchange(address: std::net::SocketAddr, head: &str, body: &[u8]) -> Vec<u8> {
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        let request = format!(
+            "{head}\r\nhost: ingest\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        stream.write_all(body).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+            .await
+            .expect("no answer")
+            .unwrap();
+        answer
+    }
+
+    fn split(answer: &[u8]) -> (String, Vec<u8>) {
+        let end = answer
+            .windows(4)
+            .position(|window| window == b"\r\n\r\n")
+            .expect("a complete head");
+        (
+            String::from_utf8_lossy(&answer[..end]).to_ascii_lowercase(),
+            answer[end + 4..].to_vec(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_request_beyond_its_agents_budget_is_refused_before_its_body_is_read() {
+        let state = state();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (_trigger, shutdown) = Shutdown::new();
+        let router = with_early_admission(api_router(state.clone()), &state).merge(
+            with_early_admission(crate::otlp::http::router(state.clone()), &state),
+        );
+        tokio::spawn(connections::serve(
+            "test",
+            listener,
+            router,
+            ListenerLimits::from_config(&state.config),
+            shutdown,
+        ));
+        // The Acme agent's share of in-flight actions is full.
+        let held = state
+            .sink
+            .admission()
+            .admit_keys(vec![("ws_demo", "inst_acme_research"); 10])
+            .unwrap();
+        // OTLP/HTTP protobuf: 429, Retry-After, a google.rpc.Status with a RetryInfo. The body
+        // is no valid protobuf: it is never read.
+        let answer = exchange(
+            address,
+            &format!(
+                "POST /v1/traces HTTP/1.1\r\nx-agent-secret: {ACME_SECRET}\r\ncontent-type: application/x-protobuf"
+            ),
+            b"\xff\xff\xff",
+        )
+        .await;
+        let (head, body) = split(&answer);
+        assert!(head.starts_with("http/1.1 429"), "{head}");
+        assert!(head.contains("retry-after: 1"), "{head}");
+        let status = RpcStatus::decode(body.as_slice()).unwrap();
+        assert_eq!(status.code, tonic::Code::ResourceExhausted as i32);
+        assert!(
+            status.message.contains("inst_acme_research is saturated"),
+            "{}",
+            status.message
+        );
+        assert_eq!(status.details[0].type_url, RETRY_INFO_TYPE_URL);
+        // REST: 429 with Retry-After and the error JSON, even for a body that is no JSON.
+        let answer = exchange(
+            address,
+            &format!(
+                "POST /v1/actions HTTP/1.1\r\nx-agent-secret: {ACME_SECRET}\r\ncontent-type: application/json"
+            ),
+            b"{not json",
+        )
+        .await;
+        let (head, body) = split(&answer);
+        assert!(head.starts_with("http/1.1 429"), "{head}");
+        assert!(head.contains("retry-after: 1"), "{head}");
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert!(
+            body["error"].as_str().unwrap().contains("saturated"),
+            "{body}"
+        );
+        // With the share free again the same bad body reaches the handler (400).
+        drop(held);
+        let answer = exchange(
+            address,
+            &format!(
+                "POST /v1/actions HTTP/1.1\r\nx-agent-secret: {ACME_SECRET}\r\ncontent-type: application/json"
+            ),
+            b"{not json",
+        )
+        .await;
+        let (head, _) = split(&answer);
+        assert!(head.starts_with("http/1.1 400"), "{head}");
+    }
+}
