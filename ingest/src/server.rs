@@ -89,7 +89,25 @@ async fn refuse_early(
         Err(refusal) => {
             metrics::counter!("agentmeter_ingest_admission_refused_total", "scope" => refusal.metric_scope())
                 .increment(1);
-            early_refusal_response(&state, &request, &refusal)
+            let response = early_refusal_response(&state, &request, &refusal);
+            // The body is received and dropped unparsed: answering with it unread would make
+            // hyper close the connection while the client is still sending, and the client
+            // would see a broken connection instead of the 429 and its Retry-After.
+            discard_body(request.into_body(), state.config.max_body_bytes).await;
+            response
+        }
+    }
+}
+
+/// Reads and drops at most `limit` bytes of `body` (beyond it the connection is closed).
+async fn discard_body(body: Body, limit: usize) {
+    use futures::StreamExt as _;
+    let mut stream = body.into_data_stream();
+    let mut received = 0usize;
+    while let Some(Ok(chunk)) = stream.next().await {
+        received += chunk.len();
+        if received > limit {
+            return;
         }
     }
 }
