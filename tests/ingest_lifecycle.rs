@@ -113,11 +113,17 @@ fn sigterm_drains_in_flight_requests_before_exit() {
                     let actions: Vec<_> = (0..500)
                         .map(|index| json!({"action_name": "probe", "event_id": format!("c{client}-b{batch}-{index}")}))
                         .collect();
-                    match post(&url, "drain-secret", &json!({ "actions": actions })) {
-                        202 => {
-                            accepted.fetch_add(500, std::sync::atomic::Ordering::Relaxed);
+                    let body = json!({ "actions": actions });
+                    // 429: the agent's share of in-flight actions is taken by its other clients.
+                    loop {
+                        match post(&url, "drain-secret", &body) {
+                            202 => {
+                                accepted.fetch_add(500, std::sync::atomic::Ordering::Relaxed);
+                                break;
+                            }
+                            429 => std::thread::sleep(Duration::from_millis(20)),
+                            _ => return,
                         }
-                        _ => return,
                     }
                 }
             })

@@ -56,6 +56,9 @@ enum Command {
     Aggregate(modes::pipeline::AggregateArgs),
     /// REST → ingest → enrich → aggregate → ClickHouse, with action-to-queryable latency.
     EndToEnd(modes::e2e::Args),
+    /// Agent A floods ingest from many connections while agent B of another workspace sends at
+    /// a steady rate: B's latency and refusals, unloaded and under the flood.
+    Fairness(modes::fairness::Args),
     /// Query time of `usage_by_account_month` over 10 million actions.
     MonthlyView(modes::monthly::Args),
     /// The same messages through plain rdkafka (and plain ClickHouse inserts).
@@ -106,6 +109,7 @@ fn main() -> anyhow::Result<()> {
             Command::Enrich(args) => modes::pipeline::run_enrich(&options, args).await,
             Command::Aggregate(args) => modes::pipeline::run_aggregate(&options, args).await,
             Command::EndToEnd(args) => modes::e2e::run(&options, args).await,
+            Command::Fairness(args) => modes::fairness::run(&options, args).await,
             Command::MonthlyView(args) => modes::monthly::run(&options, args).await,
             Command::Baseline(args) => modes::baseline::run(&options, args, &stage_cpus).await,
             Command::All(args) => modes::run_all(&options, args, &stage_cpus).await,

@@ -4,6 +4,10 @@ use std::net::SocketAddr;
 
 use serde::Deserialize;
 
+/// What the sink adds to `produce_timeout_ms` at most: the wait for room in the producer's
+/// queue before a record is enqueued (see `sink.rs`).
+pub const ENQUEUE_ALLOWANCE_MS: u64 = 1000;
+
 /// Settings of `agentmeter ingest`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -36,6 +40,42 @@ pub struct IngestConfig {
     pub produce_timeout_ms: u64,
     /// Seconds a client is asked to wait (Retry-After) when ingest is saturated.
     pub retry_after_seconds: u64,
+    /// Actions of one workspace in flight at most (its share of `max_in_flight_actions`).
+    /// Beyond it that workspace's requests get 429 / RESOURCE_EXHAUSTED while other workspaces
+    /// are still admitted.
+    pub max_in_flight_actions_per_workspace: usize,
+    /// Actions of one agent instance in flight at most (its share of its workspace's). A request
+    /// larger than a share is still admitted when its agent instance (workspace) has nothing in
+    /// flight.
+    pub max_in_flight_actions_per_agent_instance: usize,
+    /// Requests of one agent instance in progress at once at most; more are refused (429 /
+    /// RESOURCE_EXHAUSTED) before their body is read, so a flood costs little CPU.
+    pub max_concurrent_requests_per_agent_instance: usize,
+    /// Requests of one workspace in progress at once at most (all its agent instances).
+    pub max_concurrent_requests_per_workspace: usize,
+    /// Time a client has to send a complete request head: from connecting until its first
+    /// request has arrived (any protocol), and on a keep-alive HTTP/1 connection from the end of
+    /// one response until the next request head is complete. Beyond it the connection is closed.
+    pub header_read_timeout_ms: u64,
+    /// A connection with no request in progress for this long is closed (HTTP/2: GOAWAY).
+    pub idle_timeout_ms: u64,
+    /// Time one request may take from its head to its answer (reading the body included);
+    /// beyond it the client gets 408 (gRPC: DEADLINE_EXCEEDED). Longer than
+    /// `produce_timeout_ms`, so a request waiting for Kafka is answered 503 by the sink first.
+    pub request_timeout_ms: u64,
+    /// Open connections per listener at most (REST, OTLP/gRPC and OTLP/HTTP each); a connection
+    /// beyond it is closed as soon as it is accepted.
+    pub max_connections_per_listener: usize,
+    /// Concurrent HTTP/2 streams (requests) per connection at most.
+    pub max_concurrent_streams_per_connection: u32,
+    /// Interval of HTTP/2 keep-alive pings on a connection; a peer that does not answer within
+    /// `http2_keepalive_timeout_ms` is disconnected.
+    pub http2_keepalive_interval_ms: u64,
+    /// How long the answer to an HTTP/2 keep-alive ping may take.
+    pub http2_keepalive_timeout_ms: u64,
+    /// When set, `/metrics`, `/healthz` and `/readyz` are served on this address only (a
+    /// private interface) instead of on `http_listen` next to the public API.
+    pub operations_listen: Option<SocketAddr>,
 }
 
 impl Default for IngestConfig {
@@ -54,6 +94,18 @@ impl Default for IngestConfig {
             max_in_flight_actions: 100_000,
             produce_timeout_ms: 10_000,
             retry_after_seconds: 1,
+            max_in_flight_actions_per_workspace: 10_000,
+            max_in_flight_actions_per_agent_instance: 5_000,
+            max_concurrent_requests_per_agent_instance: 16,
+            max_concurrent_requests_per_workspace: 64,
+            header_read_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            request_timeout_ms: 30_000,
+            max_connections_per_listener: 1024,
+            max_concurrent_streams_per_connection: 100,
+            http2_keepalive_interval_ms: 30_000,
+            http2_keepalive_timeout_ms: 10_000,
+            operations_listen: None,
         }
     }
 }
@@ -81,11 +133,60 @@ impl IngestConfig {
             self.max_in_flight_actions,
             self.max_spans_per_request
         );
-        let listeners = [
+        anyhow::ensure!(
+            self.max_in_flight_actions_per_workspace <= self.max_in_flight_actions,
+            "ingest.max_in_flight_actions_per_workspace ({}) must be at most max_in_flight_actions ({})",
+            self.max_in_flight_actions_per_workspace,
+            self.max_in_flight_actions
+        );
+        anyhow::ensure!(
+            self.max_in_flight_actions_per_agent_instance <= self.max_in_flight_actions_per_workspace,
+            "ingest.max_in_flight_actions_per_agent_instance ({}) must be at most max_in_flight_actions_per_workspace ({})",
+            self.max_in_flight_actions_per_agent_instance,
+            self.max_in_flight_actions_per_workspace
+        );
+        anyhow::ensure!(
+            self.max_in_flight_actions_per_agent_instance >= 1,
+            "ingest.max_in_flight_actions_per_agent_instance must be at least 1"
+        );
+        anyhow::ensure!(
+            self.max_concurrent_requests_per_agent_instance >= 1
+                && self.max_concurrent_requests_per_agent_instance
+                    <= self.max_concurrent_requests_per_workspace,
+            "ingest.max_concurrent_requests_per_agent_instance ({}) must be at least 1 and at most max_concurrent_requests_per_workspace ({})",
+            self.max_concurrent_requests_per_agent_instance,
+            self.max_concurrent_requests_per_workspace
+        );
+        anyhow::ensure!(
+            self.header_read_timeout_ms >= 100 && self.idle_timeout_ms >= 100,
+            "ingest.header_read_timeout_ms and idle_timeout_ms must be at least 100"
+        );
+        anyhow::ensure!(
+            self.request_timeout_ms > self.produce_timeout_ms + ENQUEUE_ALLOWANCE_MS,
+            "ingest.request_timeout_ms ({}) must be more than produce_timeout_ms + {ENQUEUE_ALLOWANCE_MS} ({}), so that a request waiting for Kafka is answered by the sink rather than cut",
+            self.request_timeout_ms,
+            self.produce_timeout_ms + ENQUEUE_ALLOWANCE_MS
+        );
+        anyhow::ensure!(
+            self.max_connections_per_listener >= 1,
+            "ingest.max_connections_per_listener must be at least 1"
+        );
+        anyhow::ensure!(
+            self.max_concurrent_streams_per_connection >= 1,
+            "ingest.max_concurrent_streams_per_connection must be at least 1"
+        );
+        anyhow::ensure!(
+            self.http2_keepalive_interval_ms >= 1000 && self.http2_keepalive_timeout_ms >= 100,
+            "ingest.http2_keepalive_interval_ms must be at least 1000 and http2_keepalive_timeout_ms at least 100"
+        );
+        let mut listeners = vec![
             ("http_listen", self.http_listen),
             ("otlp_grpc_listen", self.otlp_grpc_listen),
             ("otlp_http_listen", self.otlp_http_listen),
         ];
+        if let Some(operations_listen) = self.operations_listen {
+            listeners.push(("operations_listen", operations_listen));
+        }
         for (index, (name, address)) in listeners.iter().enumerate() {
             for (other_name, other_address) in &listeners[index + 1..] {
                 anyhow::ensure!(
@@ -139,5 +240,52 @@ mod tests {
             ..IngestConfig::default()
         };
         assert!(any_port.validate().is_ok());
+    }
+
+    #[test]
+    fn admission_shares_and_timeouts_are_checked_at_start() {
+        let share_above_global = IngestConfig {
+            max_in_flight_actions_per_workspace: 200_000,
+            ..IngestConfig::default()
+        };
+        let error = share_above_global.validate().unwrap_err().to_string();
+        assert!(
+            error.contains("max_in_flight_actions_per_workspace"),
+            "{error}"
+        );
+        let agent_above_workspace = IngestConfig {
+            max_in_flight_actions_per_agent_instance: 30_000,
+            max_in_flight_actions_per_workspace: 20_000,
+            ..IngestConfig::default()
+        };
+        let error = agent_above_workspace.validate().unwrap_err().to_string();
+        assert!(
+            error.contains("per_agent_instance (30000) must be at most"),
+            "{error}"
+        );
+        let no_agent_share = IngestConfig {
+            max_in_flight_actions_per_agent_instance: 0,
+            ..IngestConfig::default()
+        };
+        let error = no_agent_share.validate().unwrap_err().to_string();
+        assert!(error.contains("at least 1"), "{error}");
+        let request_shorter_than_produce = IngestConfig {
+            request_timeout_ms: 10_500,
+            ..IngestConfig::default()
+        };
+        let error = request_shorter_than_produce
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("request_timeout_ms"), "{error}");
+        let operations_on_the_api_port = IngestConfig {
+            operations_listen: Some("127.0.0.1:8080".parse().unwrap()),
+            ..IngestConfig::default()
+        };
+        let error = operations_on_the_api_port
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("operations_listen"), "{error}");
     }
 }

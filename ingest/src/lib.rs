@@ -8,8 +8,12 @@
 //!   limit; shared by REST and OTLP/HTTP.
 //! * [`normalize`] — turns client input (REST items) into [`RawAction`]s and says precisely what
 //!   is wrong with bad input. Pure functions, unit-tested.
-//! * [`sink`] — the Kafka side: admission control (bounded in-flight actions → 429), encode,
-//!   produce with acks=all, answer only after every record is acknowledged.
+//! * [`admission`] — in-flight actions per workspace, per agent instance and in all, so a
+//!   flooding agent is refused (429 / RESOURCE_EXHAUSTED) before it takes what others need.
+//! * [`sink`] — the Kafka side: admission, encode, produce with acks=all, answer only after
+//!   every record is acknowledged.
+//! * [`connections`] — how every listener treats its connections: connection limit,
+//!   first-request and header-read deadlines, idle timeout, graceful shutdown.
 //! * [`otlp`] — OTLP/gRPC (`ingest.otlp_grpc_listen`, 4317) and OTLP/HTTP `POST /v1/traces`
 //!   (`ingest.otlp_http_listen`, 4318): spans → actions (`docs/otlp.md`), partial success, the
 //!   same auth, limits and sink as REST.
@@ -18,9 +22,11 @@
 //!
 //! [`RawAction`]: agentmeter_schemas::RawAction
 
+pub mod admission;
 pub mod auth;
 pub mod body;
 pub mod config;
+pub mod connections;
 pub mod normalize;
 pub mod otlp;
 pub mod server;

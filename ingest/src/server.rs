@@ -1,4 +1,9 @@
 //! HTTP routes of ingest and the process's life cycle.
+//!
+//! Every listener is served by [`crate::connections::serve`] (connection limit, header-read,
+//! first-request and idle deadlines); the axum routers also carry a request timeout
+//! (`ingest.request_timeout_ms`, 408). With `ingest.operations_listen` set, `/metrics`,
+//! `/healthz` and `/readyz` move from the public API listener to that address.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -19,11 +24,13 @@ use axum::{Json, Router};
 use rdkafka::producer::{FutureProducer, Producer};
 use serde_json::json;
 
+use crate::admission::AdmissionLimits;
 use crate::auth::{authenticate, AuthError};
 use crate::body::{
     decode_content, read_limited, BodyError, ContentEncoding, MediaType, BLOCKING_DECODE_BYTES,
 };
 use crate::config::IngestConfig;
+use crate::connections::{self, ListenerLimits};
 use crate::normalize::{now_micros, rest_action_to_raw, Limits};
 use crate::sink::{ActionSink, SinkError};
 
@@ -35,16 +42,137 @@ pub struct AppState {
     pub sink: Arc<ActionSink>,
 }
 
-/// The HTTP API of ingest.
+/// The HTTP API of ingest with the operations routes (`/metrics`, `/healthz`, `/readyz`).
 pub fn router(
     state: AppState,
     readiness: agentmeter_runtime::observability::ReadinessCheck,
 ) -> Router {
+    api_router(state).merge(operations_router(readiness))
+}
+
+/// The HTTP API of ingest alone: `POST /v1/actions`, `GET /api/v1/agent_instance/info`.
+pub fn api_router(state: AppState) -> Router {
     Router::new()
         .route("/v1/actions", post(post_actions))
         .route("/api/v1/agent_instance/info", get(agent_instance_info))
         .with_state(state)
-        .merge(operations_router(readiness))
+}
+
+/// `router` with the early admission check (see [`refuse_early`]).
+fn with_early_admission(router: Router, state: &AppState) -> Router {
+    router.layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        refuse_early,
+    ))
+}
+
+/// Counts an authenticated request as in progress for its agent instance and workspace until it
+/// is answered, and refuses it with 429 before its body is read when too many of theirs are in
+/// progress or their share of in-flight actions is full (`admission::Admission::begin_request`).
+/// Unauthenticated requests pass through: the handler answers them 401.
+async fn refuse_early(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Ok(identity) = authenticate(&state.metering, request.headers()) else {
+        return next.run(request).await;
+    };
+    let sink = state.sink.clone();
+    let in_progress = sink.admission().begin_request(
+        &identity.workspace.config.workspace.id,
+        &identity.instance.id,
+    );
+    match in_progress {
+        Ok(in_progress) => {
+            let response = next.run(request).await;
+            drop(in_progress);
+            response
+        }
+        Err(refusal) => {
+            metrics::counter!("agentmeter_ingest_admission_refused_total", "scope" => refusal.metric_scope())
+                .increment(1);
+            let response = early_refusal_response(&state, &request, &refusal);
+            // The body is received and dropped unparsed: answering with it unread would make
+            // hyper close the connection while the client is still sending, and the client
+            // would see a broken connection instead of the 429 and its Retry-After.
+            discard_body(request.into_body(), state.config.max_body_bytes).await;
+            response
+        }
+    }
+}
+
+/// Reads and drops at most `limit` bytes of `body` (beyond it the connection is closed).
+async fn discard_body(body: Body, limit: usize) {
+    use futures::StreamExt as _;
+    let mut stream = body.into_data_stream();
+    let mut received = 0usize;
+    while let Some(Ok(chunk)) = stream.next().await {
+        received += chunk.len();
+        if received > limit {
+            return;
+        }
+    }
+}
+
+/// 429 with Retry-After; on OTLP/HTTP a `google.rpc.Status` with a `RetryInfo` in the request's
+/// encoding, elsewhere the REST error JSON.
+fn early_refusal_response(
+    state: &AppState,
+    request: &axum::extract::Request,
+    refusal: &crate::admission::EarlyRefusal,
+) -> Response {
+    use crate::otlp::rpc::{RetryInfo, RpcStatus, RETRY_INFO_TYPE_URL};
+    use prost::Message as _;
+    let message = refusal.to_string();
+    let delay = Duration::from_secs(state.config.retry_after_seconds);
+    let mut response = if request.uri().path() == crate::otlp::http::TRACES_PATH {
+        count_request("otlp_http", StatusCode::TOO_MANY_REQUESTS);
+        let protobuf = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .is_some_and(|value| value.contains("protobuf"));
+        let code = tonic::Code::ResourceExhausted as i32;
+        if protobuf {
+            let body = RpcStatus {
+                code,
+                message,
+                details: vec![RetryInfo::after(delay).to_any()],
+            }
+            .encode_to_vec();
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::CONTENT_TYPE, "application/x-protobuf")],
+                body,
+            )
+                .into_response()
+        } else {
+            let body = json!({"code": code, "message": message, "details": [{
+                "@type": RETRY_INFO_TYPE_URL, "retryDelay": format!("{}s", delay.as_secs())}]});
+            (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response()
+        }
+    } else {
+        error_response(
+            "rest_actions",
+            StatusCode::TOO_MANY_REQUESTS,
+            message,
+            json!({}),
+        )
+    };
+    response.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(state.config.retry_after_seconds),
+    );
+    response
+}
+
+/// `router` with the request timeout: a request not answered within it gets 408.
+fn with_request_timeout(router: Router, config: &IngestConfig) -> Router {
+    router.layer(tower_http::timeout::TimeoutLayer::with_status_code(
+        StatusCode::REQUEST_TIMEOUT,
+        Duration::from_millis(config.request_timeout_ms),
+    ))
 }
 
 /// Runs ingest until shutdown: in-flight requests finish (and their records are acknowledged)
@@ -65,10 +193,10 @@ pub async fn run(
         .producer_config(Duration::from_millis(config.produce_timeout_ms))
         .create()
         .context("cannot create the Kafka producer")?;
-    let sink = Arc::new(ActionSink::new(
+    let sink = Arc::new(ActionSink::with_admission(
         producer,
         kafka.topics().raw,
-        config.max_in_flight_actions,
+        AdmissionLimits::from_config(&config),
     ));
 
     let broker_reachable = Arc::new(AtomicBool::new(true));
@@ -111,23 +239,75 @@ pub async fn run(
                 config.otlp_http_listen
             )
         })?;
-    tracing::info!(listen = %config.http_listen, "ingest HTTP API ready");
-    let drain = shutdown.clone();
-    let rest = async {
-        axum::serve(listener, router(state.clone(), readiness))
-            .with_graceful_shutdown(async move {
-                let mut drain = drain;
-                drain.requested().await
-            })
-            .await
-            .context("ingest HTTP server failed")
+    let operations_listener =
+        match config.operations_listen {
+            Some(address) => Some(tokio::net::TcpListener::bind(address).await.with_context(
+                || format!("cannot listen on {address} (ingest.operations_listen)"),
+            )?),
+            None => None,
+        };
+    let limits = ListenerLimits::from_config(&config);
+    let (rest_router, operations) = match operations_listener {
+        Some(operations_listener) => {
+            tracing::info!(listen = ?config.operations_listen, "ingest operations endpoints ready");
+            let operations = connections::serve(
+                "operations",
+                operations_listener,
+                with_request_timeout(operations_router(readiness), &config),
+                limits,
+                shutdown.clone(),
+            );
+            (
+                with_early_admission(api_router(state.clone()), &state),
+                Some(operations),
+            )
+        }
+        None => (
+            with_early_admission(api_router(state.clone()), &state)
+                .merge(operations_router(readiness)),
+            None,
+        ),
     };
-    // The three servers stop on the same shutdown and each drains its in-flight requests;
-    // the producer is flushed only after all of them have finished.
+    tracing::info!(listen = %config.http_listen, "ingest HTTP API ready");
+    let rest = async {
+        connections::serve(
+            "rest",
+            listener,
+            with_request_timeout(rest_router, &config),
+            limits,
+            shutdown.clone(),
+        )
+        .await
+        .context("ingest HTTP server failed")
+    };
+    let otlp_http = async {
+        tracing::info!(listen = %config.otlp_http_listen, "ingest OTLP/HTTP ready");
+        connections::serve(
+            "otlp_http",
+            otlp_http_listener,
+            with_request_timeout(
+                with_early_admission(crate::otlp::http::router(state.clone()), &state),
+                &config,
+            ),
+            limits,
+            shutdown.clone(),
+        )
+        .await
+        .context("OTLP/HTTP server failed")
+    };
+    let operations = async {
+        match operations {
+            Some(operations) => operations.await.context("ingest operations server failed"),
+            None => Ok(()),
+        }
+    };
+    // The servers stop on the same shutdown and each drains its in-flight requests; the
+    // producer is flushed only after all of them have finished.
     tokio::try_join!(
         rest,
         crate::otlp::grpc::serve(state.clone(), otlp_grpc_listener, shutdown.clone()),
-        crate::otlp::http::serve(state.clone(), otlp_http_listener, shutdown.clone()),
+        otlp_http,
+        operations,
     )?;
     shutdown.requested().await;
     let flushed =
@@ -418,7 +598,7 @@ async fn post_actions(State(state): State<AppState>, headers: HeaderMap, body: B
 }
 
 #[cfg(test)]
-mod tests {
+mod rest_body_tests {
     use super::*;
     use std::io::Write;
 
@@ -609,5 +789,153 @@ mod tests {
             .as_str()
             .unwrap()
             .starts_with("invalid gzip body"));
+    }
+}
+
+#[cfg(test)]
+mod early_refusal_tests {
+    //! The early refusal (before the body is read) on the HTTP listeners.
+
+    use agentmeter_runtime::config_watch::MeteringState;
+    use agentmeter_schemas::metering::MeteringConfig;
+    use agentmeter_schemas::WorkspaceSnapshot;
+    use prost::Message as _;
+    use rdkafka::ClientConfig;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::otlp::rpc::{RpcStatus, RETRY_INFO_TYPE_URL};
+
+    const ACME_SECRET: &str = "am_demo_acme_research_secret";
+
+    /// State whose Acme agent may have 1 request in progress and 10 actions in flight; no
+    /// broker is needed: nothing here reaches the producer.
+    fn state() -> AppState {
+        let config =
+            MeteringConfig::from_toml(include_str!("../../deploy/local/metering.example.toml"))
+                .unwrap();
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:9")
+            .create()
+            .unwrap();
+        AppState {
+            config: Arc::new(IngestConfig::default()),
+            metering: ConfigHandle::fixed(MeteringState::from_snapshots([
+                WorkspaceSnapshot::build(1, config).unwrap(),
+            ])),
+            sink: Arc::new(ActionSink::with_admission(
+                producer,
+                "unused".to_string(),
+                AdmissionLimits {
+                    global: 100,
+                    per_workspace: 100,
+                    per_agent_instance: 10,
+                    requests_per_workspace: 8,
+                    requests_per_agent_instance: 1,
+                },
+            )),
+        }
+    }
+
+    /// One HTTP/1.1 request on a fresh connection; the whole answer.
+    async fn exchange(address: std::net::SocketAddr, head: &str, body: &[u8]) -> Vec<u8> {
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        let request = format!(
+            "{head}\r\nhost: ingest\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        stream.write_all(body).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+            .await
+            .expect("no answer")
+            .unwrap();
+        answer
+    }
+
+    fn split(answer: &[u8]) -> (String, Vec<u8>) {
+        let end = answer
+            .windows(4)
+            .position(|window| window == b"\r\n\r\n")
+            .expect("a complete head");
+        (
+            String::from_utf8_lossy(&answer[..end]).to_ascii_lowercase(),
+            answer[end + 4..].to_vec(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_request_beyond_its_agents_budget_is_refused_before_its_body_is_read() {
+        let state = state();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (_trigger, shutdown) = Shutdown::new();
+        let router = with_early_admission(api_router(state.clone()), &state).merge(
+            with_early_admission(crate::otlp::http::router(state.clone()), &state),
+        );
+        tokio::spawn(connections::serve(
+            "test",
+            listener,
+            router,
+            ListenerLimits::from_config(&state.config),
+            shutdown,
+        ));
+        // The Acme agent's share of in-flight actions is full.
+        let held = state
+            .sink
+            .admission()
+            .admit_keys(vec![("ws_demo", "inst_acme_research"); 10])
+            .unwrap();
+        // OTLP/HTTP protobuf: 429, Retry-After, a google.rpc.Status with a RetryInfo. The body
+        // is no valid protobuf: it is never read.
+        let answer = exchange(
+            address,
+            &format!(
+                "POST /v1/traces HTTP/1.1\r\nx-agent-secret: {ACME_SECRET}\r\ncontent-type: application/x-protobuf"
+            ),
+            b"\xff\xff\xff",
+        )
+        .await;
+        let (head, body) = split(&answer);
+        assert!(head.starts_with("http/1.1 429"), "{head}");
+        assert!(head.contains("retry-after: 1"), "{head}");
+        let status = RpcStatus::decode(body.as_slice()).unwrap();
+        assert_eq!(status.code, tonic::Code::ResourceExhausted as i32);
+        assert!(
+            status.message.contains("inst_acme_research is saturated"),
+            "{}",
+            status.message
+        );
+        assert_eq!(status.details[0].type_url, RETRY_INFO_TYPE_URL);
+        // REST: 429 with Retry-After and the error JSON, even for a body that is no JSON.
+        let answer = exchange(
+            address,
+            &format!(
+                "POST /v1/actions HTTP/1.1\r\nx-agent-secret: {ACME_SECRET}\r\ncontent-type: application/json"
+            ),
+            b"{not json",
+        )
+        .await;
+        let (head, body) = split(&answer);
+        assert!(head.starts_with("http/1.1 429"), "{head}");
+        assert!(head.contains("retry-after: 1"), "{head}");
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert!(
+            body["error"].as_str().unwrap().contains("saturated"),
+            "{body}"
+        );
+        // With the share free again the same bad body reaches the handler (400).
+        drop(held);
+        let answer = exchange(
+            address,
+            &format!(
+                "POST /v1/actions HTTP/1.1\r\nx-agent-secret: {ACME_SECRET}\r\ncontent-type: application/json"
+            ),
+            b"{not json",
+        )
+        .await;
+        let (head, _) = split(&answer);
+        assert!(head.starts_with("http/1.1 400"), "{head}");
     }
 }

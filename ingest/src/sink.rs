@@ -1,28 +1,36 @@
 //! The Kafka side of ingest: admit, encode, produce, and answer only after acknowledgement.
 //!
-//! Admission happens *before* anything is produced: a batch takes one permit per action from a
-//! bounded pool ([`IngestConfig::max_in_flight_actions`]); when the pool is short the whole
-//! batch is refused (429 + Retry-After) and nothing reaches Kafka. Once admitted, every record is
-//! produced with acks=all by an idempotent producer, keyed by hash(workspace, event_id), and the
-//! request succeeds only when all are acknowledged.
+//! Admission happens *before* anything is produced ([`crate::admission`]): a batch is counted
+//! against its workspace's share, its agent instance's share and the global pool
+//! ([`IngestConfig::max_in_flight_actions`]); when any of them is short the whole batch is
+//! refused (429 + Retry-After / RESOURCE_EXHAUSTED) and nothing reaches Kafka. So one flooding
+//! agent holds at most its share of the producer's queue and cannot delay another workspace's
+//! records behind its own. Once admitted, every record is produced with acks=all by an
+//! idempotent producer, keyed by hash(workspace, event_id), and the request succeeds only when
+//! all are acknowledged.
 //!
 //! [`IngestConfig::max_in_flight_actions`]: crate::config::IngestConfig::max_in_flight_actions
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentmeter_schemas::{encode_raw_action, RawAction};
 use futures::future::join_all;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
-use tokio::sync::Semaphore;
+
+use crate::admission::{Admission, AdmissionLimits, AdmissionScope};
 
 /// Why a batch was not (fully) written.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
-    /// Too many actions in flight; retry later. Nothing was produced.
-    #[error("ingest is saturated ({in_flight} actions waiting for Kafka); retry after a moment")]
-    Saturated { in_flight: usize },
+    /// Too many actions in flight (globally, or of the caller's workspace or agent instance);
+    /// retry later. Nothing was produced.
+    #[error("{scope} is saturated ({in_flight} actions waiting for Kafka, at most {limit}); retry after a moment")]
+    Saturated {
+        scope: AdmissionScope,
+        in_flight: usize,
+        limit: usize,
+    },
     /// An action could not be encoded; nothing was produced.
     #[error("action {index}: {message}")]
     Encode { index: usize, message: String },
@@ -39,20 +47,34 @@ pub enum SinkError {
 pub struct ActionSink {
     producer: FutureProducer,
     topic: String,
-    permits: Arc<Semaphore>,
-    max_in_flight: usize,
+    admission: Admission,
     enqueue_timeout: Duration,
 }
 
 impl ActionSink {
+    /// A sink with one global budget of `max_in_flight` actions and no per-workspace or
+    /// per-agent-instance share below it.
     pub fn new(producer: FutureProducer, topic: String, max_in_flight: usize) -> ActionSink {
+        ActionSink::with_admission(producer, topic, AdmissionLimits::global_only(max_in_flight))
+    }
+
+    /// A sink whose admission has a global budget and a share per workspace and agent instance.
+    pub fn with_admission(
+        producer: FutureProducer,
+        topic: String,
+        limits: AdmissionLimits,
+    ) -> ActionSink {
         ActionSink {
             producer,
             topic,
-            permits: Arc::new(Semaphore::new(max_in_flight)),
-            max_in_flight,
-            enqueue_timeout: Duration::from_secs(1),
+            admission: Admission::new(limits),
+            enqueue_timeout: Duration::from_millis(crate::config::ENQUEUE_ALLOWANCE_MS),
         }
+    }
+
+    /// The in-flight counters (also used to refuse requests before their body is read).
+    pub fn admission(&self) -> &Admission {
+        &self.admission
     }
 
     pub fn producer(&self) -> &FutureProducer {
@@ -61,7 +83,7 @@ impl ActionSink {
 
     /// Actions accepted and not yet acknowledged by Kafka.
     pub fn in_flight(&self) -> usize {
-        self.max_in_flight - self.permits.available_permits()
+        self.admission.in_flight()
     }
 
     /// Produces every action and waits for all acknowledgements.
@@ -74,14 +96,15 @@ impl ActionSink {
             })?;
             encoded.push((action.message_key(), payload));
         }
-        let wanted = u32::try_from(actions.len()).unwrap_or(u32::MAX);
-        let _permit = self
-            .permits
-            .clone()
-            .try_acquire_many_owned(wanted)
-            .map_err(|_| SinkError::Saturated {
-                in_flight: self.in_flight(),
-            })?;
+        let _admitted = self.admission.admit(actions).map_err(|refusal| {
+            metrics::counter!("agentmeter_ingest_admission_refused_total", "scope" => refusal.scope.as_str())
+                .increment(1);
+            SinkError::Saturated {
+                scope: refusal.scope,
+                in_flight: refusal.in_flight,
+                limit: refusal.limit,
+            }
+        })?;
         metrics::gauge!("agentmeter_ingest_in_flight_actions").set(self.in_flight() as f64);
         let started = Instant::now();
         let deliveries = encoded.iter().map(|(key, payload)| {

@@ -2,6 +2,7 @@
 
 pub mod baseline;
 pub mod e2e;
+pub mod fairness;
 pub mod ingest;
 pub mod monthly;
 pub mod pipeline;

@@ -4,14 +4,24 @@
 //! The service is written out instead of using the generated `TraceServiceServer` for one
 //! reason: the generated codec answers a malformed protobuf with INTERNAL, while OTLP wants
 //! INVALID_ARGUMENT with the decode error. So the codec here hands over the raw message bytes and
-//! the handler decodes them itself (after authentication, which needs only the metadata).
-//! gzip-compressed requests are accepted; messages above `ingest.max_body_bytes` are refused by
-//! tonic (OUT_OF_RANGE) before they are buffered.
+//! the handler decodes them itself.
+//!
+//! Hostile clients (`docs/ingest-security.md`):
+//! * The secret is checked from the request headers *before* tonic reads or decompresses the
+//!   body: an unauthenticated caller gets UNAUTHENTICATED without costing a gzip inflate.
+//! * gzip-compressed requests are accepted; a message above `ingest.max_body_bytes`, compressed
+//!   or decompressed, is refused by tonic before it is buffered whole. Tonic answers those with
+//!   OUT_OF_RANGE and RESOURCE_EXHAUSTED, which OTLP exporters retry (the same batch, forever
+//!   too large); this service turns them into INVALID_ARGUMENT, which they drop.
+//! * A call that takes longer than `ingest.request_timeout_ms` (a body trickled in slowly) is
+//!   answered DEADLINE_EXCEEDED.
+//! * Connections are served by [`crate::connections`] (HTTP/2 only; limit, deadlines, pings).
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use bytes::{Buf, Bytes};
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
@@ -26,7 +36,8 @@ use tonic::{Request, Response, Status};
 use super::mapping::OtlpSource;
 use super::rpc::{RetryInfo, RpcStatus};
 use super::{auth_failed, count_request, export, retry_delay, ExportError};
-use crate::auth::authenticate_grpc;
+use crate::auth::{authenticate, AgentIdentity};
+use crate::connections::{self, ListenerLimits};
 use crate::server::AppState;
 use agentmeter_runtime::shutdown::Shutdown;
 
@@ -39,18 +50,19 @@ pub const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceServ
 pub async fn serve(
     state: AppState,
     listener: tokio::net::TcpListener,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let listen = listener.local_addr().ok();
     tracing::info!(listen = ?listen, "ingest OTLP/gRPC ready");
-    tonic::transport::Server::builder()
-        .add_service(TraceServiceServer { state })
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
-            async move { shutdown.requested().await },
-        )
-        .await
-        .context("OTLP/gRPC server failed")
+    let limits = ListenerLimits::from_config(&state.config).http2_only();
+    connections::serve(
+        "otlp_grpc",
+        listener,
+        TraceServiceServer { state },
+        limits,
+        shutdown,
+    )
+    .await
 }
 
 /// The `TraceService` as a tower service (what tonic's router takes).
@@ -92,18 +104,96 @@ where
         }
         let state = self.state.clone();
         Box::pin(async move {
+            // Before the body is read: an unknown caller must not make us inflate its gzip.
+            let identity = match authenticate(&state.metering, request.headers()) {
+                Ok(identity) => identity,
+                Err(error) => {
+                    let error = auth_failed(OtlpSource::Grpc, error);
+                    count_request(OtlpSource::Grpc, format!("{:?}", error.grpc_code()));
+                    return Ok(to_status(&state, error).into_http());
+                }
+            };
+            // Before the body is read, too: a flood's surplus costs no decoding.
+            let admission = state.sink.clone();
+            let in_progress = match admission.admission().begin_request(
+                &identity.workspace.config.workspace.id,
+                &identity.instance.id,
+            ) {
+                Ok(in_progress) => in_progress,
+                Err(refusal) => {
+                    metrics::counter!("agentmeter_ingest_admission_refused_total", "scope" => refusal.metric_scope())
+                        .increment(1);
+                    super::count_rejected("saturated", 1);
+                    count_request(OtlpSource::Grpc, "ResourceExhausted".to_string());
+                    let error = ExportError::Saturated(refusal.to_string());
+                    return Ok(to_status(&state, error).into_http());
+                }
+            };
             let max_message_bytes = state.config.max_body_bytes;
+            let request_timeout = Duration::from_millis(state.config.request_timeout_ms);
             let mut grpc = Grpc::new(RawRequestCodec)
                 .accept_compressed(CompressionEncoding::Gzip)
                 .max_decoding_message_size(max_message_bytes);
-            Ok(grpc.unary(ExportHandler { state }, request).await)
+            let handler_called = Arc::new(AtomicBool::new(false));
+            let handler = ExportHandler {
+                state: state.clone(),
+                identity,
+                called: handler_called.clone(),
+            };
+            let response =
+                match tokio::time::timeout(request_timeout, grpc.unary(handler, request)).await {
+                    Ok(response) => response,
+                    Err(_) => {
+                        count_request(OtlpSource::Grpc, "DeadlineExceeded".to_string());
+                        return Ok(Status::deadline_exceeded(format!(
+                            "the request was not complete within {} ms (ingest.request_timeout_ms)",
+                            state.config.request_timeout_ms
+                        ))
+                        .into_http());
+                    }
+                };
+            drop(in_progress);
+            if handler_called.load(Ordering::Relaxed) {
+                return Ok(response);
+            }
+            Ok(size_limit_as_invalid_argument(response, max_message_bytes))
         })
+    }
+}
+
+/// Tonic refuses a message above the decoding limit with OUT_OF_RANGE (declared length) or
+/// RESOURCE_EXHAUSTED (decompressed length) before the handler runs; exporters retry both, so
+/// they become INVALID_ARGUMENT. Only called when the handler did not run, so the handler's own
+/// RESOURCE_EXHAUSTED (saturation, retryable) is never touched.
+fn size_limit_as_invalid_argument(
+    response: http::Response<tonic::body::Body>,
+    max_message_bytes: usize,
+) -> http::Response<tonic::body::Body> {
+    let Some(status) = Status::from_header_map(response.headers()) else {
+        return response;
+    };
+    match status.code() {
+        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => {
+            super::count_rejected("body_too_large", 1);
+            count_request(OtlpSource::Grpc, "InvalidArgument".to_string());
+            Status::invalid_argument(format!(
+                "the message is larger than {max_message_bytes} bytes (compressed or not): {}; \
+                 lower the exporter's batch size (OTEL_BSP_MAX_EXPORT_BATCH_SIZE)",
+                status.message()
+            ))
+            .into_http()
+        }
+        _ => response,
     }
 }
 
 /// Handles one `Export` call whose message is still undecoded.
 struct ExportHandler {
     state: AppState,
+    /// Who is calling (authenticated from the headers before the body was read).
+    identity: AgentIdentity,
+    /// Set when tonic decoded the message and called the handler.
+    called: Arc<AtomicBool>,
 }
 
 impl UnaryService<Bytes> for ExportHandler {
@@ -111,9 +201,11 @@ impl UnaryService<Bytes> for ExportHandler {
     type Future = BoxFuture<Response<ExportTraceServiceResponse>, Status>;
 
     fn call(&mut self, request: Request<Bytes>) -> Self::Future {
+        self.called.store(true, Ordering::Relaxed);
         let state = self.state.clone();
+        let identity = self.identity.clone();
         Box::pin(async move {
-            let result = handle(&state, request).await;
+            let result = handle(&state, &identity, request).await;
             match &result {
                 Ok(_) => count_request(OtlpSource::Grpc, "Ok".to_string()),
                 Err(error) => count_request(OtlpSource::Grpc, format!("{:?}", error.grpc_code())),
@@ -127,10 +219,9 @@ impl UnaryService<Bytes> for ExportHandler {
 
 async fn handle(
     state: &AppState,
+    identity: &AgentIdentity,
     request: Request<Bytes>,
 ) -> Result<ExportTraceServiceResponse, ExportError> {
-    let identity = authenticate_grpc(&state.metering, request.metadata())
-        .map_err(|error| auth_failed(OtlpSource::Grpc, error))?;
     let message = request.into_inner();
     let decoded = ExportTraceServiceRequest::decode(message).map_err(|error| {
         super::count_rejected("malformed", 1);
@@ -138,7 +229,7 @@ async fn handle(
             "invalid protobuf ExportTraceServiceRequest: {error}"
         ))
     })?;
-    export(state, &identity, &decoded, OtlpSource::Grpc).await
+    export(state, identity, &decoded, OtlpSource::Grpc).await
 }
 
 /// The gRPC status of an error; retryable ones carry a `RetryInfo` (in the status details and
@@ -442,6 +533,144 @@ mod tests {
             .metadata()
             .get_bin("google.rpc.retryinfo-bin")
             .is_some());
+    }
+
+    #[tokio::test]
+    async fn an_agent_whose_share_is_full_is_refused_with_a_retry_delay_while_another_is_served() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic(TOPIC, 1, 1).unwrap();
+        let base = state(&cluster.bootstrap_servers(), 100);
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .set("message.timeout.ms", "1500")
+            .create()
+            .unwrap();
+        let limits = crate::admission::AdmissionLimits {
+            global: 100,
+            per_workspace: 100,
+            per_agent_instance: 10,
+            requests_per_workspace: 8,
+            requests_per_agent_instance: 4,
+        };
+        let sink = Arc::new(ActionSink::with_admission(
+            producer,
+            TOPIC.to_string(),
+            limits,
+        ));
+        let state = AppState {
+            sink: sink.clone(),
+            ..base
+        };
+        let (channel, _server) = start(state).await;
+        // The Acme agent's share is taken (as by its own requests still waiting for Kafka).
+        let _held = sink
+            .admission()
+            .admit_keys(vec![("ws_demo", "inst_acme_research"); 10])
+            .unwrap();
+        let mut client = TraceServiceClient::new(channel);
+        let status = client
+            .export(with_secret(request("inst_acme_research", &[(1, "{}")])))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+        assert!(
+            status
+                .message()
+                .contains("agent instance inst_acme_research is saturated"),
+            "{}",
+            status.message()
+        );
+        assert!(status
+            .metadata()
+            .get_bin("google.rpc.retryinfo-bin")
+            .is_some());
+        // The other agent instance is served.
+        let mut globex = Request::new(request("inst_globex_support", &[(2, "{}")]));
+        globex.metadata_mut().insert(
+            "x-agent-secret",
+            "am_demo_globex_support_secret".parse().unwrap(),
+        );
+        let answer = client.export(globex).await.unwrap().into_inner();
+        assert_eq!(answer.partial_success, None);
+    }
+
+    /// Sends `message` as raw bytes to Export, gzip-compressed when asked.
+    async fn export_raw(
+        channel: Channel,
+        request: Request<Bytes>,
+        gzip: bool,
+    ) -> Result<ExportTraceServiceResponse, Status> {
+        let mut raw = tonic::client::Grpc::new(channel);
+        if gzip {
+            raw = raw.send_compressed(CompressionEncoding::Gzip);
+        }
+        raw.ready().await.unwrap();
+        raw.unary(
+            request,
+            http::uri::PathAndQuery::from_static(EXPORT_PATH),
+            RawBytesClientCodec,
+        )
+        .await
+        .map(Response::into_inner)
+    }
+
+    #[tokio::test]
+    async fn an_unauthenticated_call_is_refused_before_its_body_is_decompressed() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic(TOPIC, 1, 1).unwrap();
+        let (channel, _server) = start(state(&cluster.bootstrap_servers(), 100)).await;
+        // 64 MiB of zeros, gzip-compressed to a few hundred KiB: inflated it would pass the
+        // 4 MiB limit. Without a secret the answer is UNAUTHENTICATED, not a size error: the
+        // body was not inflated.
+        let bomb = Bytes::from(vec![0u8; 64 * 1024 * 1024]);
+        let status = export_raw(channel.clone(), Request::new(bomb), true)
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+        let mut wrong_secret = Request::new(Bytes::from_static(b"not even protobuf"));
+        wrong_secret
+            .metadata_mut()
+            .insert("x-agent-secret", "no-such-secret".parse().unwrap());
+        let status = export_raw(channel, wrong_secret, true).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    }
+
+    #[tokio::test]
+    async fn a_too_large_message_gets_a_status_exporters_do_not_retry() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic(TOPIC, 1, 1).unwrap();
+        let state = state(&cluster.bootstrap_servers(), 100);
+        let limit = state.config.max_body_bytes;
+        let (channel, _server) = start(state).await;
+        // Declared length above the limit (tonic: OUT_OF_RANGE).
+        let plain = Bytes::from(vec![0u8; limit + 1]);
+        let status = export_raw(channel.clone(), with_secret(plain), false)
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().contains("larger than"),
+            "{}",
+            status.message()
+        );
+        // Small compressed, above the limit once inflated (tonic: RESOURCE_EXHAUSTED).
+        let inflates_too_large = Bytes::from(vec![0u8; limit * 2]);
+        let status = export_raw(channel.clone(), with_secret(inflates_too_large), true)
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(status
+            .metadata()
+            .get_bin("google.rpc.retryinfo-bin")
+            .is_none());
+        // The service still answers normally afterwards.
+        let mut client = TraceServiceClient::new(channel);
+        let answer = client
+            .export(with_secret(request("inst_acme_research", &[(9, "{}")])))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answer.partial_success, None);
     }
 
     /// A client codec that sends raw bytes (to send what is no protobuf message).
