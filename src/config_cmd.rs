@@ -98,7 +98,8 @@ pub async fn run(command: ConfigCommand, kafka: &KafkaSettings) -> anyhow::Resul
             })
             .await??;
             let current = records.remove(&workspace_id).map(|(record, _)| record);
-            let shared = config.secrets_used_elsewhere(records.values().map(|(record, _)| &record.config));
+            let shared =
+                config.secrets_used_elsewhere(records.values().map(|(record, _)| &record.config));
             if !shared.is_empty() {
                 anyhow::bail!(
                     "{} is invalid; nothing was applied.\n{}",
@@ -116,7 +117,8 @@ pub async fn run(command: ConfigCommand, kafka: &KafkaSettings) -> anyhow::Resul
                 }
             }
             let summary = describe_changes(current.as_ref().map(|record| &record.config), &config);
-            let record = ConfigRecord::next(current.as_ref(), config, time::OffsetDateTime::now_utc());
+            let record =
+                ConfigRecord::next(current.as_ref(), config, time::OffsetDateTime::now_utc());
             let version = record.version;
             let payload = serde_json::to_vec(&record)?;
             let producer: FutureProducer = kafka

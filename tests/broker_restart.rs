@@ -88,7 +88,10 @@ rates = [{ effective_from = "2020-01-01T00:00:00Z", cost_per_unit = "0.00004" }]
         env.spawn("enrich", "enrich"),
         env.spawn("aggregate", "aggregate"),
     ];
-    env.wait_http_ok(&format!("{}/readyz", env.ingest_url()), Duration::from_secs(60));
+    env.wait_http_ok(
+        &format!("{}/readyz", env.ingest_url()),
+        Duration::from_secs(60),
+    );
 
     // One client sends batches of 50 until told to stop, each retried until accepted.
     let accepted = Arc::new(Mutex::new(Vec::<(String, Decimal, Decimal)>::new()));
@@ -174,15 +177,17 @@ rates = [{ effective_from = "2020-01-01T00:00:00Z", cost_per_unit = "0.00004" }]
         accepted.len(),
         retries.lock().unwrap()
     );
-    assert!(accepted.len() >= 500, "the run sent too little to mean anything");
+    assert!(
+        accepted.len() >= 500,
+        "the run sent too little to mean anything"
+    );
 
     // Converge: every accepted action counted once. (A broker whose storage task panicked after a
     // restart is restarted by `services.sh up`, as an operator's watchdog would.)
     let deadline = Instant::now() + Duration::from_secs(240);
     loop {
-        let row = &env.query(
-            "SELECT sum(action_count), sum(quantity), sum(cost) FROM usage_exact",
-        )[0];
+        let row =
+            &env.query("SELECT sum(action_count), sum(quantity), sum(cost) FROM usage_exact")[0];
         if row[0].parse::<usize>().ok() == Some(accepted.len()) {
             assert_eq!(dec(&row[1]), expected_quantity);
             assert_eq!(dec(&row[2]), expected_cost);
@@ -198,7 +203,10 @@ rates = [{ effective_from = "2020-01-01T00:00:00Z", cost_per_unit = "0.00004" }]
         std::thread::sleep(Duration::from_secs(2));
     }
     let stored = env.query("SELECT count(), uniqExact(event_id) FROM actions FINAL");
-    assert_eq!(stored[0], vec![accepted.len().to_string(), accepted.len().to_string()]);
+    assert_eq!(
+        stored[0],
+        vec![accepted.len().to_string(), accepted.len().to_string()]
+    );
     for stage in stages {
         let running = env.process(stage).is_running();
         let tag = env.process(stage).tag.clone();

@@ -114,7 +114,11 @@ fn deleting_one_topic_leaves_every_other_topic_and_its_records() {
         .iter()
         .filter(|name| *name != &names[0] && !after.contains(name))
         .collect();
-    assert!(lost.is_empty(), "deleting {} also deleted {lost:?}", names[0]);
+    assert!(
+        lost.is_empty(),
+        "deleting {} also deleted {lost:?}",
+        names[0]
+    );
     for name in &names[1..] {
         let records = read_topic(name);
         assert_eq!(records.len(), 10, "{name}");
@@ -164,11 +168,17 @@ fn publish_enriched(env: &TestEnv, ids: std::ops::Range<usize>) {
 /// `/readyz` of the aggregator: (status, body).
 fn readiness(env: &TestEnv) -> (u16, String) {
     match reqwest::blocking::Client::new()
-        .get(format!("http://127.0.0.1:{}/readyz", env.aggregator_metrics_port))
+        .get(format!(
+            "http://127.0.0.1:{}/readyz",
+            env.aggregator_metrics_port
+        ))
         .timeout(Duration::from_secs(2))
         .send()
     {
-        Ok(response) => (response.status().as_u16(), response.text().unwrap_or_default()),
+        Ok(response) => (
+            response.status().as_u16(),
+            response.text().unwrap_or_default(),
+        ),
         Err(error) => (0, error.to_string()),
     }
 }
@@ -214,14 +224,17 @@ fn a_recreated_enriched_topic_is_reported_within_seconds_and_resumed_by_reset_in
         );
         std::thread::sleep(Duration::from_millis(200));
     };
-    eprintln!("input reset reported after {:?}: {body}", reset_at.elapsed());
+    eprintln!(
+        "input reset reported after {:?}: {body}",
+        reset_at.elapsed()
+    );
     assert_eq!(status, 503);
     assert!(body.contains("agentmeter reset-input"), "{body}");
     let metrics = metrics_text(env.aggregator_metrics_port).unwrap();
     assert!(
-        metrics
-            .lines()
-            .any(|line| line.starts_with("agentmeter_aggregator_input_reset{") && line.ends_with(" 1")),
+        metrics.lines().any(
+            |line| line.starts_with("agentmeter_aggregator_input_reset{") && line.ends_with(" 1")
+        ),
         "{metrics}"
     );
     // Nothing new was counted as if it were old, nothing old was lost.
@@ -246,7 +259,12 @@ fn a_recreated_enriched_topic_is_reported_within_seconds_and_resumed_by_reset_in
         }
         std::thread::sleep(Duration::from_millis(500));
     };
-    assert_eq!(reported.len(), old_partitions.len(), "{:?}", readiness(&env));
+    assert_eq!(
+        reported.len(),
+        old_partitions.len(),
+        "{:?}",
+        readiness(&env)
+    );
     let mut args = vec!["reset-input".to_string()];
     for partition in &reported {
         args.push("--partition".into());

@@ -90,18 +90,48 @@ fn normal_action(random: &mut Lcg, index: usize) -> (Value, &'static str, Decima
 /// Requests ingest must refuse whole (400), each with the field its message must name.
 fn refused_at_ingest() -> Vec<(Value, &'static str)> {
     vec![
-        (json!({"action_name": "llm_call", "attributes": {"input_tokens": i64::MAX, "output_tokens": 1}}), "input_tokens"),
-        (json!({"action_name": "llm_call", "attributes": {"input_tokens": 1_000_000_000_000_000i64}}), "input_tokens"),
-        (json!({"action_name": "llm_call", "attributes": {"total_tokens": "-1"}}), "total_tokens"),
-        (json!({"action_name": "web_search", "attributes": {"cost_usd": -0.5}}), "cost_usd"),
-        (json!({"action_name": "web_search", "attributes": {"cost_usd": "79228162514264337593543950335"}}), "cost_usd"),
-        (json!({"action_name": "web_search", "attributes": {"cost_usd": 1e300}}), "cost_usd"),
+        (
+            json!({"action_name": "llm_call", "attributes": {"input_tokens": i64::MAX, "output_tokens": 1}}),
+            "input_tokens",
+        ),
+        (
+            json!({"action_name": "llm_call", "attributes": {"input_tokens": 1_000_000_000_000_000i64}}),
+            "input_tokens",
+        ),
+        (
+            json!({"action_name": "llm_call", "attributes": {"total_tokens": "-1"}}),
+            "total_tokens",
+        ),
+        (
+            json!({"action_name": "web_search", "attributes": {"cost_usd": -0.5}}),
+            "cost_usd",
+        ),
+        (
+            json!({"action_name": "web_search", "attributes": {"cost_usd": "79228162514264337593543950335"}}),
+            "cost_usd",
+        ),
+        (
+            json!({"action_name": "web_search", "attributes": {"cost_usd": 1e300}}),
+            "cost_usd",
+        ),
         (json!({"action_name": "web\u{200B}search"}), "U+200B"),
         (json!({"action_name": "web_search "}), "whitespace"),
-        (json!({"action_name": "web_search", "description": "bell\u{7}"}), "U+0007"),
-        (json!({"action_name": "web_search", "user_id": "admin\u{202E}"}), "U+202E"),
-        (json!({"action_name": "web_search", "attributes": {"ke\u{200D}y": 1}}), "U+200D"),
-        (json!({"action_name": "web_search", "occurred_at": "9999-12-31T23:59:59Z"}), "future"),
+        (
+            json!({"action_name": "web_search", "description": "bell\u{7}"}),
+            "U+0007",
+        ),
+        (
+            json!({"action_name": "web_search", "user_id": "admin\u{202E}"}),
+            "U+202E",
+        ),
+        (
+            json!({"action_name": "web_search", "attributes": {"ke\u{200D}y": 1}}),
+            "U+200D",
+        ),
+        (
+            json!({"action_name": "web_search", "occurred_at": "9999-12-31T23:59:59Z"}),
+            "future",
+        ),
     ]
 }
 
@@ -125,13 +155,20 @@ fn extreme_values_never_stop_a_stage_and_normal_totals_stay_exact() {
         &[("acc_a1", SECRET_A1), ("acc_a2", SECRET_A2)],
         METERING,
     ));
-    env.apply_config(&metering_config("ws_hostile_b", &[("acc_b1", SECRET_B1)], METERING));
+    env.apply_config(&metering_config(
+        "ws_hostile_b",
+        &[("acc_b1", SECRET_B1)],
+        METERING,
+    ));
     let stages = [
         env.spawn("ingest", "ingest"),
         env.spawn("enrich", "enrich"),
         env.spawn("aggregate", "aggregate"),
     ];
-    env.wait_http_ok(&format!("{}/readyz", env.ingest_url()), Duration::from_secs(60));
+    env.wait_http_ok(
+        &format!("{}/readyz", env.ingest_url()),
+        Duration::from_secs(60),
+    );
     let url = format!("{}/v1/actions", env.ingest_url());
     let agents = [
         ("ws_hostile_a", "acc_a1", SECRET_A1),
@@ -178,9 +215,18 @@ fn extreme_values_never_stop_a_stage_and_normal_totals_stay_exact() {
 
     // Accepted by ingest (it does not know the measures), dead-lettered by the enricher.
     for (item, reason) in [
-        (json!({"action_name": "scan", "attributes": {"page_count": "12345678901234567890123456"}}), "value_out_of_range"),
-        (json!({"action_name": "scan", "attributes": {"page_count": 1_000_000_000_000i64}}), "value_out_of_range"),
-        (json!({"action_name": "scan", "attributes": {"page_count": "-3"}}), "value_out_of_range"),
+        (
+            json!({"action_name": "scan", "attributes": {"page_count": "12345678901234567890123456"}}),
+            "value_out_of_range",
+        ),
+        (
+            json!({"action_name": "scan", "attributes": {"page_count": 1_000_000_000_000i64}}),
+            "value_out_of_range",
+        ),
+        (
+            json!({"action_name": "scan", "attributes": {"page_count": "-3"}}),
+            "value_out_of_range",
+        ),
     ] {
         let (status, answer) = post(&url, SECRET_A1, &json!({ "actions": [item] }));
         assert_eq!(status, 202, "{answer}");
@@ -227,7 +273,11 @@ fn extreme_values_never_stop_a_stage_and_normal_totals_stay_exact() {
         (direct("raw-name", "web\0search"), "invalid_text"),
     ];
     for (action, reason) in &raw_extremes {
-        env.produce("actions.raw", &action.message_key(), &encode_raw_action(action).unwrap());
+        env.produce(
+            "actions.raw",
+            &action.message_key(),
+            &encode_raw_action(action).unwrap(),
+        );
         *expected_dead_letters.entry(reason).or_default() += 1;
     }
 
@@ -254,7 +304,9 @@ fn extreme_values_never_stop_a_stage_and_normal_totals_stay_exact() {
             &action.raw.message_key(),
             &encode_enriched_action(&action).unwrap(),
         );
-        *expected_dead_letters.entry("value_out_of_range").or_default() += 1;
+        *expected_dead_letters
+            .entry("value_out_of_range")
+            .or_default() += 1;
     }
 
     // The normal traffic's totals are exact, per workspace, account and action.
@@ -304,11 +356,18 @@ fn extreme_values_never_stop_a_stage_and_normal_totals_stay_exact() {
             })
             .or_default() += 1;
     }
-    assert_eq!(reasons, expected_dead_letters, "{:?}", dead.iter().map(|r| &r.headers).collect::<Vec<_>>());
-    assert!(dead.iter().any(|record| record.headers["agentmeter.dlq.message"].contains("page_count")));
+    assert_eq!(
+        reasons,
+        expected_dead_letters,
+        "{:?}",
+        dead.iter().map(|r| &r.headers).collect::<Vec<_>>()
+    );
     assert!(dead
         .iter()
-        .any(|record| record.headers["agentmeter.dlq.message"].contains("refused by the aggregator")));
+        .any(|record| record.headers["agentmeter.dlq.message"].contains("page_count")));
+    assert!(dead.iter().any(
+        |record| record.headers["agentmeter.dlq.message"].contains("refused by the aggregator")
+    ));
 
     // Nothing stopped, and nothing of the extremes reached ClickHouse.
     for stage in stages {

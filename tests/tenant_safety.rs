@@ -58,7 +58,10 @@ fn apply_refuses_a_secret_of_another_workspace_without_naming_it() {
     assert!(!shown.contains("ws_copycat"), "{shown}");
 
     env.spawn("ingest", "ingest");
-    env.wait_http_ok(&format!("{}/readyz", env.ingest_url()), Duration::from_secs(60));
+    env.wait_http_ok(
+        &format!("{}/readyz", env.ingest_url()),
+        Duration::from_secs(60),
+    );
     let (status, info) = agent_info(&env, OWNER_SECRET);
     assert_eq!(status, 200, "{info}");
     assert_eq!(info["workspace_id"], "ws_owner");
@@ -89,7 +92,10 @@ fn a_conflicting_claim_on_the_topic_leaves_the_secret_with_its_first_owner() {
     );
 
     env.spawn("ingest", "ingest");
-    env.wait_http_ok(&format!("{}/readyz", env.ingest_url()), Duration::from_secs(60));
+    env.wait_http_ok(
+        &format!("{}/readyz", env.ingest_url()),
+        Duration::from_secs(60),
+    );
     let (status, info) = agent_info(&env, OWNER_SECRET);
     assert_eq!(status, 200, "{info}");
     assert_eq!(info["workspace_id"], "ws_owner", "{info}");

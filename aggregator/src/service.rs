@@ -253,7 +253,13 @@ impl ClickHouseService {
             .await
             .map_err(classify)?;
         insert
-            .write(&ProgressRow::new(&self.topic, partition, &plan, plan.start, now))
+            .write(&ProgressRow::new(
+                &self.topic,
+                partition,
+                &plan,
+                plan.start,
+                now,
+            ))
             .await
             .map_err(classify)?;
         insert.end().await.map_err(classify)?;

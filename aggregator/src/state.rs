@@ -618,16 +618,16 @@ mod tests {
         }
 
         fn totals(&self) -> (u64, Decimal, u64) {
-            let (count, cost_scaled, outcomes) = self.usage.values().fold(
-                (0, 0i128, 0),
-                |(count, cost, outcomes), (_, totals)| {
-                    (
-                        count + totals.action_count,
-                        cost + totals.cost_scaled,
-                        outcomes + totals.outcome_count,
-                    )
-                },
-            );
+            let (count, cost_scaled, outcomes) =
+                self.usage
+                    .values()
+                    .fold((0, 0i128, 0), |(count, cost, outcomes), (_, totals)| {
+                        (
+                            count + totals.action_count,
+                            cost + totals.cost_scaled,
+                            outcomes + totals.outcome_count,
+                        )
+                    });
             let cost = agentmeter_schemas::decimal::from_scaled_i128(cost_scaled).unwrap();
             (count, cost, outcomes)
         }
@@ -766,7 +766,10 @@ mod tests {
         ));
         let mut negative = action("negative", "u", "web_search", "-5", 10);
         negative.raw.input_tokens = Some(-1);
-        assert!(matches!(aggregator.handle(1, 0, negative), RecordOutcome::Refused(_)));
+        assert!(matches!(
+            aggregator.handle(1, 0, negative),
+            RecordOutcome::Refused(_)
+        ));
         assert_eq!(
             aggregator.handle(2, 0, action("fine", "u", "web_search", "1", 10)),
             RecordOutcome::Counted
@@ -778,7 +781,11 @@ mod tests {
             .map(|counted| counted.action.raw.event_id.as_str())
             .collect();
         assert_eq!(counted, vec!["fine"]);
-        assert_eq!(aggregator.next_offset(), 3, "refused records still advance the offset");
+        assert_eq!(
+            aggregator.next_offset(),
+            3,
+            "refused records still advance the offset"
+        );
     }
 
     proptest::proptest! {

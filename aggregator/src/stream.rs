@@ -197,7 +197,10 @@ impl Worker {
             .expect("input resets lock")
             .remove(&partition);
         if removed.is_some() {
-            tracing::info!(partition, "input reset resolved; reading the partition again");
+            tracing::info!(
+                partition,
+                "input reset resolved; reading the partition again"
+            );
         }
         metrics::gauge!("agentmeter_aggregator_input_reset", "partition" => partition.to_string())
             .set(0.0);
@@ -240,7 +243,11 @@ impl Worker {
                     } else {
                         "value_out_of_range"
                     };
-                    self.dead_letter(message, code, &format!("refused by the aggregator: {error}"));
+                    self.dead_letter(
+                        message,
+                        code,
+                        &format!("refused by the aggregator: {error}"),
+                    );
                 }
             }
             Err(error) => {

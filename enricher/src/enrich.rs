@@ -226,10 +226,9 @@ impl TokenCounts {
     /// difference here can overflow; they are checked all the same.
     pub fn billed_output(&self) -> Option<i64> {
         let unreported = match (self.total, self.input, self.output) {
-            (Some(total), Some(input), Some(output)) => total
-                .checked_sub(input)?
-                .checked_sub(output)?
-                .max(0),
+            (Some(total), Some(input), Some(output)) => {
+                total.checked_sub(input)?.checked_sub(output)?.max(0)
+            }
             (Some(total), Some(input), None) => return Some(total.checked_sub(input)?.max(0)),
             _ => 0,
         };
@@ -262,7 +261,8 @@ pub fn measure_quantity(measure: &Measure, raw: &RawAction) -> Result<Decimal, D
             quantity_attribute: attribute,
             ..
         } => {
-            let quantity = attribute_quantity(raw, attribute).map_err(|problem| missing(&problem))?;
+            let quantity =
+                attribute_quantity(raw, attribute).map_err(|problem| missing(&problem))?;
             check_quantity(format!("attribute {attribute:?}"), quantity)
                 .map_err(DeadLetterReason::InvalidValue)?;
             Ok(quantity)
@@ -526,40 +526,71 @@ mod tests {
     #[test]
     fn extreme_values_of_a_direct_publisher_are_dead_letters_not_panics() {
         let cases: Vec<(&str, Box<dyn Fn(&mut RawAction)>)> = vec![
-            ("tokens near i64::MAX", Box::new(|a: &mut RawAction| {
-                a.action_name = "llm_call".into();
-                (a.input_tokens, a.output_tokens) = (Some(i64::MAX), Some(i64::MAX));
-            })),
-            ("negative tokens", Box::new(|a: &mut RawAction| {
-                a.action_name = "llm_call".into();
-                a.input_tokens = Some(-5);
-            })),
-            ("absurd tokens in attributes", Box::new(|a: &mut RawAction| {
-                a.action_name = "llm_call".into();
-                a.attributes_json = r#"{"input_tokens":1000000000000000,"output_tokens":1}"#.into();
-            })),
-            ("reported cost near the top of Decimal", Box::new(|a: &mut RawAction| {
-                a.action_name = "translate_untracked".into();
-                a.reported_cost = Some(Decimal::MAX);
-            })),
-            ("negative reported cost", Box::new(|a: &mut RawAction| {
-                a.reported_cost = Some(dec("-100"));
-            })),
-            ("occurred_at at i64::MIN", Box::new(|a: &mut RawAction| {
-                a.occurred_at_micros = i64::MIN;
-            })),
-            ("received_at at i64::MAX", Box::new(|a: &mut RawAction| {
-                a.received_at_micros = i64::MAX;
-            })),
-            ("a zero-width space in the name", Box::new(|a: &mut RawAction| {
-                a.action_name = "web\u{200B}search".into();
-            })),
-            ("a control character in the description", Box::new(|a: &mut RawAction| {
-                a.description = Some("bell\u{7}".into());
-            })),
-            ("attributes that are no object", Box::new(|a: &mut RawAction| {
-                a.attributes_json = "[1]".into();
-            })),
+            (
+                "tokens near i64::MAX",
+                Box::new(|a: &mut RawAction| {
+                    a.action_name = "llm_call".into();
+                    (a.input_tokens, a.output_tokens) = (Some(i64::MAX), Some(i64::MAX));
+                }),
+            ),
+            (
+                "negative tokens",
+                Box::new(|a: &mut RawAction| {
+                    a.action_name = "llm_call".into();
+                    a.input_tokens = Some(-5);
+                }),
+            ),
+            (
+                "absurd tokens in attributes",
+                Box::new(|a: &mut RawAction| {
+                    a.action_name = "llm_call".into();
+                    a.attributes_json =
+                        r#"{"input_tokens":1000000000000000,"output_tokens":1}"#.into();
+                }),
+            ),
+            (
+                "reported cost near the top of Decimal",
+                Box::new(|a: &mut RawAction| {
+                    a.action_name = "translate_untracked".into();
+                    a.reported_cost = Some(Decimal::MAX);
+                }),
+            ),
+            (
+                "negative reported cost",
+                Box::new(|a: &mut RawAction| {
+                    a.reported_cost = Some(dec("-100"));
+                }),
+            ),
+            (
+                "occurred_at at i64::MIN",
+                Box::new(|a: &mut RawAction| {
+                    a.occurred_at_micros = i64::MIN;
+                }),
+            ),
+            (
+                "received_at at i64::MAX",
+                Box::new(|a: &mut RawAction| {
+                    a.received_at_micros = i64::MAX;
+                }),
+            ),
+            (
+                "a zero-width space in the name",
+                Box::new(|a: &mut RawAction| {
+                    a.action_name = "web\u{200B}search".into();
+                }),
+            ),
+            (
+                "a control character in the description",
+                Box::new(|a: &mut RawAction| {
+                    a.description = Some("bell\u{7}".into());
+                }),
+            ),
+            (
+                "attributes that are no object",
+                Box::new(|a: &mut RawAction| {
+                    a.attributes_json = "[1]".into();
+                }),
+            ),
         ];
         for (what, change) in cases {
             let mut action = raw("web_search", JAN_2026);
@@ -594,8 +625,15 @@ mod tests {
     #[test]
     fn the_largest_token_counts_are_priced_exactly() {
         let mut action = raw("gemini_llm_gemini-2.5-flash", JAN_2026);
-        (action.input_tokens, action.output_tokens, action.total_tokens) =
-            (Some(1_000_000_000), Some(1_000_000_000), Some(1_000_000_000));
+        (
+            action.input_tokens,
+            action.output_tokens,
+            action.total_tokens,
+        ) = (
+            Some(1_000_000_000),
+            Some(1_000_000_000),
+            Some(1_000_000_000),
+        );
         let enriched = enrich(action, &snapshot(), WINDOW, 0).unwrap();
         assert_eq!(enriched.quantity, dec("2000000000"));
         assert_eq!(enriched.cost, dec("12000000")); // × 0.006

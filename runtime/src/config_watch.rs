@@ -428,6 +428,9 @@ mod tests {
     #[test]
     fn a_tie_is_broken_the_same_way_in_every_process() {
         let state = MeteringState::build(&records(&[("zeta", "same", 5), ("alpha", "same", 5)]));
-        assert_eq!(state.authenticate("same").unwrap().0.workspace_id(), "alpha");
+        assert_eq!(
+            state.authenticate("same").unwrap().0.workspace_id(),
+            "alpha"
+        );
     }
 }

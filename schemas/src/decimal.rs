@@ -99,7 +99,9 @@ pub fn checked_add_scaled(a: i128, b: i128) -> Option<i128> {
 /// `crate::limits`).
 pub fn mul_round_half_even(a: Decimal, b: Decimal) -> Option<Decimal> {
     const UNIT: i128 = 1_000_000_000_000; // 10^12
-    let product = to_scaled_i128(a).ok()?.checked_mul(to_scaled_i128(b).ok()?)?;
+    let product = to_scaled_i128(a)
+        .ok()?
+        .checked_mul(to_scaled_i128(b).ok()?)?;
     let quotient = product.div_euclid(UNIT);
     let remainder = product.rem_euclid(UNIT); // 0 ≤ remainder < UNIT, also for negatives
     let rounded = match (remainder * 2).cmp(&UNIT) {
@@ -218,7 +220,10 @@ mod tests {
             from_avro_bytes(&bytes),
             Err(DecimalError::OutOfRange { .. })
         ));
-        assert_eq!(checked_add_scaled(-(TEN_POW_38 - 1), -(TEN_POW_38 - 1)), None);
+        assert_eq!(
+            checked_add_scaled(-(TEN_POW_38 - 1), -(TEN_POW_38 - 1)),
+            None
+        );
         assert_eq!(checked_add_scaled(i128::MIN / 2, i128::MIN / 2), None);
     }
 
@@ -234,18 +239,33 @@ mod tests {
 
     #[test]
     fn multiplication_rounds_once_half_to_even() {
-        assert_eq!(mul_round_half_even(dec("3300"), dec("0.00004")), Some(dec("0.132")));
+        assert_eq!(
+            mul_round_half_even(dec("3300"), dec("0.00004")),
+            Some(dec("0.132"))
+        );
         // 0.0000000000005 exactly half way: to the even neighbour, both ways.
-        assert_eq!(mul_round_half_even(dec("0.5"), dec("0.000000000001")), Some(dec("0")));
-        assert_eq!(mul_round_half_even(dec("1.5"), dec("0.000000000001")), Some(dec("0.000000000002")));
-        assert_eq!(mul_round_half_even(dec("-1.5"), dec("0.000000000001")), Some(dec("-0.000000000002")));
+        assert_eq!(
+            mul_round_half_even(dec("0.5"), dec("0.000000000001")),
+            Some(dec("0"))
+        );
+        assert_eq!(
+            mul_round_half_even(dec("1.5"), dec("0.000000000001")),
+            Some(dec("0.000000000002"))
+        );
+        assert_eq!(
+            mul_round_half_even(dec("-1.5"), dec("0.000000000001")),
+            Some(dec("-0.000000000002"))
+        );
         // Just above half way rounds up even though Decimal's own product would cut it first.
         assert_eq!(
             mul_round_half_even(dec("0.500000000001"), dec("0.000000000001")),
             Some(dec("0.000000000001"))
         );
         assert_eq!(mul_round_half_even(Decimal::MAX, dec("2")), None);
-        assert_eq!(mul_round_half_even(dec("99999999999999"), dec("99999999999999")), None);
+        assert_eq!(
+            mul_round_half_even(dec("99999999999999"), dec("99999999999999")),
+            None
+        );
     }
 
     fn storable_decimal() -> impl Strategy<Value = Decimal> {

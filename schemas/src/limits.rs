@@ -62,9 +62,15 @@ pub enum ValueError {
         max: String,
     },
     #[error("{field} {value} has more than {STORAGE_SCALE} fractional digits; agentmeter never rounds a value it is sent")]
-    TooPrecise { field: Cow<'static, str>, value: String },
+    TooPrecise {
+        field: Cow<'static, str>,
+        value: String,
+    },
     #[error("{field} {value} µs is not between 2000-01-01 and 2100-01-01")]
-    OutsideInstants { field: Cow<'static, str>, value: i64 },
+    OutsideInstants {
+        field: Cow<'static, str>,
+        value: i64,
+    },
     #[error("{field} {value:?} {problem}")]
     Text {
         field: Cow<'static, str>,
@@ -91,7 +97,10 @@ impl ValueError {
 }
 
 /// A token count in `0..=MAX_TOKEN_COUNT`.
-pub fn check_token_count(field: impl Into<Cow<'static, str>>, count: i64) -> Result<(), ValueError> {
+pub fn check_token_count(
+    field: impl Into<Cow<'static, str>>,
+    count: i64,
+) -> Result<(), ValueError> {
     if (0..=MAX_TOKEN_COUNT).contains(&count) {
         Ok(())
     } else {
@@ -104,7 +113,11 @@ pub fn check_token_count(field: impl Into<Cow<'static, str>>, count: i64) -> Res
 }
 
 /// A decimal in `0..=max` with at most 12 fractional digits.
-pub fn check_decimal(field: impl Into<Cow<'static, str>>, value: Decimal, max: Decimal) -> Result<(), ValueError> {
+pub fn check_decimal(
+    field: impl Into<Cow<'static, str>>,
+    value: Decimal,
+    max: Decimal,
+) -> Result<(), ValueError> {
     let field = field.into();
     if value < Decimal::ZERO || value > max {
         return Err(ValueError::OutOfRange {
@@ -119,17 +132,26 @@ pub fn check_decimal(field: impl Into<Cow<'static, str>>, value: Decimal, max: D
             value: value.to_string(),
         });
     }
-    debug_assert!(to_scaled_i128(value).is_ok(), "every bound fits Decimal(38, 12)");
+    debug_assert!(
+        to_scaled_i128(value).is_ok(),
+        "every bound fits Decimal(38, 12)"
+    );
     Ok(())
 }
 
 /// A quantity of one action.
-pub fn check_quantity(field: impl Into<Cow<'static, str>>, value: Decimal) -> Result<(), ValueError> {
+pub fn check_quantity(
+    field: impl Into<Cow<'static, str>>,
+    value: Decimal,
+) -> Result<(), ValueError> {
     check_decimal(field, value, MAX_QUANTITY)
 }
 
 /// A cost of one action.
-pub fn check_action_cost(field: impl Into<Cow<'static, str>>, value: Decimal) -> Result<(), ValueError> {
+pub fn check_action_cost(
+    field: impl Into<Cow<'static, str>>,
+    value: Decimal,
+) -> Result<(), ValueError> {
     check_decimal(field, value, MAX_ACTION_COST)
 }
 
@@ -170,11 +192,27 @@ pub fn check_raw_action(raw: &RawAction) -> Result<(), ValueError> {
         MaxLength::Bytes(MAX_NAME_BYTES),
     )?;
     let optional_names = [
-        ("trace_event", &raw.trace_event, MaxLength::Bytes(MAX_NAME_BYTES)),
+        (
+            "trace_event",
+            &raw.trace_event,
+            MaxLength::Bytes(MAX_NAME_BYTES),
+        ),
         ("user_id", &raw.user_id, MaxLength::Chars(MAX_ID_CHARS)),
-        ("anonymous_id", &raw.anonymous_id, MaxLength::Chars(MAX_ID_CHARS)),
-        ("llm_provider", &raw.llm_provider, MaxLength::Bytes(MAX_NAME_BYTES)),
-        ("llm_model", &raw.llm_model, MaxLength::Bytes(MAX_NAME_BYTES)),
+        (
+            "anonymous_id",
+            &raw.anonymous_id,
+            MaxLength::Chars(MAX_ID_CHARS),
+        ),
+        (
+            "llm_provider",
+            &raw.llm_provider,
+            MaxLength::Bytes(MAX_NAME_BYTES),
+        ),
+        (
+            "llm_model",
+            &raw.llm_model,
+            MaxLength::Bytes(MAX_NAME_BYTES),
+        ),
     ];
     for (field, value, max) in optional_names {
         if let Some(value) = value {
@@ -182,15 +220,13 @@ pub fn check_raw_action(raw: &RawAction) -> Result<(), ValueError> {
         }
     }
     if let Some(description) = &raw.description {
-        check_free_text(
-            description,
-            Some(MaxLength::Chars(MAX_DESCRIPTION_CHARS)),
-        )
-        .map_err(|problem| ValueError::Text {
-            field: "description".into(),
-            value: shorten(description),
-            problem: problem.to_string(),
-        })?;
+        check_free_text(description, Some(MaxLength::Chars(MAX_DESCRIPTION_CHARS))).map_err(
+            |problem| ValueError::Text {
+                field: "description".into(),
+                value: shorten(description),
+                problem: problem.to_string(),
+            },
+        )?;
     }
     check_name_field("source", &raw.source, MaxLength::Bytes(64))?;
     check_attributes_json(&raw.attributes_json).map_err(|problem| ValueError::Text {
@@ -246,9 +282,11 @@ mod tests {
         assert_eq!(MAX_QUANTITY, dec("1000000000000"));
         assert_eq!(MAX_ACTION_COST, dec("1000000000"));
         assert_eq!(
-            time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(EARLIEST_INSTANT_MICROS) * 1000)
-                .unwrap()
-                .year(),
+            time::OffsetDateTime::from_unix_timestamp_nanos(
+                i128::from(EARLIEST_INSTANT_MICROS) * 1000
+            )
+            .unwrap()
+            .year(),
             2000
         );
         let end = time::OffsetDateTime::from_unix_timestamp_nanos(

@@ -922,7 +922,10 @@ pub(crate) mod tests {
         // A secret removed and added back starts again.
         let without = ConfigRecord::next(Some(&second), minimal(), later);
         let back = ConfigRecord::next(Some(&without), rotated, later + time::Duration::days(1));
-        assert_eq!(back.secret_since(&hash_secret("another")), later + time::Duration::days(1));
+        assert_eq!(
+            back.secret_since(&hash_secret("another")),
+            later + time::Duration::days(1)
+        );
 
         // Round trip through the topic's JSON, and records without the field still read.
         let text = serde_json::to_string(&second).unwrap();
@@ -963,6 +966,9 @@ pub(crate) mod tests {
         let mut config = minimal();
         config.cost_allocations[0].rates[1].cost_per_unit = "1000000000.5".parse().unwrap();
         let problems = config.validate().unwrap_err().0;
-        assert!(problems[0].contains("above the largest accepted"), "{problems:?}");
+        assert!(
+            problems[0].contains("above the largest accepted"),
+            "{problems:?}"
+        );
     }
 }

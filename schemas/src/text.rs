@@ -52,10 +52,9 @@ pub enum MaxLength {
 impl MaxLength {
     fn check(self, text: &str) -> Result<(), TextProblem> {
         match self {
-            MaxLength::Bytes(max) if text.len() > max => Err(TextProblem::TooLong {
-                max,
-                unit: "bytes",
-            }),
+            MaxLength::Bytes(max) if text.len() > max => {
+                Err(TextProblem::TooLong { max, unit: "bytes" })
+            }
             // A character takes at least one byte: only long texts need counting.
             MaxLength::Chars(max) if text.len() > max && text.chars().count() > max => {
                 Err(TextProblem::TooLong {
@@ -244,9 +243,8 @@ impl<'de> serde::de::Visitor<'de> for AnyValue {
     }
 
     fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<(), E> {
-        check_free_text(value, None).map_err(|problem| {
-            E::custom(format!("attribute value {:?} {problem}", shorten(value)))
-        })
+        check_free_text(value, None)
+            .map_err(|problem| E::custom(format!("attribute value {:?} {problem}", shorten(value))))
     }
 
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
@@ -336,7 +334,9 @@ mod tests {
     fn attributes_json_is_checked_at_every_depth_without_building_it() {
         assert_eq!(check_attributes_json(""), Ok(()));
         assert_eq!(
-            check_attributes_json(r#"{"model":"gpt-4","n":1,"nested":{"list":["a\nb",2.5,null,true]}}"#),
+            check_attributes_json(
+                r#"{"model":"gpt-4","n":1,"nested":{"list":["a\nb",2.5,null,true]}}"#
+            ),
             Ok(())
         );
         let bad_key = check_attributes_json(r#"{"nested":{"ke\u200By":1}}"#).unwrap_err();
