@@ -8,6 +8,7 @@
 //!   counted, from the partition's first offset;
 //! * `--from latest`: the records now in it were already counted (a restored backup); only
 //!   records written from now on are.
+//!
 //! The running aggregator notices the epoch within seconds and resumes; nothing restarts.
 
 use std::time::Duration;

@@ -523,9 +523,12 @@ mod tests {
         WorkspaceSnapshot::build(1, config).unwrap()
     }
 
+    /// A named change that makes a valid action extreme.
+    type Mutation = (&'static str, Box<dyn Fn(&mut RawAction)>);
+
     #[test]
     fn extreme_values_of_a_direct_publisher_are_dead_letters_not_panics() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut RawAction)>)> = vec![
+        let cases: Vec<Mutation> = vec![
             (
                 "tokens near i64::MAX",
                 Box::new(|a: &mut RawAction| {
