@@ -295,6 +295,21 @@ PROGRESS_ROWS = [
     progress(2, 0, 22, "2025-02-01 00:00:03"),
 ]
 
+EPOCH_COLUMNS = ["topic", "source_partition", "logical_start", "physical_start", "created_at"]
+
+
+def epoch(partition, logical, physical, created):
+    return {"topic": TOPIC, "source_partition": partition, "logical_start": logical,
+            "physical_start": physical, "created_at": dt.datetime.strptime(created, "%Y-%m-%d %H:%M:%S")}
+
+
+# `agentmeter reset-input` rows (migration 0005): partition 0 reset twice, partition 1 once.
+EPOCH_ROWS = [
+    epoch(0, 1003, 0, "2025-02-02 00:00:00"),
+    epoch(0, 1503, 120, "2025-02-03 00:00:00"),
+    epoch(1, 9, 0, "2025-02-02 00:00:00"),
+]
+
 
 def sql_literal(value):
     if value is None:
@@ -553,7 +568,18 @@ def extra_checks(database):
             resume[row["source_partition"]] = row
     actions_final = {row["event_id"]: row for row in ACTION_ROWS}  # event ids are unique here
     small = [row for row in final if row["action_count"] < 3]
+    latest_epoch = {}
+    for row in EPOCH_ROWS:
+        current = latest_epoch.get(row["source_partition"])
+        if current is None or row["created_at"] > current["created_at"]:
+            latest_epoch[row["source_partition"]] = row
     return [
+        ("current input epoch per partition (docs/sql.md, reset-input)",
+         f"SELECT source_partition, argMax(logical_start, created_at) AS logical_start, "
+         f"argMax(physical_start, created_at) AS physical_start "
+         f"FROM {database}.aggregator_input_epochs WHERE topic = '{TOPIC}' GROUP BY source_partition",
+         [("source_partition", "UInt32"), ("logical_start", "UInt64"), ("physical_start", "UInt64")],
+         [[p, r["logical_start"], r["physical_start"]] for p, r in latest_epoch.items()]),
         ("aggregator_progress FINAL",
          f"SELECT topic, source_partition, batch_start, end_offset, written_at "
          f"FROM {database}.aggregator_progress FINAL",
@@ -721,7 +747,8 @@ def run(args):
         print(f"[sqlcheck] ran {statements} migration statements (twice: idempotent)", flush=True)
         # No background merge may collapse versions before the first read: FINAL must do it.
         tables = {"usage": (USAGE_COLUMNS, USAGE_ROWS), "actions": (ACTION_COLUMNS, ACTION_ROWS),
-                  "aggregator_progress": (PROGRESS_COLUMNS, PROGRESS_ROWS)}
+                  "aggregator_progress": (PROGRESS_COLUMNS, PROGRESS_ROWS),
+                  "aggregator_input_epochs": (EPOCH_COLUMNS, EPOCH_ROWS)}
         for table in tables:
             backend.execute(f"SYSTEM STOP MERGES {database}.{table}")
         for table, (columns, rows) in tables.items():
@@ -730,7 +757,7 @@ def run(args):
         if parts != {table: len(rows) for table, (_, rows) in tables.items()}:
             raise CheckFailed(f"expected one active part per inserted row, found {parts}")
         print(f"[sqlcheck] inserted {len(USAGE_ROWS)} usage, {len(ACTION_ROWS)} actions, "
-              f"{len(PROGRESS_ROWS)} aggregator_progress rows, one unmerged part each: {parts}", flush=True)
+              f"{len(PROGRESS_ROWS)} aggregator_progress, {len(EPOCH_ROWS)} aggregator_input_epochs rows, one unmerged part each: {parts}", flush=True)
         check_all(backend, database, "unmerged:", problems, results)
         for table in tables:
             backend.execute(f"SYSTEM START MERGES {database}.{table}")
