@@ -31,6 +31,8 @@ pub mod normalize;
 pub mod otlp;
 pub mod server;
 pub mod sink;
+#[cfg(test)]
+mod test_support;
 
 pub use config::IngestConfig;
 pub use server::run;

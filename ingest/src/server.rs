@@ -602,37 +602,19 @@ mod rest_body_tests {
     use super::*;
     use std::io::Write;
 
-    use agentmeter_runtime::config_watch::MeteringState;
-    use agentmeter_schemas::metering::MeteringConfig;
-    use agentmeter_schemas::WorkspaceSnapshot;
     use rdkafka::mocking::MockCluster;
-    use rdkafka::ClientConfig;
+
     use tonic::codegen::Service;
 
-    /// The demo secret of `inst_acme_research` (deploy/local/demo-secrets.env).
-    const SECRET: &str = "am_demo_acme_research_secret";
-    const TOPIC: &str = "agentmeter.actions.raw";
+    use crate::test_support::{DEMO_SECRET as SECRET, RAW_TOPIC as TOPIC};
     const BATCH: &str = r#"{"actions": [{"action_name": "web_search"}]}"#;
 
     fn state(bootstrap: &str, max_body_bytes: usize) -> AppState {
-        let config =
-            MeteringConfig::from_toml(include_str!("../../deploy/local/metering.example.toml"))
-                .unwrap();
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
-            .set("message.timeout.ms", "1500")
-            .create()
-            .unwrap();
-        AppState {
-            config: Arc::new(IngestConfig {
-                max_body_bytes,
-                ..IngestConfig::default()
-            }),
-            metering: ConfigHandle::fixed(MeteringState::from_snapshots([
-                WorkspaceSnapshot::build(1, config).unwrap(),
-            ])),
-            sink: Arc::new(ActionSink::new(producer, TOPIC.to_string(), 100)),
-        }
+        let config = IngestConfig {
+            max_body_bytes,
+            ..IngestConfig::default()
+        };
+        crate::test_support::demo_state(bootstrap, config, 100)
     }
 
     fn gzip(bytes: &[u8]) -> Vec<u8> {

@@ -311,10 +311,8 @@ mod tests {
 
     use std::sync::Arc;
 
-    use agentmeter_runtime::config_watch::{ConfigHandle, MeteringState};
     use agentmeter_runtime::shutdown::ShutdownTrigger;
-    use agentmeter_schemas::metering::MeteringConfig;
-    use agentmeter_schemas::WorkspaceSnapshot;
+
     use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
     use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
     use opentelemetry_proto::tonic::resource::v1::Resource;
@@ -330,30 +328,14 @@ mod tests {
     use crate::normalize::now_micros;
     use crate::sink::ActionSink;
 
-    /// The demo secret of `inst_acme_research` (deploy/local/demo-secrets.env).
-    const SECRET: &str = "am_demo_acme_research_secret";
-    const TOPIC: &str = "agentmeter.actions.raw";
+    use crate::test_support::{DEMO_SECRET as SECRET, RAW_TOPIC as TOPIC};
 
     fn state(bootstrap: &str, max_in_flight: usize) -> AppState {
-        let config =
-            MeteringConfig::from_toml(include_str!("../../../deploy/local/metering.example.toml"))
-                .unwrap();
-        let snapshot = WorkspaceSnapshot::build(1, config).unwrap();
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
-            .set("message.timeout.ms", "1500")
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .create()
-            .unwrap();
-        AppState {
-            config: Arc::new(IngestConfig {
-                retry_after_seconds: 2,
-                ..IngestConfig::default()
-            }),
-            metering: ConfigHandle::fixed(MeteringState::from_snapshots([snapshot])),
-            sink: Arc::new(ActionSink::new(producer, TOPIC.to_string(), max_in_flight)),
-        }
+        let config = IngestConfig {
+            retry_after_seconds: 2,
+            ..IngestConfig::default()
+        };
+        crate::test_support::demo_state(bootstrap, config, max_in_flight)
     }
 
     /// Serves on a free port; the server runs while the returned trigger lives.

@@ -239,43 +239,22 @@ fn error_response(state: &AppState, encoding: Encoding, error: ExportError) -> R
 mod tests {
     use super::*;
     use std::io::Write;
-    use std::sync::Arc;
 
-    use agentmeter_runtime::config_watch::{ConfigHandle, MeteringState};
-    use agentmeter_schemas::metering::MeteringConfig;
-    use agentmeter_schemas::WorkspaceSnapshot;
     use rdkafka::mocking::MockCluster;
-    use rdkafka::producer::FutureProducer;
-    use rdkafka::ClientConfig;
+
     use tonic::codegen::Service;
 
     use crate::config::IngestConfig;
     use crate::normalize::now_micros;
-    use crate::sink::ActionSink;
 
-    /// The demo secret of `inst_acme_research` (deploy/local/demo-secrets.env).
-    const SECRET: &str = "am_demo_acme_research_secret";
-    const TOPIC: &str = "agentmeter.actions.raw";
+    use crate::test_support::{DEMO_SECRET as SECRET, RAW_TOPIC as TOPIC};
 
     fn state(bootstrap: &str, max_in_flight: usize) -> AppState {
-        let config =
-            MeteringConfig::from_toml(include_str!("../../../deploy/local/metering.example.toml"))
-                .unwrap();
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
-            .set("message.timeout.ms", "1500")
-            .create()
-            .unwrap();
-        AppState {
-            config: Arc::new(IngestConfig {
-                retry_after_seconds: 3,
-                ..IngestConfig::default()
-            }),
-            metering: ConfigHandle::fixed(MeteringState::from_snapshots([
-                WorkspaceSnapshot::build(1, config).unwrap(),
-            ])),
-            sink: Arc::new(ActionSink::new(producer, TOPIC.to_string(), max_in_flight)),
-        }
+        let config = IngestConfig {
+            retry_after_seconds: 3,
+            ..IngestConfig::default()
+        };
+        crate::test_support::demo_state(bootstrap, config, max_in_flight)
     }
 
     /// An OTLP/JSON body with `count` value.action spans.
