@@ -17,6 +17,7 @@
 //! * [`otlp`] — OTLP/gRPC (`ingest.otlp_grpc_listen`, 4317) and OTLP/HTTP `POST /v1/traces`
 //!   (`ingest.otlp_http_listen`, 4318): spans → actions (`docs/otlp.md`), partial success, the
 //!   same auth, limits and sink as REST.
+//! * [`state`] — [`AppState`](state::AppState), what the handlers of every listener share.
 //! * [`server`] — the HTTP routes: `POST /v1/actions`, `GET /api/v1/agent_instance/info`,
 //!   `/metrics`, `/healthz`, `/readyz`.
 //!
@@ -31,6 +32,7 @@ pub mod normalize;
 pub mod otlp;
 pub mod server;
 pub mod sink;
+pub mod state;
 #[cfg(test)]
 mod test_support;
 

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentmeter_runtime::config_watch::{spawn_config_watcher, ConfigHandle};
+use agentmeter_runtime::config_watch::spawn_config_watcher;
 use agentmeter_runtime::kafka::KafkaSettings;
 use agentmeter_runtime::observability::operations_router;
 use agentmeter_runtime::shutdown::Shutdown;
@@ -34,13 +34,7 @@ use crate::connections::{self, ListenerLimits};
 use crate::normalize::{now_micros, rest_action_to_raw, Limits};
 use crate::sink::{ActionSink, SinkError};
 
-/// What every handler shares.
-#[derive(Clone)]
-pub struct AppState {
-    pub config: Arc<IngestConfig>,
-    pub metering: ConfigHandle,
-    pub sink: Arc<ActionSink>,
-}
+pub use crate::state::AppState;
 
 /// The HTTP API of ingest with the operations routes (`/metrics`, `/healthz`, `/readyz`).
 pub fn router(
@@ -778,7 +772,7 @@ mod rest_body_tests {
 mod early_refusal_tests {
     //! The early refusal (before the body is read) on the HTTP listeners.
 
-    use agentmeter_runtime::config_watch::MeteringState;
+    use agentmeter_runtime::config_watch::{ConfigHandle, MeteringState};
     use agentmeter_schemas::metering::MeteringConfig;
     use agentmeter_schemas::WorkspaceSnapshot;
     use prost::Message as _;

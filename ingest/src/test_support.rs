@@ -10,8 +10,8 @@ use rdkafka::producer::FutureProducer;
 use rdkafka::ClientConfig;
 
 use crate::config::IngestConfig;
-use crate::server::AppState;
 use crate::sink::ActionSink;
+use crate::state::AppState;
 
 /// The demo secret of `inst_acme_research` (deploy/local/demo-secrets.env).
 pub const DEMO_SECRET: &str = "am_demo_acme_research_secret";

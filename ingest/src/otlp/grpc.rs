@@ -38,7 +38,7 @@ use super::rpc::{RetryInfo, RpcStatus};
 use super::{auth_failed, count_request, export, retry_delay, ExportError};
 use crate::auth::{authenticate, AgentIdentity};
 use crate::connections::{self, ListenerLimits};
-use crate::server::AppState;
+use crate::state::AppState;
 use agentmeter_runtime::shutdown::Shutdown;
 
 /// The gRPC service name of OTLP traces.

@@ -31,7 +31,7 @@ use crate::auth::authenticate;
 use crate::body::{
     decode_content, read_limited, BodyError, ContentEncoding, BLOCKING_DECODE_BYTES,
 };
-use crate::server::AppState;
+use crate::state::AppState;
 use agentmeter_runtime::shutdown::Shutdown;
 
 /// The OTLP/HTTP traces path.

@@ -36,8 +36,8 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 
 use crate::auth::{AgentIdentity, AuthError};
 use crate::normalize::{now_micros, Limits};
-use crate::server::AppState;
 use crate::sink::SinkError;
+use crate::state::AppState;
 use mapping::{map_request, span_count, OtlpSource, RequestError};
 
 /// The OTLP message types (prost, with OTLP/JSON serde), for clients and tests.
