@@ -772,9 +772,6 @@ mod rest_body_tests {
 mod early_refusal_tests {
     //! The early refusal (before the body is read) on the HTTP listeners.
 
-    use agentmeter_runtime::config_watch::{ConfigHandle, MeteringState};
-    use agentmeter_schemas::metering::MeteringConfig;
-    use agentmeter_schemas::WorkspaceSnapshot;
     use prost::Message as _;
     use rdkafka::ClientConfig;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -782,23 +779,18 @@ mod early_refusal_tests {
     use super::*;
     use crate::otlp::rpc::{RpcStatus, RETRY_INFO_TYPE_URL};
 
-    const ACME_SECRET: &str = "am_demo_acme_research_secret";
+    use crate::test_support::{demo_metering, DEMO_SECRET as ACME_SECRET};
 
     /// State whose Acme agent may have 1 request in progress and 10 actions in flight; no
     /// broker is needed: nothing here reaches the producer.
     fn state() -> AppState {
-        let config =
-            MeteringConfig::from_toml(include_str!("../../deploy/local/metering.example.toml"))
-                .unwrap();
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", "127.0.0.1:9")
             .create()
             .unwrap();
         AppState {
             config: Arc::new(IngestConfig::default()),
-            metering: ConfigHandle::fixed(MeteringState::from_snapshots([
-                WorkspaceSnapshot::build(1, config).unwrap(),
-            ])),
+            metering: demo_metering(),
             sink: Arc::new(ActionSink::with_admission(
                 producer,
                 "unused".to_string(),

@@ -21,9 +21,6 @@ pub const RAW_TOPIC: &str = "agentmeter.actions.raw";
 /// The state of an ingest with `config`, the demo workspace and a budget of `max_in_flight`
 /// actions, producing (idempotently, acks=all, 1.5 s timeout) to `bootstrap`.
 pub fn demo_state(bootstrap: &str, config: IngestConfig, max_in_flight: usize) -> AppState {
-    let metering =
-        MeteringConfig::from_toml(include_str!("../../deploy/local/metering.example.toml"))
-            .unwrap();
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("message.timeout.ms", "1500")
@@ -33,14 +30,22 @@ pub fn demo_state(bootstrap: &str, config: IngestConfig, max_in_flight: usize) -
         .unwrap();
     AppState {
         config: Arc::new(config),
-        metering: ConfigHandle::fixed(MeteringState::from_snapshots([WorkspaceSnapshot::build(
-            1, metering,
-        )
-        .unwrap()])),
+        metering: demo_metering(),
         sink: Arc::new(ActionSink::new(
             producer,
             RAW_TOPIC.to_string(),
             max_in_flight,
         )),
     }
+}
+
+/// The demo metering configuration (`deploy/local/metering.example.toml`) as a fixed handle.
+pub fn demo_metering() -> ConfigHandle {
+    let metering =
+        MeteringConfig::from_toml(include_str!("../../deploy/local/metering.example.toml"))
+            .unwrap();
+    ConfigHandle::fixed(MeteringState::from_snapshots([WorkspaceSnapshot::build(
+        1, metering,
+    )
+    .unwrap()]))
 }
