@@ -1,6 +1,7 @@
 //! The local broker (durable sqlite storage) SIGKILLed three times and restarted while actions
 //! flow through REST (issue 9), then once for longer than ingest's produce timeout: nothing
-//! ingest acknowledged is lost, nothing is counted twice, and no stage exits.
+//! ingest acknowledged is lost, nothing is counted twice, and no stage exits; the enricher and
+//! the aggregator report the long outage on `/readyz` and are ready again afterwards.
 //!
 //! The test runs a broker of its own (`deploy/local/services.sh up` with its own state
 //! directory and port), so killing it disturbs no other test; ClickHouse is the shared one.
@@ -162,7 +163,23 @@ rates = [{ effective_from = "2020-01-01T00:00:00Z", cost_per_unit = "0.00004" }]
     // broker must accept once it is back (tansu fix idempotent-epoch-bump, services.sh).
     std::thread::sleep(Duration::from_secs(5));
     kill_broker(&state);
-    std::thread::sleep(Duration::from_secs(15));
+    // Meanwhile the consuming stages wait the outage out and say so (ADR 0003).
+    let outage_ends = Instant::now() + Duration::from_secs(15);
+    let mut not_ready_during_outage = [false, false];
+    while Instant::now() < outage_ends {
+        for (seen, port) in not_ready_during_outage
+            .iter_mut()
+            .zip([env.enricher_metrics_port, env.aggregator_metrics_port])
+        {
+            let status = reqwest::blocking::Client::new()
+                .get(format!("http://127.0.0.1:{port}/readyz"))
+                .timeout(Duration::from_secs(1))
+                .send()
+                .map(|response| response.status().as_u16());
+            *seen |= matches!(status, Ok(503));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
     services("up", &state, port);
     std::thread::sleep(Duration::from_secs(5));
     stop.store(true, Ordering::Relaxed);
@@ -218,6 +235,17 @@ rates = [{ effective_from = "2020-01-01T00:00:00Z", cost_per_unit = "0.00004" }]
         stored[0],
         vec![accepted.len().to_string(), accepted.len().to_string()]
     );
+    assert_eq!(
+        not_ready_during_outage,
+        [true, true],
+        "the enricher and the aggregator must report the outage on /readyz"
+    );
+    for port in [env.enricher_metrics_port, env.aggregator_metrics_port] {
+        env.wait_http_ok(
+            &format!("http://127.0.0.1:{port}/readyz"),
+            Duration::from_secs(60),
+        );
+    }
     for stage in stages {
         let running = env.process(stage).is_running();
         let tag = env.process(stage).tag.clone();

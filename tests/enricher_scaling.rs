@@ -168,7 +168,11 @@ fn every_action_reaches_enriched_topic_when_one_of_two_enrichers_is_killed() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(DEFAULT_ACTIONS);
-    let mut env = TestEnv::new("enrich_scaling", "");
+    let mut env = TestEnv::new(
+        "enrich_scaling",
+        // Hand-over of a dead member's partitions is what a consumer group does (ADR 0003).
+        "[enricher.ownership]\nmode = \"group\"\n",
+    );
     let secrets: Vec<(&str, String)> = ACCOUNTS
         .iter()
         .map(|account| (*account, format!("secret-{account}")))

@@ -126,7 +126,9 @@ fn totals_stay_exact_through_crashes_rebalances_and_resends() {
         .unwrap_or(200_000);
     let mut env = TestEnv::new(
         "exactly_once",
-        "batch_offsets = 5000\nmax_pending_actions = 20000\n",
+        // Consumer groups, with members joining and leaving (ADR 0003, group mode).
+        "batch_offsets = 5000\nmax_pending_actions = 20000\n\
+         [aggregator.ownership]\nmode = \"group\"\n[enricher.ownership]\nmode = \"group\"\n",
     );
     let accounts: Vec<(&str, String)> = ACCOUNTS
         .iter()

@@ -2,13 +2,15 @@
 
 use std::net::SocketAddr;
 
+use agentmeter_runtime::partitions::OwnershipSettings;
 use serde::Deserialize;
 
 /// Settings of `agentmeter aggregate`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AggregatorConfig {
-    /// Consumer group shared by all aggregator processes.
+    /// Consumer group of the aggregator processes: in group ownership mode it assigns the
+    /// partitions; in static mode it only names the offsets stored for lag dashboards.
     pub group_id: String,
     /// This process's static membership id in the group (Kafka `group.instance.id`); unique per
     /// process, stable across its restarts. Default `aggregator-<host name>`; empty = dynamic
@@ -32,6 +34,9 @@ pub struct AggregatorConfig {
     pub retry_initial_backoff_ms: u64,
     /// Longest delay between ClickHouse retries, in milliseconds.
     pub retry_max_backoff_ms: u64,
+    /// `[aggregator.ownership]`: which partitions of `actions.enriched` this process owns
+    /// (static by replica ordinal, or a consumer group) and when it counts as stalled (ADR 0003).
+    pub ownership: OwnershipSettings,
 }
 
 impl Default for AggregatorConfig {
@@ -47,6 +52,7 @@ impl Default for AggregatorConfig {
             dedupe_horizon_seconds: 15 * 60,
             retry_initial_backoff_ms: 200,
             retry_max_backoff_ms: 10_000,
+            ownership: OwnershipSettings::default(),
         }
     }
 }
@@ -55,6 +61,7 @@ impl AggregatorConfig {
     /// Cross-field checks, run at start.
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(!self.group_id.is_empty(), "aggregator.group_id is empty");
+        self.ownership.validate("aggregator.ownership")?;
         agentmeter_runtime::kafka::validate_group_instance_id(
             "aggregator.group_instance_id",
             &self.group_instance_id,

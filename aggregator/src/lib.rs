@@ -4,8 +4,8 @@
 //! * [`config`] — `[aggregator]` and `[clickhouse]` settings, checked at start.
 //! * [`state`] — the pure, deterministic part: batch plans, the duplicate window, cumulative
 //!   usage per window and dimensions. Its unit tests replay every crash point.
-//! * [`stream`] — the Kafka consumer on a blocking thread; rebalances resume partitions from the
-//!   progress stored in ClickHouse.
+//! * [`stream`] — the Kafka consumer on a blocking thread; every partition it takes (by replica
+//!   ordinal or from the consumer group, ADR 0003) resumes from the progress stored in ClickHouse.
 //! * [`service`] — the ClickHouse writes in their safe order, plan reads, retry rules.
 //! * [`rows`] — row types of the tables; [`migrate`] — the versioned DDL.
 //!
@@ -23,6 +23,7 @@ use std::sync::Arc;
 
 use agentmeter_runtime::kafka::KafkaSettings;
 use agentmeter_runtime::observability::{operations_router, serve};
+use agentmeter_runtime::partitions::{OwnedPartitions, ProgressWatch};
 use agentmeter_runtime::shutdown::Shutdown;
 use anyhow::Context;
 
@@ -41,6 +42,15 @@ pub async fn run(
     let service = service::ClickHouseService::new(&clickhouse, &kafka.topics().enriched);
     let clickhouse_healthy = Arc::new(AtomicBool::new(true));
     let input_resets = stream::InputResets::default();
+    let owned = OwnedPartitions::default();
+    let progress = ProgressWatch::spawn(
+        &kafka,
+        &config.group_id,
+        &kafka.topics().enriched,
+        owned.clone(),
+        config.ownership.stall_after(),
+        shutdown.clone(),
+    )?;
     let readiness = {
         let clickhouse_healthy = clickhouse_healthy.clone();
         let input_resets = input_resets.clone();
@@ -48,6 +58,7 @@ pub async fn run(
             if !clickhouse_healthy.load(Ordering::Relaxed) {
                 return Err("ClickHouse writes are failing; retrying".to_string());
             }
+            progress.readiness()?;
             let resets = input_resets.lock().expect("input resets lock");
             if !resets.is_empty() {
                 let messages: Vec<&str> = resets.values().map(String::as_str).collect();
@@ -69,6 +80,7 @@ pub async fn run(
             shutdown,
             clickhouse_healthy,
             input_resets,
+            owned,
         )
     })
     .await

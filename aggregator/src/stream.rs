@@ -7,9 +7,12 @@
 //!   the plan's `dedupe_from` offset — never at Kafka's committed offset; on **revocation** it
 //!   flushes what it can and forgets the partition (the next owner replays from the plan).
 //! * Offsets are stored (for lag dashboards only) after a flush made them durable.
-//! * Group membership: static (`group_instance_id`), a [`GroupWatchdog`] that leaves and re-joins
-//!   the group when tansu left it stuck, and a LeaveGroup on shutdown — see ADR 0001,
-//!   "Consumer groups on tansu".
+//! * Ownership (ADR 0003): in the default static mode the process assigns itself the partitions
+//!   of its replica ordinal and never asks a group coordinator; in group mode a consumer group
+//!   assigns them, with static membership (`group_instance_id`), a [`GroupWatchdog`] that leaves
+//!   and re-joins the group when tansu left it stuck, and a LeaveGroup on shutdown — see ADR
+//!   0001, "Consumer groups on tansu". Either way a partition starts where ClickHouse progress
+//!   says, so two owners at once write the same rows.
 //! * A record that cannot be decoded, or whose values are out of range, is counted, sent to the
 //!   dead-letter topic, and skipped; the skip is deterministic, so replays skip it too.
 //! * **Input resets.** A partition whose Kafka high watermark is below the progress stored in
@@ -25,6 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agentmeter_runtime::kafka::{group_membership, GroupWatchdog, KafkaSettings};
+use agentmeter_runtime::partitions::{topic_partitions, OwnedPartitions, OwnershipMode};
 use agentmeter_runtime::shutdown::Shutdown;
 use agentmeter_schemas::decode_enriched_action;
 use anyhow::Context;
@@ -68,7 +72,10 @@ struct Worker {
     clickhouse_healthy: Arc<AtomicBool>,
     dead_letters: ThreadedProducer<DefaultProducerContext>,
     last_flush: Instant,
-    watchdog: GroupWatchdog,
+    /// Group mode with the watchdog on: the local broker's stuck states, repaired.
+    watchdog: Option<GroupWatchdog>,
+    /// What this process owns now, for the progress watch.
+    owned: OwnedPartitions,
     /// Offset hint last returned per partition (see `flush`).
     hints: HashMap<i32, i64>,
     /// Offset after the last record read per partition, poison included.
@@ -161,6 +168,42 @@ impl Worker {
         self.epochs.insert(partition, epoch);
         self.clear_input_reset(partition);
         PartitionStart::ReadFrom(offset)
+    }
+
+    /// Opens every partition of `partitions` (an assignment) and sets its start offset in the
+    /// list; returns the ones to pause because their input was reset. A partition abandoned
+    /// (shutdown, permanent error) keeps no offset; the loop stops anyway.
+    fn start_partitions<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        partitions: &mut TopicPartitionList,
+    ) -> TopicPartitionList {
+        let assigned: Vec<i32> = partitions
+            .elements()
+            .iter()
+            .map(|element| element.partition())
+            .collect();
+        let topic = self.topic.clone();
+        let mut paused = TopicPartitionList::new();
+        for partition in &assigned {
+            let high = consumer
+                .fetch_watermarks(&topic, *partition, Duration::from_secs(5))
+                .ok()
+                .map(|(_, high)| high);
+            let offset = match self.open_partition(*partition, high) {
+                PartitionStart::ReadFrom(offset) => offset,
+                PartitionStart::Paused => {
+                    paused.add_partition(&topic, *partition);
+                    Offset::End
+                }
+                PartitionStart::Abandoned => continue,
+            };
+            if let Err(error) = partitions.set_partition_offset(&topic, *partition, offset) {
+                tracing::error!(%error, partition, "cannot set the start offset");
+            }
+        }
+        self.owned.add(assigned);
+        paused
     }
 
     fn mark_input_reset(&mut self, partition: i32, high_watermark: i64, reached: i64) {
@@ -404,42 +447,16 @@ impl ConsumerContext for AggregatorContext {
         let mut worker = self.worker.lock().expect("worker lock");
         match error {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let assigned: Vec<i32> = partitions
-                    .elements()
-                    .iter()
-                    .map(|element| element.partition())
-                    .collect();
-                let topic = worker.topic.clone();
-                let mut paused = TopicPartitionList::new();
-                for partition in assigned {
-                    let high = consumer
-                        .fetch_watermarks(&topic, partition, Duration::from_secs(5))
-                        .ok()
-                        .map(|(_, high)| high);
-                    let offset = match worker.open_partition(partition, high) {
-                        PartitionStart::ReadFrom(offset) => offset,
-                        PartitionStart::Paused => {
-                            paused.add_partition(&topic, partition);
-                            Offset::End
-                        }
-                        // Shutdown or a permanent error: assign nothing usable; the loop stops.
-                        PartitionStart::Abandoned => continue,
-                    };
-                    if let Err(error) = partitions.set_partition_offset(&topic, partition, offset) {
-                        tracing::error!(%error, partition, "cannot set the start offset");
-                    }
-                }
+                let paused = worker.start_partitions(consumer, partitions);
                 if let Err(error) = consumer.assign(partitions) {
                     tracing::error!(%error, "assignment failed");
                     worker.fatal = Some(format!("assignment failed: {error}"));
                 }
-                if paused.count() > 0 {
-                    if let Err(error) = consumer.pause(&paused) {
-                        tracing::error!(%error, "cannot pause the partitions whose input was reset");
-                    }
-                }
+                pause(consumer, &paused);
                 let generation = group_membership(consumer).map(|(generation, _)| generation);
-                worker.watchdog.on_assigned(generation);
+                if let Some(watchdog) = worker.watchdog.as_mut() {
+                    watchdog.on_assigned(generation);
+                }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 let revoked: Vec<i32> = partitions
@@ -460,7 +477,10 @@ impl ConsumerContext for AggregatorContext {
                 if let Err(error) = consumer.unassign() {
                     tracing::warn!(%error, "unassign failed");
                 }
-                worker.watchdog.on_revoked();
+                worker.owned.set([]);
+                if let Some(watchdog) = worker.watchdog.as_mut() {
+                    watchdog.on_revoked();
+                }
             }
             other => tracing::error!(?other, "rebalance error"),
         }
@@ -475,8 +495,10 @@ pub fn run_blocking(
     shutdown: Shutdown,
     clickhouse_healthy: Arc<AtomicBool>,
     input_resets: InputResets,
+    owned: OwnedPartitions,
 ) -> anyhow::Result<()> {
     let topics = kafka.topics();
+    let group_mode = config.ownership.mode == OwnershipMode::Group;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -502,7 +524,9 @@ pub fn run_blocking(
         clickhouse_healthy,
         dead_letters,
         last_flush: Instant::now(),
-        watchdog: GroupWatchdog::new(&config.group_id, &topics.enriched),
+        watchdog: (group_mode && config.ownership.group_watchdog)
+            .then(|| GroupWatchdog::new(&config.group_id, &topics.enriched)),
+        owned,
         hints: HashMap::new(),
         read_up_to: HashMap::new(),
         epochs: HashMap::new(),
@@ -518,15 +542,33 @@ pub fn run_blocking(
             worker: worker.clone(),
         })
         .context("cannot create the Kafka consumer")?;
-    consumer
-        .subscribe(&[&topics.enriched])
-        .with_context(|| format!("cannot subscribe to {}", topics.enriched))?;
-    tracing::info!(
-        topic = %topics.enriched,
-        group = %config.group_id,
-        group_instance_id = %config.group_instance_id,
-        "aggregator consuming"
-    );
+    let static_ownership = if group_mode {
+        consumer
+            .subscribe(&[&topics.enriched])
+            .with_context(|| format!("cannot subscribe to {}", topics.enriched))?;
+        tracing::info!(
+            topic = %topics.enriched,
+            group = %config.group_id,
+            group_instance_id = %config.group_instance_id,
+            "aggregator consuming (partitions assigned by the consumer group)"
+        );
+        None
+    } else {
+        let ownership = config.ownership.static_ownership("aggregator.ownership")?;
+        tracing::info!(
+            topic = %topics.enriched,
+            replica = ownership.replica,
+            replicas = ownership.replicas,
+            "aggregator consuming (static ownership: the partitions p with p mod replicas = replica)"
+        );
+        Some(ownership)
+    };
+    // Static mode: the partitions of the topic this process owns and has started, and when the
+    // topic's partitions are to be read again (at start, after a failure, then now and then, so
+    // that partitions added to the topic are taken up).
+    let mut started: Vec<i32> = Vec::new();
+    let mut next_partition_check = Instant::now();
+    let mut partition_check_failures = 0u32;
 
     let mut last_lag_report = Instant::now();
     // Set while the consumer has left the group to re-join it (GroupWatchdog).
@@ -537,6 +579,63 @@ pub fn run_blocking(
         }
         if shutdown.is_requested() {
             break Ok(());
+        }
+        if let Some(ownership) = static_ownership {
+            if Instant::now() >= next_partition_check {
+                match topic_partitions(&consumer, &topics.enriched, Duration::from_secs(5)) {
+                    Ok(partitions) => {
+                        partition_check_failures = 0;
+                        next_partition_check = Instant::now() + PARTITION_CHECK_INTERVAL;
+                        let new: Vec<i32> = ownership
+                            .owned(&partitions)
+                            .into_iter()
+                            .filter(|partition| !started.contains(partition))
+                            .collect();
+                        if started.is_empty() {
+                            // Known even when it is nothing (more replicas than partitions).
+                            worker.lock().expect("worker lock").owned.add([]);
+                            if new.is_empty() {
+                                tracing::error!(
+                                    replica = ownership.replica,
+                                    replicas = ownership.replicas,
+                                    partitions = partitions.len(),
+                                    "this replica owns no partition of {}: lower aggregator.ownership.replicas",
+                                    topics.enriched
+                                );
+                            }
+                        }
+                        if !new.is_empty() {
+                            let mut list = TopicPartitionList::new();
+                            for partition in &new {
+                                list.add_partition(&topics.enriched, *partition);
+                            }
+                            let paused = worker
+                                .lock()
+                                .expect("worker lock")
+                                .start_partitions(&consumer, &mut list);
+                            consumer
+                                .incremental_assign(&list)
+                                .context("cannot assign the owned partitions")?;
+                            pause(&consumer, &paused);
+                            tracing::info!(partitions = ?new, "owned partitions assigned");
+                            started.extend(new);
+                        }
+                    }
+                    Err(error) => {
+                        // The broker is away or the topic not there yet: an outage to wait out.
+                        partition_check_failures += 1;
+                        let delay = Duration::from_millis(
+                            500 * u64::from(partition_check_failures.min(10)),
+                        );
+                        next_partition_check = Instant::now() + delay;
+                        if partition_check_failures == 1
+                            || partition_check_failures.is_multiple_of(30)
+                        {
+                            tracing::warn!(%error, "cannot read the input topic's partitions; retrying");
+                        }
+                    }
+                }
+            }
         }
         match consumer.poll(Duration::from_millis(50)) {
             Some(Ok(message)) => worker.lock().expect("worker lock").handle_message(&message),
@@ -567,13 +666,16 @@ pub fn run_blocking(
                     .lock()
                     .expect("worker lock")
                     .watchdog
-                    .rejoin_reason(&consumer);
+                    .as_mut()
+                    .and_then(|watchdog| watchdog.rejoin_reason(&consumer));
                 if let Some(reason) = reason {
                     tracing::warn!(%reason, "leaving the consumer group to re-join it");
                     // The revoke callback (next poll) flushes; the new owners resume from
                     // ClickHouse progress, as after any rebalance.
                     consumer.unsubscribe();
-                    worker.lock().expect("worker lock").watchdog.rejoined();
+                    if let Some(watchdog) = worker.lock().expect("worker lock").watchdog.as_mut() {
+                        watchdog.rejoined();
+                    }
                     rejoining_since = Some(Instant::now());
                 }
             }
@@ -604,15 +706,19 @@ pub fn run_blocking(
     // rebalance callbacks; records polled here are dropped unhandled (their offsets are not
     // stored), the next owner reads them.
     let join_deadline = Instant::now() + Duration::from_secs(10);
-    while rejoining_since.is_none()
+    while group_mode
+        && rejoining_since.is_none()
         && Instant::now() < join_deadline
         && group_membership(&consumer).is_none_or(|(_, member)| member.is_empty())
     {
         let _ = consumer.poll(Duration::from_millis(50));
     }
-    consumer.unsubscribe();
+    if group_mode {
+        consumer.unsubscribe();
+    }
     let leave_deadline = Instant::now() + Duration::from_secs(3);
-    while Instant::now() < leave_deadline
+    while group_mode
+        && Instant::now() < leave_deadline
         && group_membership(&consumer).is_some_and(|(_, member)| !member.is_empty())
     {
         let _ = consumer.poll(Duration::from_millis(50));
@@ -726,6 +832,17 @@ fn check_inputs<C: ConsumerContext>(
             if let Err(error) = consumer.resume(&resumed) {
                 tracing::error!(%error, partition, "cannot resume the recovered partition");
             }
+        }
+    }
+}
+
+/// How often a static owner re-reads its input topic's partitions (to take up added ones).
+const PARTITION_CHECK_INTERVAL: Duration = Duration::from_secs(30);
+
+fn pause<C: ConsumerContext>(consumer: &BaseConsumer<C>, paused: &TopicPartitionList) {
+    if paused.count() > 0 {
+        if let Err(error) = consumer.pause(paused) {
+            tracing::error!(%error, "cannot pause the partitions whose input was reset");
         }
     }
 }

@@ -2,13 +2,15 @@
 
 use std::net::SocketAddr;
 
+use agentmeter_runtime::partitions::OwnershipSettings;
 use serde::Deserialize;
 
 /// Settings of `agentmeter enrich`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EnricherConfig {
-    /// Consumer group shared by all enricher processes.
+    /// Consumer group of the enricher processes: it keeps their committed input offsets, and in
+    /// group ownership mode it also assigns the partitions.
     pub group_id: String,
     /// This process's static membership id in the group (Kafka `group.instance.id`); unique per
     /// process, stable across its restarts. Default `enricher-<host name>`; empty = dynamic
@@ -33,6 +35,9 @@ pub struct EnricherConfig {
     /// Actions further in the future than this (seconds after they were received) are
     /// dead-lettered.
     pub max_future_seconds: i64,
+    /// `[enricher.ownership]`: which partitions of `actions.raw` this process owns (static by
+    /// replica ordinal, or a consumer group) and when it counts as stalled (ADR 0003).
+    pub ownership: OwnershipSettings,
 }
 
 impl Default for EnricherConfig {
@@ -47,6 +52,7 @@ impl Default for EnricherConfig {
             produce_timeout_ms: 30_000,
             max_late_seconds: 35 * 24 * 3600,
             max_future_seconds: 300,
+            ownership: OwnershipSettings::default(),
         }
     }
 }
@@ -55,6 +61,7 @@ impl EnricherConfig {
     /// Cross-field checks, run at start.
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(!self.group_id.is_empty(), "enricher.group_id is empty");
+        self.ownership.validate("enricher.ownership")?;
         agentmeter_runtime::kafka::validate_group_instance_id(
             "enricher.group_instance_id",
             &self.group_instance_id,

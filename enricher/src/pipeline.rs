@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 use agentmeter_runtime::config_watch::{spawn_config_watcher, ConfigHandle, MeteringState};
 use agentmeter_runtime::kafka::{group_membership, GroupWatchdog, KafkaSettings, Topics};
 use agentmeter_runtime::observability::{operations_router, serve};
+use agentmeter_runtime::partitions::{
+    topic_partitions, OwnedPartitions, OwnershipMode, ProgressWatch, StaticOwnership,
+};
 use agentmeter_runtime::shutdown::Shutdown;
 use agentmeter_schemas::{decode_raw_action, encode_enriched_action};
 use anyhow::Context;
@@ -44,17 +47,23 @@ pub async fn run(
     config.validate()?;
     kafka.validate()?;
     let topics = kafka.topics();
-    let mut metering = spawn_config_watcher(&kafka, shutdown.clone())?;
-    metering
-        .wait_caught_up(Duration::from_secs(120))
-        .await
-        .context("cannot load the metering configuration")?;
-
+    let metering = spawn_config_watcher(&kafka, shutdown.clone())?;
+    let owned = OwnedPartitions::default();
+    let progress = ProgressWatch::spawn(
+        &kafka,
+        &config.group_id,
+        &topics.raw,
+        owned.clone(),
+        config.ownership.stall_after(),
+        shutdown.clone(),
+    )?;
     let readiness = {
         let metering = metering.clone();
-        Arc::new(move || match metering.is_caught_up() {
-            true => Ok(()),
-            false => Err("metering configuration not loaded yet".to_string()),
+        Arc::new(move || {
+            if !metering.is_caught_up() {
+                return Err("metering configuration not loaded yet".to_string());
+            }
+            progress.readiness()
         })
     };
     let operations = tokio::spawn(serve(
@@ -62,31 +71,57 @@ pub async fn run(
         operations_router(readiness),
         shutdown.clone(),
     ));
+    // A broker that is not there yet is an outage to wait out (not ready meanwhile).
+    if !metering.clone().wait_until_loaded(shutdown.clone()).await {
+        operations.abort();
+        return Ok(());
+    }
 
-    let watchdog = Arc::new(Mutex::new(GroupWatchdog::new(
-        &config.group_id,
-        &topics.raw,
-    )));
+    let group_mode = config.ownership.mode == OwnershipMode::Group;
+    let watchdog = Arc::new(Mutex::new(
+        (group_mode && config.ownership.group_watchdog)
+            .then(|| GroupWatchdog::new(&config.group_id, &topics.raw)),
+    ));
     let consumer: StreamConsumer<GroupContext> = kafka
         .group_consumer_config(&config.group_id, &config.group_instance_id)
         .set("statistics.interval.ms", STATISTICS_INTERVAL_MS)
         .create_with_context(GroupContext {
             watchdog: watchdog.clone(),
+            owned: owned.clone(),
         })
         .context("cannot create the Kafka consumer")?;
-    consumer
-        .subscribe(&[&topics.raw])
-        .with_context(|| format!("cannot subscribe to {}", topics.raw))?;
+    let static_ownership = if group_mode {
+        consumer
+            .subscribe(&[&topics.raw])
+            .with_context(|| format!("cannot subscribe to {}", topics.raw))?;
+        None
+    } else {
+        Some(config.ownership.static_ownership("enricher.ownership")?)
+    };
+    let metadata_client: Arc<BaseConsumer> = Arc::new(
+        kafka
+            .standalone_consumer_config()
+            .create()
+            .context("cannot create the Kafka metadata client")?,
+    );
     let producer: FutureProducer = kafka
         .producer_config(Duration::from_millis(config.produce_timeout_ms))
         .create()
         .context("cannot create the Kafka producer")?;
-    tracing::info!(
-        topic = %topics.raw,
-        group = %config.group_id,
-        group_instance_id = %config.group_instance_id,
-        "enricher consuming"
-    );
+    match static_ownership {
+        None => tracing::info!(
+            topic = %topics.raw,
+            group = %config.group_id,
+            group_instance_id = %config.group_instance_id,
+            "enricher consuming (partitions assigned by the consumer group)"
+        ),
+        Some(ownership) => tracing::info!(
+            topic = %topics.raw,
+            replica = ownership.replica,
+            replicas = ownership.replicas,
+            "enricher consuming (static ownership: the partitions p with p mod replicas = replica)"
+        ),
+    }
 
     let mut stage = EnricherStage {
         config,
@@ -95,6 +130,12 @@ pub async fn run(
         consumer,
         producer,
         watchdog,
+        static_ownership,
+        started: Vec::new(),
+        next_partition_check: Instant::now(),
+        partition_check_failures: 0,
+        metadata_client,
+        owned,
     };
     let result = stage.consume_until(shutdown).await;
     if let Err(error) = stage.consumer.commit_consumer_state(CommitMode::Sync) {
@@ -103,15 +144,18 @@ pub async fn run(
     }
     // librdkafka sends no LeaveGroup for a static member when the consumer closes: leave
     // explicitly so the group reassigns our partitions now (ADR 0001, "Consumer groups on tansu").
-    stage.leave_group(Duration::from_secs(5)).await;
+    if stage.static_ownership.is_none() {
+        stage.leave_group(Duration::from_secs(5)).await;
+    }
     operations.abort();
     tracing::info!("enricher stopped");
     result
 }
 
-/// The consumer context: tells the group watchdog about rebalances.
+/// The consumer context: tells the group watchdog and the owned set about rebalances.
 struct GroupContext {
-    watchdog: Arc<Mutex<GroupWatchdog>>,
+    watchdog: Arc<Mutex<Option<GroupWatchdog>>>,
+    owned: OwnedPartitions,
 }
 
 /// How often librdkafka reports statistics, from which the consumer lag gauge is set.
@@ -134,7 +178,20 @@ impl ClientContext for GroupContext {
 
 impl ConsumerContext for GroupContext {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(partitions) => self.owned.set(
+                partitions
+                    .elements()
+                    .iter()
+                    .map(|element| element.partition()),
+            ),
+            Rebalance::Revoke(_) => self.owned.set([]),
+            Rebalance::Error(_) => {}
+        }
         let mut watchdog = self.watchdog.lock().expect("watchdog lock");
+        let Some(watchdog) = watchdog.as_mut() else {
+            return;
+        };
         match rebalance {
             Rebalance::Assign(_) => {
                 watchdog.on_assigned(group_membership(consumer).map(|(generation, _)| generation))
@@ -151,7 +208,18 @@ struct EnricherStage {
     metering: ConfigHandle,
     consumer: StreamConsumer<GroupContext>,
     producer: FutureProducer,
-    watchdog: Arc<Mutex<GroupWatchdog>>,
+    /// Group mode with the watchdog on.
+    watchdog: Arc<Mutex<Option<GroupWatchdog>>>,
+    /// Static mode: this replica's rule (`None` in group mode).
+    static_ownership: Option<StaticOwnership>,
+    /// Static mode: the owned partitions assigned so far.
+    started: Vec<i32>,
+    /// Static mode: when to read the topic's partitions again.
+    next_partition_check: Instant,
+    partition_check_failures: u32,
+    /// A client for blocking metadata reads, run off the async threads.
+    metadata_client: Arc<BaseConsumer>,
+    owned: OwnedPartitions,
 }
 
 /// Splits `items` into consecutive runs whose `size` adds up to at most `max_size` (an item
@@ -196,14 +264,17 @@ struct Output<'a> {
 impl EnricherStage {
     async fn consume_until(&mut self, mut shutdown: Shutdown) -> anyhow::Result<()> {
         loop {
-            // Between batches (nothing in flight): leave and re-join the group if it is stuck.
+            // Between batches (nothing in flight): leave and re-join the group if it is stuck;
+            // in static mode, take up the owned partitions (at start, and any added later).
             self.check_group_membership(&shutdown).await?;
+            self.check_static_ownership().await?;
             let first = tokio::select! {
                 biased;
                 _ = shutdown.requested() => return Ok(()),
                 received = self.consumer.recv() => received,
-                // A member without partitions receives nothing: check the group regularly.
-                _ = tokio::time::sleep(GroupWatchdog::CHECK_INTERVAL) => continue,
+                // A member without partitions receives nothing: check the group (or, in static
+                // mode, the topic) regularly.
+                _ = tokio::time::sleep(self.idle_check_interval()) => continue,
             };
             let first = match first {
                 Ok(message) => message,
@@ -231,18 +302,101 @@ impl EnricherStage {
         }
     }
 
+    /// Static mode: reads the input topic's partitions when due and assigns the owned ones not
+    /// assigned yet, each from the group's committed offset (the beginning when there is none).
+    /// The metadata read blocks, so it runs on a blocking thread.
+    async fn check_static_ownership(&mut self) -> anyhow::Result<()> {
+        let Some(ownership) = self.static_ownership else {
+            return Ok(());
+        };
+        if Instant::now() < self.next_partition_check {
+            return Ok(());
+        }
+        let client = self.metadata_client.clone();
+        let topic = self.topics.raw.clone();
+        let partitions = tokio::task::spawn_blocking(move || {
+            topic_partitions(&*client, &topic, Duration::from_secs(5))
+        })
+        .await
+        .context("metadata thread panicked")?;
+        let partitions = match partitions {
+            Ok(partitions) => partitions,
+            Err(error) => {
+                // The broker is away or the topic not there yet: an outage to wait out.
+                self.partition_check_failures += 1;
+                self.next_partition_check = Instant::now()
+                    + Duration::from_millis(500 * u64::from(self.partition_check_failures.min(10)));
+                if self.partition_check_failures == 1
+                    || self.partition_check_failures.is_multiple_of(30)
+                {
+                    tracing::warn!(error = %format!("{error:#}"), "cannot read the input topic's partitions; retrying");
+                }
+                return Ok(());
+            }
+        };
+        self.partition_check_failures = 0;
+        self.next_partition_check = Instant::now() + Duration::from_secs(30);
+        let new: Vec<i32> = ownership
+            .owned(&partitions)
+            .into_iter()
+            .filter(|partition| !self.started.contains(partition))
+            .collect();
+        if self.started.is_empty() {
+            self.owned.add([]);
+            if new.is_empty() {
+                tracing::error!(
+                    replica = ownership.replica,
+                    replicas = ownership.replicas,
+                    partitions = partitions.len(),
+                    "this replica owns no partition of {}: lower enricher.ownership.replicas",
+                    self.topics.raw
+                );
+            }
+        }
+        if new.is_empty() {
+            return Ok(());
+        }
+        let mut list = TopicPartitionList::new();
+        for partition in &new {
+            list.add_partition_offset(&self.topics.raw, *partition, Offset::Stored)?;
+        }
+        self.consumer
+            .incremental_assign(&list)
+            .context("cannot assign the owned partitions")?;
+        tracing::info!(partitions = ?new, "owned partitions assigned");
+        self.owned.add(new.iter().copied());
+        self.started.extend(new);
+        Ok(())
+    }
+
+    /// How long to wait for a record before the ownership checks run again.
+    fn idle_check_interval(&self) -> Duration {
+        if self.static_ownership.is_some() {
+            self.next_partition_check
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(100))
+        } else {
+            GroupWatchdog::CHECK_INTERVAL
+        }
+    }
+
     /// Leaves and re-joins the consumer group when the [`GroupWatchdog`] says it is stuck.
     async fn check_group_membership(&self, shutdown: &Shutdown) -> anyhow::Result<()> {
-        let reason = self
-            .watchdog
-            .lock()
-            .expect("watchdog lock")
-            .rejoin_reason(&self.consumer);
+        // A due check makes blocking broker round trips: off the async worker's budget.
+        let reason = tokio::task::block_in_place(|| {
+            self.watchdog
+                .lock()
+                .expect("watchdog lock")
+                .as_mut()
+                .and_then(|watchdog| watchdog.rejoin_reason(&self.consumer))
+        });
         let Some(reason) = reason else {
             return Ok(());
         };
         tracing::warn!(%reason, "leaving the consumer group to re-join it");
-        self.watchdog.lock().expect("watchdog lock").rejoined();
+        if let Some(watchdog) = self.watchdog.lock().expect("watchdog lock").as_mut() {
+            watchdog.rejoined();
+        }
         self.leave_group(Duration::from_secs(5)).await;
         if shutdown.is_requested() {
             return Ok(());

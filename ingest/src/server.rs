@@ -179,10 +179,9 @@ pub async fn run(
     config.validate()?;
     kafka.validate()?;
     let mut metering = spawn_config_watcher(&kafka, shutdown.clone())?;
-    metering
-        .wait_caught_up(Duration::from_secs(120))
-        .await
-        .context("cannot load the metering configuration")?;
+    if !metering.wait_until_loaded(shutdown.clone()).await {
+        return Ok(());
+    }
     let producer: FutureProducer = kafka
         .producer_config(Duration::from_millis(config.produce_timeout_ms))
         .create()

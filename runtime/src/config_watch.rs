@@ -157,6 +157,23 @@ impl ConfigHandle {
         *self.caught_up.borrow()
     }
 
+    /// Waits until caught up however long the broker takes (a broker not there yet is an
+    /// outage to wait out), saying so once a minute; false when shutdown came first.
+    pub async fn wait_until_loaded(&mut self, mut shutdown: Shutdown) -> bool {
+        loop {
+            tokio::select! {
+                _ = shutdown.requested() => return false,
+                loaded = self.wait_caught_up(Duration::from_secs(60)) => match loaded {
+                    Ok(()) => return true,
+                    Err(error) => tracing::warn!(
+                        error = %format!("{error:#}"),
+                        "metering configuration not loaded yet; still waiting"
+                    ),
+                },
+            }
+        }
+    }
+
     /// Waits until caught up, or fails after `timeout`.
     pub async fn wait_caught_up(&mut self, timeout: Duration) -> anyhow::Result<()> {
         tokio::time::timeout(timeout, self.caught_up.wait_for(|caught_up| *caught_up))

@@ -6,6 +6,8 @@
 //!   safety-critical keys set *after* user overrides, and topic creation (`agentmeter topics`).
 //! * [`config_watch`] — follows the log-compacted config topic on a blocking thread and publishes
 //!   immutable [`config_watch::MeteringState`] snapshots through `arc-swap`; readers never lock.
+//! * [`partitions`] — who owns which input partition (static by replica ordinal, or a consumer
+//!   group) and the progress watch that makes a stalled stage not ready (ADR 0003).
 //! * [`observability`] — tracing, the Prometheus recorder, and the `/metrics`, `/healthz`,
 //!   `/readyz` routes.
 //! * [`shutdown`] — SIGTERM / Ctrl-C as a broadcast every task can await.
@@ -13,5 +15,6 @@
 pub mod config_watch;
 pub mod kafka;
 pub mod observability;
+pub mod partitions;
 pub mod settings;
 pub mod shutdown;
