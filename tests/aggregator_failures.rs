@@ -1,6 +1,7 @@
 //! The aggregator's failure modes against the real ClickHouse and broker:
 //! a zombie member rewriting a partition, ClickHouse down for a minute, and a permanent
 //! (schema) error.
+#![cfg(feature = "integration")]
 
 mod common;
 

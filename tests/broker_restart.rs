@@ -7,6 +7,7 @@
 //! directory and port), so killing it disturbs no other test; ClickHouse is the shared one.
 //! Clients behave as the README asks: a batch refused with 503 (Kafka unavailable) or 429, or
 //! whose connection failed, is sent again with the same event ids until it is accepted.
+#![cfg(feature = "integration")]
 
 mod common;
 

@@ -6,6 +6,7 @@
 //!   reading the reset partitions and says so on `/readyz` and in a metric within seconds, and
 //!   `agentmeter reset-input` makes it count the new records — without losing or recounting
 //!   the old ones.
+#![cfg(feature = "integration")]
 
 mod common;
 

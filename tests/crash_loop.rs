@@ -6,6 +6,7 @@
 //!
 //! `AGENTMETER_CRASH_LOOP_SEED` picks the kill schedule and the workload (default 1),
 //! `AGENTMETER_CRASH_LOOP_ACTIONS` the number of distinct actions (default 100,000).
+#![cfg(feature = "integration")]
 
 mod common;
 

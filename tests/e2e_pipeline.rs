@@ -1,6 +1,7 @@
 //! End to end over the real broker and ClickHouse: REST → ingest → actions.raw → enricher →
 //! actions.enriched → aggregator → ClickHouse, each stage its own `agentmeter` process.
 //! Expected totals are computed here, independently, from what the test sends.
+#![cfg(feature = "integration")]
 
 mod common;
 

@@ -4,6 +4,7 @@
 //! ADR 0001 "Consumer groups on tansu"), so that every action sent to `actions.raw` reaches
 //! `actions.enriched`, correctly priced. Duplicates are allowed here (the enricher is
 //! at-least-once; the aggregator removes them by event id) and are counted.
+#![cfg(feature = "integration")]
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! dead letters that do not stop the stream. Raw actions are published straight to
 //! `actions.raw` (the direct-Kafka path); results are read back from `actions.enriched` and
 //! `actions.dlq`.
+#![cfg(feature = "integration")]
 
 mod common;
 

@@ -5,6 +5,7 @@
 //! it runs, the enricher and the aggregator are each killed with SIGKILL at random moments and
 //! restarted, and a second aggregator joins the group and leaves it. Afterwards every view's totals
 //! per account, user and action must equal what this test computed from what it sent.
+#![cfg(feature = "integration")]
 
 mod common;
 

@@ -4,6 +4,7 @@
 //! `actions.raw` past ingest, and straight to `actions.enriched` past the enricher. No stage
 //! exits, every extreme action is refused or dead-lettered with its reason, and the normal
 //! traffic's totals in ClickHouse are exactly what the test computes from what it sent.
+#![cfg(feature = "integration")]
 
 mod common;
 

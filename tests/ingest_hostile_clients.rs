@@ -3,6 +3,7 @@
 //! another workspace keeps sending. Timing goals (latency under the flood) live in the bench
 //! (`agentmeter-bench fairness`); these tests assert behaviour, with the one time bound of the
 //! header timeout given generous slack.
+#![cfg(feature = "integration")]
 
 mod common;
 

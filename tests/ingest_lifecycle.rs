@@ -1,5 +1,6 @@
 //! Ingest's life cycle against the real broker: secrets rotated and instances added while it runs
 //! (no restart), and SIGTERM draining in-flight requests before exit.
+#![cfg(feature = "integration")]
 
 mod common;
 

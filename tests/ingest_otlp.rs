@@ -10,6 +10,7 @@
 //!
 //! The Python packages (`tests/python/requirements-otlp.txt`) are installed once into
 //! `$HOME/.cache/agentmeter/venv-otlp` and reused while the requirements are unchanged.
+#![cfg(feature = "integration")]
 
 mod common;
 

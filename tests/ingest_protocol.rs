@@ -8,6 +8,7 @@
 //!   decoded within the body limit (a gzip bomb is 413), 415 for other encodings;
 //! * authentication: `authorization: bearer <secret>` in any case, an empty `X-Agent-Secret`
 //!   next to a valid `Authorization`, and messages that name the wrong header.
+#![cfg(feature = "integration")]
 
 mod common;
 

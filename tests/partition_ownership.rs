@@ -1,6 +1,7 @@
 //! Static partition ownership (ADR 0003) over the real broker and ClickHouse: replicas split
 //! the partitions by ordinal, a replica that can own nothing while records wait says so on
 //! `/readyz`, and a survivor told it is alone takes every partition and the totals stay exact.
+#![cfg(feature = "integration")]
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! `config apply` refuses a secret hash that another workspace uses without naming it, and if a
 //! second claim reaches the config topic anyway (two applies racing), the workspace that had the
 //! secret first keeps it — in ingest and in every other reader.
+#![cfg(feature = "integration")]
 
 mod common;
 

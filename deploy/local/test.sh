@@ -16,7 +16,7 @@ bash deploy/local/services.sh install
 bash deploy/local/services.sh up
 
 say "cargo test --workspace (first build takes a few minutes)"
-cargo test --workspace --locked "$@"
+cargo test --workspace --locked --features agentmeter/integration "$@"
 
 say "SQL: migrations and views on current ClickHouse (chdb) and on the local ClickHouse"
 bash deploy/local/check_sql_current_clickhouse.sh --http "http://127.0.0.1:${AGENTMETER_CLICKHOUSE_HTTP_PORT:-8123}"
