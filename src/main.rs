@@ -186,3 +186,52 @@ fn new_secret() -> String {
     let hex: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
     format!("am_sk_{hex}")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Settings;
+
+    fn load(text: &str) -> anyhow::Result<Settings> {
+        let path = std::env::temp_dir().join(format!(
+            "agentmeter-settings-{}-{}.toml",
+            std::process::id(),
+            text.len()
+        ));
+        std::fs::write(&path, text).unwrap();
+        let settings = agentmeter_runtime::settings::load_settings(Some(&path));
+        let _ = std::fs::remove_file(&path);
+        settings
+    }
+
+    #[test]
+    fn durations_read_as_texts_and_the_old_unit_keys_still_work() {
+        let new = load(
+            "[ingest]\nproduce_timeout = \"12s\"\nmax_late = \"2days\"\n\
+             [enricher]\nbatch_max_wait = \"20ms\"\n\
+             [aggregator]\nflush_interval = \"300ms\"\ndedupe_horizon = \"15m\"\nwindow = \"5m\"\n\
+             [aggregator.ownership]\nstall_after = \"90s\"\n",
+        )
+        .unwrap();
+        let old = load(
+            "[ingest]\nproduce_timeout_ms = 12000\nmax_late_seconds = 172800\n\
+             [enricher]\nbatch_max_wait_ms = 20\n\
+             [aggregator]\nflush_interval_ms = 300\ndedupe_horizon_seconds = 900\nwindow_seconds = 300\n\
+             [aggregator.ownership]\nstall_after_seconds = 90\n",
+        )
+        .unwrap();
+        for settings in [&new, &old] {
+            assert_eq!(settings.ingest.produce_timeout_ms, 12_000);
+            assert_eq!(settings.ingest.max_late_seconds, 172_800);
+            assert_eq!(settings.enricher.batch_max_wait_ms, 20);
+            assert_eq!(settings.aggregator.flush_interval_ms, 300);
+            assert_eq!(settings.aggregator.dedupe_horizon_seconds, 900);
+            assert_eq!(settings.aggregator.window_seconds, 300);
+            assert_eq!(settings.aggregator.ownership.stall_after_seconds, 90);
+        }
+        let error = format!(
+            "{:#}",
+            load("[aggregator]\nwindow = \"1.5s\"\n").unwrap_err()
+        );
+        assert!(error.contains("whole number of seconds"), "{error}");
+    }
+}

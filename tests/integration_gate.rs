@@ -24,5 +24,9 @@ fn every_integration_test_is_behind_the_integration_feature() {
         );
         checked += 1;
     }
-    assert!(checked > 0, "no integration tests found in {}", tests.display());
+    assert!(
+        checked > 0,
+        "no integration tests found in {}",
+        tests.display()
+    );
 }

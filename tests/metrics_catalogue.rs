@@ -5,7 +5,14 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 /// Source directories of the crates that register metrics.
-const SOURCES: [&str; 6] = ["src", "schemas/src", "runtime/src", "ingest/src", "enricher/src", "aggregator/src"];
+const SOURCES: [&str; 6] = [
+    "src",
+    "schemas/src",
+    "runtime/src",
+    "ingest/src",
+    "enricher/src",
+    "aggregator/src",
+];
 
 fn rust_files(directory: &Path, files: &mut Vec<std::path::PathBuf>) {
     for entry in std::fs::read_dir(directory).unwrap() {

@@ -19,20 +19,40 @@ pub struct AggregatorConfig {
     /// Address of `/metrics`, `/healthz` and `/readyz`.
     pub metrics_listen: SocketAddr,
     /// Length of the tumbling usage windows, in seconds; must divide a day.
+    #[serde(
+        alias = "window",
+        deserialize_with = "agentmeter_runtime::duration::seconds_u32"
+    )]
     pub window_seconds: u32,
     /// Offsets per input batch. A crash replays at most the current batch of each partition;
     /// usage keeps one row per key per batch, so larger batches mean fewer rows.
     pub batch_offsets: i64,
     /// Longest time between flushes to ClickHouse, in milliseconds.
+    #[serde(
+        alias = "flush_interval",
+        deserialize_with = "agentmeter_runtime::duration::millis"
+    )]
     pub flush_interval_ms: u64,
     /// Flush early when this many actions wait.
     pub max_pending_actions: usize,
     /// An event id seen again within this many seconds (by record time) counts once.
+    #[serde(
+        alias = "dedupe_horizon",
+        deserialize_with = "agentmeter_runtime::duration::seconds_i64"
+    )]
     pub dedupe_horizon_seconds: i64,
     /// First delay before retrying a failed ClickHouse write, in milliseconds (doubles up to
     /// `retry_max_backoff_ms`).
+    #[serde(
+        alias = "retry_initial_backoff",
+        deserialize_with = "agentmeter_runtime::duration::millis"
+    )]
     pub retry_initial_backoff_ms: u64,
     /// Longest delay between ClickHouse retries, in milliseconds.
+    #[serde(
+        alias = "retry_max_backoff",
+        deserialize_with = "agentmeter_runtime::duration::millis"
+    )]
     pub retry_max_backoff_ms: u64,
     /// `[aggregator.ownership]`: which partitions of `actions.enriched` this process owns
     /// (static by replica ordinal, or a consumer group) and when it counts as stalled (ADR 0003).

@@ -21,6 +21,10 @@ pub struct EnricherConfig {
     /// Most records handled per batch (one offset store per batch).
     pub batch_max_records: usize,
     /// Longest wait to fill a batch, in milliseconds.
+    #[serde(
+        alias = "batch_max_wait",
+        deserialize_with = "agentmeter_runtime::duration::millis"
+    )]
     pub batch_max_wait_ms: u64,
     /// Most bytes (keys and payloads) of output handed to the Kafka producer at once; a batch is
     /// sent in runs of this size, each acknowledged before the next. Keep it below the
@@ -29,11 +33,23 @@ pub struct EnricherConfig {
     /// behind an unacknowledged produce request (bench/README.md).
     pub produce_chunk_max_bytes: usize,
     /// How long Kafka may take to acknowledge an output record before it is retried.
+    #[serde(
+        alias = "produce_timeout",
+        deserialize_with = "agentmeter_runtime::duration::millis"
+    )]
     pub produce_timeout_ms: u64,
     /// Actions older than this (seconds before they were received) are dead-lettered.
+    #[serde(
+        alias = "max_late",
+        deserialize_with = "agentmeter_runtime::duration::seconds_i64"
+    )]
     pub max_late_seconds: i64,
     /// Actions further in the future than this (seconds after they were received) are
     /// dead-lettered.
+    #[serde(
+        alias = "max_future",
+        deserialize_with = "agentmeter_runtime::duration::seconds_i64"
+    )]
     pub max_future_seconds: i64,
     /// `[enricher.ownership]`: which partitions of `actions.raw` this process owns (static by
     /// replica ordinal, or a consumer group) and when it counts as stalled (ADR 0003).

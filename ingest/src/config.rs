@@ -30,15 +30,31 @@ pub struct IngestConfig {
     /// Largest attributes object of one action, as JSON text, in bytes.
     pub max_attributes_bytes: usize,
     /// How far in the past `occurred_at` may be, in seconds (default 35 days).
+    #[serde(
+        alias = "max_late",
+        deserialize_with = "agentmeter_runtime::duration::seconds_i64"
+    )]
     pub max_late_seconds: i64,
     /// How far in the future `occurred_at` may be, in seconds (clock skew; default 5 minutes).
+    #[serde(
+        alias = "max_future",
+        deserialize_with = "agentmeter_runtime::duration::seconds_i64"
+    )]
     pub max_future_seconds: i64,
     /// Actions accepted but not yet acknowledged by Kafka, at most. Beyond it requests get 429
     /// with Retry-After before anything is produced.
     pub max_in_flight_actions: usize,
     /// How long Kafka may take to acknowledge a record before the request fails with 503.
+    #[serde(
+        alias = "produce_timeout",
+        deserialize_with = "agentmeter_runtime::duration::millis"
+    )]
     pub produce_timeout_ms: u64,
     /// Seconds a client is asked to wait (Retry-After) when ingest is saturated.
+    #[serde(
+        alias = "retry_after",
+        deserialize_with = "agentmeter_runtime::duration::seconds_u64"
+    )]
     pub retry_after_seconds: u64,
     /// Actions of one workspace in flight at most (its share of `max_in_flight_actions`).
     /// Beyond it that workspace's requests get 429 / RESOURCE_EXHAUSTED while other workspaces
@@ -56,12 +72,24 @@ pub struct IngestConfig {
     /// Time a client has to send a complete request head: from connecting until its first
     /// request has arrived (any protocol), and on a keep-alive HTTP/1 connection from the end of
     /// one response until the next request head is complete. Beyond it the connection is closed.
+    #[serde(
+        alias = "header_read_timeout",
+        deserialize_with = "agentmeter_runtime::duration::millis"
+    )]
     pub header_read_timeout_ms: u64,
     /// A connection with no request in progress for this long is closed (HTTP/2: GOAWAY).
+    #[serde(
+        alias = "idle_timeout",
+        deserialize_with = "agentmeter_runtime::duration::millis"
+    )]
     pub idle_timeout_ms: u64,
     /// Time one request may take from its head to its answer (reading the body included);
     /// beyond it the client gets 408 (gRPC: DEADLINE_EXCEEDED). Longer than
     /// `produce_timeout_ms`, so a request waiting for Kafka is answered 503 by the sink first.
+    #[serde(
+        alias = "request_timeout",
+        deserialize_with = "agentmeter_runtime::duration::millis"
+    )]
     pub request_timeout_ms: u64,
     /// Open connections per listener at most (REST, OTLP/gRPC and OTLP/HTTP each); a connection
     /// beyond it is closed as soon as it is accepted.
@@ -70,8 +98,16 @@ pub struct IngestConfig {
     pub max_concurrent_streams_per_connection: u32,
     /// Interval of HTTP/2 keep-alive pings on a connection; a peer that does not answer within
     /// `http2_keepalive_timeout_ms` is disconnected.
+    #[serde(
+        alias = "http2_keepalive_interval",
+        deserialize_with = "agentmeter_runtime::duration::millis"
+    )]
     pub http2_keepalive_interval_ms: u64,
     /// How long the answer to an HTTP/2 keep-alive ping may take.
+    #[serde(
+        alias = "http2_keepalive_timeout",
+        deserialize_with = "agentmeter_runtime::duration::millis"
+    )]
     pub http2_keepalive_timeout_ms: u64,
     /// When set, `/metrics`, `/healthz` and `/readyz` are served on this address only (a
     /// private interface) instead of on `http_listen` next to the public API.

@@ -2,6 +2,8 @@
 //!
 //! * [`settings`] — loads a stage's runtime settings: a TOML file (`--config`) plus environment
 //!   overrides `AGENTMETER__SECTION__KEY`, into `deny_unknown_fields` structs.
+//! * [`duration`] — durations in settings files (`"300ms"`, `"15m"`), the `*_ms` / `*_seconds`
+//!   keys of earlier releases still accepted.
 //! * [`kafka`] — the Kafka settings and topic names, client configurations with the
 //!   safety-critical keys set *after* user overrides, and topic creation (`agentmeter topics`).
 //! * [`config_watch`] — follows the log-compacted config topic on a blocking thread and publishes
@@ -13,6 +15,7 @@
 //! * [`shutdown`] — SIGTERM / Ctrl-C as a broadcast every task can await.
 
 pub mod config_watch;
+pub mod duration;
 pub mod kafka;
 pub mod observability;
 pub mod partitions;

@@ -52,6 +52,10 @@ pub struct OwnershipSettings {
     pub replica: Option<u32>,
     /// A partition with records waiting whose committed offset has not moved for this long
     /// makes the stage not ready (`/readyz` 503, `agentmeter_input_stalled` 1).
+    #[serde(
+        alias = "stall_after",
+        deserialize_with = "crate::duration::seconds_u64"
+    )]
     pub stall_after_seconds: u64,
     /// Group mode: leave and re-join the group when the local broker's coordinator left it
     /// stuck (ADR 0001, "Consumer groups on tansu"). Switch off for a real Kafka cluster.

@@ -135,12 +135,12 @@ otlp_http_listen = "127.0.0.1:{otlp_http}"
 [enricher]
 group_id = "{prefix}enricher"
 metrics_listen = "127.0.0.1:{enricher}"
-batch_max_wait_ms = 20
+batch_max_wait = "20ms"
 
 [aggregator]
 group_id = "{prefix}aggregator"
 metrics_listen = "127.0.0.1:{aggregator}"
-flush_interval_ms = 300
+flush_interval = "300ms"
 {extra}
 "#,
             brokers = brokers(),
