@@ -4,7 +4,7 @@
 //! * [`config`] — `[enricher]` settings, checked at start.
 //! * [`enrich`] — the pure join: tagging, the rate in force at `occurred_at`, quantity, cost,
 //!   `@action`/`@outcome`; or the reason a record must go to the dead-letter topic.
-//! * [`pipeline`] — the stream: consume `actions.raw` in batches, produce each result to
+//! * [`stream`] — the stream: consume `actions.raw` in batches, produce each result to
 //!   `actions.enriched` (same key) or `actions.dlq`, and store input offsets only after every
 //!   output of the batch is acknowledged (at-least-once; the aggregator removes duplicates).
 //!
@@ -13,7 +13,7 @@
 
 pub mod config;
 pub mod enrich;
-pub mod pipeline;
+pub mod stream;
 
 pub use config::EnricherConfig;
-pub use pipeline::run;
+pub use stream::run;
