@@ -7,6 +7,7 @@
 //! * [`stream`] — the Kafka consumer on a blocking thread; every partition it takes (by replica
 //!   ordinal or from the consumer group, ADR 0003) resumes from the progress stored in ClickHouse.
 //! * [`service`] — the ClickHouse writes in their safe order, plan reads, retry rules.
+//! * [`telemetry`] — what the aggregator counts and logs, one type per event.
 //! * [`rows`] — row types of the tables; [`migrate`] — the versioned DDL.
 //!
 //! Why the totals are exact is explained in `docs/adr/0001-exactly-once-aggregation.md`.
@@ -17,6 +18,7 @@ pub mod rows;
 pub mod service;
 pub mod state;
 pub mod stream;
+pub mod telemetry;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -42,6 +42,10 @@ use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use crate::config::AggregatorConfig;
 use crate::service::{Backoff, ClickHouseError, ClickHouseService};
 use crate::state::{BatchSettings, InputEpoch, PartitionAggregator, RecordOutcome};
+use crate::telemetry::{
+    emit, BatchWritten, ClickHouseRetried, ConsumerLag, FlushFinished, InputResetState,
+    PoisonSkipped, RecordHandled,
+};
 
 /// Partitions whose input was reset, with the message for `/readyz`; shared with the readiness
 /// check.
@@ -112,14 +116,16 @@ impl Worker {
                 }
                 Err(error) => {
                     self.clickhouse_healthy.store(false, Ordering::Relaxed);
-                    metrics::counter!("agentmeter_aggregator_clickhouse_retries_total")
-                        .increment(1);
                     if self.shutdown.is_requested() {
                         tracing::warn!(%error, "{what} abandoned at shutdown; the next start replays it");
                         return None;
                     }
                     let delay = backoff.next_delay();
-                    tracing::warn!(%error, ?delay, "{what} failed; retrying");
+                    emit(ClickHouseRetried {
+                        what,
+                        error: &error,
+                        delay,
+                    });
                     std::thread::sleep(delay);
                 }
             }
@@ -221,8 +227,10 @@ impl Worker {
 
     /// Records why a partition is not read (logged once, shown by `/readyz` until cleared).
     fn mark_paused(&mut self, partition: i32, message: String) {
-        metrics::gauge!("agentmeter_aggregator_input_reset", "partition" => partition.to_string())
-            .set(1.0);
+        emit(InputResetState {
+            partition,
+            paused: true,
+        });
         let previous = self
             .input_resets
             .lock()
@@ -245,8 +253,10 @@ impl Worker {
                 "input reset resolved; reading the partition again"
             );
         }
-        metrics::gauge!("agentmeter_aggregator_input_reset", "partition" => partition.to_string())
-            .set(0.0);
+        emit(InputResetState {
+            partition,
+            paused: false,
+        });
     }
 
     fn handle_message(&mut self, message: &BorrowedMessage<'_>) {
@@ -278,8 +288,7 @@ impl Worker {
                     RecordOutcome::AlreadyHandled => "already_handled",
                     RecordOutcome::Refused(_) => "refused",
                 };
-                metrics::counter!("agentmeter_aggregator_records_total", "outcome" => label)
-                    .increment(1);
+                emit(RecordHandled { outcome: label });
                 if let RecordOutcome::Refused(error) = outcome {
                     let code = if error.is_text() {
                         "invalid_text"
@@ -304,9 +313,12 @@ impl Worker {
     /// partition goes on (the skip is deterministic, so replays skip it too).
     fn dead_letter(&self, message: &BorrowedMessage<'_>, code: &'static str, reason: &str) {
         let partition = message.partition();
-        metrics::counter!("agentmeter_aggregator_dead_letters_total", "reason" => code)
-            .increment(1);
-        tracing::warn!(partition, offset = message.offset(), %reason, "poison record skipped");
+        emit(PoisonSkipped {
+            code,
+            partition,
+            offset: message.offset(),
+            reason,
+        });
         let source = format!("{}/{}/{}", message.topic(), partition, message.offset());
         let headers = OwnedHeaders::new()
             .insert(Header {
@@ -371,11 +383,10 @@ impl Worker {
                     all_written = false;
                     break;
                 }
-                metrics::counter!("agentmeter_aggregator_actions_written_total")
-                    .increment(rows as u64);
-                metrics::counter!("agentmeter_aggregator_usage_rows_written_total")
-                    .increment(write.usage.len() as u64);
-                metrics::counter!("agentmeter_aggregator_batches_flushed_total").increment(1);
+                emit(BatchWritten {
+                    actions: rows,
+                    usage_rows: write.usage.len(),
+                });
             }
             if all_written {
                 flushed.push((partition, offset_reached));
@@ -418,14 +429,15 @@ impl Worker {
             })
             .collect();
         self.last_flush = Instant::now();
-        metrics::histogram!("agentmeter_aggregator_flush_seconds")
-            .record(started.elapsed().as_secs_f64());
-        let remembered: usize = self
+        let remembered_ids: usize = self
             .partitions
             .values()
             .map(PartitionAggregator::remembered_ids)
             .sum();
-        metrics::gauge!("agentmeter_aggregator_dedupe_ids").set(remembered as f64);
+        emit(FlushFinished {
+            elapsed: started.elapsed(),
+            remembered_ids,
+        });
         flushed
     }
 }
@@ -793,8 +805,10 @@ fn check_inputs<C: ConsumerContext>(
             }
         };
         tracing::trace!(partition, high, next_physical, "input position");
-        metrics::gauge!("agentmeter_aggregator_consumer_lag", "partition" => partition.to_string())
-            .set((high - next_physical).max(0) as f64);
+        emit(ConsumerLag {
+            partition,
+            lag: high - next_physical,
+        });
         if high < next_physical {
             let mut worker = worker.lock().expect("worker lock");
             // What was read before the reset is real: make it durable, then stop reading.

@@ -7,6 +7,7 @@
 //! * [`stream`] — the stream: consume `actions.raw` in batches, produce each result to
 //!   `actions.enriched` (same key) or `actions.dlq`, and store input offsets only after every
 //!   output of the batch is acknowledged (at-least-once; the aggregator removes duplicates).
+//! * [`telemetry`] — what the enricher counts and logs, one type per event.
 //!
 //! The enricher holds no state but the configuration snapshot, so any number of processes can
 //! share the partitions of `actions.raw` as one consumer group.
@@ -14,6 +15,7 @@
 pub mod config;
 pub mod enrich;
 pub mod stream;
+pub mod telemetry;
 
 pub use config::EnricherConfig;
 pub use stream::run;

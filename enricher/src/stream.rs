@@ -32,6 +32,9 @@ use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
 use crate::config::EnricherConfig;
 use crate::enrich::{enrich, DeadLetterReason, TimeWindow};
+use crate::telemetry::{
+    emit, BatchEnriched, ConsumerErrored, ConsumerLag, DeadLettered, OutputsRetried,
+};
 
 /// Header names on dead-letter records.
 pub const DLQ_REASON_HEADER: &str = "agentmeter.dlq.reason";
@@ -168,8 +171,10 @@ impl ClientContext for GroupContext {
         for topic in statistics.topics.values() {
             for partition in topic.partitions.values() {
                 if partition.partition >= 0 && partition.consumer_lag_stored >= 0 {
-                    metrics::gauge!("agentmeter_enricher_consumer_lag", "partition" => partition.partition.to_string())
-                        .set(partition.consumer_lag_stored as f64);
+                    emit(ConsumerLag {
+                        partition: partition.partition,
+                        lag: partition.consumer_lag_stored,
+                    });
                 }
             }
         }
@@ -451,18 +456,21 @@ impl EnricherStage {
             self.deliver_all(run, shutdown).await?;
         }
 
+        let mut enriched = 0;
         for output in &outputs {
             match &output.dead_letter {
-                None => metrics::counter!("agentmeter_enricher_actions_enriched_total").increment(1),
-                Some(reason) => {
-                    metrics::counter!("agentmeter_enricher_dead_letters_total", "reason" => reason.code()).increment(1)
-                }
+                None => enriched += 1,
+                Some(reason) => emit(DeadLettered {
+                    reason: reason.code(),
+                }),
             }
         }
         self.store_offsets(batch)?;
-        metrics::counter!("agentmeter_enricher_records_in_total").increment(batch.len() as u64);
-        metrics::histogram!("agentmeter_enricher_batch_seconds")
-            .record(started.elapsed().as_secs_f64());
+        emit(BatchEnriched {
+            records: batch.len(),
+            enriched,
+            elapsed: started.elapsed(),
+        });
         Ok(())
     }
 
@@ -488,8 +496,9 @@ impl EnricherStage {
                     pending.len()
                 );
                 attempt += 1;
-                metrics::counter!("agentmeter_enricher_produce_retries_total")
-                    .increment(pending.len() as u64);
+                emit(OutputsRetried {
+                    count: pending.len(),
+                });
                 tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt.min(50)))).await;
             }
         }
@@ -572,8 +581,7 @@ fn consumer_error(error: KafkaError) -> anyhow::Result<()> {
             "fatal Kafka consumer error: {code} (is the group_instance_id used by another process?)"
         );
     }
-    metrics::counter!("agentmeter_enricher_consumer_errors_total").increment(1);
-    tracing::warn!(%error, "Kafka consumer error; going on (librdkafka retries)");
+    emit(ConsumerErrored { error: &error });
     Ok(())
 }
 

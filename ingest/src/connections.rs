@@ -25,6 +25,9 @@
 //! The time one request may take is bounded by the service itself (`tower-http`'s timeout for
 //! the axum routers, a timeout in the gRPC service), see `server.rs` and `otlp/grpc.rs`.
 
+use crate::telemetry::{
+    emit, ConnectionAccepted, ConnectionClosed, ConnectionEnded, ConnectionRefused,
+};
 use std::error::Error as StdError;
 use std::future::Future;
 use std::pin::Pin;
@@ -138,7 +141,6 @@ where
 {
     let builder = Arc::new(limits.builder());
     let connection_slots = Arc::new(Semaphore::new(limits.max_connections));
-    let open = metrics::gauge!("agentmeter_ingest_connections_open", "listener" => name);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -154,15 +156,12 @@ where
             }
         };
         let Ok(slot) = connection_slots.clone().try_acquire_owned() else {
-            metrics::counter!("agentmeter_ingest_connections_refused_total", "listener" => name)
-                .increment(1);
+            emit(ConnectionRefused { listener: name });
             drop(stream);
             continue;
         };
-        metrics::counter!("agentmeter_ingest_connections_accepted_total", "listener" => name)
-            .increment(1);
+        emit(ConnectionAccepted { listener: name });
         let _ = stream.set_nodelay(true);
-        open.increment(1.0);
         let activity = Arc::new(ConnectionActivity::new());
         let service = ConnectionService {
             inner: TowerToHyperService::new(service.clone()),
@@ -170,11 +169,10 @@ where
         };
         let builder = builder.clone();
         let shutdown = shutdown.clone();
-        let open = open.clone();
         tokio::spawn(async move {
             let connection = builder.serve_connection(TokioIo::new(stream), service);
             drive(name, connection, &activity, limits, shutdown).await;
-            open.decrement(1.0);
+            emit(ConnectionEnded { listener: name });
             drop(slot);
         });
     }
@@ -248,8 +246,10 @@ async fn drive<S, B>(
 }
 
 fn count_closed(name: &'static str, reason: &'static str) {
-    metrics::counter!("agentmeter_ingest_connections_closed_total", "listener" => name, "reason" => reason)
-        .increment(1);
+    emit(ConnectionClosed {
+        listener: name,
+        reason,
+    });
 }
 
 /// What a connection did, for the watchdog in [`drive`].

@@ -17,6 +17,8 @@
 //! * [`otlp`] — OTLP/gRPC (`ingest.otlp_grpc_listen`, 4317) and OTLP/HTTP `POST /v1/traces`
 //!   (`ingest.otlp_http_listen`, 4318): spans → actions (`docs/otlp.md`), partial success, the
 //!   same auth, limits and sink as REST.
+//! * [`telemetry`] — what ingest counts and logs, one type per event, the same for every
+//!   listener.
 //! * [`state`] — [`AppState`](state::AppState), what the handlers of every listener share.
 //! * [`server`] — the HTTP routes: `POST /v1/actions`, `GET /api/v1/agent_instance/info`,
 //!   `/metrics`, `/healthz`, `/readyz`.
@@ -33,6 +35,7 @@ pub mod otlp;
 pub mod server;
 pub mod sink;
 pub mod state;
+pub mod telemetry;
 #[cfg(test)]
 mod test_support;
 

@@ -5,6 +5,9 @@
 //! (`ingest.request_timeout_ms`, 408). With `ingest.operations_listen` set, `/metrics`,
 //! `/healthz` and `/readyz` move from the public API listener to that address.
 
+use crate::telemetry::{
+    emit, ActionsAccepted, ActionsRejected, AdmissionRefused, AuthenticationFailed, RequestAnswered,
+};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -84,8 +87,9 @@ async fn refuse_early(
             response
         }
         Err(refusal) => {
-            metrics::counter!("agentmeter_ingest_admission_refused_total", "scope" => refusal.metric_scope())
-                .increment(1);
+            emit(AdmissionRefused {
+                scope: refusal.metric_scope(),
+            });
             let response = early_refusal_response(&state, &request, &refusal);
             // The body is received and dropped unparsed: answering with it unread would make
             // hyper close the connection while the client is still sending, and the client
@@ -347,18 +351,26 @@ fn error_response(
 }
 
 fn count_request(endpoint: &'static str, status: StatusCode) {
-    metrics::counter!("agentmeter_ingest_requests_total", "endpoint" => endpoint, "status" => status.as_u16().to_string())
-        .increment(1);
+    emit(RequestAnswered {
+        endpoint,
+        status: status.as_u16().to_string(),
+    });
 }
 
 fn count_rejected(reason: &'static str, actions: usize) {
-    metrics::counter!("agentmeter_ingest_actions_rejected_total", "reason" => reason)
-        .increment(actions as u64);
+    emit(ActionsRejected {
+        reason,
+        count: actions,
+    });
 }
 
 fn auth_error(endpoint: &'static str, error: AuthError) -> Response {
-    let reason = error.reason();
-    metrics::counter!("agentmeter_ingest_auth_failures_total", "reason" => reason).increment(1);
+    emit(AuthenticationFailed {
+        endpoint,
+        reason: error.reason(),
+        error: &error,
+        otlp: false,
+    });
     error_response(
         endpoint,
         StatusCode::UNAUTHORIZED,
@@ -539,8 +551,10 @@ async fn post_actions(State(state): State<AppState>, headers: HeaderMap, body: B
     match state.sink.publish(&actions).await {
         Ok(()) => {
             count_request(ENDPOINT, StatusCode::ACCEPTED);
-            metrics::counter!("agentmeter_ingest_actions_accepted_total", "source" => "rest")
-                .increment(total as u64);
+            emit(ActionsAccepted {
+                source: "rest",
+                count: total,
+            });
             (
                 StatusCode::ACCEPTED,
                 Json(RestAccepted {

@@ -11,6 +11,7 @@
 //!
 //! [`IngestConfig::max_in_flight_actions`]: crate::config::IngestConfig::max_in_flight_actions
 
+use crate::telemetry::{emit, AdmissionRefused, BatchProduced, InFlightActions};
 use std::time::{Duration, Instant};
 
 use agentmeter_schemas::{encode_raw_action, RawAction};
@@ -97,15 +98,18 @@ impl ActionSink {
             encoded.push((action.message_key(), payload));
         }
         let _admitted = self.admission.admit(actions).map_err(|refusal| {
-            metrics::counter!("agentmeter_ingest_admission_refused_total", "scope" => refusal.scope.as_str())
-                .increment(1);
+            emit(AdmissionRefused {
+                scope: refusal.scope.as_str(),
+            });
             SinkError::Saturated {
                 scope: refusal.scope,
                 in_flight: refusal.in_flight,
                 limit: refusal.limit,
             }
         })?;
-        metrics::gauge!("agentmeter_ingest_in_flight_actions").set(self.in_flight() as f64);
+        emit(InFlightActions {
+            count: self.in_flight(),
+        });
         let started = Instant::now();
         let deliveries = encoded.iter().map(|(key, payload)| {
             let record = FutureRecord::to(&self.topic).key(key).payload(payload);
@@ -113,8 +117,9 @@ impl ActionSink {
                 .send(record, Timeout::After(self.enqueue_timeout))
         });
         let results = join_all(deliveries).await;
-        metrics::histogram!("agentmeter_ingest_produce_seconds")
-            .record(started.elapsed().as_secs_f64());
+        emit(BatchProduced {
+            elapsed: started.elapsed(),
+        });
         let mut failed = 0;
         let mut first_error = None;
         for result in results {
@@ -123,8 +128,9 @@ impl ActionSink {
                 first_error.get_or_insert_with(|| error.to_string());
             }
         }
-        metrics::gauge!("agentmeter_ingest_in_flight_actions")
-            .set(self.in_flight().saturating_sub(actions.len()) as f64);
+        emit(InFlightActions {
+            count: self.in_flight().saturating_sub(actions.len()),
+        });
         match first_error {
             None => Ok(()),
             Some(first_error) => Err(SinkError::Kafka {

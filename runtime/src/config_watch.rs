@@ -16,6 +16,8 @@ use agentmeter_schemas::metering::secret_digest;
 use agentmeter_schemas::metering::{AgentInstance, CONFIG_RECORD_FORMAT};
 use agentmeter_schemas::{ConfigRecord, WorkspaceSnapshot};
 use anyhow::Context;
+
+use crate::telemetry::{emit, ConfigRecordRejected, ConfigStatePublished};
 use arc_swap::ArcSwap;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -207,8 +209,10 @@ pub fn spawn_config_watcher(
                     Ok(changed) => {
                         if changed {
                             let next = MeteringState::build(&reader.records);
-                            metrics::gauge!("agentmeter_config_workspaces").set(next.workspace_count() as f64);
-                            metrics::gauge!("agentmeter_config_secret_conflicts").set(next.secret_conflicts() as f64);
+                            emit(ConfigStatePublished {
+                                workspaces: next.workspace_count(),
+                                secret_conflicts: next.secret_conflicts(),
+                            });
                             published.store(Arc::new(next));
                         }
                         if !announced && reader.caught_up {
@@ -315,11 +319,11 @@ impl ConfigTopicReader {
             let message = result.context("config topic read failed")?;
             next_offsets.insert(message.partition(), message.offset() + 1);
             let Some(key) = message.key().and_then(|key| std::str::from_utf8(key).ok()) else {
-                metrics::counter!("agentmeter_config_records_rejected_total").increment(1);
-                tracing::error!(
-                    offset = message.offset(),
-                    "config record without a UTF-8 key ignored"
-                );
+                emit(ConfigRecordRejected {
+                    workspace: None,
+                    offset: message.offset(),
+                    error: String::new(),
+                });
                 continue;
             };
             match message.payload() {
@@ -332,9 +336,11 @@ impl ConfigTopicReader {
                         changed = true;
                     }
                     Err(error) => {
-                        metrics::counter!("agentmeter_config_records_rejected_total").increment(1);
-                        tracing::error!(workspace = key, offset = message.offset(), error = %format!("{error:#}"),
-                            "invalid configuration record ignored; the workspace keeps its previous version");
+                        emit(ConfigRecordRejected {
+                            workspace: Some(key),
+                            offset: message.offset(),
+                            error: format!("{error:#}"),
+                        });
                     }
                 },
             }

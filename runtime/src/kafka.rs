@@ -347,7 +347,7 @@ impl GroupWatchdog {
 
     /// Records that the process left the group to re-join it.
     pub fn rejoined(&mut self) {
-        metrics::counter!("agentmeter_kafka_group_rejoins_total").increment(1);
+        crate::telemetry::emit(crate::telemetry::GroupRejoined);
         self.stale_assignment = false;
         self.assigned_generation = None;
         self.revoked_since_assignment = false;

@@ -12,6 +12,8 @@
 //!   group) and the progress watch that makes a stalled stage not ready (ADR 0003).
 //! * [`observability`] — tracing, the Prometheus recorder, and the `/metrics`, `/healthz`,
 //!   `/readyz` routes.
+//! * [`telemetry`] — telemetry as events: one type per event that logs and counts, and the
+//!   events the stages share.
 //! * [`shutdown`] — SIGTERM / Ctrl-C as a broadcast every task can await.
 
 pub mod config_watch;
@@ -21,3 +23,4 @@ pub mod observability;
 pub mod partitions;
 pub mod settings;
 pub mod shutdown;
+pub mod telemetry;

@@ -25,6 +25,7 @@ use serde::Deserialize;
 
 use crate::kafka::KafkaSettings;
 use crate::shutdown::Shutdown;
+use crate::telemetry::{emit, InputObserved, InputProgressJudged, PartitionsOwned};
 
 /// How the processes of a stage divide the partitions of its input topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -192,7 +193,7 @@ impl OwnedPartitions {
     /// Records the owned set (`None` until the stage has an assignment at all).
     pub fn set(&self, partitions: impl IntoIterator<Item = i32>) {
         let set: BTreeSet<i32> = partitions.into_iter().collect();
-        metrics::gauge!("agentmeter_partitions_owned").set(set.len() as f64);
+        emit(PartitionsOwned { count: set.len() });
         *self.0.lock().expect("owned partitions lock") = Some(set);
     }
 
@@ -200,7 +201,7 @@ impl OwnedPartitions {
         let mut guard = self.0.lock().expect("owned partitions lock");
         let set = guard.get_or_insert_with(BTreeSet::new);
         set.extend(partitions);
-        metrics::gauge!("agentmeter_partitions_owned").set(set.len() as f64);
+        emit(PartitionsOwned { count: set.len() });
     }
 
     pub fn remove(&self, partitions: &[i32]) {
@@ -209,7 +210,7 @@ impl OwnedPartitions {
         for partition in partitions {
             set.remove(partition);
         }
-        metrics::gauge!("agentmeter_partitions_owned").set(set.len() as f64);
+        emit(PartitionsOwned { count: set.len() });
     }
 
     pub fn get(&self) -> Option<BTreeSet<i32>> {
@@ -393,7 +394,9 @@ fn watch_loop(
                     .values()
                     .map(PartitionObservation::waiting)
                     .sum();
-                metrics::gauge!("agentmeter_input_records_waiting").set(lag as f64);
+                emit(InputObserved {
+                    records_waiting: lag,
+                });
                 judge(
                     topic,
                     owned.get().as_ref(),
@@ -415,7 +418,9 @@ fn watch_loop(
                 }
             }
         };
-        metrics::gauge!("agentmeter_input_stalled").set(if judged.is_ok() { 0.0 } else { 1.0 });
+        emit(InputProgressJudged {
+            stalled: judged.is_err(),
+        });
         match &judged {
             Ok(()) => {
                 if last_logged.take().is_some() {

@@ -121,8 +121,9 @@ where
             ) {
                 Ok(in_progress) => in_progress,
                 Err(refusal) => {
-                    metrics::counter!("agentmeter_ingest_admission_refused_total", "scope" => refusal.metric_scope())
-                        .increment(1);
+                    crate::telemetry::emit(crate::telemetry::AdmissionRefused {
+                        scope: refusal.metric_scope(),
+                    });
                     super::count_rejected("saturated", 1);
                     count_request(OtlpSource::Grpc, "ResourceExhausted".to_string());
                     let error = ExportError::Saturated(refusal.to_string());

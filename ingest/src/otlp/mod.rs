@@ -27,6 +27,9 @@ pub mod json;
 pub mod mapping;
 pub mod rpc;
 
+use crate::telemetry::{
+    emit, ActionsAccepted, ActionsRejected, AuthenticationFailed, RequestAnswered,
+};
 use std::time::Duration;
 
 use axum::http::StatusCode;
@@ -106,27 +109,29 @@ impl ExportError {
 /// Counts and logs a refused authentication. The log says how to fix it, because the exporter
 /// drops the batch without retry and the agent otherwise runs on, unmetered, in silence.
 pub(crate) fn auth_failed(source: OtlpSource, error: AuthError) -> ExportError {
-    let reason = error.reason();
-    metrics::counter!("agentmeter_ingest_auth_failures_total", "reason" => reason).increment(1);
-    tracing::warn!(
-        endpoint = source.as_str(),
-        reason,
-        "OTLP export refused: {error}; the exporter drops these spans and the agent is not metered. \
-         Fix: set OTEL_EXPORTER_OTLP_HEADERS=x-agent-secret=<agent secret> in the agent's environment"
-    );
+    emit(AuthenticationFailed {
+        endpoint: source.as_str(),
+        reason: error.reason(),
+        error: &error,
+        otlp: true,
+    });
     ExportError::Unauthenticated(error)
 }
 
 /// Counts a request by endpoint and status (an HTTP status number, or a gRPC code name).
 pub(crate) fn count_request(source: OtlpSource, status: String) {
-    metrics::counter!("agentmeter_ingest_requests_total", "endpoint" => source.as_str(), "status" => status)
-        .increment(1);
+    emit(RequestAnswered {
+        endpoint: source.as_str(),
+        status,
+    });
 }
 
 /// Counts actions (spans) that were not accepted, by reason.
 pub(crate) fn count_rejected(reason: &'static str, spans: usize) {
-    metrics::counter!("agentmeter_ingest_actions_rejected_total", "reason" => reason)
-        .increment(spans as u64);
+    emit(ActionsRejected {
+        reason,
+        count: spans,
+    });
 }
 
 /// The retry delay given to exporters with 429/503, RESOURCE_EXHAUSTED/UNAVAILABLE.
@@ -190,8 +195,10 @@ pub(crate) async fn export(
                     ExportError::Unavailable(error.to_string())
                 }
             })?;
-        metrics::counter!("agentmeter_ingest_actions_accepted_total", "source" => source.as_str())
-            .increment(accepted as u64);
+        emit(ActionsAccepted {
+            source: source.as_str(),
+            count: accepted,
+        });
     }
     let partial_success = (!mapped.rejected.is_empty()).then(|| ExportTracePartialSuccess {
         rejected_spans: i64::try_from(mapped.rejected.len()).unwrap_or(i64::MAX),
