@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{dec, metering_config, repo_root, Lcg, TestEnv};
+use common::{dec, metering_config, post_until_accepted, repo_root, Lcg, TestEnv};
 use rust_decimal::Decimal;
 use serde_json::json;
 
@@ -124,29 +124,15 @@ rates = [{ effective_from = "2020-01-01T00:00:00Z", cost_per_unit = "0.00004" }]
                 }
                 let body = json!({ "actions": items });
                 // A broker that never comes back fails the test here rather than hanging it.
-                let give_up_at = Instant::now() + Duration::from_secs(180);
-                loop {
-                    assert!(
-                        Instant::now() < give_up_at,
-                        "batch {batch_index} not accepted within 180 s of its first try"
-                    );
-                    let status = client
-                        .post(&url)
-                        .header("X-Agent-Secret", SECRET)
-                        .json(&body)
-                        .timeout(Duration::from_secs(30))
-                        .send()
-                        .map(|response| response.status().as_u16())
-                        .unwrap_or(0);
-                    match status {
-                        202 => break,
-                        0 | 429 | 503 => {
-                            *retries.lock().unwrap() += 1;
-                            std::thread::sleep(Duration::from_millis(200));
-                        }
-                        other => panic!("unexpected status {other}"),
-                    }
-                }
+                let refused = post_until_accepted(
+                    &client,
+                    &url,
+                    SECRET,
+                    &body,
+                    Duration::from_secs(180),
+                    Duration::from_millis(200),
+                );
+                *retries.lock().unwrap() += refused as u64;
                 accepted.lock().unwrap().extend(expected);
                 batch_index += 1;
             }

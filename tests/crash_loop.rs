@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{dec, metering_config, Lcg, TestEnv};
+use common::{dec, metering_config, post_until_accepted, Lcg, TestEnv};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 
@@ -135,29 +135,15 @@ fn client(
             items.push(item);
         }
         let body = json!({ "actions": items });
-        let give_up_at = Instant::now() + Duration::from_secs(180);
-        loop {
-            assert!(
-                Instant::now() < give_up_at,
-                "a batch of {account} was not accepted within 180 s of its first try"
-            );
-            let status = client
-                .post(&url)
-                .header("X-Agent-Secret", secret)
-                .json(&body)
-                .timeout(Duration::from_secs(30))
-                .send()
-                .map(|response| response.status().as_u16())
-                .unwrap_or(0);
-            match status {
-                202 => break,
-                0 | 429 | 503 => {
-                    retries.fetch_add(1, Ordering::Relaxed);
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                other => panic!("unexpected status {other}"),
-            }
-        }
+        let refused = post_until_accepted(
+            &client,
+            &url,
+            secret,
+            &body,
+            Duration::from_secs(180),
+            Duration::from_millis(100),
+        );
+        retries.fetch_add(refused, Ordering::Relaxed);
         accepted.lock().unwrap().extend(expected);
         sent_batches.fetch_add(1, Ordering::Relaxed);
     }

@@ -585,3 +585,41 @@ pub fn kafka_action(
         source: "kafka".into(),
     }
 }
+
+/// Sends a REST batch until ingest accepts it (202), as the README asks clients to: a batch
+/// refused with 429 or 503, or whose connection failed (ingest restarting), is sent again as it
+/// was, after `pause`. Panics on any other status, and when the batch is not accepted within
+/// `give_up_after` of the first try (a test fails rather than hangs). Returns the refused tries.
+pub fn post_until_accepted(
+    client: &reqwest::blocking::Client,
+    url: &str,
+    secret: &str,
+    body: &serde_json::Value,
+    give_up_after: Duration,
+    pause: Duration,
+) -> usize {
+    let give_up_at = Instant::now() + give_up_after;
+    let mut refused = 0;
+    loop {
+        assert!(
+            Instant::now() < give_up_at,
+            "a batch was not accepted within {give_up_after:?} of its first try"
+        );
+        let status = client
+            .post(url)
+            .header("X-Agent-Secret", secret)
+            .json(body)
+            .timeout(Duration::from_secs(30))
+            .send()
+            .map(|response| response.status().as_u16())
+            .unwrap_or(0);
+        match status {
+            202 => return refused,
+            0 | 429 | 503 => {
+                refused += 1;
+                std::thread::sleep(pause);
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+}
