@@ -25,9 +25,6 @@
 //! The time one request may take is bounded by the service itself (`tower-http`'s timeout for
 //! the axum routers, a timeout in the gRPC service), see `server.rs` and `otlp/grpc.rs`.
 
-use crate::telemetry::{
-    emit, ConnectionAccepted, ConnectionClosed, ConnectionEnded, ConnectionRefused,
-};
 use std::error::Error as StdError;
 use std::future::Future;
 use std::pin::Pin;
@@ -46,6 +43,9 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::config::IngestConfig;
+use crate::telemetry::{
+    emit, ConnectionAccepted, ConnectionClosed, ConnectionEnded, ConnectionRefused,
+};
 
 type BoxError = Box<dyn StdError + Send + Sync>;
 

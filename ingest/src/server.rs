@@ -5,9 +5,6 @@
 //! (`ingest.request_timeout_ms`, 408). With `ingest.operations_listen` set, `/metrics`,
 //! `/healthz` and `/readyz` move from the public API listener to that address.
 
-use crate::telemetry::{
-    emit, ActionsAccepted, ActionsRejected, AdmissionRefused, AuthenticationFailed, RequestAnswered,
-};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +33,9 @@ use crate::config::IngestConfig;
 use crate::connections::{self, ListenerLimits};
 use crate::normalize::{now_micros, rest_action_to_raw, Limits};
 use crate::sink::{ActionSink, SinkError};
+use crate::telemetry::{
+    emit, ActionsAccepted, ActionsRejected, AdmissionRefused, AuthenticationFailed, RequestAnswered,
+};
 
 pub use crate::state::AppState;
 
@@ -564,41 +564,21 @@ async fn post_actions(State(state): State<AppState>, headers: HeaderMap, body: B
             )
                 .into_response()
         }
-        Err(error @ SinkError::Saturated { .. }) => {
-            count_rejected("saturated", total);
-            let mut response = error_response(
-                ENDPOINT,
-                StatusCode::TOO_MANY_REQUESTS,
-                error.to_string(),
-                json!({}),
-            );
-            response.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from(state.config.retry_after_seconds),
-            );
-            response
-        }
-        Err(error @ SinkError::Encode { .. }) => {
-            count_rejected("invalid", total);
-            error_response(
-                ENDPOINT,
-                StatusCode::BAD_REQUEST,
-                error.to_string(),
-                json!({}),
-            )
-        }
-        Err(error @ SinkError::Kafka { .. }) => {
-            count_rejected("kafka_unavailable", total);
-            let mut response = error_response(
-                ENDPOINT,
-                StatusCode::SERVICE_UNAVAILABLE,
-                error.to_string(),
-                json!({ "event_ids": event_ids }),
-            );
-            response.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from(state.config.retry_after_seconds),
-            );
+        Err(error) => {
+            count_rejected(error.rejection_reason(), total);
+            // Kafka may have some of them: the client re-sends these ids (counted once).
+            let details = match error {
+                SinkError::Kafka { .. } => json!({ "event_ids": event_ids }),
+                _ => json!({}),
+            };
+            let mut response =
+                error_response(ENDPOINT, error.http_status(), error.to_string(), details);
+            if error.is_retryable() {
+                response.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(state.config.retry_after_seconds),
+                );
+            }
             response
         }
     }

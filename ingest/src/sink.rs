@@ -11,7 +11,6 @@
 //!
 //! [`IngestConfig::max_in_flight_actions`]: crate::config::IngestConfig::max_in_flight_actions
 
-use crate::telemetry::{emit, AdmissionRefused, BatchProduced, InFlightActions};
 use std::time::{Duration, Instant};
 
 use agentmeter_schemas::{encode_raw_action, RawAction};
@@ -20,6 +19,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 
 use crate::admission::{Admission, AdmissionLimits, AdmissionScope};
+use crate::telemetry::{emit, AdmissionRefused, BatchProduced, InFlightActions};
 
 /// Why a batch was not (fully) written.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +42,34 @@ pub enum SinkError {
         total: usize,
         first_error: String,
     },
+}
+
+/// What a [`SinkError`] means for the client, in one place for REST and both OTLP receivers:
+/// the status, whether to retry the same batch, and the rejection reason counted.
+impl SinkError {
+    /// The `reason` of `agentmeter_ingest_actions_rejected_total`.
+    pub fn rejection_reason(&self) -> &'static str {
+        match self {
+            SinkError::Saturated { .. } => "saturated",
+            SinkError::Encode { .. } => "invalid",
+            SinkError::Kafka { .. } => "kafka_unavailable",
+        }
+    }
+
+    /// The HTTP status (REST and OTLP/HTTP); gRPC's code follows from the OTLP export error.
+    pub fn http_status(&self) -> axum::http::StatusCode {
+        use axum::http::StatusCode;
+        match self {
+            SinkError::Saturated { .. } => StatusCode::TOO_MANY_REQUESTS,
+            SinkError::Encode { .. } => StatusCode::BAD_REQUEST,
+            SinkError::Kafka { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// Whether the client should send the same batch again after `Retry-After`.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, SinkError::Encode { .. })
+    }
 }
 
 /// Writes raw actions to `actions.raw`.

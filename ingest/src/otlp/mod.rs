@@ -27,9 +27,6 @@ pub mod json;
 pub mod mapping;
 pub mod rpc;
 
-use crate::telemetry::{
-    emit, ActionsAccepted, ActionsRejected, AuthenticationFailed, RequestAnswered,
-};
 use std::time::Duration;
 
 use axum::http::StatusCode;
@@ -41,6 +38,9 @@ use crate::auth::{AgentIdentity, AuthError};
 use crate::normalize::{now_micros, Limits};
 use crate::sink::SinkError;
 use crate::state::AppState;
+use crate::telemetry::{
+    emit, ActionsAccepted, ActionsRejected, AuthenticationFailed, RequestAnswered,
+};
 use mapping::{map_request, span_count, OtlpSource, RequestError};
 
 /// The OTLP message types (prost, with OTLP/JSON serde), for clients and tests.
@@ -68,6 +68,16 @@ pub enum ExportError {
     Saturated(String),
     #[error("{0}")]
     Unavailable(String),
+}
+
+impl From<SinkError> for ExportError {
+    fn from(error: SinkError) -> ExportError {
+        match error {
+            SinkError::Saturated { .. } => ExportError::Saturated(error.to_string()),
+            SinkError::Encode { .. } => ExportError::InvalidArgument(error.to_string()),
+            SinkError::Kafka { .. } => ExportError::Unavailable(error.to_string()),
+        }
+    }
 }
 
 impl ExportError {
@@ -177,24 +187,10 @@ pub(crate) async fn export(
     }
     let accepted = mapped.actions.len();
     if accepted > 0 {
-        state
-            .sink
-            .publish(&mapped.actions)
-            .await
-            .map_err(|error| match error {
-                SinkError::Saturated { .. } => {
-                    count_rejected("saturated", accepted);
-                    ExportError::Saturated(error.to_string())
-                }
-                SinkError::Encode { .. } => {
-                    count_rejected("invalid", accepted);
-                    ExportError::InvalidArgument(error.to_string())
-                }
-                SinkError::Kafka { .. } => {
-                    count_rejected("kafka_unavailable", accepted);
-                    ExportError::Unavailable(error.to_string())
-                }
-            })?;
+        state.sink.publish(&mapped.actions).await.map_err(|error| {
+            count_rejected(error.rejection_reason(), accepted);
+            ExportError::from(error)
+        })?;
         emit(ActionsAccepted {
             source: source.as_str(),
             count: accepted,
