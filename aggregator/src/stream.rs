@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agentmeter_runtime::kafka::{group_membership, GroupWatchdog, KafkaSettings};
-use agentmeter_runtime::partitions::{topic_partitions, OwnedPartitions, OwnershipMode};
+use agentmeter_runtime::partitions::{OwnedPartitions, OwnershipMode, StaticAssigner};
 use agentmeter_runtime::shutdown::Shutdown;
 use agentmeter_schemas::decode_enriched_action;
 use anyhow::Context;
@@ -575,12 +575,8 @@ pub fn run_blocking(
         );
         Some(ownership)
     };
-    // Static mode: the partitions of the topic this process owns and has started, and when the
-    // topic's partitions are to be read again (at start, after a failure, then now and then, so
-    // that partitions added to the topic are taken up).
-    let mut started: Vec<i32> = Vec::new();
-    let mut next_partition_check = Instant::now();
-    let mut partition_check_failures = 0u32;
+    let mut static_assigner = static_ownership
+        .map(|ownership| StaticAssigner::new(ownership, &topics.enriched, "aggregator.ownership"));
 
     let mut last_lag_report = Instant::now();
     // Set while the consumer has left the group to re-join it (GroupWatchdog).
@@ -592,61 +588,22 @@ pub fn run_blocking(
         if shutdown.is_requested() {
             break Ok(());
         }
-        if let Some(ownership) = static_ownership {
-            if Instant::now() >= next_partition_check {
-                match topic_partitions(&consumer, &topics.enriched, Duration::from_secs(5)) {
-                    Ok(partitions) => {
-                        partition_check_failures = 0;
-                        next_partition_check = Instant::now() + PARTITION_CHECK_INTERVAL;
-                        let new: Vec<i32> = ownership
-                            .owned(&partitions)
-                            .into_iter()
-                            .filter(|partition| !started.contains(partition))
-                            .collect();
-                        if started.is_empty() {
-                            // Known even when it is nothing (more replicas than partitions).
-                            worker.lock().expect("worker lock").owned.add([]);
-                            if new.is_empty() {
-                                tracing::error!(
-                                    replica = ownership.replica,
-                                    replicas = ownership.replicas,
-                                    partitions = partitions.len(),
-                                    "this replica owns no partition of {}: lower aggregator.ownership.replicas",
-                                    topics.enriched
-                                );
-                            }
-                        }
-                        if !new.is_empty() {
-                            let mut list = TopicPartitionList::new();
-                            for partition in &new {
-                                list.add_partition(&topics.enriched, *partition);
-                            }
-                            let paused = worker
-                                .lock()
-                                .expect("worker lock")
-                                .start_partitions(&consumer, &mut list);
-                            consumer
-                                .incremental_assign(&list)
-                                .context("cannot assign the owned partitions")?;
-                            pause(&consumer, &paused);
-                            tracing::info!(partitions = ?new, "owned partitions assigned");
-                            started.extend(new);
-                        }
-                    }
-                    Err(error) => {
-                        // The broker is away or the topic not there yet: an outage to wait out.
-                        partition_check_failures += 1;
-                        let delay = Duration::from_millis(
-                            500 * u64::from(partition_check_failures.min(10)),
-                        );
-                        next_partition_check = Instant::now() + delay;
-                        if partition_check_failures == 1
-                            || partition_check_failures.is_multiple_of(30)
-                        {
-                            tracing::warn!(%error, "cannot read the input topic's partitions; retrying");
-                        }
-                    }
+        if let Some(assigner) = static_assigner.as_mut() {
+            let owned = worker.lock().expect("worker lock").owned.clone();
+            let new = assigner.take_up(&consumer, &owned);
+            if !new.is_empty() {
+                let mut list = TopicPartitionList::new();
+                for partition in &new {
+                    list.add_partition(&topics.enriched, *partition);
                 }
+                let paused = worker
+                    .lock()
+                    .expect("worker lock")
+                    .start_partitions(&consumer, &mut list);
+                consumer
+                    .incremental_assign(&list)
+                    .context("cannot assign the owned partitions")?;
+                pause(&consumer, &paused);
             }
         }
         match consumer.poll(Duration::from_millis(50)) {
@@ -849,9 +806,6 @@ fn check_inputs<C: ConsumerContext>(
         }
     }
 }
-
-/// How often a static owner re-reads its input topic's partitions (to take up added ones).
-const PARTITION_CHECK_INTERVAL: Duration = Duration::from_secs(30);
 
 fn pause<C: ConsumerContext>(consumer: &BaseConsumer<C>, paused: &TopicPartitionList) {
     if paused.count() > 0 {

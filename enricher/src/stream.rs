@@ -14,7 +14,7 @@ use agentmeter_runtime::config_watch::{spawn_config_watcher, ConfigHandle, Meter
 use agentmeter_runtime::kafka::{group_membership, GroupWatchdog, KafkaSettings, Topics};
 use agentmeter_runtime::observability::{operations_router, serve};
 use agentmeter_runtime::partitions::{
-    topic_partitions, OwnedPartitions, OwnershipMode, ProgressWatch, StaticOwnership,
+    OwnedPartitions, OwnershipMode, ProgressWatch, StaticAssigner,
 };
 use agentmeter_runtime::shutdown::Shutdown;
 use agentmeter_schemas::{decode_raw_action, encode_enriched_action};
@@ -126,17 +126,17 @@ pub async fn run(
         ),
     }
 
+    let topics_raw = topics.raw.clone();
     let mut stage = EnricherStage {
+        static_mode: static_ownership.is_some(),
         config,
         topics,
         metering,
         consumer,
         producer,
         watchdog,
-        static_ownership,
-        started: Vec::new(),
-        next_partition_check: Instant::now(),
-        partition_check_failures: 0,
+        static_assigner: static_ownership
+            .map(|ownership| StaticAssigner::new(ownership, &topics_raw, "enricher.ownership")),
         metadata_client,
         owned,
     };
@@ -147,7 +147,7 @@ pub async fn run(
     }
     // librdkafka sends no LeaveGroup for a static member when the consumer closes: leave
     // explicitly so the group reassigns our partitions now (ADR 0001, "Consumer groups on tansu").
-    if stage.static_ownership.is_none() {
+    if !stage.static_mode {
         stage.leave_group(Duration::from_secs(5)).await;
     }
     operations.abort();
@@ -215,13 +215,11 @@ struct EnricherStage {
     producer: FutureProducer,
     /// Group mode with the watchdog on.
     watchdog: Arc<Mutex<Option<GroupWatchdog>>>,
-    /// Static mode: this replica's rule (`None` in group mode).
-    static_ownership: Option<StaticOwnership>,
-    /// Static mode: the owned partitions assigned so far.
-    started: Vec<i32>,
-    /// Static mode: when to read the topic's partitions again.
-    next_partition_check: Instant,
-    partition_check_failures: u32,
+    /// Static mode: takes up this replica's partitions (`None` in group mode; taken out while
+    /// it reads the topic on a blocking thread).
+    static_assigner: Option<StaticAssigner>,
+    /// Static mode: no group to leave at shutdown.
+    static_mode: bool,
     /// A client for blocking metadata reads, run off the async threads.
     metadata_client: Arc<BaseConsumer>,
     owned: OwnedPartitions,
@@ -307,57 +305,26 @@ impl EnricherStage {
         }
     }
 
-    /// Static mode: reads the input topic's partitions when due and assigns the owned ones not
-    /// assigned yet, each from the group's committed offset (the beginning when there is none).
-    /// The metadata read blocks, so it runs on a blocking thread.
+    /// Static mode: assigns the owned partitions not assigned yet (at start, and any added to
+    /// the topic later), each from the group's committed offset (the beginning when there is
+    /// none). The metadata read blocks, so it runs on a blocking thread.
     async fn check_static_ownership(&mut self) -> anyhow::Result<()> {
-        let Some(ownership) = self.static_ownership else {
+        let Some(mut assigner) = self.static_assigner.take() else {
             return Ok(());
         };
-        if Instant::now() < self.next_partition_check {
+        if !assigner.time_until_due().is_zero() {
+            self.static_assigner = Some(assigner);
             return Ok(());
         }
         let client = self.metadata_client.clone();
-        let topic = self.topics.raw.clone();
-        let partitions = tokio::task::spawn_blocking(move || {
-            topic_partitions(&*client, &topic, Duration::from_secs(5))
+        let owned = self.owned.clone();
+        let (assigner, new) = tokio::task::spawn_blocking(move || {
+            let new = assigner.take_up(&*client, &owned);
+            (assigner, new)
         })
         .await
         .context("metadata thread panicked")?;
-        let partitions = match partitions {
-            Ok(partitions) => partitions,
-            Err(error) => {
-                // The broker is away or the topic not there yet: an outage to wait out.
-                self.partition_check_failures += 1;
-                self.next_partition_check = Instant::now()
-                    + Duration::from_millis(500 * u64::from(self.partition_check_failures.min(10)));
-                if self.partition_check_failures == 1
-                    || self.partition_check_failures.is_multiple_of(30)
-                {
-                    tracing::warn!(error = %format!("{error:#}"), "cannot read the input topic's partitions; retrying");
-                }
-                return Ok(());
-            }
-        };
-        self.partition_check_failures = 0;
-        self.next_partition_check = Instant::now() + Duration::from_secs(30);
-        let new: Vec<i32> = ownership
-            .owned(&partitions)
-            .into_iter()
-            .filter(|partition| !self.started.contains(partition))
-            .collect();
-        if self.started.is_empty() {
-            self.owned.add([]);
-            if new.is_empty() {
-                tracing::error!(
-                    replica = ownership.replica,
-                    replicas = ownership.replicas,
-                    partitions = partitions.len(),
-                    "this replica owns no partition of {}: lower enricher.ownership.replicas",
-                    self.topics.raw
-                );
-            }
-        }
+        self.static_assigner = Some(assigner);
         if new.is_empty() {
             return Ok(());
         }
@@ -367,19 +334,13 @@ impl EnricherStage {
         }
         self.consumer
             .incremental_assign(&list)
-            .context("cannot assign the owned partitions")?;
-        tracing::info!(partitions = ?new, "owned partitions assigned");
-        self.owned.add(new.iter().copied());
-        self.started.extend(new);
-        Ok(())
+            .context("cannot assign the owned partitions")
     }
 
     /// How long to wait for a record before the ownership checks run again.
     fn idle_check_interval(&self) -> Duration {
-        if self.static_ownership.is_some() {
-            self.next_partition_check
-                .saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(100))
+        if let Some(assigner) = &self.static_assigner {
+            assigner.time_until_due().max(Duration::from_millis(100))
         } else {
             GroupWatchdog::CHECK_INTERVAL
         }

@@ -158,6 +158,100 @@ impl StaticOwnership {
     }
 }
 
+/// Static mode's side of the consumer: which owned partitions of the input topic still have to
+/// be assigned. It reads the topic's partitions at start (retrying, with back-off, while the
+/// broker or the topic is not there: an outage to wait out) and every 30 s afterwards, so that
+/// partitions added to the topic are taken up. The enricher and the aggregator both use it.
+#[derive(Debug)]
+pub struct StaticAssigner {
+    ownership: StaticOwnership,
+    topic: String,
+    /// What `stage.ownership` is called in messages (`aggregator.ownership`).
+    setting: &'static str,
+    started: Vec<i32>,
+    next_check: Instant,
+    failures: u32,
+}
+
+impl StaticAssigner {
+    /// How often the topic's partitions are read again once known.
+    pub const RECHECK_INTERVAL: Duration = Duration::from_secs(30);
+
+    pub fn new(ownership: StaticOwnership, topic: &str, setting: &'static str) -> StaticAssigner {
+        StaticAssigner {
+            ownership,
+            topic: topic.to_string(),
+            setting,
+            started: Vec::new(),
+            next_check: Instant::now(),
+            failures: 0,
+        }
+    }
+
+    pub fn ownership(&self) -> StaticOwnership {
+        self.ownership
+    }
+
+    /// How long until the next read of the topic's partitions is due.
+    pub fn time_until_due(&self) -> Duration {
+        self.next_check.saturating_duration_since(Instant::now())
+    }
+
+    /// When due, reads the topic's partitions (blocking, bounded) and returns the owned ones
+    /// not taken up yet, recording them in `owned`; they must be assigned by the caller. Empty
+    /// when not due, nothing is new, or the read failed (logged on the first failure and every
+    /// 30th).
+    pub fn take_up<C: rdkafka::consumer::ConsumerContext, K: Consumer<C>>(
+        &mut self,
+        consumer: &K,
+        owned: &OwnedPartitions,
+    ) -> Vec<i32> {
+        if Instant::now() < self.next_check {
+            return Vec::new();
+        }
+        let partitions = match topic_partitions(consumer, &self.topic, Duration::from_secs(5)) {
+            Ok(partitions) => partitions,
+            Err(error) => {
+                self.failures += 1;
+                self.next_check =
+                    Instant::now() + Duration::from_millis(500 * u64::from(self.failures.min(10)));
+                if self.failures == 1 || self.failures.is_multiple_of(30) {
+                    tracing::warn!(error = %format!("{error:#}"), "cannot read the input topic's partitions; retrying");
+                }
+                return Vec::new();
+            }
+        };
+        self.failures = 0;
+        self.next_check = Instant::now() + Self::RECHECK_INTERVAL;
+        let new: Vec<i32> = self
+            .ownership
+            .owned(&partitions)
+            .into_iter()
+            .filter(|partition| !self.started.contains(partition))
+            .collect();
+        if self.started.is_empty() {
+            // Known even when it is nothing (more replicas than partitions).
+            owned.add([]);
+            if new.is_empty() {
+                tracing::error!(
+                    replica = self.ownership.replica,
+                    replicas = self.ownership.replicas,
+                    partitions = partitions.len(),
+                    "this replica owns no partition of {}: lower {}.replicas",
+                    self.topic,
+                    self.setting
+                );
+            }
+        }
+        if !new.is_empty() {
+            tracing::info!(partitions = ?new, topic = %self.topic, "owned partitions taken up");
+            owned.add(new.iter().copied());
+            self.started.extend(new.iter().copied());
+        }
+        new
+    }
+}
+
 /// The partition ids of `topic`, from the broker's metadata (blocking, bounded by `timeout`).
 /// An error when the topic is unknown or has no partitions.
 pub fn topic_partitions<C: rdkafka::consumer::ConsumerContext, K: Consumer<C>>(
