@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use agentmeter_runtime::kafka::KafkaSettings;
 use anyhow::Context;
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
@@ -32,36 +33,24 @@ impl ProducerContext for Deliveries {
     }
 }
 
-/// Producer settings as the stages use them (runtime/src/kafka.rs `producer_config`):
-/// acks=all, idempotent, linger 5 ms, 200,000 queued messages at most.
-pub fn stage_like_producer_config(brokers: &str) -> ClientConfig {
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", brokers)
-        .set("linger.ms", "5")
-        .set("queue.buffering.max.messages", "200000")
-        .set("message.timeout.ms", "120000")
-        .set("enable.idempotence", "true")
-        .set("acks", "all");
-    config
+/// The stages' Kafka settings with these brokers.
+fn stage_settings(brokers: &str) -> KafkaSettings {
+    KafkaSettings {
+        brokers: brokers.to_string(),
+        ..KafkaSettings::default()
+    }
 }
 
-/// Group consumer settings as the stages use them (runtime/src/kafka.rs
-/// `group_consumer_config`), with dynamic membership.
+/// Producer settings exactly as the stages use them (`KafkaSettings::producer_config`: acks=all,
+/// idempotent, linger 5 ms, 200,000 queued messages at most), with a 120 s delivery timeout.
+pub fn stage_like_producer_config(brokers: &str) -> ClientConfig {
+    stage_settings(brokers).producer_config(Duration::from_secs(120))
+}
+
+/// Group consumer settings exactly as the stages use them
+/// (`KafkaSettings::group_consumer_config`), with dynamic membership.
 pub fn stage_like_consumer_config(brokers: &str, group_id: &str) -> ClientConfig {
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", brokers)
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "30000")
-        .set("heartbeat.interval.ms", "1000")
-        .set("fetch.wait.max.ms", "100")
-        .set("group.id", group_id)
-        .set("enable.auto.commit", "true")
-        .set("auto.commit.interval.ms", "1000")
-        .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "false");
-    config
+    stage_settings(brokers).group_consumer_config(group_id, "")
 }
 
 /// A producer with the stages' settings that counts delivery reports.
