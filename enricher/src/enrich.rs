@@ -332,26 +332,17 @@ mod tests {
 
     fn raw(action_name: &str, occurred_at_micros: i64) -> RawAction {
         RawAction {
-            event_id: "e1".into(),
-            workspace_id: "ws_demo".into(),
-            account_id: "acc_acme".into(),
-            agent_instance_id: "inst_acme_research".into(),
-            kind: ActionKind::Action,
-            action_name: action_name.into(),
-            trace_event: None,
             user_id: Some("u1".into()),
-            anonymous_id: None,
             occurred_at_micros,
             received_at_micros: occurred_at_micros,
-            description: None,
-            llm_provider: None,
-            llm_model: None,
-            input_tokens: None,
-            output_tokens: None,
-            total_tokens: None,
-            reported_cost: None,
-            attributes_json: "{}".into(),
             source: "rest".into(),
+            ..RawAction::minimal(
+                "ws_demo",
+                "acc_acme",
+                "inst_acme_research",
+                "e1",
+                action_name,
+            )
         }
     }
 

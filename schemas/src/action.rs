@@ -66,6 +66,41 @@ pub struct RawAction {
 }
 
 impl RawAction {
+    /// A plain action of `agent_instance_id` (of `account_id` in `workspace_id`) with nothing
+    /// else set: no user, tokens, cost or description, empty attributes, times 0, source
+    /// `kafka`. Tests, fuzz seeds and benches set what matters to them with struct update syntax:
+    /// `RawAction { user_id: Some(..), ..RawAction::minimal(..) }`.
+    pub fn minimal(
+        workspace_id: &str,
+        account_id: &str,
+        agent_instance_id: &str,
+        event_id: &str,
+        action_name: &str,
+    ) -> RawAction {
+        RawAction {
+            event_id: event_id.into(),
+            workspace_id: workspace_id.into(),
+            account_id: account_id.into(),
+            agent_instance_id: agent_instance_id.into(),
+            kind: ActionKind::Action,
+            action_name: action_name.into(),
+            trace_event: None,
+            user_id: None,
+            anonymous_id: None,
+            occurred_at_micros: 0,
+            received_at_micros: 0,
+            description: None,
+            llm_provider: None,
+            llm_model: None,
+            input_tokens: None,
+            output_tokens: None,
+            total_tokens: None,
+            reported_cost: None,
+            attributes_json: "{}".into(),
+            source: "kafka".into(),
+        }
+    }
+
     /// The end user the action is attributed to: `user_id`, else `anonymous_id`, else empty.
     pub fn user_key(&self) -> &str {
         self.user_id

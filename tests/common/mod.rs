@@ -562,28 +562,13 @@ pub fn kafka_action(
     event_id: String,
     action_name: &str,
 ) -> agentmeter_schemas::RawAction {
-    agentmeter_schemas::RawAction {
-        event_id,
-        workspace_id: workspace.into(),
-        account_id: account.into(),
-        agent_instance_id: format!("inst_{account}"),
-        kind: agentmeter_schemas::ActionKind::Action,
-        action_name: action_name.into(),
-        trace_event: None,
-        user_id: None,
-        anonymous_id: None,
-        occurred_at_micros: 0,
-        received_at_micros: 0,
-        description: None,
-        llm_provider: None,
-        llm_model: None,
-        input_tokens: None,
-        output_tokens: None,
-        total_tokens: None,
-        reported_cost: None,
-        attributes_json: "{}".into(),
-        source: "kafka".into(),
-    }
+    agentmeter_schemas::RawAction::minimal(
+        workspace,
+        account,
+        &format!("inst_{account}"),
+        &event_id,
+        action_name,
+    )
 }
 
 /// Sends a REST batch until ingest accepts it (202), as the README asks clients to: a batch
