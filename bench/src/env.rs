@@ -128,48 +128,27 @@ impl BenchEnv {
 
     fn write_settings(&self) -> anyhow::Result<()> {
         // Stage settings are the production defaults but for names and ports.
+        let run = agentmeter_testkit::settings::RunSettings {
+            brokers: self.options.brokers.clone(),
+            topic_prefix: self.topic_prefix.clone(),
+            clickhouse_url: self.options.clickhouse_url.clone(),
+            database: self.database.clone(),
+            ingest_port: self.ingest_port,
+            otlp_grpc_port: self.otlp_grpc_port,
+            otlp_http_port: self.otlp_http_port,
+            enricher_metrics_port: self.enricher_metrics_port,
+            aggregator_metrics_port: self.aggregator_metrics_port,
+        };
+        let overrides: String = self
+            .options
+            .kafka_client_overrides
+            .iter()
+            .map(|(key, value)| format!("{key:?} = {value:?}\n"))
+            .collect();
         let settings = format!(
-            r#"# agentmeter-bench run {unique}
-[kafka]
-brokers = "{brokers}"
-topic_prefix = "{prefix}"
-partitions = 4
-
-[clickhouse]
-url = "{clickhouse}"
-database = "{database}"
-
-[ingest]
-http_listen = "127.0.0.1:{ingest}"
-otlp_grpc_listen = "127.0.0.1:{otlp_grpc}"
-otlp_http_listen = "127.0.0.1:{otlp_http}"
-
-[enricher]
-group_id = "{prefix}enricher"
-metrics_listen = "127.0.0.1:{enricher}"
-
-[aggregator]
-group_id = "{prefix}aggregator"
-metrics_listen = "127.0.0.1:{aggregator}"
-
-[kafka.client_overrides]
-{overrides}"#,
-            unique = self.unique,
-            brokers = self.options.brokers,
-            prefix = self.topic_prefix,
-            clickhouse = self.options.clickhouse_url,
-            database = self.database,
-            ingest = self.ingest_port,
-            otlp_grpc = self.otlp_grpc_port,
-            otlp_http = self.otlp_http_port,
-            enricher = self.enricher_metrics_port,
-            aggregator = self.aggregator_metrics_port,
-            overrides = self
-                .options
-                .kafka_client_overrides
-                .iter()
-                .map(|(key, value)| format!("{key:?} = {value:?}\n"))
-                .collect::<String>(),
+            "# agentmeter-bench run {}\n{}",
+            self.unique,
+            run.to_toml("", "", &format!("[kafka.client_overrides]\n{overrides}"))
         );
         std::fs::write(&self.settings_path, settings)?;
         Ok(())
@@ -444,9 +423,4 @@ pub async fn clickhouse_query(
     Ok(text)
 }
 
-/// The last `lines` lines of a log file.
-pub fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
+pub use agentmeter_testkit::settings::tail;

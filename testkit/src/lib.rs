@@ -5,8 +5,11 @@
 //! * [`free_port`]: loopback ports for the stages' listeners, unique within the process.
 //! * [`broker::topic_deletion_is_safe`]: whether the local broker deletes only the topic it is
 //!   asked to delete (tansu 0.6.0 from crates.io deletes them all).
+//! * [`settings::RunSettings`]: the settings file of one isolated run (names and ports), and
+//!   [`settings::tail`] for log excerpts.
 
 pub mod broker;
+pub mod settings;
 
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicU32, Ordering};

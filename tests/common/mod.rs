@@ -116,44 +116,24 @@ impl TestEnv {
     }
 
     fn write_settings(&self, extra: &str) {
-        let settings = format!(
-            r#"
-[kafka]
-brokers = "{brokers}"
-topic_prefix = "{prefix}"
-partitions = 4
-
-[clickhouse]
-url = "{clickhouse}"
-database = "{database}"
-
-[ingest]
-http_listen = "127.0.0.1:{ingest}"
-otlp_grpc_listen = "127.0.0.1:{otlp_grpc}"
-otlp_http_listen = "127.0.0.1:{otlp_http}"
-
-[enricher]
-group_id = "{prefix}enricher"
-metrics_listen = "127.0.0.1:{enricher}"
-batch_max_wait = "20ms"
-
-[aggregator]
-group_id = "{prefix}aggregator"
-metrics_listen = "127.0.0.1:{aggregator}"
-flush_interval = "300ms"
-{extra}
-"#,
-            brokers = brokers(),
-            prefix = self.topic_prefix,
-            clickhouse = clickhouse_url(),
-            database = self.database,
-            ingest = self.ingest_port,
-            enricher = self.enricher_metrics_port,
-            aggregator = self.aggregator_metrics_port,
-            otlp_grpc = self.otlp_grpc_port,
-            otlp_http = self.otlp_http_port,
-        );
-        std::fs::write(&self.settings_path, settings).unwrap();
+        let run = agentmeter_testkit::settings::RunSettings {
+            brokers: brokers(),
+            topic_prefix: self.topic_prefix.clone(),
+            clickhouse_url: clickhouse_url(),
+            database: self.database.clone(),
+            ingest_port: self.ingest_port,
+            otlp_grpc_port: self.otlp_grpc_port,
+            otlp_http_port: self.otlp_http_port,
+            enricher_metrics_port: self.enricher_metrics_port,
+            aggregator_metrics_port: self.aggregator_metrics_port,
+        };
+        // Short batch waits and flushes, so that the tests see results soon.
+        let aggregator = format!("flush_interval = \"300ms\"\n{extra}");
+        std::fs::write(
+            &self.settings_path,
+            run.to_toml("batch_max_wait = \"20ms\"\n", &aggregator, ""),
+        )
+        .unwrap();
     }
 
     /// Runs an `agentmeter` tool to completion; panics with its output when it fails.
@@ -278,12 +258,10 @@ flush_interval = "300ms"
         self.processes
             .iter()
             .map(|process| {
-                let text = std::fs::read_to_string(&process.log_path).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(30).collect();
                 format!(
                     "--- {} (last lines) ---\n{}",
                     process.tag,
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    agentmeter_testkit::settings::tail(&process.log_path, 30)
                 )
             })
             .collect::<Vec<_>>()
