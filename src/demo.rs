@@ -154,7 +154,7 @@ pub async fn run(args: DemoArgs, settings: &Settings) -> anyhow::Result<()> {
         if arrived as usize >= sent {
             println!(
                 "all {sent} actions queryable in ClickHouse after {:.2}s (right after the stages \
-                 start this includes their consumer-group joins, about 6 s on tansu)",
+                 start, this includes the aggregator's first flush and the enricher's first batch)",
                 started.elapsed().as_secs_f64()
             );
             break;
