@@ -1,38 +1,31 @@
-//! HTTP routes of ingest and the process's life cycle.
+//! The REST API of ingest: `POST /v1/actions`, `GET /api/v1/agent_instance/info`, with the
+//! operations routes (`/metrics`, `/healthz`, `/readyz`), early admission and the request
+//! timeout. The process's wiring (`run`) is in `lib.rs`.
 //!
 //! Every listener is served by [`crate::connections::serve`] (connection limit, header-read,
 //! first-request and idle deadlines); the axum routers also carry a request timeout
 //! (`ingest.request_timeout_ms`, 408). With `ingest.operations_listen` set, `/metrics`,
 //! `/healthz` and `/readyz` move from the public API listener to that address.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
-use agentmeter_runtime::config_watch::spawn_config_watcher;
-use agentmeter_runtime::kafka::KafkaSettings;
 use agentmeter_runtime::observability::operations_router;
-use agentmeter_runtime::shutdown::Shutdown;
 use agentmeter_schemas::rest::{RestAccepted, RestActionBatch};
-use anyhow::Context;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use rdkafka::producer::{FutureProducer, Producer};
 use serde_json::json;
 
-use crate::admission::AdmissionLimits;
 use crate::auth::{authenticate, AuthError};
 use crate::body::{
     decode_content, read_limited, BodyError, ContentEncoding, MediaType, BLOCKING_DECODE_BYTES,
 };
 use crate::config::IngestConfig;
-use crate::connections::{self, ListenerLimits};
 use crate::normalize::{now_micros, rest_action_to_raw, Limits};
-use crate::sink::{ActionSink, SinkError};
+use crate::sink::SinkError;
 use crate::telemetry::{
     emit, ActionsAccepted, ActionsRejected, AdmissionRefused, AuthenticationFailed, RequestAnswered,
 };
@@ -56,7 +49,7 @@ pub fn api_router(state: AppState) -> Router {
 }
 
 /// `router` with the early admission check (see [`refuse_early`]).
-fn with_early_admission(router: Router, state: &AppState) -> Router {
+pub(crate) fn with_early_admission(router: Router, state: &AppState) -> Router {
     router.layer(axum::middleware::from_fn_with_state(
         state.clone(),
         refuse_early,
@@ -166,173 +159,11 @@ fn early_refusal_response(
 }
 
 /// `router` with the request timeout: a request not answered within it gets 408.
-fn with_request_timeout(router: Router, config: &IngestConfig) -> Router {
+pub(crate) fn with_request_timeout(router: Router, config: &IngestConfig) -> Router {
     router.layer(tower_http::timeout::TimeoutLayer::with_status_code(
         StatusCode::REQUEST_TIMEOUT,
         Duration::from_millis(config.request_timeout_ms),
     ))
-}
-
-/// Runs ingest until shutdown: in-flight requests finish (and their records are acknowledged)
-/// before the process exits.
-pub async fn run(
-    config: IngestConfig,
-    kafka: KafkaSettings,
-    mut shutdown: Shutdown,
-) -> anyhow::Result<()> {
-    config.validate()?;
-    kafka.validate()?;
-    let mut metering = spawn_config_watcher(&kafka, shutdown.clone())?;
-    if !metering.wait_until_loaded(shutdown.clone()).await {
-        return Ok(());
-    }
-    let producer: FutureProducer = kafka
-        .producer_config(Duration::from_millis(config.produce_timeout_ms))
-        .create()
-        .context("cannot create the Kafka producer")?;
-    let sink = Arc::new(ActionSink::with_admission(
-        producer,
-        kafka.topics().raw,
-        AdmissionLimits::from_config(&config),
-    ));
-
-    let broker_reachable = Arc::new(AtomicBool::new(true));
-    spawn_broker_probe(sink.clone(), broker_reachable.clone(), shutdown.clone());
-    let readiness = {
-        let metering = metering.clone();
-        let broker_reachable = broker_reachable.clone();
-        Arc::new(move || {
-            if !metering.is_caught_up() {
-                return Err("metering configuration not loaded yet".to_string());
-            }
-            if !broker_reachable.load(Ordering::Relaxed) {
-                return Err("Kafka broker not reachable".to_string());
-            }
-            Ok(())
-        })
-    };
-    let state = AppState {
-        config: Arc::new(config.clone()),
-        metering,
-        sink: sink.clone(),
-    };
-    let listener = tokio::net::TcpListener::bind(config.http_listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.http_listen))?;
-    // All listeners are bound before anything is served, so a taken port fails the start.
-    let otlp_grpc_listener = tokio::net::TcpListener::bind(config.otlp_grpc_listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {} (ingest.otlp_grpc_listen)",
-                config.otlp_grpc_listen
-            )
-        })?;
-    let otlp_http_listener = tokio::net::TcpListener::bind(config.otlp_http_listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {} (ingest.otlp_http_listen)",
-                config.otlp_http_listen
-            )
-        })?;
-    let operations_listener =
-        match config.operations_listen {
-            Some(address) => Some(tokio::net::TcpListener::bind(address).await.with_context(
-                || format!("cannot listen on {address} (ingest.operations_listen)"),
-            )?),
-            None => None,
-        };
-    let limits = ListenerLimits::from_config(&config);
-    let (rest_router, operations) = match operations_listener {
-        Some(operations_listener) => {
-            tracing::info!(listen = ?config.operations_listen, "ingest operations endpoints ready");
-            let operations = connections::serve(
-                "operations",
-                operations_listener,
-                with_request_timeout(operations_router(readiness), &config),
-                limits,
-                shutdown.clone(),
-            );
-            (
-                with_early_admission(api_router(state.clone()), &state),
-                Some(operations),
-            )
-        }
-        None => (
-            with_early_admission(api_router(state.clone()), &state)
-                .merge(operations_router(readiness)),
-            None,
-        ),
-    };
-    tracing::info!(listen = %config.http_listen, "ingest HTTP API ready");
-    let rest = async {
-        connections::serve(
-            "rest",
-            listener,
-            with_request_timeout(rest_router, &config),
-            limits,
-            shutdown.clone(),
-        )
-        .await
-        .context("ingest HTTP server failed")
-    };
-    let otlp_http = async {
-        tracing::info!(listen = %config.otlp_http_listen, "ingest OTLP/HTTP ready");
-        connections::serve(
-            "otlp_http",
-            otlp_http_listener,
-            with_request_timeout(
-                with_early_admission(crate::otlp::http::router(state.clone()), &state),
-                &config,
-            ),
-            limits,
-            shutdown.clone(),
-        )
-        .await
-        .context("OTLP/HTTP server failed")
-    };
-    let operations = async {
-        match operations {
-            Some(operations) => operations.await.context("ingest operations server failed"),
-            None => Ok(()),
-        }
-    };
-    // The servers stop on the same shutdown and each drains its in-flight requests; the
-    // producer is flushed only after all of them have finished.
-    tokio::try_join!(
-        rest,
-        crate::otlp::grpc::serve(state.clone(), otlp_grpc_listener, shutdown.clone()),
-        otlp_http,
-        operations,
-    )?;
-    shutdown.requested().await;
-    let flushed =
-        tokio::task::spawn_blocking(move || sink.producer().flush(Duration::from_secs(10))).await?;
-    if let Err(error) = flushed {
-        tracing::warn!(%error, "producer flush at shutdown incomplete");
-    }
-    tracing::info!("ingest stopped");
-    Ok(())
-}
-
-fn spawn_broker_probe(sink: Arc<ActionSink>, reachable: Arc<AtomicBool>, shutdown: Shutdown) {
-    tokio::spawn(async move {
-        while !shutdown.is_requested() {
-            let probe_sink = sink.clone();
-            let answered = tokio::task::spawn_blocking(move || {
-                probe_sink
-                    .producer()
-                    .client()
-                    .fetch_metadata(None, Duration::from_secs(2))
-                    .is_ok()
-            })
-            .await
-            .unwrap_or(false);
-            reachable.store(answered, Ordering::Relaxed);
-            tokio::time::sleep(Duration::from_secs(5)).await;
-        }
-    });
 }
 
 /// An error answer: JSON `{"error": ...}` plus optional details, counted by endpoint and status.
@@ -588,6 +419,7 @@ async fn post_actions(State(state): State<AppState>, headers: HeaderMap, body: B
 mod rest_body_tests {
     use super::*;
     use std::io::Write;
+    use std::sync::Arc;
 
     use rdkafka::mocking::MockCluster;
 
@@ -770,7 +602,13 @@ mod early_refusal_tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+    use crate::admission::AdmissionLimits;
+    use crate::connections::{self, ListenerLimits};
     use crate::otlp::rpc::{RpcStatus, RETRY_INFO_TYPE_URL};
+    use crate::sink::ActionSink;
+    use agentmeter_runtime::shutdown::Shutdown;
+    use rdkafka::producer::FutureProducer;
+    use std::sync::Arc;
 
     use crate::test_support::{demo_metering, DEMO_SECRET as ACME_SECRET};
 
