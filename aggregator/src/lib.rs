@@ -6,13 +6,16 @@
 //!   usage per window and dimensions. Its unit tests replay every crash point.
 //! * [`stream`] — the Kafka consumer on a blocking thread; every partition it takes (by replica
 //!   ordinal or from the consumer group, ADR 0003) resumes from the progress stored in ClickHouse.
-//! * [`service`] — the ClickHouse writes in their safe order, plan reads, retry rules.
+//! * [`service`] — the ClickHouse writes in their safe order, plan reads, and the
+//!   [`ClickHouseWriter`](service::ClickHouseWriter) that runs them with the retry rules and health.
+//! * [`dead_letters`] — the dead-letter producer for poison records.
 //! * [`telemetry`] — what the aggregator counts and logs, one type per event.
 //! * [`rows`] — row types of the tables; [`migrate`] — the versioned DDL.
 //!
 //! Why the totals are exact is explained in `docs/adr/0001-exactly-once-aggregation.md`.
 
 pub mod config;
+pub mod dead_letters;
 pub mod migrate;
 pub mod rows;
 pub mod service;

@@ -5,11 +5,16 @@
 //! offset reached, and the next batch's plan). A crash between any two leaves rows that a replay
 //! rewrites identically or supersedes; progress never claims data that is not written.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
+
+use agentmeter_runtime::shutdown::Shutdown;
 
 use crate::config::ClickHouseSettings;
 use crate::rows::{ActionRow, EpochRow, EpochStartRow, PlanRow, PlannedRow, ProgressRow, UsageRow};
 use crate::state::{BatchPlan, BatchSettings, BatchWrite, InputEpoch};
+use crate::telemetry::{emit, ClickHouseRetried};
 
 /// Whether a failed ClickHouse call may succeed if tried again.
 #[derive(Debug, thiserror::Error)]
@@ -289,6 +294,84 @@ impl ClickHouseService {
             .execute()
             .await
             .map_err(classify)
+    }
+}
+
+/// The ClickHouse side of the aggregator's thread: the service, the runtime its futures run on,
+/// the retry rule (retriable errors back off and retry until shutdown; a permanent one gives
+/// up), and the health `/readyz` shows.
+pub struct ClickHouseWriter {
+    service: ClickHouseService,
+    runtime: tokio::runtime::Runtime,
+    initial_backoff: Duration,
+    max_backoff: Duration,
+    healthy: Arc<AtomicBool>,
+    shutdown: Shutdown,
+}
+
+/// Why a ClickHouse call was given up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GaveUp {
+    /// ClickHouse refused it for good (e.g. the schema); the message names the call.
+    Permanent(String),
+    /// Shutdown was requested while it was failing; the next start replays it.
+    Shutdown,
+}
+
+impl ClickHouseWriter {
+    pub fn new(
+        service: ClickHouseService,
+        initial_backoff: Duration,
+        max_backoff: Duration,
+        healthy: Arc<AtomicBool>,
+        shutdown: Shutdown,
+    ) -> std::io::Result<ClickHouseWriter> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        Ok(ClickHouseWriter {
+            service,
+            runtime,
+            initial_backoff,
+            max_backoff,
+            healthy,
+            shutdown,
+        })
+    }
+
+    /// Runs `call` until it succeeds, fails permanently, or shutdown is requested.
+    pub fn call<T>(
+        &self,
+        what: &str,
+        mut call: impl FnMut(&ClickHouseService, &tokio::runtime::Runtime) -> Result<T, ClickHouseError>,
+    ) -> Result<T, GaveUp> {
+        let mut backoff = Backoff::new(self.initial_backoff, self.max_backoff);
+        loop {
+            match call(&self.service, &self.runtime) {
+                Ok(value) => {
+                    self.healthy.store(true, Ordering::Relaxed);
+                    return Ok(value);
+                }
+                Err(error @ ClickHouseError::Permanent(_)) => {
+                    tracing::error!(%error, "{what} failed permanently; stopping");
+                    return Err(GaveUp::Permanent(format!("{what}: {error}")));
+                }
+                Err(error) => {
+                    self.healthy.store(false, Ordering::Relaxed);
+                    if self.shutdown.is_requested() {
+                        tracing::warn!(%error, "{what} abandoned at shutdown; the next start replays it");
+                        return Err(GaveUp::Shutdown);
+                    }
+                    let delay = backoff.next_delay();
+                    emit(ClickHouseRetried {
+                        what,
+                        error: &error,
+                        delay,
+                    });
+                    std::thread::sleep(delay);
+                }
+            }
+        }
     }
 }
 

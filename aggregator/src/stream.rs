@@ -23,7 +23,7 @@
 //!   Offsets inside the aggregator are logical (the epoch's mapping of Kafka offsets).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,17 +34,16 @@ use agentmeter_schemas::decode_enriched_action;
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, KafkaResult};
-use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::message::BorrowedMessage;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
 use crate::config::AggregatorConfig;
-use crate::service::{Backoff, ClickHouseError, ClickHouseService};
+use crate::dead_letters::DeadLetterSink;
+use crate::service::{ClickHouseError, ClickHouseService, ClickHouseWriter, GaveUp};
 use crate::state::{BatchSettings, InputEpoch, PartitionAggregator, RecordOutcome};
 use crate::telemetry::{
-    emit, BatchWritten, ClickHouseRetried, ConsumerLag, FlushFinished, InputResetState,
-    PoisonSkipped, RecordHandled,
+    emit, BatchWritten, ConsumerLag, FlushFinished, InputResetState, RecordHandled,
 };
 
 /// Partitions whose input was reset, with the message for `/readyz`; shared with the readiness
@@ -61,20 +60,18 @@ enum PartitionStart {
     Abandoned,
 }
 
-/// What the poll thread and the rebalance callback share.
+/// What the poll thread and the rebalance callback share: the partition states and what they
+/// write to — the ClickHouse writer (with its retry rule and health) and the dead-letter sink.
 struct Worker {
     config: AggregatorConfig,
     settings: BatchSettings,
     topic: String,
-    dead_letter_topic: String,
-    service: ClickHouseService,
-    runtime: tokio::runtime::Runtime,
+    clickhouse: ClickHouseWriter,
+    dead_letters: DeadLetterSink,
     partitions: HashMap<i32, PartitionAggregator>,
     shutdown: Shutdown,
     /// Set when ClickHouse rejected a write permanently; the stage stops with it.
     fatal: Option<String>,
-    clickhouse_healthy: Arc<AtomicBool>,
-    dead_letters: ThreadedProducer<DefaultProducerContext>,
     last_flush: Instant,
     /// Group mode with the watchdog on: the local broker's stuck states, repaired.
     watchdog: Option<GroupWatchdog>,
@@ -93,42 +90,20 @@ struct Worker {
 }
 
 impl Worker {
-    /// Runs a ClickHouse call until it succeeds, fails permanently, or shutdown is requested.
+    /// Runs a ClickHouse call with the writer's retry rule; a permanent failure stops the
+    /// stage (`fatal`).
     fn with_retries<T>(
         &mut self,
         what: &str,
-        mut call: impl FnMut(&ClickHouseService, &tokio::runtime::Runtime) -> Result<T, ClickHouseError>,
+        call: impl FnMut(&ClickHouseService, &tokio::runtime::Runtime) -> Result<T, ClickHouseError>,
     ) -> Option<T> {
-        let mut backoff = Backoff::new(
-            Duration::from_millis(self.config.retry_initial_backoff_ms),
-            Duration::from_millis(self.config.retry_max_backoff_ms),
-        );
-        loop {
-            match call(&self.service, &self.runtime) {
-                Ok(value) => {
-                    self.clickhouse_healthy.store(true, Ordering::Relaxed);
-                    return Some(value);
-                }
-                Err(error @ ClickHouseError::Permanent(_)) => {
-                    tracing::error!(%error, "{what} failed permanently; stopping");
-                    self.fatal = Some(format!("{what}: {error}"));
-                    return None;
-                }
-                Err(error) => {
-                    self.clickhouse_healthy.store(false, Ordering::Relaxed);
-                    if self.shutdown.is_requested() {
-                        tracing::warn!(%error, "{what} abandoned at shutdown; the next start replays it");
-                        return None;
-                    }
-                    let delay = backoff.next_delay();
-                    emit(ClickHouseRetried {
-                        what,
-                        error: &error,
-                        delay,
-                    });
-                    std::thread::sleep(delay);
-                }
+        match self.clickhouse.call(what, call) {
+            Ok(value) => Some(value),
+            Err(GaveUp::Permanent(message)) => {
+                self.fatal = Some(message);
+                None
             }
+            Err(GaveUp::Shutdown) => None,
         }
     }
 
@@ -309,37 +284,9 @@ impl Worker {
         }
     }
 
-    /// Counts a poison record and queues it on the dead-letter topic with its reason; the
-    /// partition goes on (the skip is deterministic, so replays skip it too).
+    /// Counts a poison record and queues it on the dead-letter topic with its reason.
     fn dead_letter(&self, message: &BorrowedMessage<'_>, code: &'static str, reason: &str) {
-        let partition = message.partition();
-        emit(PoisonSkipped {
-            code,
-            partition,
-            offset: message.offset(),
-            reason,
-        });
-        let source = format!("{}/{}/{}", message.topic(), partition, message.offset());
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: "agentmeter.dlq.reason",
-                value: Some(code),
-            })
-            .insert(Header {
-                key: "agentmeter.dlq.message",
-                value: Some(reason),
-            })
-            .insert(Header {
-                key: "agentmeter.dlq.source",
-                value: Some(&source),
-            });
-        let record = BaseRecord::to(&self.dead_letter_topic)
-            .payload(message.payload().unwrap_or_default())
-            .key(message.key().unwrap_or_default())
-            .headers(headers);
-        if let Err((error, _)) = self.dead_letters.send(record) {
-            tracing::error!(%error, "cannot queue the dead letter");
-        }
+        self.dead_letters.send(message, code, reason);
     }
 
     fn pending_actions(&self) -> usize {
@@ -511,14 +458,15 @@ pub fn run_blocking(
 ) -> anyhow::Result<()> {
     let topics = kafka.topics();
     let group_mode = config.ownership.mode == OwnershipMode::Group;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the ClickHouse runtime")?;
-    let dead_letters: ThreadedProducer<DefaultProducerContext> = kafka
-        .producer_config(Duration::from_secs(30))
-        .create()
-        .context("cannot create the dead-letter producer")?;
+    let clickhouse = ClickHouseWriter::new(
+        service,
+        Duration::from_millis(config.retry_initial_backoff_ms),
+        Duration::from_millis(config.retry_max_backoff_ms),
+        clickhouse_healthy,
+        shutdown.clone(),
+    )
+    .context("cannot start the ClickHouse runtime")?;
+    let dead_letters = DeadLetterSink::new(&kafka)?;
     let worker = Arc::new(Mutex::new(Worker {
         settings: BatchSettings {
             batch_size: config.batch_offsets,
@@ -527,14 +475,11 @@ pub fn run_blocking(
         },
         config: config.clone(),
         topic: topics.enriched.clone(),
-        dead_letter_topic: topics.dead_letter.clone(),
-        service,
-        runtime,
+        clickhouse,
+        dead_letters,
         partitions: HashMap::new(),
         shutdown: shutdown.clone(),
         fatal: None,
-        clickhouse_healthy,
-        dead_letters,
         last_flush: Instant::now(),
         watchdog: (group_mode && config.ownership.group_watchdog)
             .then(|| GroupWatchdog::new(&config.group_id, &topics.enriched)),
@@ -692,7 +637,7 @@ pub fn run_blocking(
     {
         let _ = consumer.poll(Duration::from_millis(50));
     }
-    let _ = worker
+    worker
         .lock()
         .expect("worker lock")
         .dead_letters
