@@ -478,7 +478,7 @@ impl PartitionAggregator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use agentmeter_schemas::{ActionKind, CostSource, RawAction};
+    use agentmeter_schemas::{CostSource, RawAction};
     use rust_decimal::Decimal;
     use std::str::FromStr;
 
@@ -500,26 +500,11 @@ mod tests {
     ) -> EnrichedAction {
         EnrichedAction {
             raw: RawAction {
-                event_id: event_id.into(),
-                workspace_id: "ws".into(),
-                account_id: "acc".into(),
-                agent_instance_id: "inst".into(),
-                kind: ActionKind::Action,
-                action_name: name.into(),
-                trace_event: None,
                 user_id: Some(user.into()),
-                anonymous_id: None,
                 occurred_at_micros: (BASE_SECONDS + occurred_seconds) * 1_000_000,
                 received_at_micros: (BASE_SECONDS + occurred_seconds) * 1_000_000,
-                description: None,
-                llm_provider: None,
-                llm_model: None,
-                input_tokens: None,
-                output_tokens: None,
-                total_tokens: None,
-                reported_cost: None,
-                attributes_json: "{}".into(),
                 source: "rest".into(),
+                ..RawAction::minimal("ws", "acc", "inst", event_id, name)
             },
             tracked: true,
             outcome: name == "object_detection",

@@ -520,6 +520,7 @@ pub fn run_blocking(
         );
         Some(ownership)
     };
+    let owned = worker.lock().expect("worker lock").owned.clone();
     let mut static_assigner = static_ownership
         .map(|ownership| StaticAssigner::new(ownership, &topics.enriched, "aggregator.ownership"));
 
@@ -534,7 +535,6 @@ pub fn run_blocking(
             break Ok(());
         }
         if let Some(assigner) = static_assigner.as_mut() {
-            let owned = worker.lock().expect("worker lock").owned.clone();
             let new = assigner.take_up(&consumer, &owned);
             if !new.is_empty() {
                 let mut list = TopicPartitionList::new();

@@ -129,9 +129,10 @@ fn host_ordinal() -> Option<u32> {
 
 fn ordinal_of(host: &str) -> Option<u32> {
     let (_, digits) = host.rsplit_once('-')?;
-    (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
-        .then(|| digits.parse().ok())
-        .flatten()
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
 }
 
 /// Replica `replica` of `replicas` owns the partitions `p` with `p mod replicas = replica`.
