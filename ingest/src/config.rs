@@ -8,6 +8,9 @@ use serde::Deserialize;
 /// queue before a record is enqueued (see `sink.rs`).
 pub const ENQUEUE_ALLOWANCE_MS: u64 = 1000;
 
+/// The default of [`IngestConfig::producer_window_actions`].
+pub const DEFAULT_PRODUCER_WINDOW_ACTIONS: usize = 2000;
+
 /// Settings of `agentmeter ingest`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -69,6 +72,12 @@ pub struct IngestConfig {
     pub max_concurrent_requests_per_agent_instance: usize,
     /// Requests of one workspace in progress at once at most (all its agent instances).
     pub max_concurrent_requests_per_workspace: usize,
+    /// Actions handed to the Kafka producer and not yet acknowledged, at most. Admitted batches
+    /// beyond it wait in ingest and are handed over round robin by workspace, so a batch of a
+    /// quiet workspace waits behind at most this many records of a flooding one, not behind
+    /// the flood's whole share (`ingest::producer_window`). Smaller isolates workspaces better;
+    /// too small leaves the broker idle between acknowledgements (docs/ingest-security.md).
+    pub producer_window_actions: usize,
     /// Time a client has to send a complete request head: from connecting until its first
     /// request has arrived (any protocol), and on a keep-alive HTTP/1 connection from the end of
     /// one response until the next request head is complete. Beyond it the connection is closed.
@@ -134,6 +143,7 @@ impl Default for IngestConfig {
             max_in_flight_actions_per_agent_instance: 5_000,
             max_concurrent_requests_per_agent_instance: 16,
             max_concurrent_requests_per_workspace: 64,
+            producer_window_actions: DEFAULT_PRODUCER_WINDOW_ACTIONS,
             header_read_timeout_ms: 10_000,
             idle_timeout_ms: 60_000,
             request_timeout_ms: 30_000,
@@ -194,14 +204,20 @@ impl IngestConfig {
             self.max_concurrent_requests_per_workspace
         );
         anyhow::ensure!(
+            self.producer_window_actions >= 1,
+            "ingest.producer_window_actions must be at least 1"
+        );
+        anyhow::ensure!(
             self.header_read_timeout_ms >= 100 && self.idle_timeout_ms >= 100,
             "ingest.header_read_timeout_ms and idle_timeout_ms must be at least 100"
         );
+        // A batch may wait up to `produce_timeout_ms` for room in the producer window, then as
+        // long again for its acknowledgements.
+        let sink_answers_within = 2 * self.produce_timeout_ms + ENQUEUE_ALLOWANCE_MS;
         anyhow::ensure!(
-            self.request_timeout_ms > self.produce_timeout_ms + ENQUEUE_ALLOWANCE_MS,
-            "ingest.request_timeout_ms ({}) must be more than produce_timeout_ms + {ENQUEUE_ALLOWANCE_MS} ({}), so that a request waiting for Kafka is answered by the sink rather than cut",
+            self.request_timeout_ms > sink_answers_within,
+            "ingest.request_timeout_ms ({}) must be more than 2 × produce_timeout_ms + {ENQUEUE_ALLOWANCE_MS} ({sink_answers_within}), so that a request waiting for Kafka is answered by the sink rather than cut",
             self.request_timeout_ms,
-            self.produce_timeout_ms + ENQUEUE_ALLOWANCE_MS
         );
         anyhow::ensure!(
             self.max_connections_per_listener >= 1,

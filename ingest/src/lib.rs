@@ -33,6 +33,7 @@ pub mod config;
 pub mod connections;
 pub mod normalize;
 pub mod otlp;
+pub mod producer_window;
 pub mod rest;
 pub mod sink;
 pub mod state;
@@ -76,11 +77,17 @@ pub async fn run(
         .producer_config(Duration::from_millis(config.produce_timeout_ms))
         .create()
         .context("cannot create the Kafka producer")?;
-    let sink = Arc::new(ActionSink::with_admission(
-        producer,
-        kafka.topics().raw,
-        AdmissionLimits::from_config(&config),
-    ));
+    let sink = Arc::new(
+        ActionSink::with_admission(
+            producer,
+            kafka.topics().raw,
+            AdmissionLimits::from_config(&config),
+        )
+        .with_producer_window(
+            config.producer_window_actions,
+            Duration::from_millis(config.produce_timeout_ms),
+        ),
+    );
 
     let broker_reachable = Arc::new(AtomicBool::new(true));
     spawn_broker_probe(sink.clone(), broker_reachable.clone(), shutdown.clone());

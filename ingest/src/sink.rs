@@ -5,9 +5,12 @@
 //! ([`IngestConfig::max_in_flight_actions`]); when any of them is short the whole batch is
 //! refused (429 + Retry-After / RESOURCE_EXHAUSTED) and nothing reaches Kafka. So one flooding
 //! agent holds at most its share of the producer's queue and cannot delay another workspace's
-//! records behind its own. Once admitted, every record is produced with acks=all by an
-//! idempotent producer, keyed by hash(workspace, event_id), and the request succeeds only when
-//! all are acknowledged.
+//! records behind its own. An admitted batch then waits for room in the producer window
+//! ([`crate::producer_window`]), granted round robin by workspace, so that it is handed to
+//! librdkafka's first-in first-out queue behind at most the window, not behind another
+//! workspace's whole share. Then every record is produced with acks=all by an idempotent
+//! producer, keyed by hash(workspace, event_id), and the request succeeds only when all are
+//! acknowledged.
 //!
 //! [`IngestConfig::max_in_flight_actions`]: crate::config::IngestConfig::max_in_flight_actions
 
@@ -19,7 +22,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 
 use crate::admission::{Admission, AdmissionLimits, AdmissionScope};
-use crate::telemetry::{emit, AdmissionRefused, BatchProduced, InFlightActions};
+use crate::config::{DEFAULT_PRODUCER_WINDOW_ACTIONS, ENQUEUE_ALLOWANCE_MS};
+use crate::producer_window::ProducerWindow;
+use crate::telemetry::{emit, AdmissionRefused, BatchProduced, InFlightActions, WindowWaiting};
 
 /// Why a batch was not (fully) written.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +40,10 @@ pub enum SinkError {
     /// An action could not be encoded; nothing was produced.
     #[error("action {index}: {message}")]
     Encode { index: usize, message: String },
+    /// The batch was admitted but found no room in the producer window in time (Kafka is slow
+    /// or away); nothing was produced. Retry later.
+    #[error("{actions} actions waited {waited_ms} ms for room to be handed to Kafka; retry after a moment")]
+    WindowTimeout { actions: usize, waited_ms: u128 },
     /// Kafka did not acknowledge some records. Retrying with the same event ids is safe.
     #[error("Kafka did not acknowledge {failed} of {total} actions ({first_error}); retry with the same event ids")]
     Kafka {
@@ -52,7 +61,7 @@ impl SinkError {
         match self {
             SinkError::Saturated { .. } => "saturated",
             SinkError::Encode { .. } => "invalid",
-            SinkError::Kafka { .. } => "kafka_unavailable",
+            SinkError::WindowTimeout { .. } | SinkError::Kafka { .. } => "kafka_unavailable",
         }
     }
 
@@ -62,7 +71,9 @@ impl SinkError {
         match self {
             SinkError::Saturated { .. } => StatusCode::TOO_MANY_REQUESTS,
             SinkError::Encode { .. } => StatusCode::BAD_REQUEST,
-            SinkError::Kafka { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            SinkError::WindowTimeout { .. } | SinkError::Kafka { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -77,6 +88,9 @@ pub struct ActionSink {
     producer: FutureProducer,
     topic: String,
     admission: Admission,
+    window: ProducerWindow,
+    /// How long an admitted batch may wait for room in the window.
+    window_wait: Duration,
     enqueue_timeout: Duration,
 }
 
@@ -97,8 +111,22 @@ impl ActionSink {
             producer,
             topic,
             admission: Admission::new(limits),
-            enqueue_timeout: Duration::from_millis(crate::config::ENQUEUE_ALLOWANCE_MS),
+            window: ProducerWindow::new(DEFAULT_PRODUCER_WINDOW_ACTIONS),
+            window_wait: Duration::from_secs(10),
+            enqueue_timeout: Duration::from_millis(ENQUEUE_ALLOWANCE_MS),
         }
+    }
+
+    /// The same sink with a producer window of `actions`, waited for at most `wait`.
+    pub fn with_producer_window(mut self, actions: usize, wait: Duration) -> ActionSink {
+        self.window = ProducerWindow::new(actions);
+        self.window_wait = wait;
+        self
+    }
+
+    /// The producer window (how much is handed to librdkafka, and who waits for room).
+    pub fn window(&self) -> &ProducerWindow {
+        &self.window
     }
 
     /// The in-flight counters (also used to refuse requests before their body is read).
@@ -138,6 +166,24 @@ impl ActionSink {
         emit(InFlightActions {
             count: self.in_flight(),
         });
+        let waiting_since = Instant::now();
+        // One request carries one identity, so its first action names the workspace.
+        let workspace = actions
+            .first()
+            .map(|action| action.workspace_id.as_str())
+            .unwrap_or_default();
+        let entered = tokio::time::timeout(
+            self.window_wait,
+            self.window.enter(workspace, actions.len()),
+        )
+        .await;
+        emit(WindowWaiting {
+            actions: self.window.waiting_actions(),
+        });
+        let _room = entered.map_err(|_| SinkError::WindowTimeout {
+            actions: actions.len(),
+            waited_ms: waiting_since.elapsed().as_millis(),
+        })?;
         let started = Instant::now();
         let deliveries = encoded.iter().map(|(key, payload)| {
             let record = FutureRecord::to(&self.topic).key(key).payload(payload);

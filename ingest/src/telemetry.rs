@@ -103,6 +103,17 @@ impl InternalEvent for InFlightActions {
     }
 }
 
+/// Actions admitted and waiting for room in the producer window (`ingest::producer_window`).
+pub struct WindowWaiting {
+    pub actions: usize,
+}
+
+impl InternalEvent for WindowWaiting {
+    fn emit(self) {
+        metrics::gauge!("agentmeter_ingest_window_waiting_actions").set(self.actions as f64);
+    }
+}
+
 /// A batch was produced (acknowledged or failed) after `elapsed`.
 pub struct BatchProduced {
     pub elapsed: Duration,

@@ -75,7 +75,9 @@ impl From<SinkError> for ExportError {
         match error {
             SinkError::Saturated { .. } => ExportError::Saturated(error.to_string()),
             SinkError::Encode { .. } => ExportError::InvalidArgument(error.to_string()),
-            SinkError::Kafka { .. } => ExportError::Unavailable(error.to_string()),
+            SinkError::WindowTimeout { .. } | SinkError::Kafka { .. } => {
+                ExportError::Unavailable(error.to_string())
+            }
         }
     }
 }
