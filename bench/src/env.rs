@@ -89,34 +89,34 @@ pub struct BenchEnv {
     pub settings_path: PathBuf,
     pub stages: Vec<Stage>,
     pub http: reqwest::Client,
+    /// What the settings file is made from.
+    run: agentmeter_testkit::settings::RunSettings,
     database_created: bool,
 }
 
 impl BenchEnv {
     /// A fresh world; creates its topics (not the database: see [`BenchEnv::migrate`]).
     pub fn new(options: &Options, name: &str) -> anyhow::Result<BenchEnv> {
-        let unique = format!(
-            "{name}_{}_{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)?
-                .as_millis()
-                % 100_000_000
-        );
-        let dir = std::env::temp_dir().join(format!("agentmeter-bench-{unique}"));
-        std::fs::create_dir_all(&dir)?;
+        let run = agentmeter_testkit::settings::IsolatedRun::new(
+            "bench",
+            name,
+            options.brokers.clone(),
+            options.clickhouse_url.clone(),
+        )?;
+        let ports = &run.settings;
         let env = BenchEnv {
             options: options.clone(),
-            topic_prefix: format!("agentmeter.bench.{unique}."),
-            database: format!("agentmeter_bench_{unique}"),
-            ingest_port: free_port(),
-            otlp_grpc_port: free_port(),
-            otlp_http_port: free_port(),
-            enricher_metrics_port: free_port(),
-            aggregator_metrics_port: free_port(),
-            settings_path: dir.join("agentmeter.toml"),
-            dir,
-            unique,
+            topic_prefix: ports.topic_prefix.clone(),
+            database: ports.database.clone(),
+            ingest_port: ports.ingest_port,
+            otlp_grpc_port: ports.otlp_grpc_port,
+            otlp_http_port: ports.otlp_http_port,
+            enricher_metrics_port: ports.enricher_metrics_port,
+            aggregator_metrics_port: ports.aggregator_metrics_port,
+            settings_path: run.dir.join("agentmeter.toml"),
+            dir: run.dir.clone(),
+            unique: run.unique.clone(),
+            run: run.settings.clone(),
             stages: Vec::new(),
             http: reqwest::Client::new(),
             database_created: false,
@@ -128,17 +128,6 @@ impl BenchEnv {
 
     fn write_settings(&self) -> anyhow::Result<()> {
         // Stage settings are the production defaults but for names and ports.
-        let run = agentmeter_testkit::settings::RunSettings {
-            brokers: self.options.brokers.clone(),
-            topic_prefix: self.topic_prefix.clone(),
-            clickhouse_url: self.options.clickhouse_url.clone(),
-            database: self.database.clone(),
-            ingest_port: self.ingest_port,
-            otlp_grpc_port: self.otlp_grpc_port,
-            otlp_http_port: self.otlp_http_port,
-            enricher_metrics_port: self.enricher_metrics_port,
-            aggregator_metrics_port: self.aggregator_metrics_port,
-        };
         let overrides: String = self
             .options
             .kafka_client_overrides
@@ -148,7 +137,8 @@ impl BenchEnv {
         let settings = format!(
             "# agentmeter-bench run {}\n{}",
             self.unique,
-            run.to_toml("", "", &format!("[kafka.client_overrides]\n{overrides}"))
+            self.run
+                .to_toml("", "", &format!("[kafka.client_overrides]\n{overrides}"))
         );
         std::fs::write(&self.settings_path, settings)?;
         Ok(())

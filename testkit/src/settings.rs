@@ -15,6 +15,52 @@ pub struct RunSettings {
     pub aggregator_metrics_port: u16,
 }
 
+/// A run's unique name, its directory and its [`RunSettings`], all fresh.
+#[derive(Debug, Clone)]
+pub struct IsolatedRun {
+    /// `{name}_{process id}_{milliseconds}`: in every name below.
+    pub unique: String,
+    /// `agentmeter-{kind}-{unique}` in the temporary directory (created): settings, logs.
+    pub dir: std::path::PathBuf,
+    /// Topics `agentmeter.{kind}.{unique}.*`, database `agentmeter_{kind}_{unique}`, and a
+    /// [`crate::free_port`] for every listener.
+    pub settings: RunSettings,
+}
+
+impl IsolatedRun {
+    /// A fresh run of `kind` (`test`, `bench`) called `name`, against these services.
+    pub fn new(
+        kind: &str,
+        name: &str,
+        brokers: String,
+        clickhouse_url: String,
+    ) -> std::io::Result<IsolatedRun> {
+        let millis = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_err(std::io::Error::other)?
+            .as_millis();
+        let unique = format!("{name}_{}_{}", std::process::id(), millis % 100_000_000);
+        let dir = std::env::temp_dir().join(format!("agentmeter-{kind}-{unique}"));
+        std::fs::create_dir_all(&dir)?;
+        let settings = RunSettings {
+            brokers,
+            topic_prefix: format!("agentmeter.{kind}.{unique}."),
+            clickhouse_url,
+            database: format!("agentmeter_{kind}_{unique}"),
+            ingest_port: crate::free_port(),
+            otlp_grpc_port: crate::free_port(),
+            otlp_http_port: crate::free_port(),
+            enricher_metrics_port: crate::free_port(),
+            aggregator_metrics_port: crate::free_port(),
+        };
+        Ok(IsolatedRun {
+            unique,
+            dir,
+            settings,
+        })
+    }
+}
+
 impl RunSettings {
     /// The TOML text. `enricher_extra` and `aggregator_extra` are appended to those tables
     /// (keys, or sub-tables such as `[aggregator.ownership]` last); `trailer` after everything

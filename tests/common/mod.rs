@@ -77,6 +77,8 @@ pub struct TestEnv {
     pub otlp_http_port: u16,
     pub dir: PathBuf,
     pub settings_path: PathBuf,
+    /// What the settings file is made from.
+    run: agentmeter_testkit::settings::RunSettings,
     processes: Vec<StageProcess>,
 }
 
@@ -85,28 +87,26 @@ impl TestEnv {
     /// `[aggregator]` override). Creates the topics and the database.
     pub fn new(name: &str, extra_settings: &str) -> TestEnv {
         ensure_services();
-        let unique = format!(
-            "{name}_{}_{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_millis()
-                % 100_000_000
-        );
-        let dir = std::env::temp_dir().join(format!("agentmeter-test-{unique}"));
-        std::fs::create_dir_all(&dir).unwrap();
+        let run = agentmeter_testkit::settings::IsolatedRun::new(
+            "test",
+            name,
+            brokers(),
+            clickhouse_url(),
+        )
+        .expect("create the test's directory");
+        let ports = &run.settings;
         let env = TestEnv {
             name: name.to_string(),
-            topic_prefix: format!("agentmeter.test.{unique}."),
-            database: format!("agentmeter_test_{unique}"),
-            ingest_port: free_port(),
-            enricher_metrics_port: free_port(),
-            aggregator_metrics_port: free_port(),
-            otlp_grpc_port: free_port(),
-            otlp_http_port: free_port(),
-            settings_path: dir.join("agentmeter.toml"),
-            dir,
+            topic_prefix: ports.topic_prefix.clone(),
+            database: ports.database.clone(),
+            ingest_port: ports.ingest_port,
+            enricher_metrics_port: ports.enricher_metrics_port,
+            aggregator_metrics_port: ports.aggregator_metrics_port,
+            otlp_grpc_port: ports.otlp_grpc_port,
+            otlp_http_port: ports.otlp_http_port,
+            settings_path: run.dir.join("agentmeter.toml"),
+            dir: run.dir.clone(),
+            run: run.settings.clone(),
             processes: Vec::new(),
         };
         env.write_settings(extra_settings);
@@ -116,22 +116,12 @@ impl TestEnv {
     }
 
     fn write_settings(&self, extra: &str) {
-        let run = agentmeter_testkit::settings::RunSettings {
-            brokers: brokers(),
-            topic_prefix: self.topic_prefix.clone(),
-            clickhouse_url: clickhouse_url(),
-            database: self.database.clone(),
-            ingest_port: self.ingest_port,
-            otlp_grpc_port: self.otlp_grpc_port,
-            otlp_http_port: self.otlp_http_port,
-            enricher_metrics_port: self.enricher_metrics_port,
-            aggregator_metrics_port: self.aggregator_metrics_port,
-        };
         // Short batch waits and flushes, so that the tests see results soon.
         let aggregator = format!("flush_interval = \"300ms\"\n{extra}");
         std::fs::write(
             &self.settings_path,
-            run.to_toml("batch_max_wait = \"20ms\"\n", &aggregator, ""),
+            self.run
+                .to_toml("batch_max_wait = \"20ms\"\n", &aggregator, ""),
         )
         .unwrap();
     }
