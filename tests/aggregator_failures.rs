@@ -56,7 +56,7 @@ fn raw(index: usize) -> RawAction {
 fn publish(env: &TestEnv, range: std::ops::Range<usize>) {
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
     let producer: BaseProducer = publisher_config().create().unwrap();
-    let topic = format!("{}actions.raw", env.topic_prefix);
+    let topic = format!("{}actions.raw", env.run.topic_prefix);
     for index in range {
         let action = raw(index);
         let payload = encode_raw_action(&action).unwrap();
@@ -126,10 +126,10 @@ fn a_zombie_rewriting_partitions_leaves_the_totals_unchanged() {
     // half-way (an older, partial view).
     let settings = ClickHouseSettings {
         url: "http://127.0.0.1:8123".into(),
-        database: env.database.clone(),
+        database: env.run.database.clone(),
         ..ClickHouseSettings::default()
     };
-    let enriched_topic = format!("{}actions.enriched", env.topic_prefix);
+    let enriched_topic = format!("{}actions.enriched", env.run.topic_prefix);
     let service = ClickHouseService::new(&settings, &enriched_topic);
     let batch_settings = BatchSettings {
         batch_size: 700,
@@ -278,7 +278,7 @@ fn clickhouse_down_for_a_minute_loses_nothing() {
     env.spawn("enrich", "enrich");
     let aggregator = env.spawn_with_env("aggregate", "aggregate", &overrides);
     publish(&env, 0..2_000);
-    let database = env.database.clone();
+    let database = env.run.database.clone();
     let count = |private: &PrivateServices| -> u64 {
         private
             .query(&database, "SELECT sum(action_count) FROM usage_exact")
@@ -301,7 +301,10 @@ fn clickhouse_down_for_a_minute_loses_nothing() {
     private.kill_clickhouse();
     publish(&env, 2_000..5_000);
     let outage_started = Instant::now();
-    let readiness_url = format!("http://127.0.0.1:{}/readyz", env.aggregator_metrics_port);
+    let readiness_url = format!(
+        "http://127.0.0.1:{}/readyz",
+        env.run.aggregator_metrics_port
+    );
     let mut saw_not_ready = false;
     while outage_started.elapsed() < Duration::from_secs(60) {
         if let Ok(response) = reqwest::blocking::get(&readiness_url) {
@@ -333,14 +336,14 @@ fn clickhouse_down_for_a_minute_loses_nothing() {
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(count(&private), 5_000);
     let rows = private.query(
-        &env.database,
+        &env.run.database,
         "SELECT count(), uniqExact(event_id) FROM actions FINAL",
     );
     assert_eq!(rows[0], vec!["5000".to_string(), "5000".to_string()]);
     let priced = (0..5_000).filter(|index| index % 5 != 0).count();
     let expected_cost =
         rust_decimal::Decimal::from(priced) * "0.0031".parse::<rust_decimal::Decimal>().unwrap();
-    let cost = private.query(&env.database, "SELECT sum(cost) FROM usage_exact");
+    let cost = private.query(&env.run.database, "SELECT sum(cost) FROM usage_exact");
     assert_eq!(
         cost[0][0].parse::<rust_decimal::Decimal>().unwrap(),
         expected_cost

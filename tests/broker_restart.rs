@@ -154,10 +154,10 @@ rates = [{ effective_from = "2020-01-01T00:00:00Z", cost_per_unit = "0.00004" }]
     let outage_ends = Instant::now() + Duration::from_secs(15);
     let mut not_ready_during_outage = [false, false];
     while Instant::now() < outage_ends {
-        for (seen, port) in not_ready_during_outage
-            .iter_mut()
-            .zip([env.enricher_metrics_port, env.aggregator_metrics_port])
-        {
+        for (seen, port) in not_ready_during_outage.iter_mut().zip([
+            env.run.enricher_metrics_port,
+            env.run.aggregator_metrics_port,
+        ]) {
             let status = reqwest::blocking::Client::new()
                 .get(format!("http://127.0.0.1:{port}/readyz"))
                 .timeout(Duration::from_secs(1))
@@ -227,7 +227,10 @@ rates = [{ effective_from = "2020-01-01T00:00:00Z", cost_per_unit = "0.00004" }]
         [true, true],
         "the enricher and the aggregator must report the outage on /readyz"
     );
-    for port in [env.enricher_metrics_port, env.aggregator_metrics_port] {
+    for port in [
+        env.run.enricher_metrics_port,
+        env.run.aggregator_metrics_port,
+    ] {
         env.wait_http_ok(
             &format!("http://127.0.0.1:{port}/readyz"),
             Duration::from_secs(60),

@@ -171,7 +171,7 @@ fn readiness(env: &TestEnv) -> (u16, String) {
     match reqwest::blocking::Client::new()
         .get(format!(
             "http://127.0.0.1:{}/readyz",
-            env.aggregator_metrics_port
+            env.run.aggregator_metrics_port
         ))
         .timeout(Duration::from_secs(2))
         .send()
@@ -195,7 +195,10 @@ fn a_recreated_enriched_topic_is_reported_within_seconds_and_resumed_by_reset_in
         Duration::from_secs(60),
     );
     env.wait_http_ok(
-        &format!("http://127.0.0.1:{}/readyz", env.aggregator_metrics_port),
+        &format!(
+            "http://127.0.0.1:{}/readyz",
+            env.run.aggregator_metrics_port
+        ),
         Duration::from_secs(10),
     );
     let old_partitions: HashMap<i32, usize> =
@@ -206,7 +209,7 @@ fn a_recreated_enriched_topic_is_reported_within_seconds_and_resumed_by_reset_in
                 counts
             });
 
-    let topic = format!("{}actions.enriched", env.topic_prefix);
+    let topic = format!("{}actions.enriched", env.run.topic_prefix);
     delete_topic(&topic);
     env.tool(&["topics"]);
     publish_enriched(&env, 100..104);
@@ -231,7 +234,7 @@ fn a_recreated_enriched_topic_is_reported_within_seconds_and_resumed_by_reset_in
     );
     assert_eq!(status, 503);
     assert!(body.contains("agentmeter reset-input"), "{body}");
-    let metrics = metrics_text(env.aggregator_metrics_port).unwrap();
+    let metrics = metrics_text(env.run.aggregator_metrics_port).unwrap();
     assert!(
         metrics.lines().any(
             |line| line.starts_with("agentmeter_aggregator_input_reset{") && line.ends_with(" 1")
@@ -283,7 +286,10 @@ fn a_recreated_enriched_topic_is_reported_within_seconds_and_resumed_by_reset_in
         Duration::from_secs(60),
     );
     env.wait_http_ok(
-        &format!("http://127.0.0.1:{}/readyz", env.aggregator_metrics_port),
+        &format!(
+            "http://127.0.0.1:{}/readyz",
+            env.run.aggregator_metrics_port
+        ),
         Duration::from_secs(30),
     );
     let ids = env.query("SELECT count(), countIf(event_id LIKE 'reset-10_') FROM actions FINAL");

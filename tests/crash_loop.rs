@@ -296,7 +296,10 @@ fn stages_crash_looping_under_sigkill_come_back_and_converge_to_exact_totals() {
         let alive = process.is_running();
         assert!(alive, "{tag} exited\n{}", env.logs());
     }
-    for port in [env.enricher_metrics_port, env.aggregator_metrics_port] {
+    for port in [
+        env.run.enricher_metrics_port,
+        env.run.aggregator_metrics_port,
+    ] {
         env.wait_http_ok(
             &format!("http://127.0.0.1:{port}/readyz"),
             Duration::from_secs(30),

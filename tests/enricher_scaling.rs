@@ -183,7 +183,7 @@ fn every_action_reaches_enriched_topic_when_one_of_two_enrichers_is_killed() {
 
     // Two enrichers of one group on one host: each needs its own static member id (the default,
     // `enricher-<host name>`, would make them one member) and its own metrics port.
-    let victim_port = env.enricher_metrics_port;
+    let victim_port = env.run.enricher_metrics_port;
     let survivor_port = free_port();
     let victim_listen = format!("127.0.0.1:{victim_port}");
     let survivor_listen = format!("127.0.0.1:{survivor_port}");
@@ -212,8 +212,8 @@ fn every_action_reaches_enriched_topic_when_one_of_two_enrichers_is_killed() {
 
     let now_micros = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64;
     let actions = Arc::new(generate(total, now_micros));
-    let raw_topic = format!("{}actions.raw", env.topic_prefix);
-    let enriched_topic = format!("{}actions.enriched", env.topic_prefix);
+    let raw_topic = format!("{}actions.raw", env.run.topic_prefix);
+    let enriched_topic = format!("{}actions.enriched", env.run.topic_prefix);
 
     // The generator: straight to actions.raw, keyed like every publisher, each action once, at
     // the pace described at TICK (records keep flowing before, at and after the kill).
@@ -321,7 +321,7 @@ fn every_action_reaches_enriched_topic_when_one_of_two_enrichers_is_killed() {
     let sent_at_kill = sent.load(Ordering::Relaxed);
     let enriched_at_kill = high_watermarks(&watermarks, &enriched_topic);
     let enriched_records_at_kill: i64 = enriched_at_kill.iter().sum();
-    let group_id = format!("{}enricher", env.topic_prefix);
+    let group_id = format!("{}enricher", env.run.topic_prefix);
     let committed_at_kill = committed_offsets(&group_id, &raw_topic);
     eprintln!(
         "killed enrich-a after {:.1?}: sent {sent_at_kill} of {total}, enriched records so far {enriched_records_at_kill} {enriched_at_kill:?}; records in before the kill: enrich-a {victim_in}, enrich-b {survivor_in}; group's committed raw offsets {committed_at_kill:?}",

@@ -244,7 +244,7 @@ fn poison_and_unknown_instance_are_dead_lettered_and_the_stream_goes_on() {
         .unwrap();
     assert_eq!(poison_record.payload, poison);
     assert!(poison_record.headers["agentmeter.dlq.source"].contains("actions.raw/"));
-    let metrics = metrics_text(env.enricher_metrics_port).expect("enricher /metrics");
+    let metrics = metrics_text(env.run.enricher_metrics_port).expect("enricher /metrics");
     assert!(
         metrics.lines().any(|line| line
             .starts_with("agentmeter_enricher_dead_letters_total{reason=\"undecodable\"} 1")),
@@ -254,7 +254,7 @@ fn poison_and_unknown_instance_are_dead_lettered_and_the_stream_goes_on() {
     // partitions that had records report 0.
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let metrics = metrics_text(env.enricher_metrics_port).expect("enricher /metrics");
+        let metrics = metrics_text(env.run.enricher_metrics_port).expect("enricher /metrics");
         let lags: Vec<&str> = metrics
             .lines()
             .filter(|line| line.starts_with("agentmeter_enricher_consumer_lag{partition="))

@@ -166,7 +166,7 @@ fn totals_stay_exact_through_crashes_rebalances_and_resends() {
         let sent = sent.clone();
         let done = generator_done.clone();
         let chaos_steps_done = chaos_steps_done.clone();
-        let topic = format!("{}actions.raw", env.topic_prefix);
+        let topic = format!("{}actions.raw", env.run.topic_prefix);
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -383,7 +383,7 @@ fn extreme_values_never_stop_a_stage_and_normal_totals_stay_exact() {
     assert_eq!(leaked[0][0], "0");
     let readiness = reqwest::blocking::get(format!(
         "http://127.0.0.1:{}/readyz",
-        env.aggregator_metrics_port
+        env.run.aggregator_metrics_port
     ))
     .unwrap();
     assert_eq!(readiness.status().as_u16(), 200);

@@ -112,9 +112,9 @@ fn a_client_sending_one_header_byte_per_second_is_disconnected_within_the_header
     let http_head = b"POST /v1/actions HTTP/1.1\r\nhost: ingest\r\nx-agent-secret: slow-secret\r\nx-padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa".to_vec();
     let h2_preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     let listeners = [
-        ("REST", env.ingest_port, http_head.clone()),
-        ("OTLP/HTTP", env.otlp_http_port, http_head),
-        ("OTLP/gRPC", env.otlp_grpc_port, h2_preface),
+        ("REST", env.run.ingest_port, http_head.clone()),
+        ("OTLP/HTTP", env.run.otlp_http_port, http_head),
+        ("OTLP/gRPC", env.run.otlp_grpc_port, h2_preface),
     ];
     let handles: Vec<_> = listeners
         .into_iter()
@@ -185,10 +185,10 @@ fn connections_beyond_the_limit_are_refused() {
 
     // Four idle connections take every slot of the REST listener.
     let held: Vec<TcpStream> = (0..4)
-        .map(|_| TcpStream::connect(("127.0.0.1", env.ingest_port)).unwrap())
+        .map(|_| TcpStream::connect(("127.0.0.1", env.run.ingest_port)).unwrap())
         .collect();
     std::thread::sleep(Duration::from_millis(300));
-    let mut beyond = TcpStream::connect(("127.0.0.1", env.ingest_port)).unwrap();
+    let mut beyond = TcpStream::connect(("127.0.0.1", env.run.ingest_port)).unwrap();
     let _ = beyond.write_all(b"GET /api/v1/agent_instance/info HTTP/1.1\r\nhost: ingest\r\n\r\n");
     assert!(
         closed_without_answer(&mut beyond, Duration::from_secs(3)),

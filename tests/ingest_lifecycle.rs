@@ -10,14 +10,7 @@ use common::{metering_config, TestEnv};
 use serde_json::json;
 
 fn post(url: &str, secret: &str, body: &serde_json::Value) -> u16 {
-    reqwest::blocking::Client::new()
-        .post(url)
-        .header("X-Agent-Secret", secret)
-        .json(body)
-        .timeout(Duration::from_secs(30))
-        .send()
-        .map(|response| response.status().as_u16())
-        .unwrap_or(0)
+    common::post_status(&reqwest::blocking::Client::new(), url, secret, body)
 }
 
 /// Polls until `secret` gets `expected` from ingest; returns how long it took.

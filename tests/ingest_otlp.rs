@@ -217,7 +217,7 @@ fn start_pipeline(env: &mut TestEnv, ingest_env: &[(&str, &str)]) {
 
 /// The value of one Prometheus sample of ingest's `/metrics` (0 when absent).
 fn metric(env: &TestEnv, sample: &str) -> f64 {
-    let text = metrics_text(env.ingest_port).expect("ingest /metrics");
+    let text = metrics_text(env.run.ingest_port).expect("ingest /metrics");
     text.lines()
         .find_map(|line| line.strip_prefix(sample))
         .and_then(|rest| rest.trim().parse().ok())

@@ -25,7 +25,7 @@ rates = [{ effective_from = "2020-01-01T00:00:00Z", cost_per_unit = "0.005" }]
 /// keys them (so they spread over the partitions).
 fn publish(env: &TestEnv, range: std::ops::Range<usize>) {
     let producer: BaseProducer = publisher_config().create().unwrap();
-    let topic = format!("{}actions.raw", env.topic_prefix);
+    let topic = format!("{}actions.raw", env.run.topic_prefix);
     let now_micros = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64;
     for index in range {
         let action = RawAction {
@@ -98,7 +98,7 @@ fn a_replica_owning_no_partition_while_records_wait_is_not_ready_until_they_move
     ));
     env.spawn("enrich", "enrich");
     // Replica 4 of 5 on a topic of 4 partitions: it owns nothing, and nobody else runs yet.
-    let idle_port = env.aggregator_metrics_port;
+    let idle_port = env.run.aggregator_metrics_port;
     env.spawn_with_env(
         "aggregate",
         "aggregate-idle",

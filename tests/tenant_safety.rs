@@ -105,7 +105,7 @@ fn a_conflicting_claim_on_the_topic_leaves_the_secret_with_its_first_owner() {
     let (status, info) = agent_info(&env, OTHER_SECRET);
     assert_eq!(status, 200, "{info}");
     assert_eq!(info["workspace_id"], "ws_copycat");
-    let metrics = metrics_text(env.ingest_port).expect("ingest /metrics");
+    let metrics = metrics_text(env.run.ingest_port).expect("ingest /metrics");
     assert!(
         metrics
             .lines()

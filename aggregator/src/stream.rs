@@ -1,15 +1,19 @@
 //! The aggregator's stream: a Kafka consumer on a blocking thread that feeds
 //! [`PartitionAggregator`]s and flushes them to ClickHouse.
 //!
-//! * The consumer, the partition states and the ClickHouse writes all live on one thread, so the
-//!   rebalance callback (which librdkafka runs inside `poll`) can act synchronously: on
-//!   **assignment** it reads each partition's plan from ClickHouse and assigns the partition at
-//!   the plan's `dedupe_from` offset — never at Kafka's committed offset; on **revocation** it
-//!   flushes what it can and forgets the partition (the next owner replays from the plan).
+//! * The consumer, the partition states and the ClickHouse writes all live on one thread. The
+//!   rebalance callback (which librdkafka runs inside `poll`) only turns a rebalance into a
+//!   [`Rebalance`] message; the poll loop handles it right after `poll` returns, before the
+//!   next record (Quickwit's kafka source does the same): on **assignment** it reads each
+//!   partition's plan from ClickHouse and assigns the partition at the plan's `dedupe_from`
+//!   offset — never at Kafka's committed offset; on **revocation** it flushes what it can,
+//!   forgets the partition (the next owner replays from the plan) and unassigns. librdkafka
+//!   waits for that `assign` / `unassign` call before it goes on with the group protocol, so
+//!   the callback holds no lock and does no I/O.
 //! * Offsets are stored (for lag dashboards only) after a flush made them durable.
 //! * Ownership (ADR 0003): in the default static mode the process assigns itself the partitions
 //!   of its replica ordinal and never asks a group coordinator; in group mode a consumer group
-//!   assigns them, with static membership (`group_instance_id`), a [`GroupWatchdog`] that leaves
+//!   assigns them, with static membership (`group_instance_id`), a [`GroupMembership`] that leaves
 //!   and re-joins the group when tansu left it stuck, and a LeaveGroup on shutdown — see ADR
 //!   0001, "Consumer groups on tansu". Either way a partition starts where ClickHouse progress
 //!   says, so two owners at once write the same rows.
@@ -22,12 +26,13 @@
 //!   a new [`InputEpoch`] with `agentmeter reset-input`; the aggregator then resumes on its own.
 //!   Offsets inside the aggregator are logical (the epoch's mapping of Kafka offsets).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use agentmeter_runtime::kafka::{group_membership, GroupWatchdog, KafkaSettings};
+use agentmeter_runtime::group::GroupMembership;
+use agentmeter_runtime::kafka::KafkaSettings;
 use agentmeter_runtime::partitions::{OwnedPartitions, OwnershipMode, StaticAssigner};
 use agentmeter_runtime::shutdown::Shutdown;
 use agentmeter_schemas::decode_enriched_action;
@@ -60,8 +65,17 @@ enum PartitionStart {
     Abandoned,
 }
 
-/// What the poll thread and the rebalance callback share: the partition states and what they
-/// write to — the ClickHouse writer (with its retry rule and health) and the dead-letter sink.
+/// A rebalance of the consumer group, as a message from the rebalance callback to the poll
+/// loop.
+enum Rebalance {
+    /// These partitions are ours now; they must be assigned (with their start offsets).
+    Assigned(TopicPartitionList),
+    /// These partitions are no longer ours; they must be flushed, forgotten and unassigned.
+    Revoked(TopicPartitionList),
+}
+
+/// What the poll loop owns: the partition states and what they write to — the ClickHouse
+/// writer (with its retry rule and health) and the dead-letter sink.
 struct Worker {
     config: AggregatorConfig,
     settings: BatchSettings,
@@ -73,8 +87,8 @@ struct Worker {
     /// Set when ClickHouse rejected a write permanently; the stage stops with it.
     fatal: Option<String>,
     last_flush: Instant,
-    /// Group mode with the watchdog on: the local broker's stuck states, repaired.
-    watchdog: Option<GroupWatchdog>,
+    /// Group mode: the membership (with the watchdog for the local broker's stuck states).
+    membership: Option<GroupMembership>,
     /// What this process owns now, for the progress watch.
     owned: OwnedPartitions,
     /// Offset hint last returned per partition (see `flush`).
@@ -389,9 +403,71 @@ impl Worker {
     }
 }
 
-/// The consumer context: rebalances act on the worker synchronously.
+impl Worker {
+    /// Handles the rebalances the callback queued during the last `poll`, in order.
+    fn handle_rebalances(&mut self, consumer: &BaseConsumer<AggregatorContext>) {
+        while let Some(rebalance) = consumer.context().next_rebalance() {
+            match rebalance {
+                Rebalance::Assigned(mut partitions) => {
+                    let paused = self.start_partitions(consumer, &mut partitions);
+                    if let Err(error) = consumer.assign(&partitions) {
+                        tracing::error!(%error, "assignment failed");
+                        self.fatal = Some(format!("assignment failed: {error}"));
+                    }
+                    pause(consumer, &paused);
+                    if let Some(membership) = self.membership.as_mut() {
+                        membership.on_assigned(consumer);
+                    }
+                }
+                Rebalance::Revoked(partitions) => {
+                    let revoked: Vec<i32> = partitions
+                        .elements()
+                        .iter()
+                        .map(|element| element.partition())
+                        .collect();
+                    tracing::info!(?revoked, "partitions revoked; flushing them");
+                    self.flush(Some(&revoked));
+                    for partition in revoked {
+                        self.forget_partition(partition);
+                        // The next owner finds out about a reset input on its own.
+                        self.clear_input_reset(partition);
+                    }
+                    if let Err(error) = consumer.unassign() {
+                        tracing::warn!(%error, "unassign failed");
+                    }
+                    self.owned.set([]);
+                    if let Some(membership) = self.membership.as_mut() {
+                        membership.on_revoked();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Drops what this process knew of a partition it no longer reads.
+    fn forget_partition(&mut self, partition: i32) {
+        self.partitions.remove(&partition);
+        self.hints.remove(&partition);
+        self.read_up_to.remove(&partition);
+        self.epochs.remove(&partition);
+    }
+}
+
+/// The consumer context: a rebalance becomes a [`Rebalance`] message for the poll loop.
+#[derive(Default)]
 struct AggregatorContext {
-    worker: Arc<Mutex<Worker>>,
+    /// Filled by the callback inside `poll`, drained by the loop right after it; the lock is
+    /// held for one push or pop.
+    rebalances: Mutex<VecDeque<Rebalance>>,
+}
+
+impl AggregatorContext {
+    fn next_rebalance(&self) -> Option<Rebalance> {
+        self.rebalances
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .pop_front()
+    }
 }
 
 impl ClientContext for AggregatorContext {}
@@ -399,50 +475,26 @@ impl ClientContext for AggregatorContext {}
 impl ConsumerContext for AggregatorContext {
     fn rebalance(
         &self,
-        consumer: &BaseConsumer<Self>,
+        _consumer: &BaseConsumer<Self>,
         error: RDKafkaRespErr,
         partitions: &mut TopicPartitionList,
     ) {
-        let mut worker = self.worker.lock().expect("worker lock");
-        match error {
+        let rebalance = match error {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let paused = worker.start_partitions(consumer, partitions);
-                if let Err(error) = consumer.assign(partitions) {
-                    tracing::error!(%error, "assignment failed");
-                    worker.fatal = Some(format!("assignment failed: {error}"));
-                }
-                pause(consumer, &paused);
-                let generation = group_membership(consumer).map(|(generation, _)| generation);
-                if let Some(watchdog) = worker.watchdog.as_mut() {
-                    watchdog.on_assigned(generation);
-                }
+                Rebalance::Assigned(partitions.clone())
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                let revoked: Vec<i32> = partitions
-                    .elements()
-                    .iter()
-                    .map(|element| element.partition())
-                    .collect();
-                tracing::info!(?revoked, "partitions revoked; flushing them");
-                worker.flush(Some(&revoked));
-                for partition in revoked {
-                    worker.partitions.remove(&partition);
-                    worker.hints.remove(&partition);
-                    worker.read_up_to.remove(&partition);
-                    worker.epochs.remove(&partition);
-                    // The next owner finds out about a reset input on its own.
-                    worker.clear_input_reset(partition);
-                }
-                if let Err(error) = consumer.unassign() {
-                    tracing::warn!(%error, "unassign failed");
-                }
-                worker.owned.set([]);
-                if let Some(watchdog) = worker.watchdog.as_mut() {
-                    watchdog.on_revoked();
-                }
+                Rebalance::Revoked(partitions.clone())
             }
-            other => tracing::error!(?other, "rebalance error"),
-        }
+            other => {
+                tracing::error!(?other, "rebalance error");
+                return;
+            }
+        };
+        self.rebalances
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push_back(rebalance);
     }
 }
 
@@ -467,7 +519,7 @@ pub fn run_blocking(
     )
     .context("cannot start the ClickHouse runtime")?;
     let dead_letters = DeadLetterSink::new(&kafka)?;
-    let worker = Arc::new(Mutex::new(Worker {
+    let mut worker = Worker {
         settings: BatchSettings {
             batch_size: config.batch_offsets,
             window_seconds: config.window_seconds,
@@ -481,23 +533,26 @@ pub fn run_blocking(
         shutdown: shutdown.clone(),
         fatal: None,
         last_flush: Instant::now(),
-        watchdog: (group_mode && config.ownership.group_watchdog)
-            .then(|| GroupWatchdog::new(&config.group_id, &topics.enriched)),
+        membership: group_mode.then(|| {
+            GroupMembership::new(
+                &config.group_id,
+                &topics.enriched,
+                config.ownership.group_watchdog,
+            )
+        }),
         owned,
         hints: HashMap::new(),
         read_up_to: HashMap::new(),
         epochs: HashMap::new(),
         input_resets,
         check_inputs_now: false,
-    }));
+    };
     let mut client_config =
         kafka.group_consumer_config(&config.group_id, &config.group_instance_id);
-    // Eager assignment: the rebalance callback assigns explicit start offsets itself.
+    // Eager assignment: the loop assigns every partition with an explicit start offset.
     client_config.set("partition.assignment.strategy", "range");
     let consumer: BaseConsumer<AggregatorContext> = client_config
-        .create_with_context(AggregatorContext {
-            worker: worker.clone(),
-        })
+        .create_with_context(AggregatorContext::default())
         .context("cannot create the Kafka consumer")?;
     let static_ownership = if group_mode {
         consumer
@@ -520,15 +575,13 @@ pub fn run_blocking(
         );
         Some(ownership)
     };
-    let owned = worker.lock().expect("worker lock").owned.clone();
+    let owned = worker.owned.clone();
     let mut static_assigner = static_ownership
         .map(|ownership| StaticAssigner::new(ownership, &topics.enriched, "aggregator.ownership"));
 
     let mut last_lag_report = Instant::now();
-    // Set while the consumer has left the group to re-join it (GroupWatchdog).
-    let mut rejoining_since: Option<Instant> = None;
     let result = loop {
-        if let Some(fatal) = worker.lock().expect("worker lock").fatal.clone() {
+        if let Some(fatal) = worker.fatal.clone() {
             break Err(anyhow::anyhow!(fatal));
         }
         if shutdown.is_requested() {
@@ -541,18 +594,18 @@ pub fn run_blocking(
                 for partition in &new {
                     list.add_partition(&topics.enriched, *partition);
                 }
-                let paused = worker
-                    .lock()
-                    .expect("worker lock")
-                    .start_partitions(&consumer, &mut list);
+                let paused = worker.start_partitions(&consumer, &mut list);
                 consumer
                     .incremental_assign(&list)
                     .context("cannot assign the owned partitions")?;
                 pause(&consumer, &paused);
             }
         }
-        match consumer.poll(Duration::from_millis(50)) {
-            Some(Ok(message)) => worker.lock().expect("worker lock").handle_message(&message),
+        let polled = consumer.poll(Duration::from_millis(50));
+        // Before the polled record: it was fetched under the assignment the rebalance ends.
+        worker.handle_rebalances(&consumer);
+        match polled {
+            Some(Ok(message)) => worker.handle_message(&message),
             // E.g. another live process uses this group_instance_id (Kafka fences it).
             Some(Err(KafkaError::MessageConsumptionFatal(code))) => {
                 break Err(anyhow::anyhow!(
@@ -563,85 +616,37 @@ pub fn run_blocking(
             Some(Err(error)) => tracing::warn!(%error, "consumer error"),
             None => {}
         }
-        match rejoining_since {
-            // Re-join once the LeaveGroup is out (librdkafka clears the member id then).
-            Some(since) => {
-                let left = group_membership(&consumer).is_none_or(|(_, member)| member.is_empty());
-                if left || since.elapsed() > Duration::from_secs(5) {
-                    consumer
-                        .subscribe(&[&topics.enriched])
-                        .with_context(|| format!("cannot subscribe to {}", topics.enriched))?;
-                    tracing::info!("re-joined the consumer group");
-                    rejoining_since = None;
-                }
-            }
-            None => {
-                let reason = worker
-                    .lock()
-                    .expect("worker lock")
-                    .watchdog
-                    .as_mut()
-                    .and_then(|watchdog| watchdog.rejoin_reason(&consumer));
-                if let Some(reason) = reason {
-                    tracing::warn!(%reason, "leaving the consumer group to re-join it");
-                    // The revoke callback (next poll) flushes; the new owners resume from
-                    // ClickHouse progress, as after any rebalance.
-                    consumer.unsubscribe();
-                    if let Some(watchdog) = worker.lock().expect("worker lock").watchdog.as_mut() {
-                        watchdog.rejoined();
-                    }
-                    rejoining_since = Some(Instant::now());
-                }
-            }
+        if let Some(membership) = worker.membership.as_mut() {
+            membership
+                .tick(&consumer)
+                .with_context(|| format!("cannot subscribe to {}", topics.enriched))?;
         }
-        let flushed = {
-            let mut worker = worker.lock().expect("worker lock");
-            if worker.flush_due() {
-                worker.flush(None)
-            } else {
-                Vec::new()
-            }
+        let flushed = if worker.flush_due() {
+            worker.flush(None)
+        } else {
+            Vec::new()
         };
         store_offset_hints(&consumer, &topics.enriched, &flushed);
-        let check_now = std::mem::take(&mut worker.lock().expect("worker lock").check_inputs_now);
+        let check_now = std::mem::take(&mut worker.check_inputs_now);
         if check_now || last_lag_report.elapsed() >= INPUT_CHECK_INTERVAL {
-            check_inputs(&consumer, &topics.enriched, &worker);
+            check_inputs(&consumer, &topics.enriched, &mut worker);
             last_lag_report = Instant::now();
         }
     };
-    // Final flush, then leave the group (the revoke callback flushes nothing more).
-    let flushed = worker.lock().expect("worker lock").flush(None);
+    // Final flush, then leave the group (the revocation flushes nothing more).
+    let flushed = worker.flush(None);
     store_offset_hints(&consumer, &topics.enriched, &flushed);
     let _ = consumer.commit_consumer_state(CommitMode::Sync);
-    // Leave the group explicitly: librdkafka does not send LeaveGroup for a static member when
-    // the consumer closes, and the group would then wait for the session timeout (on tansu
-    // 0.6.0, an expired member can even strand its partitions). A join still in flight is let
-    // finish first (bounded), else there is no member id to leave with. Polling serves the
-    // rebalance callbacks; records polled here are dropped unhandled (their offsets are not
-    // stored), the next owner reads them.
-    let join_deadline = Instant::now() + Duration::from_secs(10);
-    while group_mode
-        && rejoining_since.is_none()
-        && Instant::now() < join_deadline
-        && group_membership(&consumer).is_none_or(|(_, member)| member.is_empty())
-    {
-        let _ = consumer.poll(Duration::from_millis(50));
+    // Leave the group explicitly (`GroupMembership::leave`). Polling serves the rebalance
+    // callbacks, whose messages are handled as in the loop (librdkafka waits for the assign /
+    // unassign); records polled here are dropped unhandled, the next owner reads them.
+    if let Some(mut leave) = worker.membership.as_ref().map(GroupMembership::leave) {
+        while leave.step(&consumer) {
+            let _ = consumer.poll(Duration::from_millis(50));
+            worker.handle_rebalances(&consumer);
+        }
     }
-    if group_mode {
-        consumer.unsubscribe();
-    }
-    let leave_deadline = Instant::now() + Duration::from_secs(3);
-    while group_mode
-        && Instant::now() < leave_deadline
-        && group_membership(&consumer).is_some_and(|(_, member)| !member.is_empty())
-    {
-        let _ = consumer.poll(Duration::from_millis(50));
-    }
-    worker
-        .lock()
-        .expect("worker lock")
-        .dead_letters
-        .flush(Duration::from_secs(5));
+    worker.dead_letters.flush(Duration::from_secs(5));
     result
 }
 
@@ -664,13 +669,8 @@ const INPUT_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// Reports each partition's consumer lag, pauses a partition whose input was reset under it
 /// (its high watermark fell below what was read), and resumes a paused one once an operator
 /// started a new input epoch for it.
-fn check_inputs<C: ConsumerContext>(
-    consumer: &BaseConsumer<C>,
-    topic: &str,
-    worker: &Arc<Mutex<Worker>>,
-) {
+fn check_inputs<C: ConsumerContext>(consumer: &BaseConsumer<C>, topic: &str, worker: &mut Worker) {
     let (positions, paused): (Vec<(i32, i64)>, Vec<i32>) = {
-        let worker = worker.lock().expect("worker lock");
         let positions = worker
             .partitions
             .values()
@@ -712,13 +712,9 @@ fn check_inputs<C: ConsumerContext>(
             lag: high - next_physical,
         });
         if high < next_physical {
-            let mut worker = worker.lock().expect("worker lock");
             // What was read before the reset is real: make it durable, then stop reading.
             worker.flush(Some(&[partition]));
-            worker.partitions.remove(&partition);
-            worker.hints.remove(&partition);
-            worker.read_up_to.remove(&partition);
-            worker.epochs.remove(&partition);
+            worker.forget_partition(partition);
             worker.mark_input_reset(partition, high, next_physical);
             pause_partition(consumer, topic, partition);
         }
@@ -728,16 +724,12 @@ fn check_inputs<C: ConsumerContext>(
             .fetch_watermarks(topic, partition, Duration::from_secs(1))
             .ok()
             .map(|(_, high)| high);
-        let start = worker
-            .lock()
-            .expect("worker lock")
-            .open_partition(partition, high);
+        let start = worker.open_partition(partition, high);
         if let PartitionStart::ReadFrom(offset) = start {
             if let Err(error) = consumer.seek(topic, partition, offset, Duration::from_secs(5)) {
-                let mut paused_worker = worker.lock().expect("worker lock");
-                paused_worker.partitions.remove(&partition);
-                paused_worker.epochs.remove(&partition);
-                paused_worker.mark_paused(
+                worker.partitions.remove(&partition);
+                worker.epochs.remove(&partition);
+                worker.mark_paused(
                     partition,
                     format!("partition {partition}: the new input epoch is recorded, but seeking to it failed ({error}); retrying"),
                 );

@@ -78,19 +78,12 @@ impl Stage {
 pub struct BenchEnv {
     pub options: Options,
     pub unique: String,
-    pub topic_prefix: String,
-    pub database: String,
-    pub ingest_port: u16,
-    pub otlp_grpc_port: u16,
-    pub otlp_http_port: u16,
-    pub enricher_metrics_port: u16,
-    pub aggregator_metrics_port: u16,
+    /// Names and ports: topic prefix, database, and the port of every listener.
+    pub run: agentmeter_testkit::settings::RunSettings,
     pub dir: PathBuf,
     pub settings_path: PathBuf,
     pub stages: Vec<Stage>,
     pub http: reqwest::Client,
-    /// What the settings file is made from.
-    run: agentmeter_testkit::settings::RunSettings,
     database_created: bool,
 }
 
@@ -103,20 +96,12 @@ impl BenchEnv {
             options.brokers.clone(),
             options.clickhouse_url.clone(),
         )?;
-        let ports = &run.settings;
         let env = BenchEnv {
             options: options.clone(),
-            topic_prefix: ports.topic_prefix.clone(),
-            database: ports.database.clone(),
-            ingest_port: ports.ingest_port,
-            otlp_grpc_port: ports.otlp_grpc_port,
-            otlp_http_port: ports.otlp_http_port,
-            enricher_metrics_port: ports.enricher_metrics_port,
-            aggregator_metrics_port: ports.aggregator_metrics_port,
             settings_path: run.dir.join("agentmeter.toml"),
-            dir: run.dir.clone(),
-            unique: run.unique.clone(),
-            run: run.settings.clone(),
+            dir: run.dir,
+            unique: run.unique,
+            run: run.settings,
             stages: Vec::new(),
             http: reqwest::Client::new(),
             database_created: false,
@@ -148,7 +133,7 @@ impl BenchEnv {
     pub fn kafka_settings(&self) -> agentmeter_runtime::kafka::KafkaSettings {
         agentmeter_runtime::kafka::KafkaSettings {
             brokers: self.options.brokers.clone(),
-            topic_prefix: self.topic_prefix.clone(),
+            topic_prefix: self.run.topic_prefix.clone(),
             ..Default::default()
         }
     }
@@ -161,7 +146,7 @@ impl BenchEnv {
     pub fn clickhouse_settings(&self) -> agentmeter_aggregator::ClickHouseSettings {
         agentmeter_aggregator::ClickHouseSettings {
             url: self.options.clickhouse_url.clone(),
-            database: self.database.clone(),
+            database: self.run.database.clone(),
             ..Default::default()
         }
     }
@@ -275,29 +260,23 @@ impl BenchEnv {
         clickhouse_query(
             &self.http,
             &self.options.clickhouse_url,
-            &self.database,
+            &self.run.database,
             sql,
         )
         .await
     }
 
-    /// Runs a statement that answers no rows (SYSTEM, OPTIMIZE, DDL).
+    /// Runs a statement that answers no rows (SYSTEM, OPTIMIZE, DDL; up to 30 minutes).
     pub async fn execute(&self, sql: &str) -> anyhow::Result<()> {
-        let response = self
-            .http
-            .post(format!(
-                "{}/?database={}",
-                self.options.clickhouse_url, self.database
-            ))
-            .body(sql.to_string())
-            .timeout(Duration::from_secs(1800))
-            .send()
-            .await
-            .context("ClickHouse reachable")?;
-        let status = response.status();
-        let text = response.text().await?;
-        anyhow::ensure!(status.is_success(), "ClickHouse error for `{sql}`: {text}");
-        Ok(())
+        clickhouse_post(
+            &self.http,
+            &self.options.clickhouse_url,
+            &self.run.database,
+            sql.to_string(),
+            Duration::from_secs(1800),
+        )
+        .await
+        .map(drop)
     }
 
     /// A query answering one number.
@@ -339,8 +318,8 @@ impl BenchEnv {
         if self.options.keep {
             eprintln!(
                 "kept: topics {}*, database {}, logs in {}",
-                self.topic_prefix,
-                self.database,
+                self.run.topic_prefix,
+                self.run.database,
                 self.dir.display()
             );
             return;
@@ -366,20 +345,20 @@ impl BenchEnv {
                 if let Err(error) = crate::kafka::delete_topics(&self.options.brokers, &names) {
                     eprintln!(
                         "note: could not delete topics {}*: {error:#}",
-                        self.topic_prefix
+                        self.run.topic_prefix
                     );
                 }
             }
             Err(reason) => eprintln!(
                 "note: topics {}* left on the broker, not deleted: {reason}",
-                self.topic_prefix
+                self.run.topic_prefix
             ),
         }
         if self.database_created {
             let url = format!("{}/?database=default", self.options.clickhouse_url);
             let _ = std::process::Command::new("curl")
                 .args(["-sf", "--max-time", "60", &url, "--data-binary"])
-                .arg(format!("DROP DATABASE IF EXISTS {}", self.database))
+                .arg(format!("DROP DATABASE IF EXISTS {}", self.run.database))
                 .status();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -400,16 +379,28 @@ pub async fn clickhouse_query(
     database: &str,
     sql: &str,
 ) -> anyhow::Result<String> {
+    let query = format!("{sql} FORMAT TabSeparated");
+    clickhouse_post(http, url, database, query, Duration::from_secs(600)).await
+}
+
+/// POSTs `body` to ClickHouse's HTTP interface in `database`; the answer, or its error.
+async fn clickhouse_post(
+    http: &reqwest::Client,
+    url: &str,
+    database: &str,
+    body: String,
+    timeout: Duration,
+) -> anyhow::Result<String> {
     let response = http
         .post(format!("{url}/?database={database}"))
-        .body(format!("{sql} FORMAT TabSeparated"))
-        .timeout(Duration::from_secs(600))
+        .body(body.clone())
+        .timeout(timeout)
         .send()
         .await
         .context("ClickHouse reachable")?;
     let status = response.status();
     let text = response.text().await?;
-    anyhow::ensure!(status.is_success(), "ClickHouse error for `{sql}`: {text}");
+    anyhow::ensure!(status.is_success(), "ClickHouse error for `{body}`: {text}");
     Ok(text)
 }
 

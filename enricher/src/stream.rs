@@ -10,12 +10,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use agentmeter_runtime::config_watch::{spawn_config_watcher, ConfigHandle, MeteringState};
-use agentmeter_runtime::kafka::{group_membership, GroupWatchdog, KafkaSettings, Topics};
-use agentmeter_runtime::observability::{operations_router, serve};
-use agentmeter_runtime::partitions::{
-    OwnedPartitions, OwnershipMode, ProgressWatch, StaticAssigner,
-};
+use agentmeter_runtime::config_watch::{ConfigHandle, MeteringState};
+use agentmeter_runtime::group::{GroupMembership, GroupWatchdog};
+use agentmeter_runtime::kafka::{KafkaSettings, Topics};
+use agentmeter_runtime::partitions::{OwnedPartitions, OwnershipMode, StaticAssigner};
 use agentmeter_runtime::shutdown::Shutdown;
 use agentmeter_schemas::{decode_raw_action, encode_enriched_action};
 use anyhow::Context;
@@ -41,55 +39,31 @@ pub const DLQ_REASON_HEADER: &str = "agentmeter.dlq.reason";
 pub const DLQ_MESSAGE_HEADER: &str = "agentmeter.dlq.message";
 pub const DLQ_SOURCE_HEADER: &str = "agentmeter.dlq.source";
 
-/// Runs the enricher until shutdown.
-pub async fn run(
+/// Consumes `actions.raw` until shutdown, once the metering configuration is loaded: takes up
+/// this process's partitions (static ownership or the consumer group, ADR 0003), enriches each
+/// batch and delivers it; at the end commits the stored offsets and, in group mode, leaves the
+/// group.
+pub async fn consume(
     config: EnricherConfig,
     kafka: KafkaSettings,
+    metering: ConfigHandle,
+    owned: OwnedPartitions,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    config.validate()?;
-    kafka.validate()?;
     let topics = kafka.topics();
-    let metering = spawn_config_watcher(&kafka, shutdown.clone())?;
-    let owned = OwnedPartitions::default();
-    let progress = ProgressWatch::spawn(
-        &kafka,
-        &config.group_id,
-        &topics.raw,
-        owned.clone(),
-        config.ownership.stall_after(),
-        shutdown.clone(),
-    )?;
-    let readiness = {
-        let metering = metering.clone();
-        Arc::new(move || {
-            if !metering.is_caught_up() {
-                return Err("metering configuration not loaded yet".to_string());
-            }
-            progress.readiness()
-        })
-    };
-    let operations = tokio::spawn(serve(
-        config.metrics_listen,
-        operations_router(readiness),
-        shutdown.clone(),
-    ));
-    // A broker that is not there yet is an outage to wait out (not ready meanwhile).
-    if !metering.clone().wait_until_loaded(shutdown.clone()).await {
-        operations.abort();
-        return Ok(());
-    }
-
     let group_mode = config.ownership.mode == OwnershipMode::Group;
-    let watchdog = Arc::new(Mutex::new(
-        (group_mode && config.ownership.group_watchdog)
-            .then(|| GroupWatchdog::new(&config.group_id, &topics.raw)),
-    ));
+    let membership = Arc::new(Mutex::new(group_mode.then(|| {
+        GroupMembership::new(
+            &config.group_id,
+            &topics.raw,
+            config.ownership.group_watchdog,
+        )
+    })));
     let consumer: StreamConsumer<GroupContext> = kafka
         .group_consumer_config(&config.group_id, &config.group_instance_id)
         .set("statistics.interval.ms", STATISTICS_INTERVAL_MS)
         .create_with_context(GroupContext {
-            watchdog: watchdog.clone(),
+            membership: membership.clone(),
             owned: owned.clone(),
         })
         .context("cannot create the Kafka consumer")?;
@@ -128,13 +102,12 @@ pub async fn run(
 
     let topics_raw = topics.raw.clone();
     let mut stage = EnricherStage {
-        static_mode: static_ownership.is_some(),
         config,
         topics,
         metering,
         consumer,
         producer,
-        watchdog,
+        membership,
         static_assigner: static_ownership
             .map(|ownership| StaticAssigner::new(ownership, &topics_raw, "enricher.ownership")),
         metadata_client,
@@ -147,17 +120,13 @@ pub async fn run(
     }
     // librdkafka sends no LeaveGroup for a static member when the consumer closes: leave
     // explicitly so the group reassigns our partitions now (ADR 0001, "Consumer groups on tansu").
-    if !stage.static_mode {
-        stage.leave_group(Duration::from_secs(5)).await;
-    }
-    operations.abort();
-    tracing::info!("enricher stopped");
+    stage.leave_group().await;
     result
 }
 
-/// The consumer context: tells the group watchdog and the owned set about rebalances.
+/// The consumer context: tells the group membership and the owned set about rebalances.
 struct GroupContext {
-    watchdog: Arc<Mutex<Option<GroupWatchdog>>>,
+    membership: Arc<Mutex<Option<GroupMembership>>>,
     owned: OwnedPartitions,
 }
 
@@ -193,15 +162,13 @@ impl ConsumerContext for GroupContext {
             Rebalance::Revoke(_) => self.owned.set([]),
             Rebalance::Error(_) => {}
         }
-        let mut watchdog = self.watchdog.lock().expect("watchdog lock");
-        let Some(watchdog) = watchdog.as_mut() else {
+        let mut membership = self.membership.lock().expect("membership lock");
+        let Some(membership) = membership.as_mut() else {
             return;
         };
         match rebalance {
-            Rebalance::Assign(_) => {
-                watchdog.on_assigned(group_membership(consumer).map(|(generation, _)| generation))
-            }
-            Rebalance::Revoke(_) => watchdog.on_revoked(),
+            Rebalance::Assign(_) => membership.on_assigned(consumer),
+            Rebalance::Revoke(_) => membership.on_revoked(),
             Rebalance::Error(_) => {}
         }
     }
@@ -213,13 +180,11 @@ struct EnricherStage {
     metering: ConfigHandle,
     consumer: StreamConsumer<GroupContext>,
     producer: FutureProducer,
-    /// Group mode with the watchdog on.
-    watchdog: Arc<Mutex<Option<GroupWatchdog>>>,
+    /// Group mode: the membership (`None` in static mode); shared with the rebalance callback.
+    membership: Arc<Mutex<Option<GroupMembership>>>,
     /// Static mode: takes up this replica's partitions (`None` in group mode; taken out while
     /// it reads the topic on a blocking thread).
     static_assigner: Option<StaticAssigner>,
-    /// Static mode: no group to leave at shutdown.
-    static_mode: bool,
     /// A client for blocking metadata reads, run off the async threads.
     metadata_client: Arc<BaseConsumer>,
     owned: OwnedPartitions,
@@ -269,7 +234,7 @@ impl EnricherStage {
         loop {
             // Between batches (nothing in flight): leave and re-join the group if it is stuck;
             // in static mode, take up the owned partitions (at start, and any added later).
-            self.check_group_membership(&shutdown).await?;
+            self.check_group_membership()?;
             self.check_static_ownership().await?;
             let first = tokio::select! {
                 biased;
@@ -346,49 +311,32 @@ impl EnricherStage {
         }
     }
 
-    /// Leaves and re-joins the consumer group when the [`GroupWatchdog`] says it is stuck.
-    async fn check_group_membership(&self, shutdown: &Shutdown) -> anyhow::Result<()> {
+    /// Group mode: leaves and re-joins the consumer group when the [`GroupWatchdog`] says it
+    /// is stuck ([`GroupMembership::tick`]; the loop's `recv` serves the revocation).
+    fn check_group_membership(&self) -> anyhow::Result<()> {
         // A due check makes blocking broker round trips: off the async worker's budget.
-        let reason = tokio::task::block_in_place(|| {
-            self.watchdog
-                .lock()
-                .expect("watchdog lock")
-                .as_mut()
-                .and_then(|watchdog| watchdog.rejoin_reason(&self.consumer))
-        });
-        let Some(reason) = reason else {
-            return Ok(());
-        };
-        tracing::warn!(%reason, "leaving the consumer group to re-join it");
-        if let Some(watchdog) = self.watchdog.lock().expect("watchdog lock").as_mut() {
-            watchdog.rejoined();
-        }
-        self.leave_group(Duration::from_secs(5)).await;
-        if shutdown.is_requested() {
-            return Ok(());
-        }
-        self.consumer
-            .subscribe(&[&self.topics.raw])
-            .with_context(|| format!("cannot subscribe to {}", self.topics.raw))?;
-        tracing::info!("re-joined the consumer group");
-        Ok(())
+        tokio::task::block_in_place(|| {
+            match self.membership.lock().expect("membership lock").as_mut() {
+                Some(membership) => membership.tick(&self.consumer),
+                None => Ok(()),
+            }
+        })
+        .with_context(|| format!("cannot subscribe to {}", self.topics.raw))
     }
 
-    /// Leaves the group: lets a join still in flight finish (else there is no member id to
-    /// leave with), unsubscribes, and serves the revocation until librdkafka has sent
-    /// LeaveGroup (it clears the member id then); each step waits at most `timeout`. Stored
-    /// offsets are committed on revocation; records received meanwhile are dropped unprocessed
-    /// (their offsets are not stored), the next owner reads them.
-    async fn leave_group(&self, timeout: Duration) {
-        let in_group =
-            || group_membership(&self.consumer).is_some_and(|(_, member)| !member.is_empty());
-        let deadline = Instant::now() + timeout;
-        while !in_group() && Instant::now() < deadline {
-            let _ = tokio::time::timeout(Duration::from_millis(50), self.consumer.recv()).await;
-        }
-        self.consumer.unsubscribe();
-        let deadline = Instant::now() + timeout;
-        while in_group() && Instant::now() < deadline {
+    /// Group mode: leaves the group ([`GroupMembership::leave`]), serving the consumer's events
+    /// between steps. Stored offsets are committed on revocation.
+    async fn leave_group(&self) {
+        let leave = self
+            .membership
+            .lock()
+            .expect("membership lock")
+            .as_ref()
+            .map(GroupMembership::leave);
+        let Some(mut leave) = leave else {
+            return;
+        };
+        while tokio::task::block_in_place(|| leave.step(&self.consumer)) {
             let _ = tokio::time::timeout(Duration::from_millis(50), self.consumer.recv()).await;
         }
     }

@@ -6,6 +6,8 @@
 //!   keys of earlier releases still accepted.
 //! * [`kafka`] — the Kafka settings and topic names, client configurations with the
 //!   safety-critical keys set *after* user overrides, and topic creation (`agentmeter topics`).
+//! * [`group`] — consumer-group membership (group mode): the watchdog for tansu's stuck
+//!   states, leave-and-re-join, and the LeaveGroup at shutdown, driven alike by both stages.
 //! * [`config_watch`] — follows the log-compacted config topic on a blocking thread and publishes
 //!   immutable [`config_watch::MeteringState`] snapshots through `arc-swap`; readers never lock.
 //! * [`partitions`] — who owns which input partition (static by replica ordinal, or a consumer
@@ -18,6 +20,7 @@
 
 pub mod config_watch;
 pub mod duration;
+pub mod group;
 pub mod kafka;
 pub mod observability;
 pub mod partitions;

@@ -3,7 +3,7 @@
 //! * [`OwnershipSettings`] — the `[enricher.ownership]` / `[aggregator.ownership]` table:
 //!   `mode = "static"` (replica *i* of *M* owns the partitions *p* with *p mod M = i*; no group
 //!   coordinator involved, the default) or `mode = "group"` (a Kafka consumer group, with the
-//!   watchdog of [`crate::kafka::GroupWatchdog`] for the local broker, switchable off).
+//!   watchdog of [`crate::group::GroupWatchdog`] for the local broker, switchable off).
 //! * [`StaticOwnership`] — the ordinal rule, pure.
 //! * [`OwnedPartitions`] — the set the stage owns right now, shared with the progress watch.
 //! * [`ProgressWatch`] — a blocking thread that reads the input topic's high watermarks and the

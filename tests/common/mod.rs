@@ -66,19 +66,10 @@ pub use agentmeter_testkit::free_port;
 /// One test's isolated world: topics, database, groups, ports, settings file, processes.
 pub struct TestEnv {
     pub name: String,
-    pub topic_prefix: String,
-    pub database: String,
-    pub ingest_port: u16,
-    pub enricher_metrics_port: u16,
-    pub aggregator_metrics_port: u16,
-    /// Port of ingest's OTLP/gRPC receiver (`ingest.otlp_grpc_listen`).
-    pub otlp_grpc_port: u16,
-    /// Port of ingest's OTLP/HTTP receiver (`ingest.otlp_http_listen`).
-    pub otlp_http_port: u16,
+    /// Names and ports: topic prefix, database, and the port of every listener.
+    pub run: agentmeter_testkit::settings::RunSettings,
     pub dir: PathBuf,
     pub settings_path: PathBuf,
-    /// What the settings file is made from.
-    run: agentmeter_testkit::settings::RunSettings,
     processes: Vec<StageProcess>,
 }
 
@@ -94,19 +85,11 @@ impl TestEnv {
             clickhouse_url(),
         )
         .expect("create the test's directory");
-        let ports = &run.settings;
         let env = TestEnv {
             name: name.to_string(),
-            topic_prefix: ports.topic_prefix.clone(),
-            database: ports.database.clone(),
-            ingest_port: ports.ingest_port,
-            enricher_metrics_port: ports.enricher_metrics_port,
-            aggregator_metrics_port: ports.aggregator_metrics_port,
-            otlp_grpc_port: ports.otlp_grpc_port,
-            otlp_http_port: ports.otlp_http_port,
             settings_path: run.dir.join("agentmeter.toml"),
-            dir: run.dir.clone(),
-            run: run.settings.clone(),
+            dir: run.dir,
+            run: run.settings,
             processes: Vec::new(),
         };
         env.write_settings(extra_settings);
@@ -210,36 +193,53 @@ impl TestEnv {
     }
 
     pub fn ingest_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.ingest_port)
+        format!("http://127.0.0.1:{}", self.run.ingest_port)
     }
 
     /// `http://127.0.0.1:<port>` of ingest's OTLP/gRPC receiver (value-python's
     /// `VALUE_OTEL_ENDPOINT`).
     pub fn otlp_grpc_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.otlp_grpc_port)
+        format!("http://127.0.0.1:{}", self.run.otlp_grpc_port)
     }
 
     /// `http://127.0.0.1:<port>` of ingest's OTLP/HTTP receiver (traces at `/v1/traces`).
     pub fn otlp_http_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.otlp_http_port)
+        format!("http://127.0.0.1:{}", self.run.otlp_http_port)
     }
 
     /// Waits until `url` answers 200.
     pub fn wait_http_ok(&self, url: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
         let client = reqwest::blocking::Client::new();
-        loop {
-            if let Ok(response) = client.get(url).timeout(Duration::from_secs(2)).send() {
-                if response.status().is_success() {
-                    return;
-                }
+        self.wait_until(timeout, Duration::from_millis(100), || {
+            let answered = client.get(url).timeout(Duration::from_secs(2)).send();
+            match answered {
+                Ok(response) if response.status().is_success() => Ok(()),
+                Ok(response) => Err(format!("{url} answered {}", response.status())),
+                Err(error) => Err(format!("{url} not ready: {error}")),
             }
+        });
+    }
+
+    /// Calls `check` every `pause` until it succeeds; panics with its last message and the
+    /// stage logs after `timeout`.
+    pub fn wait_until(
+        &self,
+        timeout: Duration,
+        pause: Duration,
+        mut check: impl FnMut() -> Result<(), String>,
+    ) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = match check() {
+                Ok(()) => return,
+                Err(last) => last,
+            };
             assert!(
                 Instant::now() < deadline,
-                "{url} not ready after {timeout:?}\n{}",
+                "{last} after {timeout:?}\n{}",
                 self.logs()
             );
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(pause);
         }
     }
 
@@ -260,39 +260,33 @@ impl TestEnv {
 
     /// Runs a query in this test's database; rows of TabSeparated columns.
     pub fn query(&self, sql: &str) -> Vec<Vec<String>> {
-        clickhouse_query(&self.database, sql)
+        clickhouse_query(&self.run.database, sql)
     }
 
     /// Polls `sql` (one number) until it equals `expected`.
     pub fn wait_for_count(&self, sql: &str, expected: u64, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
         let mut last = String::new();
-        loop {
+        self.wait_until(timeout, Duration::from_millis(200), || {
             if let Some(row) = self.query(sql).first() {
                 last = row[0].clone();
                 if last.parse::<u64>().ok() == Some(expected) {
-                    return;
+                    return Ok(());
                 }
             }
-            assert!(
-                Instant::now() < deadline,
-                "`{sql}` was {last}, expected {expected} after {timeout:?}\n{}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+            Err(format!("`{sql}` was {last}, expected {expected}"))
+        });
     }
 
     /// Reads every record of a topic of this test (from the beginning to the current end).
     pub fn read_topic(&self, suffix: &str) -> Vec<KafkaRecord> {
-        read_topic(&format!("{}{suffix}", self.topic_prefix))
+        read_topic(&format!("{}{suffix}", self.run.topic_prefix))
     }
 
     /// Produces raw bytes to a topic of this test (a direct publisher, or poison).
     pub fn produce(&self, suffix: &str, key: &str, payload: &[u8]) {
         use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
         let producer: BaseProducer = publisher_config().create().unwrap();
-        let topic = format!("{}{suffix}", self.topic_prefix);
+        let topic = format!("{}{suffix}", self.run.topic_prefix);
         producer
             .send(BaseRecord::to(&topic).key(key).payload(payload))
             .map_err(|(error, _)| error)
@@ -310,7 +304,7 @@ impl Drop for TestEnv {
         if !std::thread::panicking() {
             let _ = clickhouse_query(
                 "default",
-                &format!("DROP DATABASE IF EXISTS {}", self.database),
+                &format!("DROP DATABASE IF EXISTS {}", self.run.database),
             );
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {
@@ -539,6 +533,23 @@ pub fn kafka_action(
     )
 }
 
+/// Sends one REST batch with the agent secret; the HTTP status, 0 when the connection failed.
+pub fn post_status(
+    client: &reqwest::blocking::Client,
+    url: &str,
+    secret: &str,
+    body: &serde_json::Value,
+) -> u16 {
+    client
+        .post(url)
+        .header("X-Agent-Secret", secret)
+        .json(body)
+        .timeout(Duration::from_secs(30))
+        .send()
+        .map(|response| response.status().as_u16())
+        .unwrap_or(0)
+}
+
 /// Sends a REST batch until ingest accepts it (202), as the README asks clients to: a batch
 /// refused with 429 or 503, or whose connection failed (ingest restarting), is sent again as it
 /// was, after `pause`. Panics on any other status, and when the batch is not accepted within
@@ -558,14 +569,7 @@ pub fn post_until_accepted(
             Instant::now() < give_up_at,
             "a batch was not accepted within {give_up_after:?} of its first try"
         );
-        let status = client
-            .post(url)
-            .header("X-Agent-Secret", secret)
-            .json(body)
-            .timeout(Duration::from_secs(30))
-            .send()
-            .map(|response| response.status().as_u16())
-            .unwrap_or(0);
+        let status = post_status(client, url, secret, body);
         match status {
             202 => return refused,
             0 | 429 | 503 => {

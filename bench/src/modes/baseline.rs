@@ -72,7 +72,7 @@ pub async fn run(options: &Options, args: Args, stage_cpus: &[usize]) -> anyhow:
     let clickhouse = options.service_pid("clickhouse");
     let brokers = options.brokers.clone();
     let cpus = stage_cpus.to_vec();
-    let group = format!("{}baseline", env.topic_prefix);
+    let group = format!("{}baseline", env.run.topic_prefix);
     let (linger_ms, produce_only) = (args.linger_ms, args.produce_only);
 
     let kafka_results = tokio::task::spawn_blocking(move || {

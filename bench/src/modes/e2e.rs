@@ -42,16 +42,19 @@ pub async fn run(options: &Options, args: Args) -> anyhow::Result<Vec<Row>> {
     let enrich = env.spawn("enrich", &[])?;
     let aggregate = env.spawn("aggregate", &[])?;
     for url in [
-        format!("http://127.0.0.1:{}/readyz", env.ingest_port),
-        format!("http://127.0.0.1:{}/readyz", env.enricher_metrics_port),
-        format!("http://127.0.0.1:{}/readyz", env.aggregator_metrics_port),
+        format!("http://127.0.0.1:{}/readyz", env.run.ingest_port),
+        format!("http://127.0.0.1:{}/readyz", env.run.enricher_metrics_port),
+        format!(
+            "http://127.0.0.1:{}/readyz",
+            env.run.aggregator_metrics_port
+        ),
     ] {
         env.wait_ready(&url, Duration::from_secs(120)).await?;
     }
     let workload = Arc::new(Workload::example());
     let run = env.unique.clone();
     let client = reqwest::Client::new();
-    let rest_url = format!("http://127.0.0.1:{}/v1/actions", env.ingest_port);
+    let rest_url = format!("http://127.0.0.1:{}/v1/actions", env.run.ingest_port);
 
     // Warm-up: one batch through the whole pipeline (consumer groups joined, tables warm).
     let warmup_run = format!("{run}w");
@@ -183,7 +186,7 @@ pub async fn run(options: &Options, args: Args) -> anyhow::Result<Vec<Row>> {
             let found = clickhouse_query(
                 &env.http,
                 &options.clickhouse_url,
-                &env.database,
+                &env.run.database,
                 &format!("SELECT event_id FROM actions WHERE event_id IN ({list})"),
             )
             .await?;

@@ -155,9 +155,9 @@ pub async fn run(options: &Options, args: Args) -> anyhow::Result<Vec<Row>> {
         .map(|(key, value)| (key.as_str(), value.as_str()))
         .collect();
     let pid = env.spawn("ingest", &overrides)?;
-    let ready = format!("http://127.0.0.1:{}/readyz", env.ingest_port);
+    let ready = format!("http://127.0.0.1:{}/readyz", env.run.ingest_port);
     env.wait_ready(&ready, Duration::from_secs(120)).await?;
-    let url = format!("http://127.0.0.1:{}/v1/actions", env.ingest_port);
+    let url = format!("http://127.0.0.1:{}/v1/actions", env.run.ingest_port);
     let run = env.unique.clone();
     let first = AtomicU64::new(0);
     let settings_note = if args.settings.is_empty() {

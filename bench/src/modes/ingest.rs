@@ -57,7 +57,7 @@ pub async fn run(options: &Options, args: Args) -> anyhow::Result<Vec<Row>> {
     let mut env = BenchEnv::new(options, "ingest")?;
     env.apply_config(&config_text(0))?;
     let pid = env.spawn("ingest", &[])?;
-    let ready = format!("http://127.0.0.1:{}/readyz", env.ingest_port);
+    let ready = format!("http://127.0.0.1:{}/readyz", env.run.ingest_port);
     env.wait_ready(&ready, Duration::from_secs(120)).await?;
     let tansu = options.service_pid("tansu");
     let workload = Arc::new(Workload::example());
@@ -96,11 +96,11 @@ pub async fn run(options: &Options, args: Args) -> anyhow::Result<Vec<Row>> {
         let pool = Arc::new(pool);
         let (url, content_type) = match protocol {
             Protocol::Rest => (
-                format!("http://127.0.0.1:{}/v1/actions", env.ingest_port),
+                format!("http://127.0.0.1:{}/v1/actions", env.run.ingest_port),
                 "application/json",
             ),
             Protocol::Otlp => (
-                format!("http://127.0.0.1:{}/v1/traces", env.otlp_http_port),
+                format!("http://127.0.0.1:{}/v1/traces", env.run.otlp_http_port),
                 "application/x-protobuf",
             ),
         };

@@ -108,7 +108,7 @@ pub async fn run(options: &Options, args: Args) -> anyhow::Result<Vec<Row>> {
         args.month,
         workload.senders.len(),
         args.users,
-        env.database
+        env.run.database
     );
 
     // Generation on a thread; writes on the async side, one batch write at a time.
@@ -226,7 +226,7 @@ pub async fn run(options: &Options, args: Args) -> anyhow::Result<Vec<Row>> {
         let merges = env
             .query_u64(&format!(
                 "SELECT count() FROM system.merges WHERE database = '{}'",
-                env.database
+                env.run.database
             ))
             .await?;
         if merges == 0 {
@@ -238,7 +238,7 @@ pub async fn run(options: &Options, args: Args) -> anyhow::Result<Vec<Row>> {
         .query(&format!(
             "SELECT table, count(), sum(rows), sum(bytes_on_disk) FROM system.parts \
              WHERE database = '{}' AND active GROUP BY table ORDER BY table",
-            env.database
+            env.run.database
         ))
         .await?;
     println!("    merges settled after {:.0} s; active parts per table (table, parts, rows, bytes on disk):", settle.elapsed().as_secs_f64());
