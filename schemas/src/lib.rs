@@ -11,10 +11,13 @@
 //! * [`text`] — what names (grouped and billed by) and free texts may contain.
 //! * [`metering`] — a workspace's metering configuration (file format, validation, the compiled
 //!   immutable snapshot the stages share, secret hashing).
+//! * [`catalog`] — the billing catalog in the same configuration: products, rate plans,
+//!   charges and their models, subscriptions, and their validation.
 //! * [`rest`] — the JSON body of ingest's `POST /v1/actions`.
 
 pub mod action;
 pub mod avro;
+pub mod catalog;
 pub mod decimal;
 pub mod limits;
 pub mod metering;

@@ -49,6 +49,12 @@ pub struct MeteringConfig {
     /// Actions that are business outcomes (`@outcome` besides `@action`).
     #[serde(default)]
     pub outcomes: Vec<OutcomeDefinition>,
+    /// What the builder sells: products, their rate plans and charges (docs/billing.md).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub products: Vec<crate::catalog::Product>,
+    /// Which account is on which rate plan, effective-dated.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subscriptions: Vec<crate::catalog::Subscription>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -444,6 +450,8 @@ impl MeteringConfig {
                 problems.push(format!("outcome {:?} is defined twice", outcome.action));
             }
         }
+
+        crate::catalog::check_catalog(self, &mut problems);
 
         if problems.is_empty() {
             Ok(())

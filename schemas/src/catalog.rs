@@ -1,0 +1,813 @@
+//! The billing catalog of a workspace's metering configuration: products with their rate plans
+//! and charges, and the subscriptions of accounts to rate plans (issue 10, docs/billing.md).
+//!
+//! It lives in the same file as the rest of the configuration, so it is validated by
+//! [`MeteringConfig::validate`](crate::metering::MeteringConfig::validate), versioned on the
+//! same config topic and shown by the same `config apply` diff. Prices are quoted decimal
+//! strings, never floats. What a charge model computes is `agentmeter_billing::pricing`.
+
+use std::collections::{HashMap, HashSet};
+
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::metering::MeteringConfig;
+
+/// The largest price, fee, commitment or package size accepted in a rate plan.
+pub const MAX_PRICE: Decimal = Decimal::from_parts(1_000_000_000, 0, 0, false, 0); // 10^9
+/// The largest number of units a tier bound or an included allowance may name.
+pub const MAX_UNITS: Decimal = Decimal::from_parts(2_808_348_672, 232_830_643, 0, false, 0); // 10^18
+
+/// What a builder sells, tied to an agent type, with the rate plans it is sold under.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Product {
+    /// Stable id (letters, digits, `_`, `-`, `.`, `:`).
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Id of the agent type this product is.
+    pub agent_type: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// The plans this product is sold under (e.g. Basic, Pro, Enterprise).
+    pub rate_plans: Vec<RatePlan>,
+}
+
+/// A price list: a currency, a billing cycle and the charges billed each period.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RatePlan {
+    /// Stable id, unique within its product.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// ISO 4217 code every price of this plan is in; amounts are rounded to its minor unit.
+    pub currency: String,
+    /// How long a billing period is.
+    pub billing_cycle: BillingCycle,
+    /// Where periods start: on calendar boundaries, or on the subscription's start date.
+    #[serde(default)]
+    pub anchor: BillingAnchor,
+    /// The line items billed each period.
+    pub charges: Vec<Charge>,
+    /// Discounts on the whole invoice (after every charge and the minimum commitment).
+    #[serde(default)]
+    pub discounts: Vec<Discount>,
+    /// Least the charges of a period add up to; a shortfall is billed as its own line.
+    #[serde(
+        default,
+        with = "optional_money",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub minimum_commitment: Option<Decimal>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BillingCycle {
+    Monthly,
+    Quarterly,
+    Annual,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BillingAnchor {
+    /// Periods start on the first day of a month, quarter or year.
+    #[default]
+    Calendar,
+    /// Periods start on the day of the month (and month, for longer cycles) the subscription
+    /// started.
+    Anniversary,
+}
+
+/// One line item of a rate plan: a metric and how it is priced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Charge {
+    /// Stable id, unique within its rate plan.
+    pub id: String,
+    /// The line's text on the invoice.
+    pub name: String,
+    /// What is counted: `@action`, `@outcome`, `@user`, `@seat`, or `measure` (the quantity
+    /// of one measure of one action, named by `action` and `measure`). None for fees
+    /// (`flat`, `one_time`), which bill no metric.
+    #[serde(default)]
+    pub metric: Option<String>,
+    /// `@action`: only these tracked actions (all tracked actions when empty).
+    #[serde(default)]
+    pub actions: Vec<String>,
+    /// `@outcome`: only these outcomes (all when empty).
+    #[serde(default)]
+    pub outcomes: Vec<String>,
+    /// `measure`: the priced action.
+    #[serde(default)]
+    pub action: Option<String>,
+    /// `measure`: its measure, as in its cost allocation (`token`, `unit`, a custom name).
+    #[serde(default)]
+    pub measure: Option<String>,
+    /// How the quantity becomes an amount.
+    pub model: ChargeModel,
+    /// A discount on this line.
+    #[serde(default)]
+    pub discount: Option<Discount>,
+}
+
+/// How a charge turns the period's quantity into an amount. Tier bounds are cumulative
+/// quantities; a tier covers the quantities above the previous bound up to and including its
+/// own `up_to`; the last tier has no bound.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ChargeModel {
+    /// Every unit at one price.
+    PerUnit {
+        #[serde(with = "money")]
+        unit_price: Decimal,
+    },
+    /// Graduated: each unit at the price of the tier it falls in.
+    Tiered { tiers: Vec<Tier> },
+    /// Every unit at the price of the tier the period's total falls in.
+    Volume { tiers: Vec<Tier> },
+    /// Per started package of `package_size` units.
+    Package {
+        #[serde(with = "money")]
+        package_size: Decimal,
+        #[serde(with = "money")]
+        package_price: Decimal,
+    },
+    /// A recurring fee per period (prorated by time for a partial period).
+    Flat {
+        #[serde(with = "money")]
+        fee: Decimal,
+    },
+    /// A recurring fee that includes `included` units, then each further unit at `unit_price`.
+    Overage {
+        #[serde(with = "money")]
+        fee: Decimal,
+        #[serde(with = "money")]
+        included: Decimal,
+        #[serde(with = "money")]
+        unit_price: Decimal,
+    },
+    /// A single fee, billed in the subscription's first period.
+    OneTime {
+        #[serde(with = "money")]
+        fee: Decimal,
+    },
+}
+
+/// One tier of a tiered or volume charge.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tier {
+    /// The highest cumulative quantity of this tier (inclusive); none for the last tier.
+    #[serde(
+        default,
+        with = "optional_money",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub up_to: Option<Decimal>,
+    #[serde(with = "money")]
+    pub unit_price: Decimal,
+}
+
+/// A discount on one charge or on a whole invoice.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Discount {
+    /// This percentage (0–100) of the amount.
+    Percent(#[serde(with = "money")] Decimal),
+    /// This amount, at most the amount it is taken from.
+    Amount(#[serde(with = "money")] Decimal),
+}
+
+/// An account's subscription to a rate plan, effective-dated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Subscription {
+    /// Stable id.
+    pub id: String,
+    /// The subscribed account.
+    pub account: String,
+    /// The product and its rate plan.
+    pub product: String,
+    pub rate_plan: String,
+    /// RFC 3339 instant from which the plan applies (inclusive).
+    #[serde(with = "time::serde::rfc3339")]
+    pub start: OffsetDateTime,
+    /// RFC 3339 instant at which it stops applying (exclusive); open-ended when absent.
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub end: Option<OffsetDateTime>,
+}
+
+/// What a charge counts, checked ([`Charge::metric`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Metric {
+    /// Tracked actions, all or only these names.
+    Actions { only: Vec<String> },
+    /// Outcomes, all or only these.
+    Outcomes { only: Vec<String> },
+    /// Distinct users active in the period.
+    Users,
+    /// Seats of the period (docs/billing.md: the trailing-30-days rule).
+    Seats,
+    /// The quantity of `measure` of `action`.
+    Measure { action: String, measure: String },
+    /// None: a fee.
+    Fee,
+}
+
+impl Charge {
+    /// What this charge counts, or why its fields do not fit together.
+    pub fn metric(&self) -> Result<Metric, String> {
+        let is_fee = matches!(
+            self.model,
+            ChargeModel::Flat { .. } | ChargeModel::OneTime { .. }
+        );
+        let stray = |names: &[&str]| -> Result<(), String> {
+            let mut given = Vec::new();
+            if !self.actions.is_empty() && !names.contains(&"actions") {
+                given.push("actions");
+            }
+            if !self.outcomes.is_empty() && !names.contains(&"outcomes") {
+                given.push("outcomes");
+            }
+            if self.action.is_some() && !names.contains(&"action") {
+                given.push("action");
+            }
+            if self.measure.is_some() && !names.contains(&"measure") {
+                given.push("measure");
+            }
+            if given.is_empty() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} do(es) not apply to this metric",
+                    given.join(", ")
+                ))
+            }
+        };
+        let metric = match (self.metric.as_deref(), is_fee) {
+            (None, true) => {
+                stray(&[])?;
+                return Ok(Metric::Fee);
+            }
+            (Some(metric), true) => {
+                return Err(format!(
+                    "a {} fee bills no metric; remove metric = {metric:?}",
+                    self.model.name()
+                ))
+            }
+            (None, false) => {
+                return Err(format!(
+                    "a {} charge needs a metric: @action, @outcome, @user, @seat or measure",
+                    self.model.name()
+                ))
+            }
+            (Some(metric), false) => metric,
+        };
+        match metric {
+            "@action" => {
+                stray(&["actions"])?;
+                Ok(Metric::Actions {
+                    only: self.actions.clone(),
+                })
+            }
+            "@outcome" => {
+                stray(&["outcomes"])?;
+                Ok(Metric::Outcomes {
+                    only: self.outcomes.clone(),
+                })
+            }
+            "@user" => stray(&[]).map(|()| Metric::Users),
+            "@seat" => stray(&[]).map(|()| Metric::Seats),
+            "measure" => {
+                stray(&["action", "measure"])?;
+                match (&self.action, &self.measure) {
+                    (Some(action), Some(measure)) => Ok(Metric::Measure {
+                        action: action.clone(),
+                        measure: measure.clone(),
+                    }),
+                    _ => Err("metric \"measure\" needs both action and measure".to_string()),
+                }
+            }
+            other => Err(format!(
+                "unknown metric {other:?}: use @action, @outcome, @user, @seat or measure"
+            )),
+        }
+    }
+}
+
+impl ChargeModel {
+    /// The model's name as written in a configuration.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ChargeModel::PerUnit { .. } => "per_unit",
+            ChargeModel::Tiered { .. } => "tiered",
+            ChargeModel::Volume { .. } => "volume",
+            ChargeModel::Package { .. } => "package",
+            ChargeModel::Flat { .. } => "flat",
+            ChargeModel::Overage { .. } => "overage",
+            ChargeModel::OneTime { .. } => "one_time",
+        }
+    }
+
+    /// Everything wrong with the model's numbers.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut price = |what: &str, value: Decimal| {
+            if value.is_sign_negative() && !value.is_zero() {
+                problems.push(format!("{what} {value} is negative"));
+            } else if value > MAX_PRICE {
+                problems.push(format!(
+                    "{what} {value} is above the largest accepted, {MAX_PRICE}"
+                ));
+            }
+        };
+        match self {
+            ChargeModel::PerUnit { unit_price } => price("unit_price", *unit_price),
+            ChargeModel::Tiered { tiers } | ChargeModel::Volume { tiers } => {
+                for (index, tier) in tiers.iter().enumerate() {
+                    price(&format!("tier {} unit_price", index + 1), tier.unit_price);
+                }
+                problems.extend(tier_problems(tiers));
+            }
+            ChargeModel::Package {
+                package_size,
+                package_price,
+            } => {
+                price("package_price", *package_price);
+                if *package_size <= Decimal::ZERO || *package_size > MAX_UNITS {
+                    problems.push(format!(
+                        "package_size {package_size} must be above 0 and at most {MAX_UNITS}"
+                    ));
+                }
+            }
+            ChargeModel::Flat { fee } | ChargeModel::OneTime { fee } => price("fee", *fee),
+            ChargeModel::Overage {
+                fee,
+                included,
+                unit_price,
+            } => {
+                price("fee", *fee);
+                price("unit_price", *unit_price);
+                if included.is_sign_negative() && !included.is_zero() || *included > MAX_UNITS {
+                    problems.push(format!(
+                        "included {included} must be between 0 and {MAX_UNITS}"
+                    ));
+                }
+            }
+        }
+        problems
+    }
+}
+
+/// Tiers must be ascending by bound, every bound above 0, and only the last unbounded.
+fn tier_problems(tiers: &[Tier]) -> Vec<String> {
+    let mut problems = Vec::new();
+    if tiers.is_empty() {
+        problems.push("has no tiers".to_string());
+        return problems;
+    }
+    let mut previous = Decimal::ZERO;
+    for (index, tier) in tiers.iter().enumerate() {
+        let last = index + 1 == tiers.len();
+        match (tier.up_to, last) {
+            (None, true) => {}
+            (None, false) => problems.push(format!(
+                "tier {} has no up_to but is not the last: only the last tier is unbounded",
+                index + 1
+            )),
+            (Some(up_to), true) => problems.push(format!(
+                "the last tier (up to {up_to}) must have no up_to, so that every quantity has a price"
+            )),
+            (Some(up_to), false) => {
+                if up_to <= previous {
+                    problems.push(format!(
+                        "tier {} up_to {up_to} must be above the previous bound {previous}: tiers are listed by ascending, non-overlapping bounds",
+                        index + 1
+                    ));
+                } else if up_to > MAX_UNITS {
+                    problems.push(format!(
+                        "tier {} up_to {up_to} is above the largest accepted, {MAX_UNITS}",
+                        index + 1
+                    ));
+                }
+                previous = previous.max(up_to);
+            }
+        }
+    }
+    problems
+}
+
+impl Discount {
+    fn problems(&self) -> Option<String> {
+        match self {
+            Discount::Percent(percent)
+                if *percent < Decimal::ZERO || *percent > Decimal::ONE_HUNDRED =>
+            {
+                Some(format!(
+                    "discount percent {percent} must be between 0 and 100"
+                ))
+            }
+            Discount::Amount(amount) if *amount < Decimal::ZERO || *amount > MAX_PRICE => Some(
+                format!("discount amount {amount} must be between 0 and {MAX_PRICE}"),
+            ),
+            _ => None,
+        }
+    }
+}
+
+/// Whether `code` is an ISO 4217 currency code.
+pub fn is_iso_currency(code: &str) -> bool {
+    iso_currency::Currency::from_code(code).is_some()
+}
+
+/// Adds every problem of the catalog and the subscriptions of `config` to `problems`.
+pub(crate) fn check_catalog(config: &MeteringConfig, problems: &mut Vec<String>) {
+    let agent_types: HashSet<&str> = config.agent_types.iter().map(|t| t.id.as_str()).collect();
+    let accounts: HashSet<&str> = config.accounts.iter().map(|a| a.id.as_str()).collect();
+    let tracked: HashSet<&str> = config.tagging.tracked.iter().map(String::as_str).collect();
+    let outcomes: HashSet<&str> = config.outcomes.iter().map(|o| o.action.as_str()).collect();
+    let measures: HashSet<(&str, &str)> = config
+        .cost_allocations
+        .iter()
+        .map(|allocation| (allocation.action.as_str(), allocation.measure.as_str()))
+        .collect();
+
+    let mut product_ids = HashSet::new();
+    let mut plans: HashMap<(&str, &str), &RatePlan> = HashMap::new();
+    for product in &config.products {
+        let at = format!("product {:?}", product.id);
+        if !crate::metering::is_valid_identifier(&product.id) {
+            problems.push(format!(
+                "{at}: the id must be 1-128 letters, digits, '_', '-', '.', ':'"
+            ));
+        }
+        if !product_ids.insert(product.id.as_str()) {
+            problems.push(format!("{at} is defined twice"));
+        }
+        if !agent_types.contains(product.agent_type.as_str()) {
+            problems.push(format!(
+                "{at}: agent_type {:?} is not an agent type of this workspace",
+                product.agent_type
+            ));
+        }
+        if product.rate_plans.is_empty() {
+            problems.push(format!("{at} has no rate plans"));
+        }
+        for plan in &product.rate_plans {
+            let at = format!("product {:?}, rate plan {:?}", product.id, plan.id);
+            if !crate::metering::is_valid_identifier(&plan.id) {
+                problems.push(format!(
+                    "{at}: the id must be 1-128 letters, digits, '_', '-', '.', ':'"
+                ));
+            }
+            if plans
+                .insert((product.id.as_str(), plan.id.as_str()), plan)
+                .is_some()
+            {
+                problems.push(format!("{at} is defined twice"));
+            }
+            if !is_iso_currency(&plan.currency) {
+                problems.push(format!(
+                    "{at}: currency {:?} is not an ISO 4217 code such as \"USD\"",
+                    plan.currency
+                ));
+            }
+            if plan.charges.is_empty() {
+                problems.push(format!("{at} has no charges"));
+            }
+            let mut charge_ids = HashSet::new();
+            for charge in &plan.charges {
+                let at = format!("{at}, charge {:?}", charge.id);
+                if !charge_ids.insert(charge.id.as_str()) {
+                    problems.push(format!("{at} is defined twice"));
+                }
+                match charge.metric() {
+                    Err(problem) => problems.push(format!("{at}: {problem}")),
+                    Ok(Metric::Actions { only }) => {
+                        for action in only.iter().filter(|a| !tracked.contains(a.as_str())) {
+                            problems.push(format!(
+                                "{at}: action {action:?} is not tracked (add it to tagging.tracked)"
+                            ));
+                        }
+                    }
+                    Ok(Metric::Outcomes { only }) => {
+                        for outcome in only.iter().filter(|o| !outcomes.contains(o.as_str())) {
+                            problems.push(format!(
+                                "{at}: outcome {outcome:?} is not defined (add it to [[outcomes]])"
+                            ));
+                        }
+                    }
+                    Ok(Metric::Measure { action, measure }) => {
+                        if !measures.contains(&(action.as_str(), measure.as_str())) {
+                            problems.push(format!(
+                                "{at}: no cost allocation measures {action:?} in {measure:?}; a measure charge bills a measure a cost allocation defines"
+                            ));
+                        }
+                    }
+                    Ok(Metric::Users | Metric::Seats | Metric::Fee) => {}
+                }
+                for problem in charge.model.problems() {
+                    problems.push(format!("{at} ({}): {problem}", charge.model.name()));
+                }
+                if let Some(problem) = charge.discount.as_ref().and_then(Discount::problems) {
+                    problems.push(format!("{at}: {problem}"));
+                }
+            }
+            for problem in plan.discounts.iter().filter_map(Discount::problems) {
+                problems.push(format!("{at}: {problem}"));
+            }
+            if let Some(minimum) = plan.minimum_commitment {
+                if minimum < Decimal::ZERO || minimum > MAX_PRICE {
+                    problems.push(format!(
+                        "{at}: minimum_commitment {minimum} must be between 0 and {MAX_PRICE}"
+                    ));
+                }
+            }
+        }
+    }
+
+    let mut subscription_ids = HashSet::new();
+    let mut by_account_product: HashMap<(&str, &str), Vec<&Subscription>> = HashMap::new();
+    for subscription in &config.subscriptions {
+        let at = format!("subscription {:?}", subscription.id);
+        if !subscription_ids.insert(subscription.id.as_str()) {
+            problems.push(format!("{at} is defined twice"));
+        }
+        if !accounts.contains(subscription.account.as_str()) {
+            problems.push(format!(
+                "{at}: account {:?} is not an account of this workspace",
+                subscription.account
+            ));
+        }
+        if !plans.contains_key(&(
+            subscription.product.as_str(),
+            subscription.rate_plan.as_str(),
+        )) {
+            problems.push(format!(
+                "{at}: product {:?} has no rate plan {:?}",
+                subscription.product, subscription.rate_plan
+            ));
+        }
+        if subscription
+            .end
+            .is_some_and(|end| end <= subscription.start)
+        {
+            problems.push(format!("{at}: end must be after start"));
+        }
+        by_account_product
+            .entry((subscription.account.as_str(), subscription.product.as_str()))
+            .or_default()
+            .push(subscription);
+    }
+    for ((account, product), mut subscriptions) in by_account_product {
+        subscriptions.sort_by_key(|subscription| subscription.start);
+        for pair in subscriptions.windows(2) {
+            let overlaps = pair[0].end.is_none_or(|end| end > pair[1].start);
+            if overlaps {
+                problems.push(format!(
+                    "subscriptions {:?} and {:?} of account {account:?} to product {product:?} overlap in time; end the first (end = the second's start) to change plans",
+                    pair[0].id, pair[1].id
+                ));
+            }
+        }
+    }
+}
+
+/// Prices are quoted decimal strings: a TOML or JSON float would already have been rounded to
+/// binary before we see it.
+mod money {
+    use rust_decimal::Decimal;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Decimal, serializer: S) -> Result<S::Ok, S::Error> {
+        rust_decimal::serde::str::serialize(value, serializer)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Decimal, D::Error> {
+        let text = String::deserialize(deserializer).map_err(|_| {
+            serde::de::Error::custom(
+                "prices and quantities must be quoted decimal strings such as \"0.01\", never floats",
+            )
+        })?;
+        text.trim().parse::<Decimal>().map_err(|error| {
+            serde::de::Error::custom(format!("{text:?} is not a decimal: {error}"))
+        })
+    }
+}
+
+mod optional_money {
+    use rust_decimal::Decimal;
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(
+        value: &Option<Decimal>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(value) => super::money::serialize(value, serializer),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Decimal>, D::Error> {
+        super::money::deserialize(deserializer).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metering::tests::EXAMPLE;
+
+    #[test]
+    fn the_shipped_example_has_a_valid_catalog() {
+        let config = MeteringConfig::from_toml(EXAMPLE).unwrap();
+        let plans: Vec<(&str, usize)> = config.products[0]
+            .rate_plans
+            .iter()
+            .map(|plan| (plan.id.as_str(), plan.charges.len()))
+            .collect();
+        assert_eq!(plans, vec![("outcomes", 2), ("pro", 2)]);
+        let pro = &config.products[0].rate_plans[1];
+        assert_eq!(pro.minimum_commitment, Some(Decimal::from(150)));
+        assert_eq!(
+            pro.charges[0].model,
+            ChargeModel::Overage {
+                fee: Decimal::from(99),
+                included: Decimal::from(10_000),
+                unit_price: "0.01".parse().unwrap(),
+            }
+        );
+        assert_eq!(pro.charges[1].metric(), Ok(Metric::Seats));
+        assert_eq!(config.subscriptions.len(), 2);
+    }
+
+    #[test]
+    fn a_price_written_as_a_float_is_refused() {
+        let text = EXAMPLE.replace("unit_price = \"5\"", "unit_price = 5.0");
+        let error = MeteringConfig::from_toml(&text).unwrap_err().to_string();
+        assert!(error.contains("quoted decimal strings"), "{error}");
+    }
+
+    fn problems_of(catalog: &str) -> Vec<String> {
+        let base = &EXAMPLE[..EXAMPLE.find("[[products]]").unwrap()];
+        let text = format!("{base}\n{catalog}");
+        match MeteringConfig::from_toml(&text) {
+            Ok(_) => Vec::new(),
+            Err(crate::metering::ConfigFileError::Invalid(problems)) => problems.0,
+            Err(other) => panic!("{other}"),
+        }
+    }
+
+    #[test]
+    fn every_problem_of_a_catalog_is_listed_with_how_to_fix_it() {
+        let problems = problems_of(
+            r#"
+[[products]]
+id = "research"
+name = "Research"
+agent_type = "no_such_type"
+
+[[products.rate_plans]]
+id = "bad"
+name = "Bad"
+currency = "DOLLARS"
+billing_cycle = "monthly"
+minimum_commitment = "-5"
+
+[[products.rate_plans.charges]]
+id = "tiers"
+name = "Unordered tiers"
+metric = "@outcome"
+outcomes = ["not_an_outcome"]
+model = { tiered = { tiers = [
+  { up_to = "500", unit_price = "40" },
+  { up_to = "100", unit_price = "-50" },
+  { up_to = "900", unit_price = "30" },
+] } }
+
+[[products.rate_plans.charges]]
+id = "fee"
+name = "A fee with a metric"
+metric = "@action"
+model = { flat = { fee = "99" } }
+
+[[products.rate_plans.charges]]
+id = "unknown"
+name = "Unknown metric"
+metric = "@tokens"
+model = { per_unit = { unit_price = "1" } }
+discount = { percent = "150" }
+
+[[products.rate_plans.charges]]
+id = "tokens"
+name = "Tokens of an action without that measure"
+metric = "measure"
+action = "web_search"
+measure = "token"
+model = { package = { package_size = "0", package_price = "5" } }
+
+[[subscriptions]]
+id = "one"
+account = "acc_acme"
+product = "research"
+rate_plan = "bad"
+start = "2026-01-01T00:00:00Z"
+
+[[subscriptions]]
+id = "two"
+account = "acc_acme"
+product = "research"
+rate_plan = "bad"
+start = "2026-03-01T00:00:00Z"
+
+[[subscriptions]]
+id = "three"
+account = "acc_nobody"
+product = "research"
+rate_plan = "missing"
+start = "2026-03-01T00:00:00Z"
+end = "2026-02-01T00:00:00Z"
+"#,
+        );
+        let expected = [
+            "agent_type \"no_such_type\" is not an agent type",
+            "currency \"DOLLARS\" is not an ISO 4217 code",
+            "minimum_commitment -5 must be between 0 and",
+            "outcome \"not_an_outcome\" is not defined",
+            "tier 2 unit_price -50 is negative",
+            "tier 2 up_to 100 must be above the previous bound 500",
+            "the last tier (up to 900) must have no up_to",
+            "a flat fee bills no metric",
+            "unknown metric \"@tokens\"",
+            "discount percent 150 must be between 0 and 100",
+            "no cost allocation measures \"web_search\" in \"token\"",
+            "package_size 0 must be above 0",
+            "subscriptions \"one\" and \"two\" of account \"acc_acme\" to product \"research\" overlap in time",
+            "account \"acc_nobody\" is not an account",
+            "product \"research\" has no rate plan \"missing\"",
+            "subscription \"three\": end must be after start",
+        ];
+        for fragment in expected {
+            assert!(
+                problems.iter().any(|problem| problem.contains(fragment)),
+                "no problem says {fragment:?}:\n{}",
+                problems.join("\n")
+            );
+        }
+        assert_eq!(problems.len(), expected.len(), "{}", problems.join("\n"));
+    }
+
+    #[test]
+    fn a_plan_change_is_two_subscriptions_that_meet() {
+        let problems = problems_of(
+            r#"
+[[products]]
+id = "research"
+name = "Research"
+agent_type = "type_research"
+
+[[products.rate_plans]]
+id = "basic"
+name = "Basic"
+currency = "EUR"
+billing_cycle = "quarterly"
+anchor = "anniversary"
+charges = [{ id = "fee", name = "Fee", model = { flat = { fee = "100" } } }]
+
+[[subscriptions]]
+id = "first"
+account = "acc_acme"
+product = "research"
+rate_plan = "basic"
+start = "2026-01-01T00:00:00Z"
+end = "2026-01-16T00:00:00Z"
+
+[[subscriptions]]
+id = "second"
+account = "acc_acme"
+product = "research"
+rate_plan = "basic"
+start = "2026-01-16T00:00:00Z"
+"#,
+        );
+        assert_eq!(problems, Vec::<String>::new());
+    }
+
+    #[test]
+    fn the_bounds_are_what_they_say() {
+        assert_eq!(MAX_PRICE, Decimal::from(1_000_000_000u64));
+        assert_eq!(MAX_UNITS, Decimal::from(1_000_000_000_000_000_000u64));
+    }
+}
