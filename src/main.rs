@@ -8,6 +8,7 @@
 //! * `actions` — every action name, auto tag and trace event seen, with its tracking status.
 //! * `secret new` — a fresh agent secret and the hash to put in the configuration.
 //! * `demo` — a small workload through the REST API and a usage summary from ClickHouse.
+//! * `invoices preview` — an account's draft invoices from the exact usage (docs/billing.md).
 //!
 //! Runtime settings come from `--config FILE` (TOML) and `AGENTMETER__SECTION__KEY` environment
 //! overrides; see `deploy/local/agentmeter.toml`.
@@ -15,6 +16,7 @@
 mod actions_cmd;
 mod config_cmd;
 mod demo;
+mod invoices_cmd;
 mod reset_input_cmd;
 
 use std::path::PathBuf;
@@ -84,6 +86,9 @@ enum Command {
     Secret(SecretCommand),
     /// Send a demo workload through ingest and print usage and cost per account.
     Demo(demo::DemoArgs),
+    /// Invoices from the exact usage in ClickHouse (docs/billing.md).
+    #[command(subcommand)]
+    Invoices(invoices_cmd::InvoicesCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -175,6 +180,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo(args) => demo::run(args, &settings).await,
+        Command::Invoices(command) => invoices_cmd::run(command, &settings).await,
     }
 }
 

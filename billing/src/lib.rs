@@ -8,7 +8,15 @@
 //!   the total. Every operation on amounts is checked: an overflow is an error, never a
 //!   wrap-around or a silent rounding.
 //!
-//! Not here yet (docs/billing.md, "What is built"): periods and proration from subscriptions,
-//! invoices from ClickHouse usage, finalization (ADR 0004), revenue and margin.
+//! * [`period`] — billing periods of a subscription (calendar or anniversary, monthly to
+//!   annual, UTC) and the share of a period it covers, which prorates fees.
+//!
+//! * [`invoice`] — a draft invoice of one subscription and period from the period's quantity
+//!   per charge (read from ClickHouse by `agentmeter invoices preview`), as JSON or text.
+//!
+//! Not here yet (docs/billing.md, "What is built"): finalization exactly once (ADR 0004), late
+//! usage as corrections, revenue and margin.
 
+pub mod invoice;
+pub mod period;
 pub mod pricing;

@@ -210,8 +210,11 @@ pub fn minor_unit_digits(currency: &str) -> Result<u32, PricingError> {
 }
 
 /// `amount` rounded to `digits` decimals, half away from zero: the one rounding of a line.
+/// The result carries exactly `digits` decimals (`1300.00`), as an invoice shows it.
 pub fn round_to_minor_unit(amount: Decimal, digits: u32) -> Decimal {
-    amount.round_dp_with_strategy(digits, RoundingStrategy::MidpointAwayFromZero)
+    let mut rounded = amount.round_dp_with_strategy(digits, RoundingStrategy::MidpointAwayFromZero);
+    rounded.rescale(digits);
+    rounded
 }
 
 /// What `discount` takes from `amount` (already rounded), rounded, at most `amount`.
@@ -310,11 +313,15 @@ pub fn totals(
         left -= taken;
         invoice_discounts.push(taken);
     }
+    let shown = |mut amount: Decimal| {
+        amount.rescale(digits);
+        amount
+    };
     Ok(Totals {
-        subtotal,
-        minimum_shortfall,
+        subtotal: shown(subtotal),
+        minimum_shortfall: shown(minimum_shortfall),
         invoice_discounts,
-        total: left,
+        total: shown(left),
     })
 }
 

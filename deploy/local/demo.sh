@@ -90,6 +90,13 @@ wait_ready http://127.0.0.1:9102/readyz aggregate
 set -a; . deploy/local/demo-secrets.env; set +a
 agentmeter demo --sessions "$SESSIONS"
 
+# The draft invoices of this month from the exact usage (docs/billing.md; the plans are in
+# deploy/local/metering.example.toml).
+for account in acc_acme acc_globex; do
+    say "draft invoice of $account"
+    agentmeter invoices preview --workspace ws_demo --account "$account"
+done
+
 say "done in $(( $(date +%s) - started_at ))s"
 if [ "$KEEP_RUNNING" -eq 1 ]; then
     say "stages keep running (PIDs in $RUN_DIR); ingest on http://127.0.0.1:8080"

@@ -633,13 +633,21 @@ mod tests {
     #[test]
     fn the_shipped_example_has_a_valid_catalog() {
         let config = MeteringConfig::from_toml(EXAMPLE).unwrap();
-        let plans: Vec<(&str, usize)> = config.products[0]
-            .rate_plans
+        let plans: Vec<(&str, &str, usize)> = config
+            .products
             .iter()
-            .map(|plan| (plan.id.as_str(), plan.charges.len()))
+            .flat_map(|product| {
+                product
+                    .rate_plans
+                    .iter()
+                    .map(|plan| (product.id.as_str(), plan.id.as_str(), plan.charges.len()))
+            })
             .collect();
-        assert_eq!(plans, vec![("outcomes", 2), ("pro", 2)]);
-        let pro = &config.products[0].rate_plans[1];
+        assert_eq!(
+            plans,
+            vec![("research", "pro", 2), ("support", "outcomes", 2)]
+        );
+        let pro = &config.products[0].rate_plans[0];
         assert_eq!(pro.minimum_commitment, Some(Decimal::from(150)));
         assert_eq!(
             pro.charges[0].model,

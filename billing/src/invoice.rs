@@ -1,0 +1,415 @@
+//! A draft invoice: one subscription's lines for one billing period, from the period's
+//! quantities per charge (read from ClickHouse by the caller) and the rules of [`crate::pricing`].
+//!
+//! A draft is recomputed whenever it is asked for, so it includes late actions; finalizing it
+//! exactly once is ADR 0004's design and not built yet.
+
+use std::collections::HashMap;
+
+use agentmeter_schemas::catalog::{Charge, ChargeModel, Metric, RatePlan, Subscription};
+use agentmeter_schemas::metering::MeteringConfig;
+use rust_decimal::Decimal;
+use serde::Serialize;
+use time::OffsetDateTime;
+
+use crate::period::Coverage;
+use crate::pricing::{self, PricedLine, PricingError, TierLine};
+
+/// Why a draft could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum InvoiceError {
+    #[error("subscription {subscription:?}: product {product:?} has no rate plan {rate_plan:?}")]
+    UnknownPlan {
+        subscription: String,
+        product: String,
+        rate_plan: String,
+    },
+    #[error("charge {charge:?}: {source}")]
+    Pricing {
+        charge: String,
+        #[source]
+        source: PricingError,
+    },
+    #[error("charge {0:?}: no quantity was read for it")]
+    MissingQuantity(String),
+    #[error("charge {charge:?}: {problem}")]
+    InvalidCharge { charge: String, problem: String },
+}
+
+/// One part of a line: units at one price.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TierPart {
+    pub above: Decimal,
+    pub up_to: Option<Decimal>,
+    pub quantity: Decimal,
+    pub unit_price: Decimal,
+    pub amount: Decimal,
+}
+
+impl From<&TierLine> for TierPart {
+    fn from(line: &TierLine) -> TierPart {
+        TierPart {
+            above: line.above,
+            up_to: line.up_to,
+            quantity: line.quantity,
+            unit_price: line.unit_price,
+            amount: line.amount,
+        }
+    }
+}
+
+/// One charge on the invoice.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct InvoiceLine {
+    pub charge_id: String,
+    pub name: String,
+    /// `@action`, `@outcome`, `@user`, `@seat`, `measure`, or `fee`.
+    pub metric: String,
+    /// What one unit of `quantity` is: the metric, or for `measure` the measure's name.
+    pub unit: String,
+    pub model: String,
+    /// The period's quantity of the metric (0 for fees).
+    pub quantity: Decimal,
+    /// How the usage part of the amount is made up (exact).
+    pub breakdown: Vec<TierPart>,
+    /// The fee part, prorated (exact).
+    pub fee: Decimal,
+    /// The line's amount, rounded once to the currency's minor unit.
+    pub amount: Decimal,
+    /// Taken from `amount` by the charge's discount (rounded).
+    pub discount: Decimal,
+}
+
+/// Who the invoice is for.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BillTo {
+    pub account_id: String,
+    pub name: String,
+    pub email: Option<String>,
+    pub address: Option<String>,
+}
+
+/// A draft invoice of one subscription for one period.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DraftInvoice {
+    pub status: &'static str,
+    pub workspace_id: String,
+    pub bill_to: BillTo,
+    pub subscription_id: String,
+    pub product: String,
+    pub rate_plan: String,
+    pub currency: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub period_start: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub period_end: OffsetDateTime,
+    /// The part of the period the subscription covers: usage is counted in `[from, to)`.
+    #[serde(with = "time::serde::rfc3339")]
+    pub from: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub to: OffsetDateTime,
+    /// `(to − from) / (period_end − period_start)`: fees and the minimum are prorated by it.
+    pub share: Decimal,
+    pub lines: Vec<InvoiceLine>,
+    pub subtotal: Decimal,
+    pub minimum_shortfall: Decimal,
+    pub invoice_discounts: Vec<Decimal>,
+    pub total: Decimal,
+}
+
+/// The rate plan `subscription` is on.
+pub fn plan_of<'c>(
+    config: &'c MeteringConfig,
+    subscription: &Subscription,
+) -> Result<&'c RatePlan, InvoiceError> {
+    config
+        .products
+        .iter()
+        .find(|product| product.id == subscription.product)
+        .and_then(|product| {
+            product
+                .rate_plans
+                .iter()
+                .find(|plan| plan.id == subscription.rate_plan)
+        })
+        .ok_or_else(|| InvoiceError::UnknownPlan {
+            subscription: subscription.id.clone(),
+            product: subscription.product.clone(),
+            rate_plan: subscription.rate_plan.clone(),
+        })
+}
+
+/// The metric's name as shown on a line.
+pub fn metric_name(metric: &Metric) -> &'static str {
+    match metric {
+        Metric::Actions { .. } => "@action",
+        Metric::Outcomes { .. } => "@outcome",
+        Metric::Users => "@user",
+        Metric::Seats => "@seat",
+        Metric::Measure { .. } => "measure",
+        Metric::Fee => "fee",
+    }
+}
+
+/// The draft of `subscription` for `coverage`, with `quantities` by charge id (every usage
+/// charge of the plan must have one; fees need none).
+pub fn draft(
+    config: &MeteringConfig,
+    subscription: &Subscription,
+    coverage: &Coverage,
+    quantities: &HashMap<String, Decimal>,
+) -> Result<DraftInvoice, InvoiceError> {
+    let plan = plan_of(config, subscription)?;
+    let digits =
+        pricing::minor_unit_digits(&plan.currency).map_err(|source| InvoiceError::Pricing {
+            charge: String::new(),
+            source,
+        })?;
+    let mut lines = Vec::with_capacity(plan.charges.len());
+    let mut priced = Vec::with_capacity(plan.charges.len());
+    for charge in &plan.charges {
+        if matches!(charge.model, ChargeModel::OneTime { .. }) && !coverage.first {
+            continue;
+        }
+        let (line, priced_line) = price_line(charge, coverage, quantities, digits)?;
+        lines.push(line);
+        priced.push(priced_line);
+    }
+    let minimum = match plan.minimum_commitment {
+        Some(minimum) => Some(minimum.checked_mul(coverage.share).ok_or(
+            InvoiceError::Pricing {
+                charge: "minimum_commitment".into(),
+                source: PricingError::Overflow {
+                    what: "the prorated minimum commitment",
+                },
+            },
+        )?),
+        None => None,
+    };
+    let totals = pricing::totals(&priced, minimum, &plan.discounts, digits).map_err(|source| {
+        InvoiceError::Pricing {
+            charge: "the invoice total".into(),
+            source,
+        }
+    })?;
+    let account = config
+        .accounts
+        .iter()
+        .find(|account| account.id == subscription.account);
+    Ok(DraftInvoice {
+        status: "draft",
+        workspace_id: config.workspace.id.clone(),
+        bill_to: BillTo {
+            account_id: subscription.account.clone(),
+            name: account.map(|a| a.name.clone()).unwrap_or_default(),
+            email: account.and_then(|a| a.email.clone()),
+            address: account.and_then(|a| a.address.clone()),
+        },
+        subscription_id: subscription.id.clone(),
+        product: subscription.product.clone(),
+        rate_plan: plan.id.clone(),
+        currency: plan.currency.clone(),
+        period_start: coverage.period.start,
+        period_end: coverage.period.end,
+        from: coverage.from,
+        to: coverage.to,
+        share: coverage.share,
+        lines,
+        subtotal: totals.subtotal,
+        minimum_shortfall: totals.minimum_shortfall,
+        invoice_discounts: totals.invoice_discounts,
+        total: totals.total,
+    })
+}
+
+fn price_line(
+    charge: &Charge,
+    coverage: &Coverage,
+    quantities: &HashMap<String, Decimal>,
+    digits: u32,
+) -> Result<(InvoiceLine, PricedLine), InvoiceError> {
+    let metric = charge
+        .metric()
+        .map_err(|problem| InvoiceError::InvalidCharge {
+            charge: charge.id.clone(),
+            problem,
+        })?;
+    let quantity = match metric {
+        Metric::Fee => Decimal::ZERO,
+        _ => *quantities
+            .get(&charge.id)
+            .ok_or_else(|| InvoiceError::MissingQuantity(charge.id.clone()))?,
+    };
+    let pricing_error = |source| InvoiceError::Pricing {
+        charge: charge.id.clone(),
+        source,
+    };
+    let amount = pricing::price(&charge.model, quantity, coverage.share).map_err(pricing_error)?;
+    let priced =
+        PricedLine::new(&amount, charge.discount.as_ref(), digits).map_err(pricing_error)?;
+    let line = InvoiceLine {
+        charge_id: charge.id.clone(),
+        name: charge.name.clone(),
+        metric: metric_name(&metric).to_string(),
+        unit: match &metric {
+            Metric::Measure { measure, .. } => measure.clone(),
+            other => metric_name(other).to_string(),
+        },
+        model: charge.model.name().to_string(),
+        quantity,
+        breakdown: amount.breakdown.iter().map(TierPart::from).collect(),
+        fee: amount.fee,
+        amount: priced.amount,
+        discount: priced.discount,
+    };
+    Ok((line, priced))
+}
+
+impl DraftInvoice {
+    /// The invoice as text, for a terminal.
+    pub fn to_text(&self) -> String {
+        let mut text = String::new();
+        let date = |instant: OffsetDateTime| instant.date().to_string();
+        let rfc3339 = |instant: OffsetDateTime| {
+            instant
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_else(|_| instant.to_string())
+        };
+        text.push_str(&format!(
+            "DRAFT invoice — {} ({}), subscription {} to {} / {}\n",
+            self.bill_to.name,
+            self.bill_to.account_id,
+            self.subscription_id,
+            self.product,
+            self.rate_plan
+        ));
+        text.push_str(&format!(
+            "period {} to {} (exclusive); billed {} to {}, share {}\n",
+            date(self.period_start),
+            date(self.period_end),
+            rfc3339(self.from),
+            rfc3339(self.to),
+            self.share.round_dp(6).normalize()
+        ));
+        for line in &self.lines {
+            let quantity = if line.metric == "fee" {
+                String::new()
+            } else {
+                format!("{} {}", line.quantity.normalize(), line.unit)
+            };
+            text.push_str(&format!(
+                "  {:<40} {:>22} {:>14} {}\n",
+                line.name, quantity, line.amount, self.currency
+            ));
+            for part in &line.breakdown {
+                let telling = line.breakdown.len() > 1
+                    || (part.quantity != line.quantity && !part.quantity.is_zero());
+                if telling {
+                    text.push_str(&format!(
+                        "      {} × {} = {}\n",
+                        part.quantity.normalize(),
+                        part.unit_price.normalize(),
+                        part.amount.normalize()
+                    ));
+                }
+            }
+            if !line.discount.is_zero() {
+                text.push_str(&format!(
+                    "  {:<40} {:>22} {:>14} {}\n",
+                    "  discount", "", -line.discount, self.currency
+                ));
+            }
+        }
+        text.push_str(&format!(
+            "  {:<63} {:>14} {}\n",
+            "subtotal", self.subtotal, self.currency
+        ));
+        if !self.minimum_shortfall.is_zero() {
+            text.push_str(&format!(
+                "  {:<63} {:>14} {}\n",
+                "minimum commitment shortfall", self.minimum_shortfall, self.currency
+            ));
+        }
+        for discount in &self.invoice_discounts {
+            text.push_str(&format!(
+                "  {:<63} {:>14} {}\n",
+                "invoice discount", -*discount, self.currency
+            ));
+        }
+        text.push_str(&format!(
+            "  {:<63} {:>14} {}\n",
+            "TOTAL", self.total, self.currency
+        ));
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use agentmeter_schemas::metering::MeteringConfig;
+    use time::macros::datetime;
+
+    use super::*;
+    use crate::period::coverage;
+
+    const EXAMPLE: &str = include_str!("../../deploy/local/metering.example.toml");
+
+    fn quantities(pairs: &[(&str, &str)]) -> HashMap<String, Decimal> {
+        pairs
+            .iter()
+            .map(|(charge, quantity)| (charge.to_string(), quantity.parse().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn the_example_accounts_get_the_drafts_of_their_plans() {
+        let config = MeteringConfig::from_toml(EXAMPLE).unwrap();
+        let acme = &config.subscriptions[0];
+        let plan = plan_of(&config, acme).unwrap();
+        let november = coverage(plan, acme, datetime!(2026-11-15 0:00 UTC)).unwrap();
+        let invoice = draft(
+            &config,
+            acme,
+            &november,
+            &quantities(&[("platform", "12345"), ("seats", "4")]),
+        )
+        .unwrap();
+        assert_eq!(
+            invoice.total,
+            Decimal::new(15445, 2),
+            "{}",
+            invoice.to_text()
+        );
+        assert_eq!(invoice.bill_to.name, "Acme Corp");
+        let globex = &config.subscriptions[1];
+        let plan = plan_of(&config, globex).unwrap();
+        let november = coverage(plan, globex, datetime!(2026-11-15 0:00 UTC)).unwrap();
+        let invoice = draft(
+            &config,
+            globex,
+            &november,
+            &quantities(&[("detections", "7"), ("gemini_tokens", "1500000")]),
+        )
+        .unwrap();
+        // 7 × 5 + 1,000,000 × 0.00001 + 500,000 × 0.000008
+        assert_eq!(
+            invoice.total,
+            Decimal::from(35 + 10 + 4),
+            "{}",
+            invoice.to_text()
+        );
+        assert!(invoice.to_text().contains("TOTAL"));
+    }
+
+    #[test]
+    fn a_usage_charge_without_its_quantity_is_an_error_not_a_zero() {
+        let config = MeteringConfig::from_toml(EXAMPLE).unwrap();
+        let acme = &config.subscriptions[0];
+        let plan = plan_of(&config, acme).unwrap();
+        let november = coverage(plan, acme, datetime!(2026-11-15 0:00 UTC)).unwrap();
+        let error = draft(&config, acme, &november, &quantities(&[("platform", "1")]))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("\"seats\""), "{error}");
+    }
+}

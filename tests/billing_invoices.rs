@@ -1,0 +1,301 @@
+//! Draft invoices from the real pipeline: REST actions → broker → stages → ClickHouse →
+//! `agentmeter invoices preview`, whose totals must equal what the test computes itself from
+//! what it sent, with plain arithmetic (issue 10).
+
+#![cfg(feature = "integration")]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::{dec, metering_config, post_until_accepted, Lcg, TestEnv};
+use rust_decimal::Decimal;
+use serde_json::{json, Value};
+
+const USAGE_SECRET: &str = "test-secret-billing-usage-51aa";
+const BASE_SECRET: &str = "test-secret-billing-base-93c0";
+
+/// acc_usage: outcomes at $50, graduated tiers on actions, $5 per user, token packages, a $99
+/// fee with 10% off. acc_base: $99 including 20 actions then $0.25, at least $150, 5% off the
+/// invoice.
+const METERING: &str = r#"
+[tagging]
+tracked = ["web_search", "llm_call", "lead_converted"]
+
+[[cost_allocations]]
+action = "llm_call"
+measure = "token"
+rates = [{ effective_from = "2025-01-01T00:00:00Z", cost_per_unit = "0.00002" }]
+
+[[outcomes]]
+action = "lead_converted"
+
+[[products]]
+id = "agent"
+name = "Test agent"
+agent_type = "type_test"
+
+[[products.rate_plans]]
+id = "usage"
+name = "Usage"
+currency = "USD"
+billing_cycle = "monthly"
+
+[[products.rate_plans.charges]]
+id = "leads"
+name = "Converted leads"
+metric = "@outcome"
+model = { per_unit = { unit_price = "50" } }
+
+[[products.rate_plans.charges]]
+id = "searches"
+name = "Searches"
+metric = "@action"
+actions = ["web_search"]
+model = { tiered = { tiers = [{ up_to = "10", unit_price = "1" }, { unit_price = "0.5" }] } }
+
+[[products.rate_plans.charges]]
+id = "users"
+name = "Users"
+metric = "@user"
+model = { per_unit = { unit_price = "5" } }
+
+[[products.rate_plans.charges]]
+id = "tokens"
+name = "LLM tokens"
+metric = "measure"
+action = "llm_call"
+measure = "token"
+model = { package = { package_size = "1000", package_price = "2" } }
+
+[[products.rate_plans.charges]]
+id = "platform"
+name = "Platform"
+model = { flat = { fee = "99" } }
+discount = { percent = "10" }
+
+[[products.rate_plans]]
+id = "base"
+name = "Base"
+currency = "USD"
+billing_cycle = "monthly"
+minimum_commitment = "150"
+discounts = [{ percent = "5" }]
+
+[[products.rate_plans.charges]]
+id = "actions"
+name = "Actions"
+metric = "@action"
+model = { overage = { fee = "99", included = "20", unit_price = "0.25" } }
+
+[[subscriptions]]
+id = "sub_usage"
+account = "acc_usage"
+product = "agent"
+rate_plan = "usage"
+start = "2025-01-01T00:00:00Z"
+
+[[subscriptions]]
+id = "sub_base"
+account = "acc_base"
+product = "agent"
+rate_plan = "base"
+start = "2025-01-01T00:00:00Z"
+"#;
+
+struct Sent {
+    searches: u64,
+    llm_tokens: u64,
+    leads: u64,
+    users: BTreeSet<String>,
+    tracked: u64,
+}
+
+fn preview(env: &TestEnv, account: &str, at: &str) -> Value {
+    let output = env.tool(&[
+        "invoices",
+        "preview",
+        "--workspace",
+        "ws_billing",
+        "--account",
+        account,
+        "--at",
+        at,
+        "--json",
+    ]);
+    let start = output.find('[').expect("a JSON array");
+    serde_json::from_str(&output[start..]).unwrap_or_else(|error| panic!("{error}: {output}"))
+}
+
+fn amount(value: &Value) -> Decimal {
+    dec(value
+        .as_str()
+        .unwrap_or_else(|| panic!("not a decimal string: {value}")))
+}
+
+#[test]
+fn draft_invoices_equal_what_the_test_computes_from_what_it_sent() {
+    let mut env = TestEnv::new("billing", "");
+    env.apply_config(&metering_config(
+        "ws_billing",
+        &[("acc_usage", USAGE_SECRET), ("acc_base", BASE_SECRET)],
+        METERING,
+    ));
+    env.spawn("ingest", "ingest");
+    env.spawn("enrich", "enrich");
+    env.spawn("aggregate", "aggregate");
+    env.wait_http_ok(
+        &format!("{}/readyz", env.ingest_url()),
+        Duration::from_secs(60),
+    );
+
+    // Every action at one instant, so that all of them fall in the period previewed.
+    let now = time::OffsetDateTime::now_utc();
+    let at = now
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let mut random = Lcg(7);
+    let client = reqwest::blocking::Client::new();
+    let url = format!("{}/v1/actions", env.ingest_url());
+    let mut sent = Vec::new();
+    for (account, secret, count) in [
+        ("acc_usage", USAGE_SECRET, 230),
+        ("acc_base", BASE_SECRET, 57),
+    ] {
+        let mut totals = Sent {
+            searches: 0,
+            llm_tokens: 0,
+            leads: 0,
+            users: BTreeSet::new(),
+            tracked: 0,
+        };
+        let mut items = Vec::new();
+        for index in 0..count {
+            let user = format!("user_{}", random.next(9));
+            let (name, attributes) = match random.next(6) {
+                0..=2 => ("web_search", json!({})),
+                3 => {
+                    let input = 1 + random.next(900);
+                    let output = random.next(700);
+                    totals.llm_tokens += input + output;
+                    (
+                        "llm_call",
+                        json!({"model": "gpt-4", "input_tokens": input, "output_tokens": output}),
+                    )
+                }
+                4 => ("lead_converted", json!({})),
+                _ => ("untracked_step", json!({})),
+            };
+            match name {
+                "web_search" => totals.searches += 1,
+                "lead_converted" => totals.leads += 1,
+                _ => {}
+            }
+            if name != "untracked_step" {
+                totals.tracked += 1;
+                totals.users.insert(user.clone());
+            }
+            items.push(json!({
+                "event_id": format!("{account}-{index}"),
+                "action_name": name,
+                "occurred_at": at,
+                "user_id": user,
+                "attributes": attributes,
+            }));
+        }
+        for chunk in items.chunks(100) {
+            post_until_accepted(
+                &client,
+                &url,
+                secret,
+                &json!({ "actions": chunk }),
+                Duration::from_secs(60),
+                Duration::from_millis(200),
+            );
+        }
+        sent.push((account, totals));
+    }
+    env.wait_for_count(
+        "SELECT count() FROM actions FINAL",
+        230 + 57,
+        Duration::from_secs(120),
+    );
+    let tracked: u64 = sent.iter().map(|(_, totals)| totals.tracked).sum();
+    env.wait_for_count(
+        "SELECT sum(action_count) FROM usage_exact WHERE tracked = 1",
+        tracked,
+        Duration::from_secs(60),
+    );
+
+    // acc_usage, by hand: 50 per lead; searches 1 each up to 10, then 0.5; 5 per user; 2 per
+    // started 1,000 tokens; 99 less 10%.
+    let usage = &sent[0].1;
+    let searches = Decimal::from(usage.searches.min(10))
+        + Decimal::from(usage.searches.saturating_sub(10)) * dec("0.5");
+    let packages = usage.llm_tokens.div_ceil(1000);
+    let expected_usage = Decimal::from(usage.leads * 50)
+        + searches
+        + Decimal::from(usage.users.len() as u64 * 5)
+        + Decimal::from(packages * 2)
+        + dec("99")
+        - dec("9.90");
+    let invoices = preview(&env, "acc_usage", &at);
+    let invoice = &invoices.as_array().unwrap()[0];
+    assert_eq!(invoice["status"], "draft", "{invoice:#}");
+    assert_eq!(amount(&invoice["total"]), expected_usage, "{invoice:#}");
+    let quantity_of = |charge: &str| {
+        let line = invoice["lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|line| line["charge_id"] == charge)
+            .unwrap_or_else(|| panic!("no line {charge}: {invoice:#}"));
+        amount(&line["quantity"])
+    };
+    assert_eq!(quantity_of("leads"), Decimal::from(usage.leads));
+    assert_eq!(quantity_of("searches"), Decimal::from(usage.searches));
+    assert_eq!(
+        quantity_of("users"),
+        Decimal::from(usage.users.len() as u64)
+    );
+    assert_eq!(quantity_of("tokens"), Decimal::from(usage.llm_tokens));
+    // Next to it, the cost of the same usage (only llm_call has a cost allocation) and the margin.
+    let cost = Decimal::from(usage.llm_tokens) * dec("0.00002");
+    assert_eq!(amount(&invoice["cost"]), cost, "{invoice:#}");
+    assert_eq!(
+        amount(&invoice["margin"]),
+        expected_usage - cost,
+        "{invoice:#}"
+    );
+
+    // acc_base: 99 + 0.25 per action beyond 20, at least 150, then 5% off (rounded to cents).
+    let base = &sent[1].1;
+    let charges = dec("99") + Decimal::from(base.tracked.saturating_sub(20)) * dec("0.25");
+    let before_discount = charges.max(dec("150"));
+    let discount = (before_discount * dec("0.05"))
+        .round_dp_with_strategy(2, rust_decimal::RoundingStrategy::MidpointAwayFromZero);
+    let invoices = preview(&env, "acc_base", &at);
+    let invoice = &invoices.as_array().unwrap()[0];
+    assert_eq!(
+        amount(&invoice["total"]),
+        before_discount - discount,
+        "{invoice:#}"
+    );
+    assert_eq!(
+        amount(&invoice["minimum_shortfall"]),
+        (dec("150") - charges).max(Decimal::ZERO)
+    );
+
+    // An account without a subscription gets no invoice; a bad id is refused.
+    assert_eq!(preview(&env, "acc_nobody", &at), json!([]));
+    let refused = env.tool_failing(&[
+        "invoices",
+        "preview",
+        "--workspace",
+        "ws_billing",
+        "--account",
+        "x' OR 1=1",
+    ]);
+    assert!(refused.contains("must be ids"), "{refused}");
+}
