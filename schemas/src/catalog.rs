@@ -2,8 +2,8 @@
 //! and charges, and the subscriptions of accounts to rate plans (issue 10, docs/billing.md).
 //!
 //! It lives in the same file as the rest of the configuration, so it is validated by
-//! [`MeteringConfig::validate`](crate::metering::MeteringConfig::validate), versioned on the
-//! same config topic and shown by the same `config apply` diff. Prices are quoted decimal
+//! `MeteringConfig::validate` (which hands [`check_catalog`] the names the rest of the file
+//! defines), versioned on the same config topic and shown by the same `config apply` diff. Prices are quoted decimal
 //! strings, never floats. What a charge model computes is `agentmeter_billing::pricing`.
 
 use std::collections::{HashMap, HashSet};
@@ -12,7 +12,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::metering::MeteringConfig;
+use crate::text::is_valid_identifier;
 
 /// The largest price, fee, commitment or package size accepted in a rate plan.
 pub const MAX_PRICE: Decimal = Decimal::from_parts(1_000_000_000, 0, 0, false, 0); // 10^9
@@ -429,23 +429,37 @@ pub fn is_iso_currency(code: &str) -> bool {
     iso_currency::Currency::from_code(code).is_some()
 }
 
-/// Adds every problem of the catalog and the subscriptions of `config` to `problems`.
-pub(crate) fn check_catalog(config: &MeteringConfig, problems: &mut Vec<String>) {
-    let agent_types: HashSet<&str> = config.agent_types.iter().map(|t| t.id.as_str()).collect();
-    let accounts: HashSet<&str> = config.accounts.iter().map(|a| a.id.as_str()).collect();
-    let tracked: HashSet<&str> = config.tagging.tracked.iter().map(String::as_str).collect();
-    let outcomes: HashSet<&str> = config.outcomes.iter().map(|o| o.action.as_str()).collect();
-    let measures: HashSet<(&str, &str)> = config
-        .cost_allocations
-        .iter()
-        .map(|allocation| (allocation.action.as_str(), allocation.measure.as_str()))
-        .collect();
+/// What the rest of the configuration defines, that the catalog refers to.
+#[derive(Debug, Default)]
+pub struct KnownNames<'a> {
+    pub agent_types: HashSet<&'a str>,
+    pub accounts: HashSet<&'a str>,
+    /// Tracked action names, trace events and auto tags.
+    pub tracked: HashSet<&'a str>,
+    pub outcomes: HashSet<&'a str>,
+    /// (action, measure) of every cost allocation.
+    pub measures: HashSet<(&'a str, &'a str)>,
+}
 
+/// Adds every problem of `products` and `subscriptions` to `problems`.
+pub fn check_catalog(
+    products: &[Product],
+    subscriptions: &[Subscription],
+    known: &KnownNames<'_>,
+    problems: &mut Vec<String>,
+) {
+    let KnownNames {
+        agent_types,
+        accounts,
+        tracked,
+        outcomes,
+        measures,
+    } = known;
     let mut product_ids = HashSet::new();
     let mut plans: HashMap<(&str, &str), &RatePlan> = HashMap::new();
-    for product in &config.products {
+    for product in products {
         let at = format!("product {:?}", product.id);
-        if !crate::metering::is_valid_identifier(&product.id) {
+        if !is_valid_identifier(&product.id) {
             problems.push(format!(
                 "{at}: the id must be 1-128 letters, digits, '_', '-', '.', ':'"
             ));
@@ -464,7 +478,7 @@ pub(crate) fn check_catalog(config: &MeteringConfig, problems: &mut Vec<String>)
         }
         for plan in &product.rate_plans {
             let at = format!("product {:?}, rate plan {:?}", product.id, plan.id);
-            if !crate::metering::is_valid_identifier(&plan.id) {
+            if !is_valid_identifier(&plan.id) {
                 problems.push(format!(
                     "{at}: the id must be 1-128 letters, digits, '_', '-', '.', ':'"
                 ));
@@ -537,7 +551,7 @@ pub(crate) fn check_catalog(config: &MeteringConfig, problems: &mut Vec<String>)
 
     let mut subscription_ids = HashSet::new();
     let mut by_account_product: HashMap<(&str, &str), Vec<&Subscription>> = HashMap::new();
-    for subscription in &config.subscriptions {
+    for subscription in subscriptions {
         let at = format!("subscription {:?}", subscription.id);
         if !subscription_ids.insert(subscription.id.as_str()) {
             problems.push(format!("{at} is defined twice"));
@@ -622,200 +636,5 @@ mod optional_money {
         deserializer: D,
     ) -> Result<Option<Decimal>, D::Error> {
         super::money::deserialize(deserializer).map(Some)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::metering::tests::EXAMPLE;
-
-    #[test]
-    fn the_shipped_example_has_a_valid_catalog() {
-        let config = MeteringConfig::from_toml(EXAMPLE).unwrap();
-        let plans: Vec<(&str, &str, usize)> = config
-            .products
-            .iter()
-            .flat_map(|product| {
-                product
-                    .rate_plans
-                    .iter()
-                    .map(|plan| (product.id.as_str(), plan.id.as_str(), plan.charges.len()))
-            })
-            .collect();
-        assert_eq!(
-            plans,
-            vec![("research", "pro", 2), ("support", "outcomes", 2)]
-        );
-        let pro = &config.products[0].rate_plans[0];
-        assert_eq!(pro.minimum_commitment, Some(Decimal::from(150)));
-        assert_eq!(
-            pro.charges[0].model,
-            ChargeModel::Overage {
-                fee: Decimal::from(99),
-                included: Decimal::from(10_000),
-                unit_price: "0.01".parse().unwrap(),
-            }
-        );
-        assert_eq!(pro.charges[1].metric(), Ok(Metric::Seats));
-        assert_eq!(config.subscriptions.len(), 2);
-    }
-
-    #[test]
-    fn a_price_written_as_a_float_is_refused() {
-        let text = EXAMPLE.replace("unit_price = \"5\"", "unit_price = 5.0");
-        let error = MeteringConfig::from_toml(&text).unwrap_err().to_string();
-        assert!(error.contains("quoted decimal strings"), "{error}");
-    }
-
-    fn problems_of(catalog: &str) -> Vec<String> {
-        let base = &EXAMPLE[..EXAMPLE.find("[[products]]").unwrap()];
-        let text = format!("{base}\n{catalog}");
-        match MeteringConfig::from_toml(&text) {
-            Ok(_) => Vec::new(),
-            Err(crate::metering::ConfigFileError::Invalid(problems)) => problems.0,
-            Err(other) => panic!("{other}"),
-        }
-    }
-
-    #[test]
-    fn every_problem_of_a_catalog_is_listed_with_how_to_fix_it() {
-        let problems = problems_of(
-            r#"
-[[products]]
-id = "research"
-name = "Research"
-agent_type = "no_such_type"
-
-[[products.rate_plans]]
-id = "bad"
-name = "Bad"
-currency = "DOLLARS"
-billing_cycle = "monthly"
-minimum_commitment = "-5"
-
-[[products.rate_plans.charges]]
-id = "tiers"
-name = "Unordered tiers"
-metric = "@outcome"
-outcomes = ["not_an_outcome"]
-model = { tiered = { tiers = [
-  { up_to = "500", unit_price = "40" },
-  { up_to = "100", unit_price = "-50" },
-  { up_to = "900", unit_price = "30" },
-] } }
-
-[[products.rate_plans.charges]]
-id = "fee"
-name = "A fee with a metric"
-metric = "@action"
-model = { flat = { fee = "99" } }
-
-[[products.rate_plans.charges]]
-id = "unknown"
-name = "Unknown metric"
-metric = "@tokens"
-model = { per_unit = { unit_price = "1" } }
-discount = { percent = "150" }
-
-[[products.rate_plans.charges]]
-id = "tokens"
-name = "Tokens of an action without that measure"
-metric = "measure"
-action = "web_search"
-measure = "token"
-model = { package = { package_size = "0", package_price = "5" } }
-
-[[subscriptions]]
-id = "one"
-account = "acc_acme"
-product = "research"
-rate_plan = "bad"
-start = "2026-01-01T00:00:00Z"
-
-[[subscriptions]]
-id = "two"
-account = "acc_acme"
-product = "research"
-rate_plan = "bad"
-start = "2026-03-01T00:00:00Z"
-
-[[subscriptions]]
-id = "three"
-account = "acc_nobody"
-product = "research"
-rate_plan = "missing"
-start = "2026-03-01T00:00:00Z"
-end = "2026-02-01T00:00:00Z"
-"#,
-        );
-        let expected = [
-            "agent_type \"no_such_type\" is not an agent type",
-            "currency \"DOLLARS\" is not an ISO 4217 code",
-            "minimum_commitment -5 must be between 0 and",
-            "outcome \"not_an_outcome\" is not defined",
-            "tier 2 unit_price -50 is negative",
-            "tier 2 up_to 100 must be above the previous bound 500",
-            "the last tier (up to 900) must have no up_to",
-            "a flat fee bills no metric",
-            "unknown metric \"@tokens\"",
-            "discount percent 150 must be between 0 and 100",
-            "no cost allocation measures \"web_search\" in \"token\"",
-            "package_size 0 must be above 0",
-            "subscriptions \"one\" and \"two\" of account \"acc_acme\" to product \"research\" overlap in time",
-            "account \"acc_nobody\" is not an account",
-            "product \"research\" has no rate plan \"missing\"",
-            "subscription \"three\": end must be after start",
-        ];
-        for fragment in expected {
-            assert!(
-                problems.iter().any(|problem| problem.contains(fragment)),
-                "no problem says {fragment:?}:\n{}",
-                problems.join("\n")
-            );
-        }
-        assert_eq!(problems.len(), expected.len(), "{}", problems.join("\n"));
-    }
-
-    #[test]
-    fn a_plan_change_is_two_subscriptions_that_meet() {
-        let problems = problems_of(
-            r#"
-[[products]]
-id = "research"
-name = "Research"
-agent_type = "type_research"
-
-[[products.rate_plans]]
-id = "basic"
-name = "Basic"
-currency = "EUR"
-billing_cycle = "quarterly"
-anchor = "anniversary"
-charges = [{ id = "fee", name = "Fee", model = { flat = { fee = "100" } } }]
-
-[[subscriptions]]
-id = "first"
-account = "acc_acme"
-product = "research"
-rate_plan = "basic"
-start = "2026-01-01T00:00:00Z"
-end = "2026-01-16T00:00:00Z"
-
-[[subscriptions]]
-id = "second"
-account = "acc_acme"
-product = "research"
-rate_plan = "basic"
-start = "2026-01-16T00:00:00Z"
-"#,
-        );
-        assert_eq!(problems, Vec::<String>::new());
-    }
-
-    #[test]
-    fn the_bounds_are_what_they_say() {
-        assert_eq!(MAX_PRICE, Decimal::from(1_000_000_000u64));
-        assert_eq!(MAX_UNITS, Decimal::from(1_000_000_000_000_000_000u64));
     }
 }

@@ -257,14 +257,7 @@ pub enum ConfigFileError {
     Invalid(ValidationErrors),
 }
 
-/// Ids and names: what a user can type and a ClickHouse column or Kafka key holds safely.
-pub fn is_valid_identifier(text: &str) -> bool {
-    !text.is_empty()
-        && text.len() <= 128
-        && text
-            .chars()
-            .all(|character| character.is_ascii_alphanumeric() || "_-.:".contains(character))
-}
+pub use crate::text::is_valid_identifier;
 
 /// Action names, trace events and auto tags: a name of at most 256 bytes by the rules of
 /// [`crate::text`] (no control or invisible characters, no edge or unusual whitespace, NFC).
@@ -451,7 +444,18 @@ impl MeteringConfig {
             }
         }
 
-        crate::catalog::check_catalog(self, &mut problems);
+        let known = crate::catalog::KnownNames {
+            agent_types: self.agent_types.iter().map(|t| t.id.as_str()).collect(),
+            accounts: self.accounts.iter().map(|a| a.id.as_str()).collect(),
+            tracked: self.tagging.tracked.iter().map(String::as_str).collect(),
+            outcomes: self.outcomes.iter().map(|o| o.action.as_str()).collect(),
+            measures: self
+                .cost_allocations
+                .iter()
+                .map(|allocation| (allocation.action.as_str(), allocation.measure.as_str()))
+                .collect(),
+        };
+        crate::catalog::check_catalog(&self.products, &self.subscriptions, &known, &mut problems);
 
         if problems.is_empty() {
             Ok(())

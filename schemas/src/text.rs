@@ -269,6 +269,15 @@ pub fn shorten(text: &str) -> String {
     }
 }
 
+/// Ids and names: what a user can type and a ClickHouse column or Kafka key holds safely.
+pub fn is_valid_identifier(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= 128
+        && text
+            .chars()
+            .all(|character| character.is_ascii_alphanumeric() || "_-.:".contains(character))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
