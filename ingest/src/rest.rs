@@ -13,7 +13,7 @@ use agentmeter_runtime::observability::operations_router;
 use agentmeter_schemas::rest::{RestAccepted, RestActionBatch};
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -117,7 +117,7 @@ fn early_refusal_response(
     use prost::Message as _;
     let message = refusal.to_string();
     let delay = Duration::from_secs(state.config.retry_after_seconds);
-    let mut response = if request.uri().path() == crate::otlp::http::TRACES_PATH {
+    let response = if request.uri().path() == crate::otlp::http::TRACES_PATH {
         count_request("otlp_http", StatusCode::TOO_MANY_REQUESTS);
         let protobuf = request
             .headers()
@@ -151,11 +151,7 @@ fn early_refusal_response(
             json!({}),
         )
     };
-    response.headers_mut().insert(
-        header::RETRY_AFTER,
-        HeaderValue::from(state.config.retry_after_seconds),
-    );
-    response
+    state.ask_to_retry(response)
 }
 
 /// `router` with the request timeout: a request not answered within it gets 408.
@@ -402,13 +398,10 @@ async fn post_actions(State(state): State<AppState>, headers: HeaderMap, body: B
                 SinkError::Kafka { .. } => json!({ "event_ids": event_ids }),
                 _ => json!({}),
             };
-            let mut response =
+            let response =
                 error_response(ENDPOINT, error.http_status(), error.to_string(), details);
             if error.is_retryable() {
-                response.headers_mut().insert(
-                    header::RETRY_AFTER,
-                    HeaderValue::from(state.config.retry_after_seconds),
-                );
+                return state.ask_to_retry(response);
             }
             response
         }

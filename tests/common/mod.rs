@@ -111,6 +111,24 @@ impl TestEnv {
 
     /// Runs an `agentmeter` tool to completion; panics with its output when it fails.
     pub fn tool(&self, args: &[&str]) -> String {
+        let (succeeded, text) = self.run_tool(args);
+        assert!(succeeded, "agentmeter {args:?} failed:\n{text}");
+        text
+    }
+
+    /// Runs a tool expected to fail; returns its output.
+    pub fn tool_failing(&self, args: &[&str]) -> String {
+        let (succeeded, text) = self.run_tool(args);
+        assert!(
+            !succeeded,
+            "agentmeter {args:?} unexpectedly succeeded:\n{text}"
+        );
+        text
+    }
+
+    /// Runs `agentmeter --config <this test's settings> ARGS`: whether it succeeded, and its
+    /// stdout followed by its stderr.
+    fn run_tool(&self, args: &[&str]) -> (bool, String) {
         let output = Command::new(BINARY)
             .arg("--config")
             .arg(&self.settings_path)
@@ -123,31 +141,7 @@ impl TestEnv {
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         );
-        assert!(
-            output.status.success(),
-            "agentmeter {args:?} failed:\n{text}"
-        );
-        text
-    }
-
-    /// Runs a tool expected to fail; returns its output.
-    pub fn tool_failing(&self, args: &[&str]) -> String {
-        let output = Command::new(BINARY)
-            .arg("--config")
-            .arg(&self.settings_path)
-            .args(args)
-            .env("RUST_BACKTRACE", "0")
-            .output()
-            .expect("run agentmeter");
-        assert!(
-            !output.status.success(),
-            "agentmeter {args:?} unexpectedly succeeded"
-        );
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        )
+        (output.status.success(), text)
     }
 
     /// Writes a metering configuration file and applies it.

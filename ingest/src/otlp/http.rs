@@ -12,7 +12,7 @@
 use anyhow::Context as _;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
@@ -220,17 +220,14 @@ fn error_response(state: &AppState, encoding: Encoding, error: ExportError) -> R
             body.to_string().into_bytes()
         }
     };
-    let mut response = (
+    let response = (
         status,
         [(header::CONTENT_TYPE, encoding.content_type())],
         body,
     )
         .into_response();
     if error.is_retryable() {
-        response.headers_mut().insert(
-            header::RETRY_AFTER,
-            HeaderValue::from(state.config.retry_after_seconds),
-        );
+        return state.ask_to_retry(response);
     }
     response
 }
