@@ -153,22 +153,14 @@ impl BenchEnv {
 
     /// Runs an `agentmeter` tool to completion.
     pub fn tool(&self, args: &[&str]) -> anyhow::Result<String> {
-        let output = Command::new(&self.options.agentmeter)
-            .arg("--config")
-            .arg(&self.settings_path)
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .output()
-            .with_context(|| format!("run {}", self.options.agentmeter.display()))?;
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        anyhow::ensure!(
-            output.status.success(),
-            "agentmeter {args:?} failed:\n{text}"
-        );
+        let (succeeded, text) = agentmeter_testkit::process::run_tool(
+            &self.options.agentmeter,
+            &self.settings_path,
+            args,
+            &[("RUST_LOG", "warn")],
+        )
+        .with_context(|| format!("run {}", self.options.agentmeter.display()))?;
+        anyhow::ensure!(succeeded, "agentmeter {args:?} failed:\n{text}");
         Ok(text)
     }
 
@@ -190,24 +182,16 @@ impl BenchEnv {
     /// Starts a stage pinned to the stage CPUs; returns its pid.
     pub fn spawn(&mut self, stage: &str, env: &[(&str, &str)]) -> anyhow::Result<u32> {
         let log_path = self.dir.join(format!("{stage}.log"));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)?;
         // taskset execs agentmeter: the child's pid is the stage's pid.
-        let child = Command::new("taskset")
-            .arg("-c")
-            .arg(&self.options.stage_cpus)
-            .arg(&self.options.agentmeter)
-            .arg("--config")
-            .arg(&self.settings_path)
-            .arg(stage)
-            .env("RUST_LOG", "info,rdkafka=warn")
-            .envs(env.iter().copied())
-            .stdout(Stdio::from(log.try_clone()?))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .context("spawn taskset agentmeter (is util-linux installed?)")?;
+        let child = agentmeter_testkit::process::spawn_stage(
+            &["taskset", "-c", &self.options.stage_cpus],
+            &self.options.agentmeter,
+            &self.settings_path,
+            stage,
+            &log_path,
+            env,
+        )
+        .context("spawn taskset agentmeter (is util-linux installed?)")?;
         let pid = child.id();
         self.stages.push(Stage {
             name: stage.to_string(),

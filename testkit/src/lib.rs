@@ -5,10 +5,12 @@
 //! * [`free_port`]: loopback ports for the stages' listeners, unique within the process.
 //! * [`broker::topic_deletion_is_safe`]: whether the local broker deletes only the topic it is
 //!   asked to delete (tansu 0.6.0 from crates.io deletes them all).
-//! * [`settings::RunSettings`]: the settings file of one isolated run (names and ports), and
-//!   [`settings::tail`] for log excerpts.
+//! * [`settings::IsolatedRun`] / [`settings::RunSettings`]: the names, directory, ports and
+//!   settings file of one isolated run, and [`settings::tail`] for log excerpts.
+//! * [`process`]: `agentmeter` run as a tool or started as a stage with its log.
 
 pub mod broker;
+pub mod process;
 pub mod settings;
 
 use std::net::TcpListener;

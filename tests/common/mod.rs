@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -129,19 +129,8 @@ impl TestEnv {
     /// Runs `agentmeter --config <this test's settings> ARGS`: whether it succeeded, and its
     /// stdout followed by its stderr.
     fn run_tool(&self, args: &[&str]) -> (bool, String) {
-        let output = Command::new(BINARY)
-            .arg("--config")
-            .arg(&self.settings_path)
-            .args(args)
-            .env("RUST_BACKTRACE", "0")
-            .output()
-            .expect("run agentmeter");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        (output.status.success(), text)
+        agentmeter_testkit::process::run_tool(Path::new(BINARY), &self.settings_path, args, &[])
+            .expect("run agentmeter")
     }
 
     /// Writes a metering configuration file and applies it.
@@ -158,22 +147,15 @@ impl TestEnv {
 
     pub fn spawn_with_env(&mut self, stage: &str, tag: &str, env: &[(&str, &str)]) -> usize {
         let log_path = self.dir.join(format!("{tag}.log"));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .unwrap();
-        let child = Command::new(BINARY)
-            .arg("--config")
-            .arg(&self.settings_path)
-            .arg(stage)
-            .env("RUST_LOG", "info,rdkafka=warn")
-            .env("RUST_BACKTRACE", "0")
-            .envs(env.iter().copied())
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn agentmeter stage");
+        let child = agentmeter_testkit::process::spawn_stage(
+            &[],
+            Path::new(BINARY),
+            &self.settings_path,
+            stage,
+            &log_path,
+            env,
+        )
+        .expect("spawn agentmeter stage");
         self.processes.push(StageProcess {
             child,
             tag: tag.to_string(),
