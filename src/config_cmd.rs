@@ -146,15 +146,33 @@ pub async fn run(command: ConfigCommand, kafka: &KafkaSettings) -> anyhow::Resul
 }
 
 /// One line per changed part of the configuration.
+/// Every rate plan as `product/plan`, with its whole content (to tell a changed price).
+fn rate_plans(
+    config: &MeteringConfig,
+) -> std::collections::BTreeMap<String, &agentmeter_schemas::catalog::RatePlan> {
+    config
+        .products
+        .iter()
+        .flat_map(|product| {
+            product
+                .rate_plans
+                .iter()
+                .map(move |plan| (format!("{}/{}", product.id, plan.id), plan))
+        })
+        .collect()
+}
+
 fn describe_changes(before: Option<&MeteringConfig>, after: &MeteringConfig) -> Vec<String> {
     let Some(before) = before else {
         return vec![format!(
-            "new workspace: {} accounts, {} agent instances, {} tracked actions, {} cost allocations, {} outcomes",
+            "new workspace: {} accounts, {} agent instances, {} tracked actions, {} cost allocations, {} outcomes, {} rate plans, {} subscriptions",
             after.accounts.len(),
             after.agent_instances.len(),
             after.tagging.tracked.len(),
             after.cost_allocations.len(),
-            after.outcomes.len()
+            after.outcomes.len(),
+            rate_plans(after).len(),
+            after.subscriptions.len()
         )];
     };
     let mut lines = Vec::new();
@@ -239,6 +257,35 @@ fn describe_changes(before: Option<&MeteringConfig>, after: &MeteringConfig) -> 
         before.outcomes.iter().map(|o| o.action.clone()).collect(),
         after.outcomes.iter().map(|o| o.action.clone()).collect(),
     );
+    let plans_before = rate_plans(before);
+    let plans_after = rate_plans(after);
+    compare(
+        "rate plans",
+        plans_before.keys().cloned().collect(),
+        plans_after.keys().cloned().collect(),
+    );
+    let changed: Vec<&str> = plans_after
+        .iter()
+        .filter(|(key, plan)| plans_before.get(*key).is_some_and(|old| old != *plan))
+        .map(|(key, _)| key.as_str())
+        .collect();
+    let subscription = |config: &MeteringConfig| {
+        config
+            .subscriptions
+            .iter()
+            .map(|s| {
+                let end = s.end.map(|end| format!(" to {end}")).unwrap_or_default();
+                format!(
+                    "{} ({} on {}/{} from {}{end})",
+                    s.id, s.account, s.product, s.rate_plan, s.start
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    compare("subscriptions", subscription(before), subscription(after));
+    if !changed.is_empty() {
+        lines.push(format!("rate plans changed: {}", changed.join(", ")));
+    }
     if lines.is_empty() {
         lines.push("descriptive fields changed (names, contacts, descriptions)".into());
     }

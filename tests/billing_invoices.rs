@@ -287,6 +287,30 @@ fn draft_invoices_equal_what_the_test_computes_from_what_it_sent() {
         (dec("150") - charges).max(Decimal::ZERO)
     );
 
+    // config apply shows a changed price as a changed rate plan, and the next draft uses it.
+    let cheaper = METERING.replace(
+        r#"model = { overage = { fee = "99", included = "20", unit_price = "0.25" } }"#,
+        r#"model = { overage = { fee = "99", included = "20", unit_price = "0.10" } }"#,
+    );
+    assert_ne!(cheaper, METERING);
+    let applied = env.apply_config(&metering_config(
+        "ws_billing",
+        &[("acc_usage", USAGE_SECRET), ("acc_base", BASE_SECRET)],
+        &cheaper,
+    ));
+    assert!(
+        applied.contains("rate plans changed: agent/base"),
+        "{applied}"
+    );
+    let charges = dec("99") + Decimal::from(base.tracked.saturating_sub(20)) * dec("0.10");
+    let invoices = preview(&env, "acc_base", &at);
+    assert_eq!(
+        amount(&invoices[0]["subtotal"]),
+        charges,
+        "{:#}",
+        invoices[0]
+    );
+
     // An account without a subscription gets no invoice; a bad id is refused.
     assert_eq!(preview(&env, "acc_nobody", &at), json!([]));
     let refused = env.tool_failing(&[
