@@ -26,7 +26,8 @@ use crate::Settings;
 
 #[derive(Debug, Subcommand)]
 pub enum InvoicesCommand {
-    /// Print the draft invoices of an account for the period containing --at (default now).
+    /// Print the draft invoices of an account (or of every account) for the period containing
+    /// --at (default now).
     Preview(PreviewArgs),
 }
 
@@ -36,14 +37,20 @@ pub struct PreviewArgs {
     #[arg(long)]
     pub workspace: String,
     /// The account.
+    #[arg(long, required_unless_present = "all", conflicts_with = "all")]
+    pub account: Option<String>,
+    /// Every account of the workspace.
     #[arg(long)]
-    pub account: String,
+    pub all: bool,
     /// An RFC 3339 instant in the period to preview (default: now).
     #[arg(long, value_parser = parse_instant)]
     pub at: Option<OffsetDateTime>,
     /// Print JSON (one array of invoices) instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Also write each draft as a printable HTML page into this directory.
+    #[arg(long)]
+    pub html: Option<std::path::PathBuf>,
 }
 
 fn parse_instant(text: &str) -> Result<OffsetDateTime, String> {
@@ -54,7 +61,8 @@ fn parse_instant(text: &str) -> Result<OffsetDateTime, String> {
 pub async fn run(command: InvoicesCommand, settings: &Settings) -> anyhow::Result<()> {
     let InvoicesCommand::Preview(args) = command;
     anyhow::ensure!(
-        is_valid_identifier(&args.workspace) && is_valid_identifier(&args.account),
+        is_valid_identifier(&args.workspace)
+            && args.account.as_deref().is_none_or(is_valid_identifier),
         "--workspace and --account must be ids (letters, digits, '_', '-', '.', ':')"
     );
     let kafka = settings.kafka.clone();
@@ -70,18 +78,16 @@ pub async fn run(command: InvoicesCommand, settings: &Settings) -> anyhow::Resul
     let config = &record.config;
     let instant = args.at.unwrap_or_else(OffsetDateTime::now_utc);
     let mut previews = Vec::new();
-    for subscription in config
-        .subscriptions
-        .iter()
-        .filter(|subscription| subscription.account == args.account)
-    {
+    for subscription in config.subscriptions.iter().filter(|subscription| {
+        args.all || args.account.as_deref() == Some(subscription.account.as_str())
+    }) {
         let plan = plan_of(config, subscription)?;
         let Some(covered) = coverage(plan, subscription, instant) else {
             continue;
         };
         let usage = UsageOf {
             workspace: &config.workspace.id,
-            account: &args.account,
+            account: &subscription.account,
             instances: instances_of(config, subscription),
             from: clickhouse_time(covered.from),
             to: clickhouse_time(covered.to),
@@ -101,12 +107,32 @@ pub async fn run(command: InvoicesCommand, settings: &Settings) -> anyhow::Resul
             margin,
         });
     }
+    if let Some(directory) = &args.html {
+        std::fs::create_dir_all(directory)
+            .with_context(|| format!("cannot create {}", directory.display()))?;
+        for preview in &previews {
+            let invoice = &preview.invoice;
+            let path = directory.join(format!(
+                "{}-{}.html",
+                invoice.subscription_id,
+                invoice.period_start.date()
+            ));
+            std::fs::write(&path, invoice.to_html())
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            eprintln!("wrote {}", path.display());
+        }
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&previews)?);
     } else if previews.is_empty() {
         println!(
-            "account {:?} of workspace {:?} has no subscription in force at {instant}",
-            args.account, args.workspace
+            "{} of workspace {:?} has no subscription in force at {instant}",
+            args.account
+                .as_deref()
+                .map_or("no account".to_string(), |account| format!(
+                    "account {account:?}"
+                )),
+            args.workspace
         );
     } else {
         for preview in &previews {

@@ -287,6 +287,42 @@ fn draft_invoices_equal_what_the_test_computes_from_what_it_sent() {
         (dec("150") - charges).max(Decimal::ZERO)
     );
 
+    // Every account at once, and the printable pages.
+    let html_dir = env.dir.join("invoices");
+    let output = env.tool(&[
+        "invoices",
+        "preview",
+        "--workspace",
+        "ws_billing",
+        "--all",
+        "--at",
+        &at,
+        "--json",
+        "--html",
+        html_dir.to_str().unwrap(),
+    ]);
+    let all: Value =
+        serde_json::from_str(&output[output.find('[').unwrap()..output.rfind(']').unwrap() + 1])
+            .unwrap_or_else(|error| panic!("{error}: {output}"));
+    let accounts: Vec<&str> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|invoice| invoice["bill_to"]["account_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(accounts, vec!["acc_usage", "acc_base"]);
+    let pages: Vec<String> = std::fs::read_dir(&html_dir)
+        .unwrap()
+        .map(|entry| std::fs::read_to_string(entry.unwrap().path()).unwrap())
+        .collect();
+    assert_eq!(pages.len(), 2);
+    assert!(
+        pages
+            .iter()
+            .any(|page| page.contains(&format!("{} USD", amount(&invoice["total"])))),
+        "no page shows acc_base's total"
+    );
+
     // config apply shows a changed price as a changed rate plan, and the next draft uses it.
     let cheaper = METERING.replace(
         r#"model = { overage = { fee = "99", included = "20", unit_price = "0.25" } }"#,

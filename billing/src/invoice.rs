@@ -344,6 +344,108 @@ impl DraftInvoice {
     }
 }
 
+impl DraftInvoice {
+    /// The invoice as a printable HTML page (one file, no scripts, no external resources).
+    /// Every text from the configuration is escaped.
+    pub fn to_html(&self) -> String {
+        let date = |instant: OffsetDateTime| escape(&instant.date().to_string());
+        let money = |amount: Decimal| format!("{} {}", amount, escape(&self.currency));
+        let mut rows = String::new();
+        for line in &self.lines {
+            let quantity = if line.metric == "fee" {
+                String::new()
+            } else {
+                format!("{} {}", line.quantity.normalize(), escape(&line.unit))
+            };
+            rows.push_str(&format!(
+                "<tr><td>{}</td><td class=\"n\">{quantity}</td><td class=\"n\">{}</td></tr>\n",
+                escape(&line.name),
+                money(line.amount)
+            ));
+            if line.breakdown.len() > 1 {
+                for part in &line.breakdown {
+                    rows.push_str(&format!(
+                        "<tr class=\"part\"><td>{} × {}</td><td></td><td class=\"n\">{}</td></tr>\n",
+                        part.quantity.normalize(),
+                        part.unit_price.normalize(),
+                        part.amount.normalize()
+                    ));
+                }
+            }
+            if !line.discount.is_zero() {
+                rows.push_str(&format!(
+                    "<tr class=\"part\"><td>discount</td><td></td><td class=\"n\">{}</td></tr>\n",
+                    money(-line.discount)
+                ));
+            }
+        }
+        let mut totals = format!(
+            "<tr class=\"sum\"><td>Subtotal</td><td></td><td class=\"n\">{}</td></tr>\n",
+            money(self.subtotal)
+        );
+        if !self.minimum_shortfall.is_zero() {
+            totals.push_str(&format!(
+                "<tr><td>Minimum commitment</td><td></td><td class=\"n\">{}</td></tr>\n",
+                money(self.minimum_shortfall)
+            ));
+        }
+        for discount in &self.invoice_discounts {
+            totals.push_str(&format!(
+                "<tr><td>Discount</td><td></td><td class=\"n\">{}</td></tr>\n",
+                money(-*discount)
+            ));
+        }
+        totals.push_str(&format!(
+            "<tr class=\"sum\"><td>Total</td><td></td><td class=\"n\">{}</td></tr>\n",
+            money(self.total)
+        ));
+        let contact = [
+            self.bill_to.email.as_deref(),
+            self.bill_to.address.as_deref(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(escape)
+        .collect::<Vec<_>>()
+        .join("<br>");
+        format!(
+            "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Draft invoice {subscription} {start}</title>\n\
+             <style>body{{font-family:sans-serif;max-width:48em;margin:2em auto}}table{{width:100%;border-collapse:collapse}}\
+             td{{padding:.3em;border-bottom:1px solid #ddd}}.n{{text-align:right;white-space:nowrap}}.part td{{color:#555;font-size:.9em;padding-left:1.5em}}\
+             .sum td{{font-weight:bold}}@media print{{.draft{{color:#999}}}}</style></head>\n\
+             <body><h1>Invoice <span class=\"draft\">(draft)</span></h1>\n\
+             <p><b>Bill to:</b> {name} ({account})<br>{contact}</p>\n\
+             <p>{product} / {plan}, subscription {subscription}<br>Period {start} to {end} (exclusive); billed from {from} to {to}</p>\n\
+             <table>\n<tr><th>Charge</th><th class=\"n\">Quantity</th><th class=\"n\">Amount</th></tr>\n{rows}{totals}</table>\n</body></html>\n",
+            subscription = escape(&self.subscription_id),
+            start = date(self.period_start),
+            end = date(self.period_end),
+            from = date(self.from),
+            to = date(self.to),
+            name = escape(&self.bill_to.name),
+            account = escape(&self.bill_to.account_id),
+            product = escape(&self.product),
+            plan = escape(&self.rate_plan),
+        )
+    }
+}
+
+/// `text` with HTML's special characters escaped.
+fn escape(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for character in text.chars() {
+        match character {
+            '&' => escaped.push_str("&amp;"),
+            '<' => escaped.push_str("&lt;"),
+            '>' => escaped.push_str("&gt;"),
+            '"' => escaped.push_str("&quot;"),
+            '\'' => escaped.push_str("&#39;"),
+            other => escaped.push(other),
+        }
+    }
+    escaped
+}
+
 #[cfg(test)]
 mod tests {
     use agentmeter_schemas::metering::MeteringConfig;
@@ -399,6 +501,37 @@ mod tests {
             invoice.to_text()
         );
         assert!(invoice.to_text().contains("TOTAL"));
+    }
+
+    #[test]
+    fn the_html_rendering_shows_every_line_and_escapes_names() {
+        let mut config = MeteringConfig::from_toml(EXAMPLE).unwrap();
+        config.accounts[0].name = "Acme <script>alert(1)</script> & Co".into();
+        let acme = config.subscriptions[0].clone();
+        let plan = plan_of(&config, &acme).unwrap().clone();
+        let november = coverage(&plan, &acme, datetime!(2026-11-15 0:00 UTC)).unwrap();
+        let invoice = draft(
+            &config,
+            &acme,
+            &november,
+            &quantities(&[("platform", "12345"), ("seats", "4")]),
+        )
+        .unwrap();
+        let html = invoice.to_html();
+        assert!(
+            html.contains("Acme &lt;script&gt;alert(1)&lt;/script&gt; &amp; Co"),
+            "{html}"
+        );
+        assert!(!html.contains("<script>"));
+        for text in [
+            "Platform fee with 10,000 actions",
+            "122.45 USD",
+            "40.00 USD",
+            "-8.00 USD",
+            "154.45 USD",
+        ] {
+            assert!(html.contains(text), "no {text:?} in {html}");
+        }
     }
 
     #[test]
