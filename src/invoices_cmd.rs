@@ -77,12 +77,13 @@ pub async fn run(command: InvoicesCommand, settings: &Settings) -> anyhow::Resul
     })?;
     let config = &record.config;
     let instant = args.at.unwrap_or_else(OffsetDateTime::now_utc);
+    let zone = agentmeter_billing::period::time_zone(&config.workspace.time_zone)?;
     let mut previews = Vec::new();
     for subscription in config.subscriptions.iter().filter(|subscription| {
         args.all || args.account.as_deref() == Some(subscription.account.as_str())
     }) {
         let plan = plan_of(config, subscription)?;
-        let Some(covered) = coverage(plan, subscription, instant) else {
+        let Some(covered) = coverage(plan, subscription, instant, &zone)? else {
             continue;
         };
         let usage = UsageOf {

@@ -468,7 +468,14 @@ mod tests {
         let config = MeteringConfig::from_toml(EXAMPLE).unwrap();
         let acme = &config.subscriptions[0];
         let plan = plan_of(&config, acme).unwrap();
-        let november = coverage(plan, acme, datetime!(2026-11-15 0:00 UTC)).unwrap();
+        let november = coverage(
+            plan,
+            acme,
+            datetime!(2026-11-15 0:00 UTC),
+            &jiff::tz::TimeZone::UTC,
+        )
+        .unwrap()
+        .unwrap();
         let invoice = draft(
             &config,
             acme,
@@ -485,7 +492,14 @@ mod tests {
         assert_eq!(invoice.bill_to.name, "Acme Corp");
         let globex = &config.subscriptions[1];
         let plan = plan_of(&config, globex).unwrap();
-        let november = coverage(plan, globex, datetime!(2026-11-15 0:00 UTC)).unwrap();
+        let november = coverage(
+            plan,
+            globex,
+            datetime!(2026-11-15 0:00 UTC),
+            &jiff::tz::TimeZone::UTC,
+        )
+        .unwrap()
+        .unwrap();
         let invoice = draft(
             &config,
             globex,
@@ -509,7 +523,14 @@ mod tests {
         config.accounts[0].name = "Acme <script>alert(1)</script> & Co".into();
         let acme = config.subscriptions[0].clone();
         let plan = plan_of(&config, &acme).unwrap().clone();
-        let november = coverage(&plan, &acme, datetime!(2026-11-15 0:00 UTC)).unwrap();
+        let november = coverage(
+            &plan,
+            &acme,
+            datetime!(2026-11-15 0:00 UTC),
+            &jiff::tz::TimeZone::UTC,
+        )
+        .unwrap()
+        .unwrap();
         let invoice = draft(
             &config,
             &acme,
@@ -539,7 +560,14 @@ mod tests {
         let config = MeteringConfig::from_toml(EXAMPLE).unwrap();
         let acme = &config.subscriptions[0];
         let plan = plan_of(&config, acme).unwrap();
-        let november = coverage(plan, acme, datetime!(2026-11-15 0:00 UTC)).unwrap();
+        let november = coverage(
+            plan,
+            acme,
+            datetime!(2026-11-15 0:00 UTC),
+            &jiff::tz::TimeZone::UTC,
+        )
+        .unwrap()
+        .unwrap();
         let error = draft(&config, acme, &november, &quantities(&[("platform", "1")]))
             .unwrap_err()
             .to_string();

@@ -9,7 +9,7 @@
 //!   wrap-around or a silent rounding.
 //!
 //! * [`period`] — billing periods of a subscription (calendar or anniversary, monthly to
-//!   annual, UTC) and the share of a period it covers, which prorates fees.
+//!   annual, in the workspace time zone) and the share of a period it covers, which prorates fees.
 //!
 //! * [`invoice`] — a draft invoice of one subscription and period from the period's quantity
 //!   per charge (read from ClickHouse by `agentmeter invoices preview`), as JSON or text.

@@ -66,6 +66,13 @@ pub struct Workspace {
     pub name: String,
     /// ISO 4217 code every cost of this workspace is in.
     pub currency: String,
+    /// IANA time zone of the workspace's billing periods (`Europe/Berlin`); default `UTC`.
+    #[serde(default = "default_time_zone")]
+    pub time_zone: String,
+}
+
+fn default_time_zone() -> String {
+    "UTC".into()
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -295,6 +302,13 @@ impl MeteringConfig {
             problems.push(format!(
                 "workspace.currency {:?} must be an ISO 4217 code such as \"USD\"",
                 workspace.currency
+            ));
+        }
+
+        if jiff::tz::TimeZone::get(&workspace.time_zone).is_err() {
+            problems.push(format!(
+                "workspace.time_zone {:?} is not an IANA time zone such as \"UTC\" or \"Europe/Berlin\"",
+                workspace.time_zone
             ));
         }
 

@@ -195,3 +195,23 @@ fn the_bounds_are_what_they_say() {
     assert_eq!(MAX_PRICE, Decimal::from(1_000_000_000u64));
     assert_eq!(MAX_UNITS, Decimal::from(1_000_000_000_000_000_000u64));
 }
+
+#[test]
+fn the_workspace_time_zone_is_an_iana_name_and_defaults_to_utc() {
+    let config = MeteringConfig::from_toml(EXAMPLE).unwrap();
+    assert_eq!(config.workspace.time_zone, "UTC");
+    let berlin = EXAMPLE.replacen(
+        "currency = \"USD\"\n",
+        "currency = \"USD\"\ntime_zone = \"Europe/Berlin\"\n",
+        1,
+    );
+    let config = MeteringConfig::from_toml(&berlin).unwrap();
+    assert_eq!(config.workspace.time_zone, "Europe/Berlin");
+    let nowhere = EXAMPLE.replacen(
+        "currency = \"USD\"\n",
+        "currency = \"USD\"\ntime_zone = \"Mars/Olympus_Mons\"\n",
+        1,
+    );
+    let error = MeteringConfig::from_toml(&nowhere).unwrap_err().to_string();
+    assert!(error.contains("is not an IANA time zone"), "{error}");
+}
