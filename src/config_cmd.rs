@@ -145,23 +145,16 @@ pub async fn run(command: ConfigCommand, kafka: &KafkaSettings) -> anyhow::Resul
     }
 }
 
-/// One line per changed part of the configuration.
 /// Every rate plan as `product/plan`, with its whole content (to tell a changed price).
 fn rate_plans(
     config: &MeteringConfig,
 ) -> std::collections::BTreeMap<String, &agentmeter_schemas::catalog::RatePlan> {
-    config
-        .products
-        .iter()
-        .flat_map(|product| {
-            product
-                .rate_plans
-                .iter()
-                .map(move |plan| (format!("{}/{}", product.id, plan.id), plan))
-        })
+    agentmeter_schemas::catalog::rate_plans(&config.products)
+        .map(|(product, plan)| (format!("{}/{}", product.id, plan.id), plan))
         .collect()
 }
 
+/// One line per changed part of the configuration.
 fn describe_changes(before: Option<&MeteringConfig>, after: &MeteringConfig) -> Vec<String> {
     let Some(before) = before else {
         return vec![format!(

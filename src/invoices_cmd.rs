@@ -236,28 +236,18 @@ async fn read_quantities(
             quantities.insert(charge.id.clone(), Decimal::ZERO);
             continue;
         }
+        // A sum over the usage rows, of all action names or only some.
+        let sum_of_names = |sum: &str, condition: &str, only: &[String]| {
+            let sql = format!(
+                "SELECT toString({sum}) AS quantity {from_usage}{condition}{}",
+                names_clause(only)
+            );
+            bind_names(bind_usage(client.query(&sql), usage), only)
+        };
         let query = match &metric {
             Metric::Fee => continue,
-            Metric::Actions { only } => bind_names(
-                bind_usage(
-                    client.query(&format!(
-                        "SELECT toString(sum(action_count)) AS quantity {from_usage}{}",
-                        names_clause(only)
-                    )),
-                    usage,
-                ),
-                only,
-            ),
-            Metric::Outcomes { only } => bind_names(
-                bind_usage(
-                    client.query(&format!(
-                        "SELECT toString(sum(outcome_count)) AS quantity {from_usage} AND outcome = 1{}",
-                        names_clause(only)
-                    )),
-                    usage,
-                ),
-                only,
-            ),
+            Metric::Actions { only } => sum_of_names("sum(action_count)", "", only),
+            Metric::Outcomes { only } => sum_of_names("sum(outcome_count)", " AND outcome = 1", only),
             Metric::Measure { action, measure } => bind_usage(
                 client.query(&format!(
                     "SELECT toString(sum(quantity)) AS quantity {from_usage} AND action_name = ? AND measure = ?"

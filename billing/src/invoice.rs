@@ -6,7 +6,9 @@
 
 use std::collections::HashMap;
 
-use agentmeter_schemas::catalog::{Charge, ChargeModel, Metric, RatePlan, Subscription};
+use agentmeter_schemas::catalog::{
+    rate_plans, Charge, ChargeModel, Metric, RatePlan, Subscription,
+};
 use agentmeter_schemas::metering::MeteringConfig;
 use rust_decimal::Decimal;
 use serde::Serialize;
@@ -122,16 +124,11 @@ pub fn plan_of<'c>(
     config: &'c MeteringConfig,
     subscription: &Subscription,
 ) -> Result<&'c RatePlan, InvoiceError> {
-    config
-        .products
-        .iter()
-        .find(|product| product.id == subscription.product)
-        .and_then(|product| {
-            product
-                .rate_plans
-                .iter()
-                .find(|plan| plan.id == subscription.rate_plan)
+    rate_plans(&config.products)
+        .find(|(product, plan)| {
+            product.id == subscription.product && plan.id == subscription.rate_plan
         })
+        .map(|(_, plan)| plan)
         .ok_or_else(|| InvoiceError::UnknownPlan {
             subscription: subscription.id.clone(),
             product: subscription.product.clone(),
@@ -463,26 +460,29 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn the_example_accounts_get_the_drafts_of_their_plans() {
-        let config = MeteringConfig::from_toml(EXAMPLE).unwrap();
-        let acme = &config.subscriptions[0];
-        let plan = plan_of(&config, acme).unwrap();
+    /// The draft of the example's subscription `index` for November 2026 (UTC).
+    fn november_draft(
+        config: &MeteringConfig,
+        index: usize,
+        pairs: &[(&str, &str)],
+    ) -> Result<DraftInvoice, InvoiceError> {
+        let subscription = &config.subscriptions[index];
+        let plan = plan_of(config, subscription).unwrap();
         let november = coverage(
             plan,
-            acme,
+            subscription,
             datetime!(2026-11-15 0:00 UTC),
             &jiff::tz::TimeZone::UTC,
         )
         .unwrap()
         .unwrap();
-        let invoice = draft(
-            &config,
-            acme,
-            &november,
-            &quantities(&[("platform", "12345"), ("seats", "4")]),
-        )
-        .unwrap();
+        draft(config, subscription, &november, &quantities(pairs))
+    }
+
+    #[test]
+    fn the_example_accounts_get_the_drafts_of_their_plans() {
+        let config = MeteringConfig::from_toml(EXAMPLE).unwrap();
+        let invoice = november_draft(&config, 0, &[("platform", "12345"), ("seats", "4")]).unwrap();
         assert_eq!(
             invoice.total,
             Decimal::new(15445, 2),
@@ -490,21 +490,10 @@ mod tests {
             invoice.to_text()
         );
         assert_eq!(invoice.bill_to.name, "Acme Corp");
-        let globex = &config.subscriptions[1];
-        let plan = plan_of(&config, globex).unwrap();
-        let november = coverage(
-            plan,
-            globex,
-            datetime!(2026-11-15 0:00 UTC),
-            &jiff::tz::TimeZone::UTC,
-        )
-        .unwrap()
-        .unwrap();
-        let invoice = draft(
+        let invoice = november_draft(
             &config,
-            globex,
-            &november,
-            &quantities(&[("detections", "7"), ("gemini_tokens", "1500000")]),
+            1,
+            &[("detections", "7"), ("gemini_tokens", "1500000")],
         )
         .unwrap();
         // 7 × 5 + 1,000,000 × 0.00001 + 500,000 × 0.000008
@@ -521,23 +510,7 @@ mod tests {
     fn the_html_rendering_shows_every_line_and_escapes_names() {
         let mut config = MeteringConfig::from_toml(EXAMPLE).unwrap();
         config.accounts[0].name = "Acme <script>alert(1)</script> & Co".into();
-        let acme = config.subscriptions[0].clone();
-        let plan = plan_of(&config, &acme).unwrap().clone();
-        let november = coverage(
-            &plan,
-            &acme,
-            datetime!(2026-11-15 0:00 UTC),
-            &jiff::tz::TimeZone::UTC,
-        )
-        .unwrap()
-        .unwrap();
-        let invoice = draft(
-            &config,
-            &acme,
-            &november,
-            &quantities(&[("platform", "12345"), ("seats", "4")]),
-        )
-        .unwrap();
+        let invoice = november_draft(&config, 0, &[("platform", "12345"), ("seats", "4")]).unwrap();
         let html = invoice.to_html();
         assert!(
             html.contains("Acme &lt;script&gt;alert(1)&lt;/script&gt; &amp; Co"),
@@ -558,17 +531,7 @@ mod tests {
     #[test]
     fn a_usage_charge_without_its_quantity_is_an_error_not_a_zero() {
         let config = MeteringConfig::from_toml(EXAMPLE).unwrap();
-        let acme = &config.subscriptions[0];
-        let plan = plan_of(&config, acme).unwrap();
-        let november = coverage(
-            plan,
-            acme,
-            datetime!(2026-11-15 0:00 UTC),
-            &jiff::tz::TimeZone::UTC,
-        )
-        .unwrap()
-        .unwrap();
-        let error = draft(&config, acme, &november, &quantities(&[("platform", "1")]))
+        let error = november_draft(&config, 0, &[("platform", "1")])
             .unwrap_err()
             .to_string();
         assert!(error.contains("\"seats\""), "{error}");

@@ -112,7 +112,9 @@ impl ActionSink {
             topic,
             admission: Admission::new(limits),
             window: ProducerWindow::new(DEFAULT_PRODUCER_WINDOW_ACTIONS),
-            window_wait: Duration::from_secs(10),
+            window_wait: Duration::from_millis(
+                crate::config::IngestConfig::default().produce_timeout_ms,
+            ),
             enqueue_timeout: Duration::from_millis(ENQUEUE_ALLOWANCE_MS),
         }
     }

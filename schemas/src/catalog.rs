@@ -206,6 +206,13 @@ pub struct Subscription {
     pub end: Option<OffsetDateTime>,
 }
 
+/// Every rate plan of `products`, with its product, in the order written.
+pub fn rate_plans(products: &[Product]) -> impl Iterator<Item = (&Product, &RatePlan)> {
+    products
+        .iter()
+        .flat_map(|product| product.rate_plans.iter().map(move |plan| (product, plan)))
+}
+
 /// What a charge counts, checked ([`Charge::metric`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Metric {

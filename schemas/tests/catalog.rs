@@ -1,7 +1,7 @@
 //! The billing catalog as `config apply` sees it: the shipped example, and every problem of a
 //! bad catalog listed (issue 10).
 
-use agentmeter_schemas::catalog::{ChargeModel, Metric, MAX_PRICE, MAX_UNITS};
+use agentmeter_schemas::catalog::{rate_plans, ChargeModel, Metric, MAX_PRICE, MAX_UNITS};
 use agentmeter_schemas::metering::{ConfigFileError, MeteringConfig};
 use rust_decimal::Decimal;
 
@@ -10,15 +10,8 @@ const EXAMPLE: &str = include_str!("../../deploy/local/metering.example.toml");
 #[test]
 fn the_shipped_example_has_a_valid_catalog() {
     let config = MeteringConfig::from_toml(EXAMPLE).unwrap();
-    let plans: Vec<(&str, &str, usize)> = config
-        .products
-        .iter()
-        .flat_map(|product| {
-            product
-                .rate_plans
-                .iter()
-                .map(|plan| (product.id.as_str(), plan.id.as_str(), plan.charges.len()))
-        })
+    let plans: Vec<(&str, &str, usize)> = rate_plans(&config.products)
+        .map(|(product, plan)| (product.id.as_str(), plan.id.as_str(), plan.charges.len()))
         .collect();
     assert_eq!(
         plans,
