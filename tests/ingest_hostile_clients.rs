@@ -349,3 +349,97 @@ fn a_flooding_agent_is_throttled_while_another_workspace_is_not_refused() {
         "{acknowledged} actions acknowledged, {on_topic} on the topic"
     );
 }
+
+#[test]
+fn an_agent_over_its_rate_is_refused_after_the_refusal_delay_while_another_workspace_is_not() {
+    let mut env = TestEnv::new("hostile_rate", "");
+    env.apply_config(&metering_config(
+        "ws_fast",
+        &[("acc_fast", "fast-secret")],
+        TRACKED,
+    ));
+    env.apply_config(&metering_config(
+        "ws_calm",
+        &[("acc_calm", "calm-secret")],
+        TRACKED,
+    ));
+    const RATE: usize = 400;
+    const BATCH: usize = 100;
+    let refusal_delay = Duration::from_millis(300);
+    env.spawn_with_env(
+        "ingest",
+        "ingest",
+        &[
+            (
+                "AGENTMETER__INGEST__MAX_ACTIONS_PER_SECOND_PER_AGENT_INSTANCE",
+                "400",
+            ),
+            ("AGENTMETER__INGEST__RATE_BURST_SECONDS", "1"),
+            ("AGENTMETER__INGEST__REFUSAL_DELAY_MS", "300"),
+        ],
+    );
+    env.wait_http_ok(
+        &format!("{}/readyz", env.ingest_url()),
+        Duration::from_secs(60),
+    );
+    let url = format!("{}/v1/actions", env.ingest_url());
+    let client = reqwest::blocking::Client::new();
+    let started = Instant::now();
+    let (mut accepted, mut refused, mut calm_refused) = (0usize, 0usize, 0usize);
+    let mut shortest_refusal = Duration::MAX;
+    while started.elapsed() < Duration::from_secs(4) {
+        let sent = Instant::now();
+        match post_batch(&client, &url, "fast-secret", BATCH) {
+            (202, _) => accepted += BATCH,
+            (429, retry_after) => {
+                assert!(retry_after.is_some(), "429 without Retry-After");
+                refused += 1;
+                shortest_refusal = shortest_refusal.min(sent.elapsed());
+            }
+            (status, _) => panic!("the fast agent got {status}"),
+        }
+        // Another workspace's agent, well below the rate, is never refused meanwhile.
+        if post_batch(&client, &url, "calm-secret", 5).0 != 202 {
+            calm_refused += 1;
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    assert!(
+        refused > 0,
+        "the fast agent was never refused ({accepted} accepted)"
+    );
+    // The burst (one second of the rate) plus the rate over the run, plus one batch of debt.
+    let allowed = RATE + (RATE as f64 * elapsed).ceil() as usize + BATCH;
+    assert!(
+        accepted <= allowed,
+        "{accepted} actions accepted in {elapsed:.1} s at a rate of {RATE}/s (at most {allowed})"
+    );
+    assert!(
+        accepted >= RATE,
+        "not even the burst was accepted: {accepted}"
+    );
+    assert!(
+        shortest_refusal >= refusal_delay,
+        "a refusal was answered after {shortest_refusal:?}, before the refusal delay"
+    );
+    assert_eq!(
+        calm_refused, 0,
+        "the calm agent of another workspace was refused"
+    );
+    // The refusal says why (sent until one is refused: the agent is past its burst again soon).
+    let body = (0..100)
+        .find_map(|_| {
+            let response = client
+                .post(&url)
+                .header("X-Agent-Secret", "fast-secret")
+                .json(&json!({ "actions": (0..BATCH).map(|_| json!({"action_name": "probe"})).collect::<Vec<_>>() }))
+                .send()
+                .unwrap();
+            (response.status().as_u16() == 429).then(|| response.text().unwrap())
+        })
+        .expect("no request of the fast agent was refused in 100 tries");
+    assert!(
+        body.contains("over its rate of 400 actions per second"),
+        "{body}"
+    );
+}

@@ -180,6 +180,12 @@ impl BenchEnv {
     }
 
     /// Starts a stage pinned to the stage CPUs; returns its pid.
+    /// Throughput benches measure what ingest can do, not the per-agent rate limit: they lift it.
+    pub const NO_RATE_LIMIT: (&'static str, &'static str) = (
+        "AGENTMETER__INGEST__MAX_ACTIONS_PER_SECOND_PER_AGENT_INSTANCE",
+        "0",
+    );
+
     pub fn spawn(&mut self, stage: &str, env: &[(&str, &str)]) -> anyhow::Result<u32> {
         let log_path = self.dir.join(format!("{stage}.log"));
         // taskset execs agentmeter: the child's pid is the stage's pid.

@@ -14,17 +14,23 @@
 //! surplus requests are so refused before ingest spends CPU reading and parsing their bodies —
 //! CPU the other workspaces' requests need as much as the Kafka budget.
 //!
+//! The same early check refuses an agent instance (or workspace) that is over its sustained
+//! rate of actions per second ([`crate::rate_limit`]); admitted batches are charged to it.
+//!
 //! The counters live in one `std::sync::Mutex` held for a few map operations per request (never
 //! across an `.await`). An entry exists only while its workspace or instance has actions in
 //! flight: the last release removes it, so idle workspaces take no memory.
 
 use std::collections::HashMap;
 use std::fmt;
+use std::num::NonZeroU32;
 use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use agentmeter_schemas::RawAction;
 
 use crate::config::IngestConfig;
+use crate::rate_limit::{Rate, RateTable};
 
 /// The in-flight limits, in actions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +45,10 @@ pub struct AdmissionLimits {
     pub requests_per_workspace: usize,
     /// Requests of one agent instance in progress at once at most.
     pub requests_per_agent_instance: usize,
+    /// Sustained rate of admitted actions per workspace (`None`: no limit).
+    pub rate_per_workspace: Option<Rate>,
+    /// Sustained rate of admitted actions per agent instance (`None`: no limit).
+    pub rate_per_agent_instance: Option<Rate>,
 }
 
 impl AdmissionLimits {
@@ -50,6 +60,8 @@ impl AdmissionLimits {
             per_agent_instance: global,
             requests_per_workspace: usize::MAX,
             requests_per_agent_instance: usize::MAX,
+            rate_per_workspace: None,
+            rate_per_agent_instance: None,
         }
     }
 
@@ -61,8 +73,24 @@ impl AdmissionLimits {
             per_agent_instance: config.max_in_flight_actions_per_agent_instance,
             requests_per_workspace: config.max_concurrent_requests_per_workspace,
             requests_per_agent_instance: config.max_concurrent_requests_per_agent_instance,
+            rate_per_workspace: rate(
+                config.max_actions_per_second_per_workspace,
+                config.rate_burst_seconds,
+            ),
+            rate_per_agent_instance: rate(
+                config.max_actions_per_second_per_agent_instance,
+                config.rate_burst_seconds,
+            ),
         }
     }
+}
+
+/// A rate of the settings; 0 actions per second is no limit.
+fn rate(per_second: u32, burst_seconds: u32) -> Option<Rate> {
+    Some(Rate {
+        per_second: NonZeroU32::new(per_second)?,
+        burst_seconds: NonZeroU32::new(burst_seconds.max(1))?,
+    })
 }
 
 /// Whose budget was short.
@@ -117,6 +145,16 @@ pub enum EarlyRefusal {
         in_progress: usize,
         limit: usize,
     },
+    /// This workspace or agent instance sent more than its sustained rate (and burst) allows.
+    #[error(
+        "{scope} is over its rate of {per_second} actions per second; retry in {} ms",
+        .wait.as_millis().max(1)
+    )]
+    Rate {
+        scope: AdmissionScope,
+        per_second: u32,
+        wait: Duration,
+    },
     /// This workspace's or agent instance's share of in-flight actions is full.
     #[error("{} is saturated ({} actions waiting for Kafka, at most {}); retry after a moment", .0.scope, .0.in_flight, .0.limit)]
     Actions(Refusal),
@@ -131,12 +169,17 @@ impl EarlyRefusal {
                 ..
             } => "workspace_requests",
             EarlyRefusal::Requests { .. } => "agent_instance_requests",
+            EarlyRefusal::Rate {
+                scope: AdmissionScope::Workspace(_),
+                ..
+            } => "workspace_rate",
+            EarlyRefusal::Rate { .. } => "agent_instance_rate",
             EarlyRefusal::Actions(refusal) => refusal.scope.as_str(),
         }
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Counters {
     global: usize,
     workspaces: HashMap<String, usize>,
@@ -144,6 +187,8 @@ struct Counters {
     agent_instances: HashMap<(String, String), usize>,
     workspace_requests: HashMap<String, usize>,
     agent_instance_requests: HashMap<(String, String), usize>,
+    workspace_rates: RateTable<String>,
+    agent_instance_rates: RateTable<(String, String)>,
 }
 
 /// A request in progress (see [`Admission::begin_request`]); released when dropped.
@@ -194,7 +239,15 @@ impl Admission {
     pub fn new(limits: AdmissionLimits) -> Admission {
         Admission {
             limits,
-            counters: Mutex::new(Counters::default()),
+            counters: Mutex::new(Counters {
+                global: 0,
+                workspaces: HashMap::new(),
+                agent_instances: HashMap::new(),
+                workspace_requests: HashMap::new(),
+                agent_instance_requests: HashMap::new(),
+                workspace_rates: RateTable::new(limits.rate_per_workspace),
+                agent_instance_rates: RateTable::new(limits.rate_per_agent_instance),
+            }),
         }
     }
 
@@ -219,6 +272,8 @@ impl Admission {
             + counters.agent_instances.len()
             + counters.workspace_requests.len()
             + counters.agent_instance_requests.len()
+            + counters.workspace_rates.entries()
+            + counters.agent_instance_rates.entries()
     }
 
     /// Counts a request of `agent_instance` (of `workspace`) as in progress, before its body is
@@ -229,8 +284,32 @@ impl Admission {
         workspace: &str,
         agent_instance: &str,
     ) -> Result<RequestInProgress<'_>, EarlyRefusal> {
+        self.begin_request_at(workspace, agent_instance, Instant::now())
+    }
+
+    /// [`Admission::begin_request`] at `now` (the rates' clock).
+    pub fn begin_request_at(
+        &self,
+        workspace: &str,
+        agent_instance: &str,
+        now: Instant,
+    ) -> Result<RequestInProgress<'_>, EarlyRefusal> {
         let key = (workspace.to_string(), agent_instance.to_string());
         let mut counters = self.lock();
+        if let Err(over) = counters.agent_instance_rates.check(&key, now) {
+            return Err(EarlyRefusal::Rate {
+                scope: AdmissionScope::AgentInstance(key.1),
+                per_second: over.per_second,
+                wait: over.wait,
+            });
+        }
+        if let Err(over) = counters.workspace_rates.check(&key.0, now) {
+            return Err(EarlyRefusal::Rate {
+                scope: AdmissionScope::Workspace(key.0),
+                per_second: over.per_second,
+                wait: over.wait,
+            });
+        }
         let agent_requests = counters
             .agent_instance_requests
             .get(&key)
@@ -335,7 +414,15 @@ impl Admission {
             });
         }
         counters.global += total;
+        let now = Instant::now();
         for portion in &portions {
+            let key = (portion.workspace.clone(), portion.agent_instance.clone());
+            counters
+                .agent_instance_rates
+                .charge(&key, portion.actions, now);
+            counters
+                .workspace_rates
+                .charge(&key.0, portion.actions, now);
             *counters
                 .workspaces
                 .entry(portion.workspace.clone())
@@ -444,6 +531,8 @@ mod tests {
             per_agent_instance: 25,
             requests_per_workspace: 3,
             requests_per_agent_instance: 2,
+            rate_per_workspace: None,
+            rate_per_agent_instance: None,
         }
     }
 
@@ -540,6 +629,64 @@ mod tests {
         }
         assert_eq!(admission.tracked_entries(), 0);
         assert_eq!(admission.in_flight(), 0);
+    }
+
+    #[test]
+    fn an_agent_instance_over_its_rate_is_refused_before_its_body_while_others_are_not() {
+        let admission = Admission::new(AdmissionLimits {
+            rate_per_agent_instance: rate(100, 1),
+            ..limits()
+        });
+        let start = Instant::now();
+        // 250 actions at 100/s: 2.5 s of the rate, 1.5 s beyond the burst of 1 s.
+        for _ in 0..25 {
+            drop(admission.admit_keys(batch("ws_a", "inst_1", 10)).unwrap());
+        }
+        let refusal = admission
+            .begin_request_at("ws_a", "inst_1", start)
+            .unwrap_err();
+        match &refusal {
+            EarlyRefusal::Rate {
+                scope, per_second, ..
+            } => {
+                assert_eq!(scope, &AdmissionScope::AgentInstance("inst_1".to_string()));
+                assert_eq!(*per_second, 100);
+            }
+            other => panic!("expected a rate refusal, got {other:?}"),
+        }
+        assert_eq!(refusal.metric_scope(), "agent_instance_rate");
+        assert!(refusal.to_string().contains("100 actions per second"));
+        // The same workspace's other instance, and another workspace, are admitted.
+        drop(admission.begin_request_at("ws_a", "inst_2", start).unwrap());
+        drop(admission.begin_request_at("ws_b", "inst_1", start).unwrap());
+        // Once the debt beyond the burst has drained, inst_1 is admitted again.
+        drop(
+            admission
+                .begin_request_at("ws_a", "inst_1", start + Duration::from_millis(1600))
+                .unwrap(),
+        );
+    }
+
+    #[test]
+    fn a_workspace_over_its_rate_is_refused_for_every_instance() {
+        let admission = Admission::new(AdmissionLimits {
+            rate_per_workspace: rate(100, 1),
+            ..limits()
+        });
+        let start = Instant::now();
+        for index in 0..25 {
+            let instance = format!("inst_{index}");
+            drop(admission.admit_keys(batch("ws_a", &instance, 10)).unwrap());
+        }
+        let refusal = admission
+            .begin_request_at("ws_a", "inst_new", start)
+            .unwrap_err();
+        assert_eq!(refusal.metric_scope(), "workspace_rate");
+        drop(
+            admission
+                .begin_request_at("ws_b", "inst_new", start)
+                .unwrap(),
+        );
     }
 
     #[test]

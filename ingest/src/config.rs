@@ -72,6 +72,25 @@ pub struct IngestConfig {
     pub max_concurrent_requests_per_agent_instance: usize,
     /// Requests of one workspace in progress at once at most (all its agent instances).
     pub max_concurrent_requests_per_workspace: usize,
+    /// Sustained actions per second one agent instance may send (0: no limit). Beyond it (and
+    /// its burst) its requests get 429 / RESOURCE_EXHAUSTED before their body is read, so a
+    /// flooding agent cannot load the broker the other workspaces' records go through.
+    pub max_actions_per_second_per_agent_instance: u32,
+    /// Sustained actions per second one workspace may send, all its agent instances together
+    /// (0: no limit, the default).
+    pub max_actions_per_second_per_workspace: u32,
+    /// The burst of both rates, in seconds of the rate: after a quiet time an agent instance may
+    /// send this many seconds' worth of actions at once.
+    pub rate_burst_seconds: u32,
+    /// How long a request refused before its body was read (rate, requests in progress or a full
+    /// share) waits before it is answered. A client that ignores Retry-After and retries at once
+    /// is slowed to one attempt per this delay per connection instead of costing ingest CPU for
+    /// thousands of refusals per second; the delay holds no budget (0: answer at once).
+    #[serde(
+        alias = "refusal_delay",
+        deserialize_with = "agentmeter_runtime::duration::millis"
+    )]
+    pub refusal_delay_ms: u64,
     /// Actions handed to the Kafka producer and not yet acknowledged, at most. Admitted batches
     /// beyond it wait in ingest and are handed over round robin by workspace, so a batch of a
     /// quiet workspace waits behind at most this many records of a flooding one, not behind
@@ -143,6 +162,10 @@ impl Default for IngestConfig {
             max_in_flight_actions_per_agent_instance: 5_000,
             max_concurrent_requests_per_agent_instance: 16,
             max_concurrent_requests_per_workspace: 64,
+            max_actions_per_second_per_agent_instance: 5_000,
+            max_actions_per_second_per_workspace: 0,
+            rate_burst_seconds: 2,
+            refusal_delay_ms: 100,
             producer_window_actions: DEFAULT_PRODUCER_WINDOW_ACTIONS,
             header_read_timeout_ms: 10_000,
             idle_timeout_ms: 60_000,
@@ -202,6 +225,25 @@ impl IngestConfig {
             "ingest.max_concurrent_requests_per_agent_instance ({}) must be at least 1 and at most max_concurrent_requests_per_workspace ({})",
             self.max_concurrent_requests_per_agent_instance,
             self.max_concurrent_requests_per_workspace
+        );
+        anyhow::ensure!(
+            self.rate_burst_seconds >= 1,
+            "ingest.rate_burst_seconds must be at least 1"
+        );
+        anyhow::ensure!(
+            self.max_actions_per_second_per_workspace == 0
+                || self.max_actions_per_second_per_agent_instance != 0
+                    && self.max_actions_per_second_per_agent_instance
+                        <= self.max_actions_per_second_per_workspace,
+            "ingest.max_actions_per_second_per_agent_instance ({}) must be set and at most max_actions_per_second_per_workspace ({}) when the workspace rate is set",
+            self.max_actions_per_second_per_agent_instance,
+            self.max_actions_per_second_per_workspace
+        );
+        anyhow::ensure!(
+            self.refusal_delay_ms < self.request_timeout_ms,
+            "ingest.refusal_delay_ms ({}) must be less than request_timeout_ms ({})",
+            self.refusal_delay_ms,
+            self.request_timeout_ms
         );
         anyhow::ensure!(
             self.producer_window_actions >= 1,

@@ -34,6 +34,7 @@ pub mod connections;
 pub mod normalize;
 pub mod otlp;
 pub mod producer_window;
+pub mod rate_limit;
 pub mod rest;
 pub mod sink;
 pub mod state;

@@ -88,8 +88,17 @@ async fn refuse_early(
             // hyper close the connection while the client is still sending, and the client
             // would see a broken connection instead of the 429 and its Retry-After.
             discard_body(request.into_body(), state.config.max_body_bytes).await;
+            delay_refusal(&state.config).await;
             response
         }
+    }
+}
+
+/// Waits `refusal_delay_ms` before an early refusal is answered: a client that ignores
+/// Retry-After then makes one attempt per delay per connection, not thousands per second.
+pub(crate) async fn delay_refusal(config: &crate::config::IngestConfig) {
+    if config.refusal_delay_ms > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(config.refusal_delay_ms)).await;
     }
 }
 
@@ -624,6 +633,8 @@ mod early_refusal_tests {
                     per_agent_instance: 10,
                     requests_per_workspace: 8,
                     requests_per_agent_instance: 1,
+                    rate_per_workspace: None,
+                    rate_per_agent_instance: None,
                 },
             )),
         }

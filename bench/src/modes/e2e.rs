@@ -38,7 +38,7 @@ pub async fn run(options: &Options, args: Args) -> anyhow::Result<Vec<Row>> {
     let mut env = BenchEnv::new(options, "e2e")?;
     env.migrate()?;
     env.apply_config(&config_text(0))?;
-    let ingest = env.spawn("ingest", &[])?;
+    let ingest = env.spawn("ingest", &[BenchEnv::NO_RATE_LIMIT])?;
     let enrich = env.spawn("enrich", &[])?;
     let aggregate = env.spawn("aggregate", &[])?;
     for url in [

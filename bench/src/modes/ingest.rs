@@ -56,7 +56,7 @@ struct Tally {
 pub async fn run(options: &Options, args: Args) -> anyhow::Result<Vec<Row>> {
     let mut env = BenchEnv::new(options, "ingest")?;
     env.apply_config(&config_text(0))?;
-    let pid = env.spawn("ingest", &[])?;
+    let pid = env.spawn("ingest", &[BenchEnv::NO_RATE_LIMIT])?;
     let ready = format!("http://127.0.0.1:{}/readyz", env.run.ingest_port);
     env.wait_ready(&ready, Duration::from_secs(120)).await?;
     let tansu = options.service_pid("tansu");

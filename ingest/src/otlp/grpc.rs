@@ -127,6 +127,7 @@ where
                     super::count_rejected("saturated", 1);
                     count_request(OtlpSource::Grpc, "ResourceExhausted".to_string());
                     let error = ExportError::Saturated(refusal.to_string());
+                    crate::rest::delay_refusal(&state.config).await;
                     return Ok(to_status(&state, error).into_http());
                 }
             };
@@ -534,6 +535,8 @@ mod tests {
             per_agent_instance: 10,
             requests_per_workspace: 8,
             requests_per_agent_instance: 4,
+            rate_per_workspace: None,
+            rate_per_agent_instance: None,
         };
         let sink = Arc::new(ActionSink::with_admission(
             producer,
