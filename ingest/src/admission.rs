@@ -427,10 +427,7 @@ impl Admission {
                 .workspaces
                 .entry(portion.workspace.clone())
                 .or_insert(0) += portion.actions;
-            *counters
-                .agent_instances
-                .entry((portion.workspace.clone(), portion.agent_instance.clone()))
-                .or_insert(0) += portion.actions;
+            *counters.agent_instances.entry(key).or_insert(0) += portion.actions;
         }
         drop(counters);
         Ok(Admitted {

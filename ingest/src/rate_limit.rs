@@ -99,12 +99,14 @@ impl<K: std::hash::Hash + Eq + Clone> RateTable<K> {
             .interval()
             .checked_mul(actions)
             .unwrap_or(Duration::from_secs(3600));
-        let start = match self.theoretical_arrival.get(key) {
-            Some(&tat) if tat > now => tat,
-            _ => now,
-        };
-        let tat = start.checked_add(cost).unwrap_or(start);
-        self.theoretical_arrival.insert(key.clone(), tat);
+        let advance = |start: Instant| start.checked_add(cost).unwrap_or(start);
+        // The key is cloned only when it is new (a flooding agent's key is always there).
+        match self.theoretical_arrival.get_mut(key) {
+            Some(tat) => *tat = advance((*tat).max(now)),
+            None => {
+                self.theoretical_arrival.insert(key.clone(), advance(now));
+            }
+        }
         if self.theoretical_arrival.len() > self.sweep_above {
             self.sweep(now);
         }
