@@ -1,6 +1,6 @@
 //! The aggregator's failure modes against the real ClickHouse and broker:
-//! a zombie member rewriting a partition, ClickHouse down for a minute, and a permanent
-//! (schema) error.
+//! a zombie member rewriting a partition, a restart resumed from the restart store, ClickHouse
+//! down for a minute, and a permanent (schema) error.
 #![cfg(feature = "integration")]
 
 mod common;
@@ -252,6 +252,99 @@ impl Drop for PrivateServices {
         self.run("down");
         let _ = std::fs::remove_dir_all(&self.state);
     }
+}
+
+/// The value of a counter with one label in a `/metrics` text (0 when absent).
+fn counter_value(metrics: &str, name: &str, label: &str) -> u64 {
+    metrics
+        .lines()
+        .find(|line| line.starts_with(&format!("{name}{{{label}}}")))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse::<f64>().ok())
+        .map_or(0, |value| value as u64)
+}
+
+/// `text` without its ANSI colour sequences (the stages log in colour).
+fn without_colours(text: &str) -> String {
+    let mut plain = String::with_capacity(text.len());
+    let mut in_escape = false;
+    for character in text.chars() {
+        match (in_escape, character) {
+            (false, '\u{1b}') => in_escape = true,
+            (false, _) => plain.push(character),
+            (true, 'm') => in_escape = false,
+            (true, _) => {}
+        }
+    }
+    plain
+}
+
+#[test]
+fn a_restart_with_the_restart_store_re_reads_no_horizon_and_counts_resends_once() {
+    // Small batches: most of what the first aggregator read lies before its batches' starts, in
+    // the duplicate horizon a restart without the store would re-read.
+    let mut env = TestEnv::new("agg_restart_store", "batch_offsets = 200\n");
+    env.apply_config(&metering_config(
+        "ws_agg",
+        &[("acc_even", SECRET), ("acc_odd", "other-secret")],
+        METERING,
+    ));
+    let state_dir = env.dir.join("aggregator-state");
+    let state_dir = state_dir.to_str().unwrap().to_string();
+    let with_store = [("AGENTMETER__AGGREGATOR__STATE_DIR", state_dir.as_str())];
+    env.spawn("enrich", "enrich");
+    let first = env.spawn_with_env("aggregate", "aggregate", &with_store);
+    publish(&env, 0..4_000);
+    env.wait_for_count(
+        "SELECT sum(action_count) FROM usage_exact",
+        4_000,
+        Duration::from_secs(120),
+    );
+    env.process(first).kill();
+
+    // 1,000 of the next actions re-send event ids the killed aggregator already counted (their
+    // first copies before the batch starts, answered from the store after the restart).
+    publish(&env, 3_000..6_000);
+    let second = env.spawn_with_env("aggregate", "aggregate-again", &with_store);
+    env.wait_for_count(
+        "SELECT sum(action_count) FROM usage_exact",
+        6_000,
+        Duration::from_secs(120),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        env.query("SELECT count(), uniqExact(event_id) FROM actions FINAL")[0],
+        vec!["6000".to_string(), "6000".to_string()]
+    );
+    let priced = (0..6_000).filter(|index| index % 5 != 0).count();
+    let expected_cost =
+        rust_decimal::Decimal::from(priced) * "0.0031".parse::<rust_decimal::Decimal>().unwrap();
+    let cost = env.query("SELECT sum(cost) FROM usage_exact");
+    assert_eq!(
+        cost[0][0].parse::<rust_decimal::Decimal>().unwrap(),
+        expected_cost
+    );
+    let metrics = common::metrics_text(env.run.aggregator_metrics_port).expect("metrics");
+    let name = "agentmeter_aggregator_records_total";
+    assert_eq!(
+        counter_value(&metrics, name, "outcome=\"duplicate\""),
+        1_000,
+        "{metrics}"
+    );
+    // Every partition resumed at its batch start: nothing before it was read again.
+    assert_eq!(
+        counter_value(&metrics, name, "outcome=\"rebuilt\""),
+        0,
+        "{metrics}"
+    );
+    assert!(env.process(second).is_running(), "{}", env.logs());
+    // Every partition of the second process was resumed from the store.
+    let logs = without_colours(&env.logs());
+    assert_eq!(
+        logs.matches("ids_from_restart_store=true").count(),
+        4,
+        "{logs}"
+    );
 }
 
 #[test]

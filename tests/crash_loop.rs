@@ -174,7 +174,20 @@ fn stages_crash_looping_under_sigkill_come_back_and_converge_to_exact_totals() {
         .ok()
         .and_then(|value| value.parse().ok())
         .unwrap_or(100_000);
-    let mut env = TestEnv::new("crash_loop", "batch_offsets = 5000\n");
+    // The aggregator keeps its duplicate ids in the restart store, as a StatefulSet replica
+    // does on its volume: every SIGKILL also tests that a resume from the store decides the
+    // same duplicates.
+    let state_dir = std::env::temp_dir().join(format!(
+        "agentmeter-crash-loop-state-{}-{seed}",
+        std::process::id()
+    ));
+    let mut env = TestEnv::new(
+        "crash_loop",
+        &format!(
+            "batch_offsets = 5000\nstate_dir = {:?}\n",
+            state_dir.display().to_string()
+        ),
+    );
     env.apply_config(&metering_config("ws_loop", &ACCOUNTS, METERING));
     const STAGES: [&str; 3] = ["ingest", "enrich", "aggregate"];
     let mut running: Vec<usize> = STAGES
@@ -305,4 +318,5 @@ fn stages_crash_looping_under_sigkill_come_back_and_converge_to_exact_totals() {
             Duration::from_secs(30),
         );
     }
+    let _ = std::fs::remove_dir_all(&state_dir);
 }

@@ -54,6 +54,10 @@ pub struct AggregatorConfig {
         deserialize_with = "agentmeter_runtime::duration::millis"
     )]
     pub retry_max_backoff_ms: u64,
+    /// Directory of the restart store (the duplicate check's ids on local disk), so that a
+    /// restart re-reads at most one batch instead of the whole `dedupe_horizon_seconds`; the
+    /// replica's own volume (a StatefulSet's). Unset: no store, a restart re-reads the horizon.
+    pub state_dir: Option<std::path::PathBuf>,
     /// `[aggregator.ownership]`: which partitions of `actions.enriched` this process owns
     /// (static by replica ordinal, or a consumer group) and when it counts as stalled (ADR 0003).
     pub ownership: OwnershipSettings,
@@ -72,6 +76,7 @@ impl Default for AggregatorConfig {
             dedupe_horizon_seconds: 15 * 60,
             retry_initial_backoff_ms: 200,
             retry_max_backoff_ms: 10_000,
+            state_dir: None,
             ownership: OwnershipSettings::default(),
         }
     }

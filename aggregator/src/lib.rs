@@ -8,6 +8,8 @@
 //!   ordinal or from the consumer group, ADR 0003) resumes from the progress stored in ClickHouse.
 //! * [`service`] — the ClickHouse writes in their safe order, plan reads, and the
 //!   [`ClickHouseWriter`](service::ClickHouseWriter) that runs them with the retry rules and health.
+//! * [`restart_store`] — the duplicate check's ids on local disk (optional), so that a restart
+//!   re-reads at most one batch instead of the whole duplicate horizon.
 //! * [`dead_letters`] — the dead-letter producer for poison records.
 //! * [`telemetry`] — what the aggregator counts and logs, one type per event.
 //! * [`rows`] — row types of the tables; [`migrate`] — the versioned DDL.
@@ -17,6 +19,7 @@
 pub mod config;
 pub mod dead_letters;
 pub mod migrate;
+pub mod restart_store;
 pub mod rows;
 pub mod service;
 pub mod state;

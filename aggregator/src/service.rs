@@ -83,6 +83,11 @@ pub struct ClickHouseService {
 }
 
 impl ClickHouseService {
+    /// The database the tables are in.
+    pub fn database(&self) -> &str {
+        &self.database
+    }
+
     pub fn new(settings: &ClickHouseSettings, topic: &str) -> ClickHouseService {
         ClickHouseService {
             // Inserts name bare tables (the crate quotes `db.table` as one identifier).

@@ -15,7 +15,10 @@
 //! set to the smallest remembered offset whose record timestamp is within the horizon of the
 //! batch's first record, and older ids are forgotten. Because the rule refers only to offsets
 //! and the plan is persisted, a replay rebuilds exactly the same set by re-reading
-//! `[dedupe_from, batch start)`.
+//! `[dedupe_from, batch start)` — or, when the restart store has them
+//! (`crate::restart_store`), answers for `[dedupe_from, resume point)` from the store through
+//! [`PriorIds`] and re-reads only from the resume point: the same decisions, without a re-read
+//! that grows with rate × horizon.
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
@@ -135,23 +138,64 @@ pub enum RecordOutcome {
     Duplicate,
     /// Before an offset already handled (a re-delivery): ignored.
     AlreadyHandled,
+    /// The restart store could not answer: nothing can be decided for this partition any more;
+    /// the caller must abandon its state (it replays from the persisted plan).
+    PriorIdsFailed(String),
 }
 
-/// Ids seen in a partition, by offset, for the duplicate check.
+/// The ids of a partition seen before this process resumed it, in the restart store: they
+/// cover the offsets `[dedupe_from of the plan, until)`.
+pub trait PriorIds: std::fmt::Debug + Send {
+    /// The offset where the stored ids end and reading resumed.
+    fn until(&self) -> i64;
+    /// Whether `id` was seen at an offset in `[from, until)`.
+    fn seen(&self, id: &[u8; 16], from: i64) -> Result<bool, String>;
+    /// The smallest offset in `[from, until)` whose record timestamp is at least
+    /// `threshold_ms`.
+    fn first_at_or_after(&self, from: i64, threshold_ms: i64) -> Result<Option<i64>, String>;
+}
+
+/// What was observed at one offset, as the restart store keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObservedId {
+    pub offset: i64,
+    pub timestamp_ms: i64,
+    pub id: [u8; 16],
+}
+
+/// Ids seen in a partition, by offset, for the duplicate check: in memory from where this
+/// process began reading, and before that (after a restart) in the restart store.
 #[derive(Debug, Default)]
 pub struct DedupeWindow {
     /// id → offset of its latest occurrence.
     latest_offset_by_id: HashMap<[u8; 16], i64>,
     /// (offset, record timestamp ms, id), ascending by offset.
     seen: VecDeque<(i64, i64, [u8; 16])>,
+    /// The ids before the first one in memory, until the duplicate check has moved past them.
+    prior: Option<Box<dyn PriorIds>>,
+    /// Ids before this offset are forgotten (the current `dedupe_from`).
+    forgotten_before: i64,
 }
 
 impl DedupeWindow {
+    /// A window whose ids of `[dedupe_from, prior.until())` are in the restart store.
+    pub fn resuming(dedupe_from: i64, prior: Box<dyn PriorIds>) -> DedupeWindow {
+        DedupeWindow {
+            prior: Some(prior),
+            forgotten_before: dedupe_from,
+            ..DedupeWindow::default()
+        }
+    }
+
     /// Remembers `id` at `offset`; true when it had already been seen (a duplicate).
-    pub fn observe(&mut self, id: [u8; 16], offset: i64, timestamp_ms: i64) -> bool {
+    pub fn observe(
+        &mut self,
+        id: [u8; 16],
+        offset: i64,
+        timestamp_ms: i64,
+    ) -> Result<bool, String> {
         debug_assert!(self.seen.back().is_none_or(|(last, _, _)| *last < offset));
-        self.seen.push_back((offset, timestamp_ms, id));
-        match self.latest_offset_by_id.entry(id) {
+        let seen_in_memory = match self.latest_offset_by_id.entry(id) {
             Entry::Occupied(mut entry) => {
                 entry.insert(offset);
                 true
@@ -160,14 +204,35 @@ impl DedupeWindow {
                 entry.insert(offset);
                 false
             }
+        };
+        self.seen.push_back((offset, timestamp_ms, id));
+        if seen_in_memory {
+            return Ok(true);
+        }
+        match &self.prior {
+            Some(prior) => prior.seen(&id, self.forgotten_before),
+            None => Ok(false),
         }
     }
 
     /// Where the next batch's duplicate check begins: the smallest remembered offset whose
     /// timestamp is within `horizon_ms` of `first_timestamp_ms`, else `first_offset`.
     /// Forgets everything before it.
-    pub fn cut(&mut self, first_offset: i64, first_timestamp_ms: i64, horizon_ms: i64) -> i64 {
+    pub fn cut(
+        &mut self,
+        first_offset: i64,
+        first_timestamp_ms: i64,
+        horizon_ms: i64,
+    ) -> Result<i64, String> {
         let threshold = first_timestamp_ms.saturating_sub(horizon_ms);
+        if let Some(prior) = &self.prior {
+            // Every stored offset is below every offset in memory.
+            if let Some(dedupe_from) = prior.first_at_or_after(self.forgotten_before, threshold)? {
+                self.forget_before(dedupe_from);
+                return Ok(dedupe_from);
+            }
+            self.prior = None;
+        }
         let dedupe_from = self
             .seen
             .iter()
@@ -175,11 +240,19 @@ impl DedupeWindow {
             .map(|(offset, _, _)| *offset)
             .unwrap_or(first_offset);
         self.forget_before(dedupe_from);
-        dedupe_from
+        Ok(dedupe_from)
     }
 
     /// Forgets ids seen before `offset`.
     pub fn forget_before(&mut self, offset: i64) {
+        self.forgotten_before = self.forgotten_before.max(offset);
+        if self
+            .prior
+            .as_ref()
+            .is_some_and(|prior| prior.until() <= self.forgotten_before)
+        {
+            self.prior = None;
+        }
         while let Some(&(seen_offset, _, id)) = self.seen.front() {
             if seen_offset >= offset {
                 break;
@@ -191,8 +264,14 @@ impl DedupeWindow {
         }
     }
 
+    /// Ids in memory (those in the restart store are not counted).
     pub fn len(&self) -> usize {
         self.seen.len()
+    }
+
+    /// Whether ids before the memory's are still answered by the restart store.
+    pub fn has_prior(&self) -> bool {
+        self.prior.is_some()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -235,6 +314,8 @@ pub struct PartitionAggregator {
     /// Sealed batches and intents waiting for the next flush, in order.
     sealed: Vec<BatchWrite>,
     dedupe: DedupeWindow,
+    /// With a restart store: what was observed since the last [`Self::take_journal`].
+    journal: Option<Vec<ObservedId>>,
 }
 
 impl PartitionAggregator {
@@ -253,12 +334,43 @@ impl PartitionAggregator {
             pending_actions: Vec::new(),
             sealed: Vec::new(),
             dedupe: DedupeWindow::default(),
+            journal: None,
         }
+    }
+
+    /// Keeps a journal of what is observed, for the restart store ([`Self::take_journal`]).
+    pub fn with_journal(mut self) -> PartitionAggregator {
+        self.journal = Some(Vec::new());
+        self
+    }
+
+    /// Resumes with the ids of `[plan.dedupe_from, prior.until())` in the restart store:
+    /// reading starts at `prior.until()` instead of the plan's `dedupe_from`.
+    pub fn with_prior_ids(mut self, prior: Box<dyn PriorIds>) -> PartitionAggregator {
+        if let Some(plan) = self.plan {
+            self.next_offset = prior.until().max(plan.dedupe_from);
+            self.dedupe = DedupeWindow::resuming(plan.dedupe_from, prior);
+        }
+        self
+    }
+
+    /// What was observed since the last call, in offset order, for the restart store (empty
+    /// without [`Self::with_journal`]).
+    pub fn take_journal(&mut self) -> Vec<ObservedId> {
+        self.journal
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Whether ids from before this process are still answered by the restart store.
+    pub fn has_prior_ids(&self) -> bool {
+        self.dedupe.has_prior()
     }
 
     /// Where the consumer must start reading this partition (`None`: from the beginning).
     pub fn start_offset(&self) -> Option<i64> {
-        self.plan.map(|plan| plan.dedupe_from)
+        self.plan.map(|_| self.next_offset)
     }
 
     /// Offset after the last record handled.
@@ -314,7 +426,10 @@ impl PartitionAggregator {
                 });
                 plan
             }
-            Some(plan) if offset >= plan.end() => self.roll(plan, offset, timestamp_ms),
+            Some(plan) if offset >= plan.end() => match self.roll(plan, offset, timestamp_ms) {
+                Ok(next) => next,
+                Err(error) => return RecordOutcome::PriorIdsFailed(error),
+            },
             Some(plan) => plan,
         };
         self.next_offset = offset + 1;
@@ -323,7 +438,17 @@ impl PartitionAggregator {
             return RecordOutcome::Refused(error);
         }
         let id = dedupe_id(&action.raw.workspace_id, &action.raw.event_id);
-        let seen_before = self.dedupe.observe(id, offset, timestamp_ms);
+        let seen_before = match self.dedupe.observe(id, offset, timestamp_ms) {
+            Ok(seen_before) => seen_before,
+            Err(error) => return RecordOutcome::PriorIdsFailed(error),
+        };
+        if let Some(journal) = &mut self.journal {
+            journal.push(ObservedId {
+                offset,
+                timestamp_ms,
+                id,
+            });
+        }
         if offset < plan.start {
             return RecordOutcome::Rebuilt;
         }
@@ -342,13 +467,18 @@ impl PartitionAggregator {
     }
 
     /// Seals the current batch and starts the one `offset` falls in.
-    fn roll(&mut self, plan: BatchPlan, offset: i64, timestamp_ms: i64) -> BatchPlan {
+    fn roll(
+        &mut self,
+        plan: BatchPlan,
+        offset: i64,
+        timestamp_ms: i64,
+    ) -> Result<BatchPlan, String> {
         let size = self.settings.batch_size;
         // Skip whole empty batches (offset gaps) so that `offset` falls in the new batch.
         let start = plan.end() + (offset - plan.end()) / size * size;
         let dedupe_from = self
             .dedupe
-            .cut(offset, timestamp_ms, self.settings.dedupe_horizon_ms);
+            .cut(offset, timestamp_ms, self.settings.dedupe_horizon_ms)?;
         let next = BatchPlan {
             start,
             size,
@@ -360,7 +490,7 @@ impl PartitionAggregator {
         self.sealed.push(sealed);
         self.totals.clear();
         self.plan = Some(next);
-        next
+        Ok(next)
     }
 
     /// Adds an action to its key's totals. Its numbers are in range
@@ -715,16 +845,172 @@ mod tests {
         assert_eq!(model.latest_plan().unwrap().size, 4);
     }
 
+    /// The restart store of the tests: what the journal appended, and how far it is complete.
+    #[derive(Debug, Default, Clone)]
+    struct StoreModel {
+        observed: Vec<ObservedId>,
+        complete_up_to: i64,
+    }
+
+    #[derive(Debug)]
+    struct PriorInModel {
+        observed: Vec<ObservedId>,
+        until: i64,
+    }
+
+    impl PriorIds for PriorInModel {
+        fn until(&self) -> i64 {
+            self.until
+        }
+        fn seen(&self, id: &[u8; 16], from: i64) -> Result<bool, String> {
+            Ok(self
+                .observed
+                .iter()
+                .any(|seen| seen.id == *id && (from..self.until).contains(&seen.offset)))
+        }
+        fn first_at_or_after(&self, from: i64, threshold_ms: i64) -> Result<Option<i64>, String> {
+            Ok(self
+                .observed
+                .iter()
+                .filter(|seen| (from..self.until).contains(&seen.offset))
+                .find(|seen| seen.timestamp_ms >= threshold_ms)
+                .map(|seen| seen.offset))
+        }
+    }
+
+    const SHORT_HORIZON: BatchSettings = BatchSettings {
+        batch_size: 10,
+        window_seconds: 60,
+        dedupe_horizon_ms: 5_000,
+    };
+
+    /// 60 records a second apart; an id repeats 3 offsets later (within the 5 s horizon) or 6
+    /// later (beyond it from some batch starts, within it from others).
+    fn horizon_stream() -> Vec<(i64, i64, EnrichedAction)> {
+        (0..60)
+            .map(|offset| {
+                let event = match offset % 11 {
+                    4 => format!("e{}", offset - 3),
+                    9 => format!("e{}", offset - 6),
+                    _ => format!("e{offset}"),
+                };
+                (
+                    offset,
+                    offset * 1000,
+                    action(&event, "u", "web_search", "0.5", 1_000 + offset),
+                )
+            })
+            .collect()
+    }
+
+    /// Like `run` on `horizon_stream`, with or without the restart store; the store is written
+    /// before each flush reaches the model, and a crash may come between the two. Returns
+    /// where reading began.
+    fn run_with_store(
+        model: &mut TableModel,
+        store: Option<&mut StoreModel>,
+        to: usize,
+        flush_every: usize,
+        last_flush_parts: usize,
+    ) -> i64 {
+        let plan = model.latest_plan();
+        let mut aggregator = PartitionAggregator::new(0, SHORT_HORIZON, plan);
+        let mut store = store;
+        if let (Some(store), Some(plan)) = (store.as_deref_mut(), plan) {
+            aggregator = aggregator.with_journal();
+            if store.complete_up_to >= plan.dedupe_from {
+                let until = store.complete_up_to.clamp(plan.dedupe_from, plan.start);
+                aggregator = aggregator.with_prior_ids(Box::new(PriorInModel {
+                    observed: store.observed.clone(),
+                    until,
+                }));
+            }
+        } else if store.is_some() {
+            aggregator = aggregator.with_journal();
+        }
+        let start = aggregator.start_offset().unwrap_or(0);
+        let mut flush = |aggregator: &mut PartitionAggregator, model: &mut TableModel, parts| {
+            if let Some(store) = store.as_deref_mut() {
+                for observed in aggregator.take_journal() {
+                    if !store.observed.contains(&observed) {
+                        store.observed.push(observed);
+                    }
+                }
+                store.complete_up_to = store.complete_up_to.max(aggregator.next_offset());
+            }
+            model.apply_parts(&aggregator.take_flush(), parts);
+        };
+        for (offset, timestamp, action) in horizon_stream()
+            .into_iter()
+            .skip(start as usize)
+            .take(to.saturating_sub(start as usize))
+        {
+            let outcome = aggregator.handle(offset, timestamp, action);
+            assert!(!matches!(outcome, RecordOutcome::PriorIdsFailed(_)));
+            if offset as usize % flush_every == flush_every - 1 {
+                flush(&mut aggregator, model, usize::MAX);
+            }
+        }
+        flush(&mut aggregator, model, last_flush_parts);
+        start
+    }
+
+    #[test]
+    fn resuming_from_the_restart_store_decides_every_duplicate_as_a_full_re_read_does() {
+        let mut reference = TableModel::default();
+        run_with_store(&mut reference, None, 60, 1, usize::MAX);
+        let expected = (reference.totals(), reference.actions.clone());
+        // 10 duplicates; e14 again at 20 is beyond the horizon of batch 20 (dedupe_from 15).
+        assert_eq!(expected.1.len(), 50);
+        assert_eq!(expected.1.get(&20).map(String::as_str), Some("e14"));
+        let mut resumed_past_dedupe_from = 0;
+        for crash_at in 0..60 {
+            for flush_every in [1, 4, 100] {
+                for parts in [0, 1, 2, 4, usize::MAX] {
+                    for with_store in [false, true] {
+                        let mut model = TableModel::default();
+                        let mut store = StoreModel::default();
+                        run_with_store(
+                            &mut model,
+                            with_store.then_some(&mut store),
+                            crash_at,
+                            flush_every,
+                            parts,
+                        );
+                        let plan = model.latest_plan();
+                        let started = run_with_store(
+                            &mut model,
+                            with_store.then_some(&mut store),
+                            60,
+                            flush_every,
+                            usize::MAX,
+                        );
+                        if plan.is_some_and(|plan| started > plan.dedupe_from) {
+                            resumed_past_dedupe_from += 1;
+                        }
+                        assert_eq!(
+                            (model.totals(), model.actions.clone()),
+                            expected,
+                            "crash at {crash_at}, flush every {flush_every}, {parts} parts, store {with_store}"
+                        );
+                    }
+                }
+            }
+        }
+        // The store shortened most restarts (not those before the first batch roll).
+        assert!(resumed_past_dedupe_from > 300, "{resumed_past_dedupe_from}");
+    }
+
     #[test]
     fn duplicates_outside_the_horizon_count_again() {
         let mut window = DedupeWindow::default();
         let id = dedupe_id("ws", "e");
-        assert!(!window.observe(id, 0, 0));
-        assert!(window.observe(id, 1, 1_000));
-        let from = window.cut(2, 20 * 60 * 1000, 15 * 60 * 1000);
+        assert!(!window.observe(id, 0, 0).unwrap());
+        assert!(window.observe(id, 1, 1_000).unwrap());
+        let from = window.cut(2, 20 * 60 * 1000, 15 * 60 * 1000).unwrap();
         assert_eq!(from, 2);
         assert!(window.is_empty());
-        assert!(!window.observe(id, 2, 20 * 60 * 1000));
+        assert!(!window.observe(id, 2, 20 * 60 * 1000).unwrap());
     }
 
     #[test]

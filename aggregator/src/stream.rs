@@ -45,8 +45,9 @@ use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
 use crate::config::AggregatorConfig;
 use crate::dead_letters::DeadLetterSink;
+use crate::restart_store::RestartStore;
 use crate::service::{ClickHouseError, ClickHouseService, ClickHouseWriter, GaveUp};
-use crate::state::{BatchSettings, InputEpoch, PartitionAggregator, RecordOutcome};
+use crate::state::{BatchPlan, BatchSettings, InputEpoch, PartitionAggregator, RecordOutcome};
 use crate::telemetry::{
     emit, BatchWritten, ConsumerLag, FlushFinished, InputResetState, RecordHandled,
 };
@@ -101,6 +102,11 @@ struct Worker {
     input_resets: InputResets,
     /// Set when a record arrived below a partition's read position: check the inputs now.
     check_inputs_now: bool,
+    /// The duplicate check's ids on local disk (`aggregator.state_dir`), if any.
+    restart_store: Option<RestartStore>,
+    /// Per partition, the `dedupe_from` of the last plan ClickHouse acknowledged: the restart
+    /// store may forget the ids below it.
+    store_forget_below: HashMap<i32, i64>,
 }
 
 impl Worker {
@@ -144,6 +150,7 @@ impl Worker {
         }
         let plan = resume.map(|(plan, _)| plan);
         let aggregator = PartitionAggregator::new(partition, self.settings, plan);
+        let aggregator = self.attach_restart_store(partition, epoch, plan, aggregator);
         let offset = aggregator
             .start_offset()
             .map(|logical| Offset::Offset(epoch.physical(logical)))
@@ -157,12 +164,71 @@ impl Worker {
             ?plan,
             ?epoch,
             ?offset,
+            ids_from_restart_store = aggregator.has_prior_ids(),
             "partition assigned; resuming from ClickHouse progress"
         );
         self.partitions.insert(partition, aggregator);
         self.epochs.insert(partition, epoch);
         self.clear_input_reset(partition);
         PartitionStart::ReadFrom(offset)
+    }
+
+    /// With a restart store: resumes `aggregator` with the stored ids when they cover its plan
+    /// (reading then starts at the resume point, not at `dedupe_from`), else starts the
+    /// partition's coverage afresh where reading starts; journals what it observes either way.
+    fn attach_restart_store(
+        &mut self,
+        partition: i32,
+        epoch: InputEpoch,
+        plan: Option<BatchPlan>,
+        aggregator: PartitionAggregator,
+    ) -> PartitionAggregator {
+        let Some(store) = self.restart_store.clone() else {
+            return aggregator;
+        };
+        let resume_point = store.coverage(partition).map(|coverage| {
+            plan.zip(coverage)
+                .and_then(|(plan, coverage)| coverage.resume_point(epoch, &plan))
+        });
+        let attached = match resume_point {
+            Ok(Some(until)) => Ok(aggregator
+                .with_journal()
+                .with_prior_ids(store.prior_ids(partition, until))),
+            Ok(None) => {
+                let reading_from = plan.map_or(epoch.logical_start, |plan| plan.dedupe_from);
+                store
+                    .reset(partition, epoch, reading_from)
+                    .map(|()| aggregator.with_journal())
+            }
+            Err(error) => Err(error),
+        };
+        match attached {
+            Ok(aggregator) => aggregator,
+            Err(error) => {
+                self.restart_store_failed(error.to_string());
+                // Reading from the plan's dedupe_from is right without a store.
+                PartitionAggregator::new(partition, self.settings, plan)
+            }
+        }
+    }
+
+    /// The restart store failed: its file is removed (the next start re-reads the horizon,
+    /// which is always right) and the stage stops, since a partition resumed from the store
+    /// cannot decide its duplicates without it.
+    fn restart_store_failed(&mut self, error: String) {
+        tracing::error!(%error, "the restart store failed; removing it");
+        if let Some(store) = self.restart_store.take() {
+            store.remove_file();
+        }
+        if self
+            .partitions
+            .values()
+            .any(PartitionAggregator::has_prior_ids)
+        {
+            self.fatal.get_or_insert(format!(
+                "restart store failed ({error}); it is removed and the next start re-reads the duplicate horizon"
+            ));
+        }
     }
 
     /// Opens every partition of `partitions` (an assignment) and sets its start offset in the
@@ -265,6 +331,17 @@ impl Worker {
         match decode_enriched_action(payload) {
             Ok(action) => {
                 let outcome = aggregator.handle(offset, timestamp_ms, action);
+                if let RecordOutcome::PriorIdsFailed(error) = &outcome {
+                    // Nothing more can be decided for this partition: its state is dropped
+                    // unflushed (ClickHouse keeps the last complete flush) and the stage stops.
+                    let error = error.clone();
+                    self.partitions.remove(&partition);
+                    self.fatal.get_or_insert(format!(
+                        "partition {partition}: the restart store failed ({error})"
+                    ));
+                    self.restart_store_failed(error);
+                    return;
+                }
                 if outcome == RecordOutcome::AlreadyHandled {
                     // Kafka went back below what was read (e.g. an offset reset after the
                     // topic was re-created): find out at once whether the input was reset.
@@ -276,6 +353,7 @@ impl Worker {
                     RecordOutcome::Rebuilt => "rebuilt",
                     RecordOutcome::AlreadyHandled => "already_handled",
                     RecordOutcome::Refused(_) => "refused",
+                    RecordOutcome::PriorIdsFailed(_) => "restart_store_failed",
                 };
                 emit(RecordHandled { outcome: label });
                 if let RecordOutcome::Refused(error) = outcome {
@@ -334,6 +412,17 @@ impl Worker {
             }
             let writes = aggregator.take_flush();
             let offset_reached = aggregator.next_offset();
+            let journal = aggregator.take_journal();
+            let acknowledged_plan = aggregator.plan();
+            // The store before ClickHouse: a restart then never finds the store behind the
+            // progress it resumes from (one ahead is harmless).
+            if let Some(store) = &self.restart_store {
+                let forget_below = self.store_forget_below.get(&partition).copied();
+                if let Err(error) = store.append(partition, &journal, offset_reached, forget_below)
+                {
+                    self.restart_store_failed(error.to_string());
+                }
+            }
             let mut all_written = true;
             for write in &writes {
                 let rows = write.actions.len();
@@ -351,6 +440,9 @@ impl Worker {
             }
             if all_written {
                 flushed.push((partition, offset_reached));
+                if let Some(plan) = acknowledged_plan {
+                    self.store_forget_below.insert(partition, plan.dedupe_from);
+                }
             } else {
                 // The in-memory state is ahead of ClickHouse now; it must not write again.
                 // Dropping it makes the partition unusable until reassigned, which replays.
@@ -450,6 +542,7 @@ impl Worker {
         self.hints.remove(&partition);
         self.read_up_to.remove(&partition);
         self.epochs.remove(&partition);
+        self.store_forget_below.remove(&partition);
     }
 }
 
@@ -509,6 +602,7 @@ pub fn run_blocking(
     owned: OwnedPartitions,
 ) -> anyhow::Result<()> {
     let topics = kafka.topics();
+    let service_database = &service.database().to_string();
     let group_mode = config.ownership.mode == OwnershipMode::Group;
     let clickhouse = ClickHouseWriter::new(
         service,
@@ -519,6 +613,16 @@ pub fn run_blocking(
     )
     .context("cannot start the ClickHouse runtime")?;
     let dead_letters = DeadLetterSink::new(&kafka)?;
+    let restart_store = config.state_dir.as_ref().and_then(|dir| {
+        RestartStore::open(dir, service_database, &topics.enriched)
+            .inspect(|store| {
+                tracing::info!(path = %store.path().display(), "restart store open");
+            })
+            .inspect_err(|error| {
+                tracing::warn!(%error, "no restart store: a restart re-reads the duplicate horizon");
+            })
+            .ok()
+    });
     let mut worker = Worker {
         settings: BatchSettings {
             batch_size: config.batch_offsets,
@@ -546,6 +650,8 @@ pub fn run_blocking(
         epochs: HashMap::new(),
         input_resets,
         check_inputs_now: false,
+        restart_store,
+        store_forget_below: HashMap::new(),
     };
     let mut client_config =
         kafka.group_consumer_config(&config.group_id, &config.group_instance_id);

@@ -54,6 +54,9 @@ enum Command {
     Enrich(modes::pipeline::EnrichArgs),
     /// Pre-loaded `actions.enriched` through `agentmeter aggregate` into ClickHouse.
     Aggregate(modes::pipeline::AggregateArgs),
+    /// `agentmeter aggregate` SIGKILLed after a sustained run and restarted: the time from the
+    /// restart to new progress, with the restart store or without it.
+    AggregateRestart(modes::pipeline::AggregateRestartArgs),
     /// REST → ingest → enrich → aggregate → ClickHouse, with action-to-queryable latency.
     EndToEnd(modes::e2e::Args),
     /// Agent A floods ingest from many connections while agent B of another workspace sends at
@@ -108,6 +111,9 @@ fn main() -> anyhow::Result<()> {
             Command::Ingest(args) => modes::ingest::run(&options, args).await,
             Command::Enrich(args) => modes::pipeline::run_enrich(&options, args).await,
             Command::Aggregate(args) => modes::pipeline::run_aggregate(&options, args).await,
+            Command::AggregateRestart(args) => {
+                modes::pipeline::run_aggregate_restart(&options, args).await
+            }
             Command::EndToEnd(args) => modes::e2e::run(&options, args).await,
             Command::Fairness(args) => modes::fairness::run(&options, args).await,
             Command::MonthlyView(args) => modes::monthly::run(&options, args).await,

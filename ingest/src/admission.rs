@@ -15,7 +15,8 @@
 //! CPU the other workspaces' requests need as much as the Kafka budget.
 //!
 //! The same early check refuses an agent instance (or workspace) that is over its sustained
-//! rate of actions per second ([`crate::rate_limit`]); admitted batches are charged to it.
+//! rate of actions per second ([`crate::rate_limit`]), counting its requests already in progress
+//! at the size of its last batch; admitted batches are charged to it.
 //!
 //! The counters live in one `std::sync::Mutex` held for a few map operations per request (never
 //! across an `.await`). An entry exists only while its workspace or instance has actions in
@@ -296,25 +297,36 @@ impl Admission {
     ) -> Result<RequestInProgress<'_>, EarlyRefusal> {
         let key = (workspace.to_string(), agent_instance.to_string());
         let mut counters = self.lock();
-        if let Err(over) = counters.agent_instance_rates.check(&key, now) {
+        let agent_requests = counters
+            .agent_instance_requests
+            .get(&key)
+            .copied()
+            .unwrap_or(0);
+        let workspace_requests = counters
+            .workspace_requests
+            .get(workspace)
+            .copied()
+            .unwrap_or(0);
+        if let Err(over) = counters
+            .agent_instance_rates
+            .check(&key, now, agent_requests)
+        {
             return Err(EarlyRefusal::Rate {
                 scope: AdmissionScope::AgentInstance(key.1),
                 per_second: over.per_second,
                 wait: over.wait,
             });
         }
-        if let Err(over) = counters.workspace_rates.check(&key.0, now) {
+        if let Err(over) = counters
+            .workspace_rates
+            .check(&key.0, now, workspace_requests)
+        {
             return Err(EarlyRefusal::Rate {
                 scope: AdmissionScope::Workspace(key.0),
                 per_second: over.per_second,
                 wait: over.wait,
             });
         }
-        let agent_requests = counters
-            .agent_instance_requests
-            .get(&key)
-            .copied()
-            .unwrap_or(0);
         if agent_requests >= self.limits.requests_per_agent_instance {
             return Err(EarlyRefusal::Requests {
                 scope: AdmissionScope::AgentInstance(key.1),
@@ -322,11 +334,6 @@ impl Admission {
                 limit: self.limits.requests_per_agent_instance,
             });
         }
-        let workspace_requests = counters
-            .workspace_requests
-            .get(workspace)
-            .copied()
-            .unwrap_or(0);
         if workspace_requests >= self.limits.requests_per_workspace {
             return Err(EarlyRefusal::Requests {
                 scope: AdmissionScope::Workspace(key.0),

@@ -162,7 +162,7 @@ impl Default for IngestConfig {
             max_in_flight_actions_per_agent_instance: 5_000,
             max_concurrent_requests_per_agent_instance: 16,
             max_concurrent_requests_per_workspace: 64,
-            max_actions_per_second_per_agent_instance: 5_000,
+            max_actions_per_second_per_agent_instance: 2_000,
             max_actions_per_second_per_workspace: 0,
             rate_burst_seconds: 2,
             refusal_delay_ms: 100,

@@ -15,6 +15,14 @@
 //! and offers no check that takes nothing, so a flood could be refused only after ingest had
 //! read and parsed each body — the CPU that refusing before the body saves.
 //!
+//! Because the charge comes after the check, requests that pass the check at about the same time
+//! would all be admitted before the first of them is charged: a flooding client with 16 requests
+//! in progress took 16 batches at once each time its bucket reopened, and the other workspaces'
+//! records waited behind that clump in the producer's window. So the check counts the key's
+//! requests already in progress as charged, each at the size of the key's last batch — the
+//! bucket reopens for one batch at a time, and the sustained rate is unchanged (the real charge
+//! is still the one that moves `tat`).
+//!
 //! A key whose `tat` is in the past is the same as no key, so entries are swept from time to
 //! time (amortised: when the map has doubled since the last sweep) and idle workspaces take no
 //! memory.
@@ -40,14 +48,30 @@ impl Rate {
     fn burst_tolerance(&self) -> Duration {
         Duration::from_secs(u64::from(self.burst_seconds.get()))
     }
+
+    /// The time `actions` take of the rate (capped at an hour, far beyond any burst).
+    fn cost(&self, actions: u32) -> Duration {
+        self.interval()
+            .checked_mul(actions)
+            .unwrap_or(Duration::from_secs(3600))
+    }
 }
 
 /// The rate state of one kind of key (workspaces, or agent instances).
 #[derive(Debug)]
 pub struct RateTable<K> {
     rate: Option<Rate>,
-    theoretical_arrival: HashMap<K, Instant>,
+    keys: HashMap<K, KeyState>,
     sweep_above: usize,
+}
+
+/// The state of one key.
+#[derive(Debug, Clone, Copy)]
+struct KeyState {
+    /// The theoretical arrival time.
+    tat: Instant,
+    /// Actions of the key's last charged batch: the estimate for its requests in progress.
+    last_batch: u32,
 }
 
 /// How long a refused key has to wait until it is admitted again.
@@ -64,20 +88,33 @@ impl<K: std::hash::Hash + Eq + Clone> RateTable<K> {
     pub fn new(rate: Option<Rate>) -> RateTable<K> {
         RateTable {
             rate,
-            theoretical_arrival: HashMap::new(),
+            keys: HashMap::new(),
             sweep_above: MIN_SWEEP_ENTRIES,
         }
     }
 
-    /// Whether `key` may send now: refused while it is more than its burst ahead of its rate.
-    pub fn check(&self, key: &K, now: Instant) -> Result<(), OverRate> {
+    /// Whether `key` may send now: refused while it is more than its burst ahead of its rate,
+    /// counting its `requests_in_progress` (not charged yet) at the size of its last batch.
+    pub fn check(
+        &self,
+        key: &K,
+        now: Instant,
+        requests_in_progress: usize,
+    ) -> Result<(), OverRate> {
         let Some(rate) = self.rate else {
             return Ok(());
         };
-        let Some(&tat) = self.theoretical_arrival.get(key) else {
+        let Some(state) = self.keys.get(key) else {
             return Ok(());
         };
-        let allowed_from = tat.checked_sub(rate.burst_tolerance()).unwrap_or(now);
+        let pending_actions = u32::try_from(requests_in_progress)
+            .unwrap_or(u32::MAX)
+            .saturating_mul(state.last_batch);
+        let pending = rate.cost(pending_actions);
+        let tat_with_pending = state.tat.checked_add(pending).unwrap_or(state.tat);
+        let allowed_from = tat_with_pending
+            .checked_sub(rate.burst_tolerance())
+            .unwrap_or(now);
         if allowed_from <= now {
             Ok(())
         } else {
@@ -95,32 +132,36 @@ impl<K: std::hash::Hash + Eq + Clone> RateTable<K> {
         };
         // A batch is at most a few thousand actions; the cap only keeps the arithmetic checked.
         let actions = u32::try_from(actions).unwrap_or(u32::MAX);
-        let cost = rate
-            .interval()
-            .checked_mul(actions)
-            .unwrap_or(Duration::from_secs(3600));
+        let cost = rate.cost(actions);
         let advance = |start: Instant| start.checked_add(cost).unwrap_or(start);
         // The key is cloned only when it is new (a flooding agent's key is always there).
-        match self.theoretical_arrival.get_mut(key) {
-            Some(tat) => *tat = advance((*tat).max(now)),
+        match self.keys.get_mut(key) {
+            Some(state) => {
+                state.tat = advance(state.tat.max(now));
+                state.last_batch = actions;
+            }
             None => {
-                self.theoretical_arrival.insert(key.clone(), advance(now));
+                let state = KeyState {
+                    tat: advance(now),
+                    last_batch: actions,
+                };
+                self.keys.insert(key.clone(), state);
             }
         }
-        if self.theoretical_arrival.len() > self.sweep_above {
+        if self.keys.len() > self.sweep_above {
             self.sweep(now);
         }
     }
 
     /// Drops the keys that are back at a full bucket (their `tat` is past).
     pub fn sweep(&mut self, now: Instant) {
-        self.theoretical_arrival.retain(|_, tat| *tat > now);
-        self.sweep_above = (2 * self.theoretical_arrival.len()).max(MIN_SWEEP_ENTRIES);
+        self.keys.retain(|_, state| state.tat > now);
+        self.sweep_above = (2 * self.keys.len()).max(MIN_SWEEP_ENTRIES);
     }
 
     /// Keys with state (those whose `tat` was ahead of the clock at the last charge or sweep).
     pub fn entries(&self) -> usize {
-        self.theoretical_arrival.len()
+        self.keys.len()
     }
 }
 
@@ -139,22 +180,22 @@ mod tests {
     fn a_key_is_refused_once_it_is_a_burst_ahead_of_its_rate() {
         let mut table = RateTable::new(rate(1000, 1));
         let start = Instant::now();
-        assert_eq!(table.check(&"a", start), Ok(()));
+        assert_eq!(table.check(&"a", start, 0), Ok(()));
         table.charge(&"a", 1000, start);
         // Exactly one burst ahead: still allowed.
-        assert_eq!(table.check(&"a", start), Ok(()));
+        assert_eq!(table.check(&"a", start, 0), Ok(()));
         table.charge(&"a", 500, start);
-        let refused = table.check(&"a", start).unwrap_err();
+        let refused = table.check(&"a", start, 0).unwrap_err();
         assert_eq!(refused.per_second, 1000);
         assert_eq!(refused.wait, Duration::from_millis(500));
         // Another key is not affected.
-        assert_eq!(table.check(&"b", start), Ok(()));
+        assert_eq!(table.check(&"b", start, 0), Ok(()));
         // After the debt has drained, the key is admitted again.
         assert!(table
-            .check(&"a", start + Duration::from_millis(499))
+            .check(&"a", start + Duration::from_millis(499), 0)
             .is_err());
         assert_eq!(
-            table.check(&"a", start + Duration::from_millis(500)),
+            table.check(&"a", start + Duration::from_millis(500), 0),
             Ok(())
         );
     }
@@ -167,7 +208,7 @@ mod tests {
         let mut admitted = 0usize;
         let mut now = start;
         while now < start + Duration::from_secs(10) {
-            if table.check(&"flood", now).is_ok() {
+            if table.check(&"flood", now, 0).is_ok() {
                 table.charge(&"flood", 300, now);
                 admitted += 300;
             }
@@ -179,11 +220,60 @@ mod tests {
     }
 
     #[test]
+    fn requests_in_progress_count_at_the_size_of_the_last_batch() {
+        let mut table = RateTable::new(rate(1000, 1));
+        let start = Instant::now();
+        // 500 actions charged: half a second of the rate, within the burst of one second.
+        table.charge(&"a", 500, start);
+        assert_eq!(table.check(&"a", start, 0), Ok(()));
+        // One request of ~500 in progress still fits the burst exactly …
+        assert_eq!(table.check(&"a", start, 1), Ok(()));
+        // … a second one would not: it waits for the first's share to drain.
+        let refused = table.check(&"a", start, 2).unwrap_err();
+        assert_eq!(refused.wait, Duration::from_millis(500));
+        // A key with no charge yet has no estimate: its first requests all pass.
+        assert_eq!(table.check(&"new", start, 16), Ok(()));
+    }
+
+    #[test]
+    fn a_reopened_bucket_admits_one_batch_at_a_time_to_concurrent_requests() {
+        // 16 requests in progress at all times, each checked then charged 500 actions 2 ms later
+        // (the time to read its body): without counting the ones in progress, every check in
+        // those 2 ms passes when the bucket reopens.
+        let mut table = RateTable::new(rate(5000, 1));
+        let start = Instant::now();
+        table.charge(&"flood", 5000, start);
+        let mut in_progress: Vec<Instant> = Vec::new();
+        let mut largest_clump = 0usize;
+        let mut now = start;
+        while now < start + Duration::from_secs(5) {
+            let due: Vec<Instant> = in_progress
+                .iter()
+                .copied()
+                .filter(|at| *at <= now)
+                .collect();
+            in_progress.retain(|at| *at > now);
+            for _ in &due {
+                table.charge(&"flood", 500, now);
+            }
+            if in_progress.len() < 16 && table.check(&"flood", now, in_progress.len()).is_ok() {
+                in_progress.push(now + Duration::from_millis(2));
+            }
+            largest_clump = largest_clump.max(in_progress.len());
+            now += Duration::from_micros(250);
+        }
+        assert!(
+            largest_clump <= 1,
+            "{largest_clump} batches admitted at once"
+        );
+    }
+
+    #[test]
     fn no_rate_admits_everything_and_keeps_no_state() {
         let mut table = RateTable::new(None);
         let now = Instant::now();
         table.charge(&"a", 1_000_000, now);
-        assert_eq!(table.check(&"a", now), Ok(()));
+        assert_eq!(table.check(&"a", now, 0), Ok(()));
         assert_eq!(table.entries(), 0);
     }
 
@@ -206,6 +296,6 @@ mod tests {
         let now = Instant::now();
         table.charge(&"a", usize::MAX, now);
         table.charge(&"a", usize::MAX, now);
-        assert!(table.check(&"a", now).is_err());
+        assert!(table.check(&"a", now, 0).is_err());
     }
 }

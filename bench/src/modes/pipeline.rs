@@ -6,6 +6,10 @@
 //! * aggregate: N enriched actions on a fresh `actions.enriched`; `agentmeter aggregate` starts
 //!   (pinned) and the clock runs until `SELECT sum(action_count) FROM usage_exact` = N.
 //!
+//! * aggregate-restart: as aggregate, then the aggregator is SIGKILLed, 1,000 more actions
+//!   arrive, and the clock runs from its restart until they are in `usage_exact` — with the
+//!   restart store (`aggregator.state_dir`) or without it.
+//!
 //! Two figures each: from the stage's start (includes config load, group join, first fetch),
 //! and steady state from the first output seen to the last (the stage's throughput).
 
@@ -31,6 +35,17 @@ pub struct AggregateArgs {
     /// Enriched actions pre-loaded and aggregated.
     #[arg(long, default_value_t = 1_000_000)]
     pub actions: u64,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct AggregateRestartArgs {
+    /// Enriched actions of the sustained run before the kill.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub actions: u64,
+    /// Run without the restart store (`aggregator.state_dir` unset): a restart re-reads the
+    /// duplicate horizon.
+    #[arg(long)]
+    pub without_store: bool,
 }
 
 /// Progress samples of a stage run: (time, outputs so far, stage CPU seconds).
@@ -251,6 +266,118 @@ pub async fn run_aggregate(options: &Options, args: AggregateArgs) -> anyhow::Re
         steady.cpu[0].1 / steady.seconds * 100.0,
         steady.cpu.get(1).map(|c| c.1 / steady.seconds * 100.0).unwrap_or(0.0),
         steady.cpu.get(2).map(|c| c.1 / steady.seconds * 100.0).unwrap_or(0.0),
+    );
+    env.cleanup();
+    Ok(vec![row])
+}
+
+/// Waits until `usage_exact` holds `expected` actions; the time it took.
+async fn wait_for_usage(env: &mut BenchEnv, expected: u64) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(300 + expected / 2_000);
+    loop {
+        env.check_stages()?;
+        let count = env
+            .query_u64("SELECT sum(action_count) FROM usage_exact")
+            .await?;
+        if count >= expected {
+            return Ok(started.elapsed());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {count} of {expected} actions in usage_exact after the deadline"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The value of `agentmeter_aggregator_records_total{outcome="…"}` of a running aggregator.
+async fn records_with_outcome(env: &BenchEnv, outcome: &str) -> u64 {
+    let url = format!(
+        "http://127.0.0.1:{}/metrics",
+        env.run.aggregator_metrics_port
+    );
+    let Ok(response) = env.http.get(url).send().await else {
+        return 0;
+    };
+    let text = response.text().await.unwrap_or_default();
+    let prefix = format!("agentmeter_aggregator_records_total{{outcome=\"{outcome}\"}}");
+    text.lines()
+        .find(|line| line.starts_with(&prefix))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse::<f64>().ok())
+        .map_or(0, |value| value as u64)
+}
+
+pub async fn run_aggregate_restart(
+    options: &Options,
+    args: AggregateRestartArgs,
+) -> anyhow::Result<Vec<Row>> {
+    let mut env = BenchEnv::new(options, "aggregate_restart")?;
+    env.migrate()?;
+    let topics = env.topics();
+    let workload = Workload::example();
+    let run = env.unique.clone();
+    let n = args.actions;
+    let extra = 1_000u64;
+    let state_dir = env.dir.join("aggregator-state");
+    let state_dir = state_dir.to_string_lossy().into_owned();
+    let stage_env: Vec<(&str, &str)> = if args.without_store {
+        Vec::new()
+    } else {
+        vec![("AGENTMETER__AGGREGATOR__STATE_DIR", state_dir.as_str())]
+    };
+    let store_note = if args.without_store {
+        "without the restart store"
+    } else {
+        "with the restart store"
+    };
+    println!("aggregate-restart ({store_note}): pre-loading {n} enriched actions");
+    let producer = stage_producer(&options.brokers)?;
+    tokio::task::block_in_place(|| {
+        produce_all(&producer, &topics.enriched, n, |index| {
+            let enriched = workload.enriched_action(&run, index, now_micros());
+            let payload = encode_enriched_action(&enriched).expect("encodes");
+            (enriched.raw.message_key().into_bytes(), payload)
+        })
+    })?;
+    let first = env.spawn("aggregate", &stage_env)?;
+    let sustained = wait_for_usage(&mut env, n).await?;
+    println!(
+        "    sustained run: {n} actions in {:.1} s ({:.0}/s)",
+        sustained.as_secs_f64(),
+        n as f64 / sustained.as_secs_f64()
+    );
+    // SAFETY: signalling our own child by pid.
+    unsafe {
+        libc::kill(first as i32, libc::SIGKILL);
+    }
+    for stage in &mut env.stages {
+        let _ = stage.child.wait();
+    }
+    env.stages.clear();
+    tokio::task::block_in_place(|| {
+        produce_all(&producer, &topics.enriched, extra, |index| {
+            let enriched = workload.enriched_action(&run, n + index, now_micros());
+            let payload = encode_enriched_action(&enriched).expect("encodes");
+            (enriched.raw.message_key().into_bytes(), payload)
+        })
+    })?;
+    drop(producer);
+    env.spawn("aggregate", &stage_env)?;
+    let to_progress = wait_for_usage(&mut env, n + extra).await?;
+    let rebuilt = records_with_outcome(&env, "rebuilt").await;
+    let counted = records_with_outcome(&env, "counted").await;
+    println!(
+        "    restart to new progress ({store_note}): {:.2} s; re-read before the batch starts {rebuilt}, counted again or new {counted}",
+        to_progress.as_secs_f64()
+    );
+    let mut row = Row::new(format!(
+        "aggregate restart after {n} actions ({store_note})"
+    ));
+    row.latency = format!("{:.2} s restart → new progress", to_progress.as_secs_f64());
+    row.note = format!(
+        "SIGKILL, then {extra} new actions; records re-read before the batch starts: {rebuilt}; counted (re-counted batch + new): {counted}"
     );
     env.cleanup();
     Ok(vec![row])
