@@ -2,6 +2,13 @@
 //! contains an instant (default: now), computed from the exact usage in ClickHouse and the
 //! workspace's configuration as last applied (docs/billing.md).
 //!
+//! `agentmeter invoices finalize | void | list | show`: finalized invoices (ADR 0004). Finalizing
+//! appends each draft's whole content to the finalization log (`<prefix>billing.finalizations`,
+//! one partition) unless the log already has that invoice; then the log is projected into the
+//! `invoices` table, where the first record of an invoice wins and its number is its position
+//! among the workspace's winning records (`agentmeter_billing::finalization`). A finalizer
+//! killed at any instant, or two at once, leave no gap and no duplicate.
+//!
 //! Usage is attributed to a period by the start of its usage window (`aggregator.window_seconds`,
 //! 60 s by default), so boundaries at whole minutes — periods always start at one — are exact.
 //! A subscription to a product bills the usage of the account's agent instances of the
@@ -12,6 +19,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use agentmeter_billing::finalization::{invoice_id, FinalizedInvoice, LogRecord};
 use agentmeter_billing::invoice::{draft, plan_of, DraftInvoice};
 use agentmeter_billing::period::coverage;
 use agentmeter_runtime::config_watch::read_config_topic;
@@ -29,6 +37,80 @@ pub enum InvoicesCommand {
     /// Print the draft invoices of an account (or of every account) for the period containing
     /// --at (default now).
     Preview(PreviewArgs),
+    /// Finalize the invoices of an account (or of every account) for the period containing
+    /// --at (default: now − the grace period), once that period's grace period is over.
+    Finalize(FinalizeArgs),
+    /// Void a finalized invoice (it keeps its number; a corrected one is finalized anew).
+    Void(VoidArgs),
+    /// List the finalized invoices of a workspace.
+    List(ListArgs),
+    /// Print one finalized invoice, as it was frozen.
+    Show(ShowArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FinalizeArgs {
+    /// The workspace.
+    #[arg(long)]
+    pub workspace: String,
+    /// The account.
+    #[arg(long, required_unless_present = "all", conflicts_with = "all")]
+    pub account: Option<String>,
+    /// Every account of the workspace.
+    #[arg(long)]
+    pub all: bool,
+    /// An RFC 3339 instant in the period to finalize (default: now − the grace period).
+    #[arg(long, value_parser = parse_instant)]
+    pub at: Option<OffsetDateTime>,
+    /// How long after a period's end its invoices stay drafts, so that late actions are still
+    /// on them ([humantime](https://docs.rs/humantime) syntax).
+    #[arg(long, default_value = "72h", value_parser = parse_grace)]
+    pub grace: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct VoidArgs {
+    /// The workspace.
+    #[arg(long)]
+    pub workspace: String,
+    /// The invoice's number.
+    #[arg(long)]
+    pub number: u64,
+    /// Why (kept with the invoice).
+    #[arg(long)]
+    pub reason: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// The workspace.
+    #[arg(long)]
+    pub workspace: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// The workspace.
+    #[arg(long)]
+    pub workspace: String,
+    /// The invoice's number.
+    #[arg(long)]
+    pub number: u64,
+    /// Print the frozen JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Also write the invoice as a printable HTML page to this file.
+    #[arg(long)]
+    pub html: Option<std::path::PathBuf>,
+}
+
+fn parse_grace(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim()).map_err(|error| {
+        format!("{text:?} is not a duration ({error}); write e.g. \"72h\", \"3days\"")
+    })
 }
 
 #[derive(Debug, Args)]
@@ -59,55 +141,43 @@ fn parse_instant(text: &str) -> Result<OffsetDateTime, String> {
 }
 
 pub async fn run(command: InvoicesCommand, settings: &Settings) -> anyhow::Result<()> {
-    let InvoicesCommand::Preview(args) = command;
+    match command {
+        InvoicesCommand::Preview(args) => preview(args, settings).await,
+        InvoicesCommand::Finalize(args) => finalize(args, settings).await,
+        InvoicesCommand::Void(args) => void(args, settings).await,
+        InvoicesCommand::List(args) => list(args, settings).await,
+        InvoicesCommand::Show(args) => show(args, settings).await,
+    }
+}
+
+fn check_ids(workspace: &str, account: Option<&str>) -> anyhow::Result<()> {
     anyhow::ensure!(
-        is_valid_identifier(&args.workspace)
-            && args.account.as_deref().is_none_or(is_valid_identifier),
+        is_valid_identifier(workspace) && account.is_none_or(is_valid_identifier),
         "--workspace and --account must be ids (letters, digits, '_', '-', '.', ':')"
     );
+    Ok(())
+}
+
+/// The workspace's configuration as last applied.
+async fn workspace_config(
+    settings: &Settings,
+    workspace: &str,
+) -> anyhow::Result<agentmeter_schemas::metering::ConfigRecord> {
     let kafka = settings.kafka.clone();
-    let configurations =
+    let mut configurations =
         tokio::task::spawn_blocking(move || read_config_topic(&kafka, Duration::from_secs(30)))
             .await??;
-    let (record, _) = configurations.get(&args.workspace).with_context(|| {
-        format!(
-            "workspace {:?} has no configuration on the config topic",
-            args.workspace
-        )
+    let (record, _) = configurations.remove(workspace).with_context(|| {
+        format!("workspace {workspace:?} has no configuration on the config topic")
     })?;
-    let config = &record.config;
+    Ok(record)
+}
+
+async fn preview(args: PreviewArgs, settings: &Settings) -> anyhow::Result<()> {
+    check_ids(&args.workspace, args.account.as_deref())?;
+    let record = workspace_config(settings, &args.workspace).await?;
     let instant = args.at.unwrap_or_else(OffsetDateTime::now_utc);
-    let zone = agentmeter_billing::period::time_zone(&config.workspace.time_zone)?;
-    let mut previews = Vec::new();
-    for subscription in config.subscriptions.iter().filter(|subscription| {
-        args.all || args.account.as_deref() == Some(subscription.account.as_str())
-    }) {
-        let plan = plan_of(config, subscription)?;
-        let Some(covered) = coverage(plan, subscription, instant, &zone)? else {
-            continue;
-        };
-        let usage = UsageOf {
-            workspace: &config.workspace.id,
-            account: &subscription.account,
-            instances: instances_of(config, subscription),
-            from: clickhouse_time(covered.from),
-            to: clickhouse_time(covered.to),
-        };
-        let quantities = read_quantities(settings, plan, &usage)
-            .await
-            .with_context(|| format!("subscription {:?}", subscription.id))?;
-        let invoice = draft(config, subscription, &covered, &quantities)?;
-        let cost = read_cost(settings, &usage)
-            .await
-            .with_context(|| format!("subscription {:?}: cost", subscription.id))?;
-        let margin = (invoice.currency == config.workspace.currency).then(|| invoice.total - cost);
-        previews.push(Preview {
-            invoice,
-            cost,
-            cost_currency: config.workspace.currency.clone(),
-            margin,
-        });
-    }
+    let previews = drafts(settings, &record.config, args.account.as_deref(), instant).await?;
     if let Some(directory) = &args.html {
         std::fs::create_dir_all(directory)
             .with_context(|| format!("cannot create {}", directory.display()))?;
@@ -155,8 +225,226 @@ pub async fn run(command: InvoicesCommand, settings: &Settings) -> anyhow::Resul
     Ok(())
 }
 
+async fn finalize(args: FinalizeArgs, settings: &Settings) -> anyhow::Result<()> {
+    check_ids(&args.workspace, args.account.as_deref())?;
+    let grace = time::Duration::try_from(args.grace).context("--grace is too long")?;
+    let now = OffsetDateTime::now_utc();
+    let instant = args.at.unwrap_or(now - grace);
+    let record = workspace_config(settings, &args.workspace).await?;
+    let previews = drafts(settings, &record.config, args.account.as_deref(), instant).await?;
+    let kafka = settings.kafka.clone();
+    let log = tokio::task::spawn_blocking(move || {
+        crate::invoice_log::read_log(&kafka, Duration::from_secs(60))
+    })
+    .await??;
+    let already: std::collections::HashSet<&str> =
+        log.iter().map(|(_, record)| record.invoice_id()).collect();
+    let mut appended = Vec::new();
+    for preview in previews {
+        let invoice = preview.invoice;
+        let id = invoice_id(
+            &invoice.workspace_id,
+            &invoice.bill_to.account_id,
+            &invoice.subscription_id,
+            invoice.period_start,
+        );
+        if already.contains(id.as_str()) {
+            println!(
+                "{} {}: already finalized",
+                invoice.subscription_id,
+                invoice.period_start.date()
+            );
+            continue;
+        }
+        // The whole period, the subscription's share of it and the grace after it.
+        let closes = invoice.period_end + grace;
+        if closes > now {
+            println!(
+                "{} {}: the period ends {}; it can be finalized from {} (grace {})",
+                invoice.subscription_id,
+                invoice.period_start.date(),
+                invoice.period_end,
+                closes,
+                humantime::format_duration(args.grace)
+            );
+            continue;
+        }
+        appended.push(LogRecord::Finalize {
+            invoice_id: id,
+            config_version: u64::try_from(record.version).unwrap_or(0),
+            finalized_at: now,
+            invoice: Box::new(invoice),
+        });
+    }
+    crate::invoice_log::append(&settings.kafka, &appended).await?;
+    // Whatever this process appended, and whatever others did, the log decides: project it.
+    let invoices = crate::invoice_log::project_log(&settings.kafka, &settings.clickhouse).await?;
+    for record in &appended {
+        let finalized = invoices
+            .iter()
+            .find(|finalized| finalized.invoice_id == record.invoice_id());
+        if let Some(finalized) = finalized {
+            println!(
+                "finalized invoice {} — {} {} {}: {} {}",
+                finalized.invoice.number.unwrap_or(0),
+                finalized.invoice.bill_to.account_id,
+                finalized.invoice.subscription_id,
+                finalized.invoice.period_start.date(),
+                finalized.invoice.total,
+                finalized.invoice.currency
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The finalized invoice `number` of `workspace`, from the log.
+async fn finalized_invoice(
+    settings: &Settings,
+    workspace: &str,
+    number: u64,
+) -> anyhow::Result<FinalizedInvoice> {
+    let invoices = crate::invoice_log::project_log(&settings.kafka, &settings.clickhouse).await?;
+    invoices
+        .into_iter()
+        .find(|finalized| {
+            finalized.invoice.workspace_id == workspace && finalized.invoice.number == Some(number)
+        })
+        .with_context(|| format!("workspace {workspace:?} has no finalized invoice {number}"))
+}
+
+async fn void(args: VoidArgs, settings: &Settings) -> anyhow::Result<()> {
+    check_ids(&args.workspace, None)?;
+    anyhow::ensure!(
+        !args.reason.trim().is_empty() && !args.reason.chars().any(char::is_control),
+        "--reason must be a line of text"
+    );
+    let finalized = finalized_invoice(settings, &args.workspace, args.number).await?;
+    if let Some(reason) = &finalized.void_reason {
+        println!("invoice {} is already void ({reason})", args.number);
+        return Ok(());
+    }
+    let record = LogRecord::Void {
+        invoice_id: finalized.invoice_id,
+        workspace_id: args.workspace.clone(),
+        reason: args.reason,
+        voided_at: OffsetDateTime::now_utc(),
+    };
+    crate::invoice_log::append(&settings.kafka, std::slice::from_ref(&record)).await?;
+    crate::invoice_log::project_log(&settings.kafka, &settings.clickhouse).await?;
+    println!("voided invoice {} of {}", args.number, args.workspace);
+    Ok(())
+}
+
+async fn list(args: ListArgs, settings: &Settings) -> anyhow::Result<()> {
+    check_ids(&args.workspace, None)?;
+    let rows = settings
+        .clickhouse
+        .client()
+        .with_database(&settings.clickhouse.database)
+        .query("SELECT ?fields FROM invoices FINAL WHERE workspace_id = ? ORDER BY number")
+        .bind(&args.workspace)
+        .fetch_all::<crate::invoice_log::InvoiceRow>()
+        .await
+        .context("cannot read the invoices table")?;
+    if args.json {
+        let invoices: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|row| serde_json::from_str(&row.content))
+            .collect::<Result<_, _>>()?;
+        println!("{}", serde_json::to_string_pretty(&invoices)?);
+        return Ok(());
+    }
+    if rows.is_empty() {
+        println!("workspace {:?} has no finalized invoice", args.workspace);
+    }
+    for row in rows {
+        let invoice: DraftInvoice = serde_json::from_str(&row.content)?;
+        println!(
+            "{:>6}  {:<9} {:<24} {:<24} {} – {}  {:>14} {}",
+            row.number,
+            row.status,
+            row.account_id,
+            row.subscription_id,
+            invoice.period_start.date(),
+            invoice.period_end.date(),
+            invoice.total,
+            invoice.currency
+        );
+    }
+    Ok(())
+}
+
+async fn show(args: ShowArgs, settings: &Settings) -> anyhow::Result<()> {
+    check_ids(&args.workspace, None)?;
+    let finalized = finalized_invoice(settings, &args.workspace, args.number).await?;
+    let invoice = &finalized.invoice;
+    if let Some(path) = &args.html {
+        std::fs::write(path, invoice.to_html())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(invoice)?);
+    } else {
+        print!("{}", invoice.to_text());
+        if let Some(reason) = &finalized.void_reason {
+            println!("  void: {reason}");
+        }
+        println!(
+            "  finalized {} with configuration version {}",
+            finalized.finalized_at, finalized.config_version
+        );
+    }
+    Ok(())
+}
+
+/// The drafts of `account`'s subscriptions (every account's when `None`) for the periods
+/// containing `instant`, with the cost of the usage they bill.
+async fn drafts(
+    settings: &Settings,
+    config: &MeteringConfig,
+    account: Option<&str>,
+    instant: OffsetDateTime,
+) -> anyhow::Result<Vec<Preview>> {
+    let zone = agentmeter_billing::period::time_zone(&config.workspace.time_zone)?;
+    let mut previews = Vec::new();
+    for subscription in config
+        .subscriptions
+        .iter()
+        .filter(|subscription| account.is_none_or(|account| account == subscription.account))
+    {
+        let plan = plan_of(config, subscription)?;
+        let Some(covered) = coverage(plan, subscription, instant, &zone)? else {
+            continue;
+        };
+        let usage = UsageOf {
+            workspace: &config.workspace.id,
+            account: &subscription.account,
+            instances: instances_of(config, subscription),
+            from: clickhouse_time(covered.from),
+            to: clickhouse_time(covered.to),
+        };
+        let quantities = read_quantities(settings, plan, &usage)
+            .await
+            .with_context(|| format!("subscription {:?}", subscription.id))?;
+        let invoice = draft(config, subscription, &covered, &quantities)?;
+        let cost = read_cost(settings, &usage)
+            .await
+            .with_context(|| format!("subscription {:?}: cost", subscription.id))?;
+        let margin = (invoice.currency == config.workspace.currency).then(|| invoice.total - cost);
+        previews.push(Preview {
+            invoice,
+            cost,
+            cost_currency: config.workspace.currency.clone(),
+            margin,
+        });
+    }
+    Ok(previews)
+}
+
 /// A draft invoice with the cost of the usage it bills.
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct Preview {
     #[serde(flatten)]
     invoice: DraftInvoice,

@@ -16,6 +16,7 @@
 mod actions_cmd;
 mod config_cmd;
 mod demo;
+mod invoice_log;
 mod invoices_cmd;
 mod reset_input_cmd;
 
@@ -145,11 +146,12 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             let created = agentmeter_runtime::kafka::create_topics(&settings.kafka).await?;
             let topics = settings.kafka.topics();
             println!(
-                "topics ready: {}, {}, {}, {} (created now: {})",
+                "topics ready: {}, {}, {}, {}, {} (created now: {})",
                 topics.raw,
                 topics.enriched,
                 topics.dead_letter,
                 topics.config,
+                topics.finalizations,
                 if created.is_empty() {
                     "none".to_string()
                 } else {

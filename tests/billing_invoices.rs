@@ -359,3 +359,244 @@ fn draft_invoices_equal_what_the_test_computes_from_what_it_sent() {
     ]);
     assert!(refused.contains("must be ids"), "{refused}");
 }
+
+/// `count` actions of `account` at `at`, event ids `{prefix}-{index}`.
+fn send_actions(env: &TestEnv, secret: &str, prefix: &str, count: usize, at: &str) {
+    let client = reqwest::blocking::Client::new();
+    let url = format!("{}/v1/actions", env.ingest_url());
+    let items: Vec<Value> = (0..count)
+        .map(|index| {
+            let name = if index % 4 == 0 {
+                "lead_converted"
+            } else {
+                "web_search"
+            };
+            json!({
+                "event_id": format!("{prefix}-{index}"),
+                "action_name": name,
+                "occurred_at": at,
+                "user_id": format!("user_{}", index % 3),
+            })
+        })
+        .collect();
+    for chunk in items.chunks(100) {
+        post_until_accepted(
+            &client,
+            &url,
+            secret,
+            &json!({ "actions": chunk }),
+            Duration::from_secs(60),
+            Duration::from_millis(200),
+        );
+    }
+}
+
+/// The finalized invoices of ws_billing, as `invoices list --json` prints them.
+fn finalized(env: &TestEnv) -> Vec<Value> {
+    let output = env.tool(&["invoices", "list", "--workspace", "ws_billing", "--json"]);
+    let start = output.find('[').expect("a JSON array");
+    serde_json::from_str::<Value>(&output[start..])
+        .unwrap_or_else(|error| panic!("{error}: {output}"))
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn finalized_invoices_are_numbered_once_without_gaps_through_kills_and_racing_finalizers() {
+    let mut env = TestEnv::new("billing_final", "");
+    env.apply_config(&metering_config(
+        "ws_billing",
+        &[("acc_usage", USAGE_SECRET), ("acc_base", BASE_SECRET)],
+        METERING,
+    ));
+    env.spawn("ingest", "ingest");
+    env.spawn("enrich", "enrich");
+    env.spawn("aggregate", "aggregate");
+    env.wait_http_ok(
+        &format!("{}/readyz", env.ingest_url()),
+        Duration::from_secs(60),
+    );
+    // The last hour of last month: a closed period, well within the enricher's lateness bound.
+    let now = time::OffsetDateTime::now_utc();
+    let month_start = now
+        .replace_day(1)
+        .unwrap()
+        .replace_time(time::Time::MIDNIGHT);
+    let rfc3339 = |instant: time::OffsetDateTime| {
+        instant
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    };
+    let at = rfc3339(month_start - time::Duration::hours(1));
+    send_actions(&env, USAGE_SECRET, "usage", 40, &at);
+    send_actions(&env, BASE_SECRET, "base", 25, &at);
+    env.wait_for_count(
+        "SELECT sum(action_count) FROM usage_exact",
+        65,
+        Duration::from_secs(120),
+    );
+    let draft_total = |account: &str| amount(&preview(&env, account, &at)[0]["total"]);
+    let drafts = [draft_total("acc_usage"), draft_total("acc_base")];
+
+    // The period has not been over for 72 hours yet on the first days of a month: with the
+    // default grace the finalizer may refuse; with none it must finalize.
+    let finalize_args = [
+        "--config",
+        env.settings_path.to_str().unwrap(),
+        "invoices",
+        "finalize",
+        "--workspace",
+        "ws_billing",
+        "--all",
+        "--at",
+        &at,
+        "--grace",
+        "0s",
+    ];
+    // Finalizers SIGKILLed at once or a little later, then three racing each other.
+    let mut random = Lcg(11);
+    for _ in 0..4 {
+        let mut child = std::process::Command::new(common::BINARY)
+            .args(finalize_args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(100 + random.next(500)));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let racing: Vec<_> = (0..3)
+        .map(|_| {
+            std::process::Command::new(common::BINARY)
+                .args(finalize_args)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let racing: Vec<_> = racing
+        .into_iter()
+        .map(|child| child.wait_with_output().unwrap())
+        .collect();
+    for output in &racing {
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let invoices = finalized(&env);
+    let numbers: Vec<u64> = invoices
+        .iter()
+        .map(|invoice| invoice["number"].as_u64().unwrap())
+        .collect();
+    assert_eq!(numbers, vec![1, 2], "{invoices:#?}");
+    let mut totals: Vec<(String, Decimal)> = invoices
+        .iter()
+        .map(|invoice| {
+            (
+                invoice["bill_to"]["account_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+                amount(&invoice["total"]),
+            )
+        })
+        .collect();
+    totals.sort();
+    assert_eq!(
+        totals,
+        vec![
+            ("acc_base".to_string(), drafts[1]),
+            ("acc_usage".to_string(), drafts[0])
+        ]
+    );
+    assert!(invoices
+        .iter()
+        .all(|invoice| invoice["status"] == "finalized"));
+    // A second finalize is a no-op.
+    let again = env.tool(&finalize_args[2..]);
+    assert!(again.contains("already finalized"), "{again}");
+    assert_eq!(finalized(&env), invoices);
+
+    // A late action: the draft grows, the finalized invoice stays byte for byte what it was.
+    let content_before = env.query("SELECT content FROM invoices FINAL ORDER BY number");
+    send_actions(&env, BASE_SECRET, "late", 1, &at);
+    env.wait_for_count(
+        "SELECT sum(action_count) FROM usage_exact",
+        66,
+        Duration::from_secs(120),
+    );
+    let actions_line = |invoice: &Value| {
+        invoice["lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|line| line["charge_id"] == "actions")
+            .map(|line| amount(&line["quantity"]))
+    };
+    assert_eq!(
+        actions_line(&preview(&env, "acc_base", &at)[0]),
+        Some(Decimal::from(26))
+    );
+    env.tool(&finalize_args[2..]);
+    assert_eq!(
+        env.query("SELECT content FROM invoices FINAL ORDER BY number"),
+        content_before
+    );
+    let base_invoice = finalized(&env)
+        .into_iter()
+        .find(|invoice| invoice["bill_to"]["account_id"] == "acc_base")
+        .unwrap();
+    assert_eq!(actions_line(&base_invoice), Some(Decimal::from(25)));
+    let log = env.read_topic("billing.finalizations");
+    eprintln!(
+        "finalization log: {} records for 2 invoices (killed and racing finalizers)",
+        log.len()
+    );
+    assert!(log.len() >= 2);
+
+    // Void keeps the number; show prints the frozen invoice; a printable page.
+    env.tool(&[
+        "invoices",
+        "void",
+        "--workspace",
+        "ws_billing",
+        "--number",
+        "1",
+        "--reason",
+        "wrong contact",
+    ]);
+    let after_void = finalized(&env);
+    assert_eq!(after_void[0]["status"], "void");
+    assert_eq!(after_void[0]["number"], 1);
+    assert_eq!(after_void[1]["status"], "finalized");
+    let page = env.dir.join("invoice-2.html");
+    let shown = env.tool(&[
+        "invoices",
+        "show",
+        "--workspace",
+        "ws_billing",
+        "--number",
+        "2",
+        "--html",
+        page.to_str().unwrap(),
+    ]);
+    assert!(shown.contains("INVOICE 2"), "{shown}");
+    assert!(std::fs::read_to_string(&page)
+        .unwrap()
+        .contains("INVOICE 2"));
+    // Another workspace's number is not this one's.
+    let missing = env.tool_failing(&[
+        "invoices",
+        "show",
+        "--workspace",
+        "ws_other",
+        "--number",
+        "2",
+    ]);
+    assert!(missing.contains("no finalized invoice 2"), "{missing}");
+}

@@ -27,6 +27,11 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
         "input_epochs",
         include_str!("../migrations/0005_input_epochs.sql"),
     ),
+    (
+        6,
+        "invoices",
+        include_str!("../migrations/0006_invoices.sql"),
+    ),
 ];
 
 #[derive(Debug, clickhouse::Row, serde::Deserialize)]

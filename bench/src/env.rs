@@ -320,6 +320,7 @@ impl BenchEnv {
             topics.enriched,
             topics.dead_letter,
             topics.config,
+            topics.finalizations,
         ];
         // tansu 0.6.0 from crates.io deletes every topic when asked to delete one: only a
         // broker built by services.sh with the fix is asked.

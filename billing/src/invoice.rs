@@ -11,7 +11,7 @@ use agentmeter_schemas::catalog::{
 };
 use agentmeter_schemas::metering::MeteringConfig;
 use rust_decimal::Decimal;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::period::Coverage;
@@ -39,7 +39,7 @@ pub enum InvoiceError {
 }
 
 /// One part of a line: units at one price.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TierPart {
     pub above: Decimal,
     pub up_to: Option<Decimal>,
@@ -61,7 +61,7 @@ impl From<&TierLine> for TierPart {
 }
 
 /// One charge on the invoice.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InvoiceLine {
     pub charge_id: String,
     pub name: String,
@@ -83,7 +83,7 @@ pub struct InvoiceLine {
 }
 
 /// Who the invoice is for.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BillTo {
     pub account_id: String,
     pub name: String,
@@ -92,9 +92,13 @@ pub struct BillTo {
 }
 
 /// A draft invoice of one subscription for one period.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DraftInvoice {
-    pub status: &'static str,
+    /// `draft`; `finalized` or `void` once finalized (ADR 0004).
+    pub status: String,
+    /// The workspace's invoice number, once finalized (1, 2, 3, … without gaps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub number: Option<u64>,
     pub workspace_id: String,
     pub bill_to: BillTo,
     pub subscription_id: String,
@@ -194,7 +198,8 @@ pub fn draft(
         .iter()
         .find(|account| account.id == subscription.account);
     Ok(DraftInvoice {
-        status: "draft",
+        status: "draft".to_string(),
+        number: None,
         workspace_id: config.workspace.id.clone(),
         bill_to: BillTo {
             account_id: subscription.account.clone(),
@@ -263,6 +268,15 @@ fn price_line(
 }
 
 impl DraftInvoice {
+    /// "DRAFT invoice", "INVOICE 7" or "VOID invoice 7".
+    pub fn heading(&self) -> String {
+        match (self.status.as_str(), self.number) {
+            ("finalized", Some(number)) => format!("INVOICE {number}"),
+            ("void", Some(number)) => format!("VOID invoice {number}"),
+            _ => "DRAFT invoice".to_string(),
+        }
+    }
+
     /// The invoice as text, for a terminal.
     pub fn to_text(&self) -> String {
         let mut text = String::new();
@@ -273,7 +287,8 @@ impl DraftInvoice {
                 .unwrap_or_else(|_| instant.to_string())
         };
         text.push_str(&format!(
-            "DRAFT invoice — {} ({}), subscription {} to {} / {}\n",
+            "{} — {} ({}), subscription {} to {} / {}\n",
+            self.heading(),
             self.bill_to.name,
             self.bill_to.account_id,
             self.subscription_id,
@@ -406,14 +421,15 @@ impl DraftInvoice {
         .collect::<Vec<_>>()
         .join("<br>");
         format!(
-            "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Draft invoice {subscription} {start}</title>\n\
+            "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{heading} {subscription} {start}</title>\n\
              <style>body{{font-family:sans-serif;max-width:48em;margin:2em auto}}table{{width:100%;border-collapse:collapse}}\
              td{{padding:.3em;border-bottom:1px solid #ddd}}.n{{text-align:right;white-space:nowrap}}.part td{{color:#555;font-size:.9em;padding-left:1.5em}}\
              .sum td{{font-weight:bold}}@media print{{.draft{{color:#999}}}}</style></head>\n\
-             <body><h1>Invoice <span class=\"draft\">(draft)</span></h1>\n\
+             <body><h1>{heading}</h1>\n\
              <p><b>Bill to:</b> {name} ({account})<br>{contact}</p>\n\
              <p>{product} / {plan}, subscription {subscription}<br>Period {start} to {end} (exclusive); billed from {from} to {to}</p>\n\
              <table>\n<tr><th>Charge</th><th class=\"n\">Quantity</th><th class=\"n\">Amount</th></tr>\n{rows}{totals}</table>\n</body></html>\n",
+            heading = escape(&self.heading()),
             subscription = escape(&self.subscription_id),
             start = date(self.period_start),
             end = date(self.period_end),

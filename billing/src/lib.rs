@@ -14,9 +14,14 @@
 //! * [`invoice`] — a draft invoice of one subscription and period from the period's quantity
 //!   per charge (read from ClickHouse by `agentmeter invoices preview`), as JSON or text.
 //!
-//! Not here yet (docs/billing.md, "What is built"): finalization exactly once (ADR 0004), late
-//! usage as corrections, revenue and margin.
+//! * [`finalization`] — finalized invoices as a pure function of the finalization log (ADR 0004):
+//!   the first record of an invoice wins, numbers are log positions per workspace, voids keep
+//!   the number. The topic and the ClickHouse table around it are in `src/invoices_cmd.rs`.
+//!
+//! Not here yet (docs/billing.md, "What is built"): late usage as corrections, revenue and
+//! margin views.
 
+pub mod finalization;
 pub mod invoice;
 pub mod period;
 pub mod pricing;

@@ -311,6 +311,30 @@ EPOCH_ROWS = [
 ]
 
 
+INVOICE_COLUMNS = ["workspace_id", "invoice_id", "number", "status", "account_id", "subscription_id",
+                   "period_start", "period_end", "currency", "total", "config_version", "finalized_at",
+                   "void_reason", "content", "log_offset", "version"]
+
+
+def invoice(ws, invoice_id, number, status, account, total, log_offset, version, reason=""):
+    return {"workspace_id": ws, "invoice_id": invoice_id, "number": number, "status": status,
+            "account_id": account, "subscription_id": f"sub_{account}",
+            "period_start": dt.datetime(2025, 2, 1), "period_end": dt.datetime(2025, 3, 1),
+            "currency": "USD", "total": Decimal(total), "config_version": 3,
+            "finalized_at": dt.datetime(2025, 3, 4), "void_reason": reason,
+            "content": '{"total":"' + total + '"}', "log_offset": log_offset, "version": version}
+
+
+# The projection of a finalization log (migration 0006): ws_1's invoice 1 finalized, then voided
+# (a newer version of the same row); invoice 2 finalized; ws_2's own invoice 1.
+INVOICE_ROWS = [
+    invoice("ws_1", "a" * 32, 1, "finalized", "acc_a", "142.500000000000", 0, 0),
+    invoice("ws_1", "b" * 32, 2, "finalized", "acc_b", "10.250000000000", 1, 1),
+    invoice("ws_2", "c" * 32, 1, "finalized", "acc_a", "99.000000000000", 2, 2),
+    invoice("ws_1", "a" * 32, 1, "void", "acc_a", "142.500000000000", 0, 3, "wrong contact"),
+]
+
+
 def sql_literal(value):
     if value is None:
         return "NULL"
@@ -573,7 +597,18 @@ def extra_checks(database):
         current = latest_epoch.get(row["source_partition"])
         if current is None or row["created_at"] > current["created_at"]:
             latest_epoch[row["source_partition"]] = row
+    invoices_final = {}
+    for row in INVOICE_ROWS:
+        key = (row["workspace_id"], row["invoice_id"])
+        if key not in invoices_final or row["version"] > invoices_final[key]["version"]:
+            invoices_final[key] = row
     return [
+        ("invoices FINAL: the newest version of each invoice",
+         f"SELECT workspace_id, number, status, total, void_reason FROM {database}.invoices FINAL",
+         [("workspace_id", "String"), ("number", "UInt64"), ("status", "String"), ("total", DEC),
+          ("void_reason", "String")],
+         [[r["workspace_id"], r["number"], r["status"], r["total"], r["void_reason"]]
+          for r in invoices_final.values()]),
         ("current input epoch per partition (docs/sql.md, reset-input)",
          f"SELECT source_partition, argMax(logical_start, created_at) AS logical_start, "
          f"argMax(physical_start, created_at) AS physical_start "
@@ -748,7 +783,8 @@ def run(args):
         # No background merge may collapse versions before the first read: FINAL must do it.
         tables = {"usage": (USAGE_COLUMNS, USAGE_ROWS), "actions": (ACTION_COLUMNS, ACTION_ROWS),
                   "aggregator_progress": (PROGRESS_COLUMNS, PROGRESS_ROWS),
-                  "aggregator_input_epochs": (EPOCH_COLUMNS, EPOCH_ROWS)}
+                  "aggregator_input_epochs": (EPOCH_COLUMNS, EPOCH_ROWS),
+                  "invoices": (INVOICE_COLUMNS, INVOICE_ROWS)}
         for table in tables:
             backend.execute(f"SYSTEM STOP MERGES {database}.{table}")
         for table, (columns, rows) in tables.items():

@@ -51,6 +51,8 @@ pub struct Topics {
     pub dead_letter: String,
     /// Log-compacted: key = workspace id, value = that workspace's whole configuration.
     pub config: String,
+    /// One partition, every record kept: the finalization log of invoices (ADR 0004).
+    pub finalizations: String,
 }
 
 impl KafkaSettings {
@@ -61,6 +63,7 @@ impl KafkaSettings {
             enriched: format!("{prefix}actions.enriched"),
             dead_letter: format!("{prefix}actions.dlq"),
             config: format!("{prefix}config"),
+            finalizations: format!("{prefix}billing.finalizations"),
         }
     }
 
@@ -213,6 +216,11 @@ pub async fn create_topics(settings: &KafkaSettings) -> anyhow::Result<Vec<Strin
         NewTopic::new(&topics.enriched, settings.partitions, replication()),
         NewTopic::new(&topics.dead_letter, settings.partitions, replication()),
         NewTopic::new(&topics.config, 1, replication()).set("cleanup.policy", "compact"),
+        // Invoice numbers are positions in this log: it is one partition and nothing expires.
+        NewTopic::new(&topics.finalizations, 1, replication())
+            .set("cleanup.policy", "delete")
+            .set("retention.ms", "-1")
+            .set("retention.bytes", "-1"),
     ];
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let results = admin

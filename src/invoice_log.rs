@@ -1,0 +1,160 @@
+//! The finalization log's I/O (ADR 0004): reading `<prefix>billing.finalizations` to its end,
+//! appending records with an idempotent producer, and projecting the log into the `invoices`
+//! table. What the log means is `agentmeter_billing::finalization`.
+
+use std::time::{Duration, Instant};
+
+use agentmeter_aggregator::ClickHouseSettings;
+use agentmeter_billing::finalization::{project, FinalizedInvoice, LogRecord};
+use agentmeter_runtime::kafka::KafkaSettings;
+use anyhow::Context;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+/// Every record of the log, in order, with its offset. A record that does not decode is an
+/// error: the log is written only by this program, and numbering must not skip a record.
+pub fn read_log(kafka: &KafkaSettings, timeout: Duration) -> anyhow::Result<Vec<(i64, LogRecord)>> {
+    let topic = kafka.topics().finalizations;
+    let consumer: BaseConsumer = kafka
+        .standalone_consumer_config()
+        .create()
+        .context("cannot create the finalization log consumer")?;
+    let (low, high) = consumer
+        .fetch_watermarks(&topic, 0, Duration::from_secs(10))
+        .with_context(|| format!("cannot read the end of {topic} (run `agentmeter topics`)"))?;
+    let mut records = Vec::new();
+    if high <= low {
+        return Ok(records);
+    }
+    anyhow::ensure!(
+        low == 0,
+        "{topic} starts at offset {low}: its first records were deleted, and invoice numbers are positions in it"
+    );
+    let mut assignment = TopicPartitionList::new();
+    assignment.add_partition_offset(&topic, 0, Offset::Beginning)?;
+    consumer.assign(&assignment)?;
+    let deadline = Instant::now() + timeout;
+    let mut next = low;
+    while next < high {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "timed out reading {topic} at offset {next} of {high}"
+        );
+        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let message = message.with_context(|| format!("cannot read {topic}"))?;
+        let offset = message.offset();
+        if offset < next {
+            continue;
+        }
+        let payload = message.payload().unwrap_or_default();
+        let record: LogRecord = serde_json::from_slice(payload)
+            .with_context(|| format!("{topic} offset {offset} is not a finalization record"))?;
+        records.push((offset, record));
+        next = offset + 1;
+    }
+    Ok(records)
+}
+
+/// Appends `records` (keyed by invoice id) and waits until the broker has every one.
+pub async fn append(kafka: &KafkaSettings, records: &[LogRecord]) -> anyhow::Result<()> {
+    let topic = kafka.topics().finalizations;
+    let producer: FutureProducer = kafka
+        .producer_config(Duration::from_secs(30))
+        .create()
+        .context("cannot create the finalization log producer")?;
+    for record in records {
+        let payload = serde_json::to_vec(record)?;
+        producer
+            .send(
+                FutureRecord::to(&topic)
+                    .partition(0)
+                    .key(record.invoice_id())
+                    .payload(&payload),
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|(error, _)| error)
+            .with_context(|| format!("cannot append to {topic}"))?;
+    }
+    Ok(())
+}
+
+/// One row of the `invoices` table (`aggregator/migrations/0006_invoices.sql`).
+#[derive(Debug, clickhouse::Row, serde::Serialize, serde::Deserialize)]
+pub struct InvoiceRow {
+    pub workspace_id: String,
+    pub invoice_id: String,
+    pub number: u64,
+    pub status: String,
+    pub account_id: String,
+    pub subscription_id: String,
+    pub period_start: u32,
+    pub period_end: u32,
+    pub currency: String,
+    /// Decimal(38, 12), scaled by 10^12.
+    pub total: i128,
+    pub config_version: u64,
+    pub finalized_at: u32,
+    pub void_reason: String,
+    pub content: String,
+    pub log_offset: u64,
+    pub version: u64,
+}
+
+fn seconds(instant: time::OffsetDateTime) -> anyhow::Result<u32> {
+    u32::try_from(instant.unix_timestamp()).context("an instant outside ClickHouse's DateTime")
+}
+
+impl InvoiceRow {
+    pub fn of(finalized: &FinalizedInvoice) -> anyhow::Result<InvoiceRow> {
+        let invoice = &finalized.invoice;
+        Ok(InvoiceRow {
+            workspace_id: invoice.workspace_id.clone(),
+            invoice_id: finalized.invoice_id.clone(),
+            number: invoice.number.unwrap_or(0),
+            status: invoice.status.clone(),
+            account_id: invoice.bill_to.account_id.clone(),
+            subscription_id: invoice.subscription_id.clone(),
+            period_start: seconds(invoice.period_start)?,
+            period_end: seconds(invoice.period_end)?,
+            currency: invoice.currency.clone(),
+            total: agentmeter_schemas::decimal::to_scaled_i128(invoice.total)
+                .context("an invoice total outside Decimal(38, 12)")?,
+            config_version: finalized.config_version,
+            finalized_at: seconds(finalized.finalized_at)?,
+            void_reason: finalized.void_reason.clone().unwrap_or_default(),
+            content: serde_json::to_string(invoice)?,
+            log_offset: u64::try_from(finalized.log_offset)?,
+            version: u64::try_from(finalized.version)?,
+        })
+    }
+}
+
+/// Reads the whole log and writes every invoice it makes into `invoices`. Rows are a function
+/// of the log, so writing them again (a second projector, a replay) changes nothing.
+pub async fn project_log(
+    kafka: &KafkaSettings,
+    clickhouse: &ClickHouseSettings,
+) -> anyhow::Result<Vec<FinalizedInvoice>> {
+    let kafka_settings = kafka.clone();
+    let records =
+        tokio::task::spawn_blocking(move || read_log(&kafka_settings, Duration::from_secs(60)))
+            .await??;
+    let invoices = project(records);
+    if invoices.is_empty() {
+        return Ok(invoices);
+    }
+    let client = clickhouse.client().with_database(&clickhouse.database);
+    let mut insert = client.insert::<InvoiceRow>("invoices").await?;
+    for finalized in &invoices {
+        insert.write(&InvoiceRow::of(finalized)?).await?;
+    }
+    insert
+        .end()
+        .await
+        .context("cannot write the invoices table")?;
+    Ok(invoices)
+}
