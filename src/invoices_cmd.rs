@@ -19,7 +19,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use agentmeter_billing::finalization::{invoice_id, FinalizedInvoice, LogRecord};
+use agentmeter_billing::finalization::{
+    billed_periods, correction, invoice_id, project, FinalizedInvoice, LogRecord,
+};
 use agentmeter_billing::invoice::{draft, plan_of, DraftInvoice};
 use agentmeter_billing::period::coverage;
 use agentmeter_runtime::config_watch::read_config_topic;
@@ -38,7 +40,7 @@ pub enum InvoicesCommand {
     /// --at (default now).
     Preview(PreviewArgs),
     /// Finalize the invoices of an account (or of every account) for the period containing
-    /// --at (default: now − the grace period), once that period's grace period is over.
+    /// --at (default: the last period whose grace period is over), once its grace is over.
     Finalize(FinalizeArgs),
     /// Void a finalized invoice (it keeps its number; a corrected one is finalized anew).
     Void(VoidArgs),
@@ -59,7 +61,8 @@ pub struct FinalizeArgs {
     /// Every account of the workspace.
     #[arg(long)]
     pub all: bool,
-    /// An RFC 3339 instant in the period to finalize (default: now − the grace period).
+    /// An RFC 3339 instant in the period to finalize (default: the last period whose grace
+    /// period is over).
     #[arg(long, value_parser = parse_instant)]
     pub at: Option<OffsetDateTime>,
     /// How long after a period's end its invoices stay drafts, so that late actions are still
@@ -178,6 +181,18 @@ async fn preview(args: PreviewArgs, settings: &Settings) -> anyhow::Result<()> {
     let record = workspace_config(settings, &args.workspace).await?;
     let instant = args.at.unwrap_or_else(OffsetDateTime::now_utc);
     let previews = drafts(settings, &record.config, args.account.as_deref(), instant).await?;
+    let kafka = settings.kafka.clone();
+    let log = tokio::task::spawn_blocking(move || {
+        crate::invoice_log::read_log(&kafka, Duration::from_secs(60))
+    })
+    .await??;
+    let finalized = project(log);
+    let mut corrected = Vec::with_capacity(previews.len());
+    for preview in previews {
+        corrected
+            .push(with_pending_corrections(settings, &record.config, &finalized, preview).await?);
+    }
+    let previews = corrected;
     if let Some(directory) = &args.html {
         std::fs::create_dir_all(directory)
             .with_context(|| format!("cannot create {}", directory.display()))?;
@@ -228,74 +243,286 @@ async fn preview(args: PreviewArgs, settings: &Settings) -> anyhow::Result<()> {
 async fn finalize(args: FinalizeArgs, settings: &Settings) -> anyhow::Result<()> {
     check_ids(&args.workspace, args.account.as_deref())?;
     let grace = time::Duration::try_from(args.grace).context("--grace is too long")?;
-    let now = OffsetDateTime::now_utc();
-    let instant = args.at.unwrap_or(now - grace);
     let record = workspace_config(settings, &args.workspace).await?;
-    let previews = drafts(settings, &record.config, args.account.as_deref(), instant).await?;
+    let which = match args.at {
+        Some(at) => Periods::Containing(at),
+        None => Periods::LastClosed { lookback: 1 },
+    };
+    let outcomes = finalize_closed_periods(
+        settings,
+        &record,
+        args.account.as_deref(),
+        which,
+        grace,
+        OffsetDateTime::now_utc(),
+    )
+    .await?;
+    for outcome in &outcomes {
+        println!("{outcome}");
+    }
+    if outcomes.is_empty() {
+        println!("no subscription in force in the periods asked for");
+    }
+    Ok(())
+}
+
+/// Which periods of each subscription to finalize.
+#[derive(Debug, Clone, Copy)]
+pub enum Periods {
+    /// The period containing this instant.
+    Containing(OffsetDateTime),
+    /// The last `lookback` periods whose grace period is over, oldest first.
+    LastClosed { lookback: usize },
+}
+
+/// What finalizing one period of one subscription came to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Finalization {
+    Finalized {
+        number: u64,
+        account: String,
+        subscription: String,
+        period_start: OffsetDateTime,
+        total: Decimal,
+        currency: String,
+        corrections: usize,
+    },
+    AlreadyFinalized {
+        subscription: String,
+        period_start: OffsetDateTime,
+    },
+    NotClosed {
+        subscription: String,
+        period_start: OffsetDateTime,
+        closes: OffsetDateTime,
+    },
+}
+
+impl std::fmt::Display for Finalization {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Finalization::Finalized {
+                number,
+                account,
+                subscription,
+                period_start,
+                total,
+                currency,
+                corrections,
+            } => write!(
+                formatter,
+                "finalized invoice {number} — {account} {subscription} {}: {total} {currency}{}",
+                period_start.date(),
+                if *corrections > 0 {
+                    format!(" ({corrections} corrections of earlier periods)")
+                } else {
+                    String::new()
+                }
+            ),
+            Finalization::AlreadyFinalized {
+                subscription,
+                period_start,
+            } => write!(
+                formatter,
+                "{subscription} {}: already finalized",
+                period_start.date()
+            ),
+            Finalization::NotClosed {
+                subscription,
+                period_start,
+                closes,
+            } => write!(
+                formatter,
+                "{subscription} {}: its grace period ends {closes}; not finalized yet",
+                period_start.date()
+            ),
+        }
+    }
+}
+
+/// Finalizes the `which` periods of the subscriptions of `account` (every account's when
+/// `None`) in the workspace of `record`, each once its grace period is over (ADR 0004). Periods
+/// are finalized one at a time, oldest first, each against the log as it is then, so a later
+/// period's corrections see the earlier one's invoice.
+pub async fn finalize_closed_periods(
+    settings: &Settings,
+    record: &agentmeter_schemas::metering::ConfigRecord,
+    account: Option<&str>,
+    which: Periods,
+    grace: time::Duration,
+    now: OffsetDateTime,
+) -> anyhow::Result<Vec<Finalization>> {
+    let config = &record.config;
+    let zone = agentmeter_billing::period::time_zone(&config.workspace.time_zone)?;
+    let mut outcomes = Vec::new();
+    for subscription in config
+        .subscriptions
+        .iter()
+        .filter(|subscription| account.is_none_or(|account| account == subscription.account))
+    {
+        let plan = plan_of(config, subscription)?;
+        let mut starts = Vec::new();
+        match which {
+            Periods::Containing(instant) => {
+                if let Some(covered) = coverage(plan, subscription, instant, &zone)? {
+                    starts.push(covered.period.start);
+                }
+            }
+            Periods::LastClosed { lookback } => {
+                // The period containing now − grace is not closed yet (it ends after now −
+                // grace); the ones before it are.
+                let mut instant = now
+                    .checked_sub(grace)
+                    .context("the grace period is too long")?;
+                if let Some(open) = coverage(plan, subscription, instant, &zone)? {
+                    instant = open.period.start - time::Duration::seconds(1);
+                    for _ in 0..lookback {
+                        let Some(covered) = coverage(plan, subscription, instant, &zone)? else {
+                            break;
+                        };
+                        starts.push(covered.period.start);
+                        instant = covered.period.start - time::Duration::seconds(1);
+                    }
+                }
+                starts.reverse();
+            }
+        }
+        for start in starts {
+            if let Some(outcome) =
+                finalize_one(settings, record, subscription, start, grace, now).await?
+            {
+                outcomes.push(outcome);
+            }
+        }
+    }
+    Ok(outcomes)
+}
+
+/// Finalizes the period of `subscription` that starts at `period_start` (see
+/// [`finalize_closed_periods`]); `None` when the subscription bills nothing in it.
+async fn finalize_one(
+    settings: &Settings,
+    record: &agentmeter_schemas::metering::ConfigRecord,
+    subscription: &agentmeter_schemas::catalog::Subscription,
+    period_start: OffsetDateTime,
+    grace: time::Duration,
+    now: OffsetDateTime,
+) -> anyhow::Result<Option<Finalization>> {
+    let Some(preview) = drafts(
+        settings,
+        &record.config,
+        Some(&subscription.account),
+        period_start,
+    )
+    .await?
+    .into_iter()
+    .find(|preview| preview.invoice.subscription_id == subscription.id) else {
+        return Ok(None);
+    };
+    let invoice = &preview.invoice;
+    let id = invoice_id(
+        &invoice.workspace_id,
+        &invoice.bill_to.account_id,
+        &invoice.subscription_id,
+        invoice.period_start,
+    );
     let kafka = settings.kafka.clone();
     let log = tokio::task::spawn_blocking(move || {
         crate::invoice_log::read_log(&kafka, Duration::from_secs(60))
     })
     .await??;
-    let already: std::collections::HashSet<&str> =
-        log.iter().map(|(_, record)| record.invoice_id()).collect();
-    let mut appended = Vec::new();
-    for preview in previews {
-        let invoice = preview.invoice;
-        let id = invoice_id(
-            &invoice.workspace_id,
-            &invoice.bill_to.account_id,
-            &invoice.subscription_id,
-            invoice.period_start,
-        );
-        if already.contains(id.as_str()) {
-            println!(
-                "{} {}: already finalized",
-                invoice.subscription_id,
-                invoice.period_start.date()
-            );
-            continue;
-        }
-        // The whole period, the subscription's share of it and the grace after it.
-        let closes = invoice.period_end + grace;
-        if closes > now {
-            println!(
-                "{} {}: the period ends {}; it can be finalized from {} (grace {})",
-                invoice.subscription_id,
-                invoice.period_start.date(),
-                invoice.period_end,
-                closes,
-                humantime::format_duration(args.grace)
-            );
-            continue;
-        }
-        appended.push(LogRecord::Finalize {
-            invoice_id: id,
-            config_version: u64::try_from(record.version).unwrap_or(0),
-            finalized_at: now,
-            invoice: Box::new(invoice),
-        });
+    if log.iter().any(|(_, record)| record.invoice_id() == id) {
+        return Ok(Some(Finalization::AlreadyFinalized {
+            subscription: subscription.id.clone(),
+            period_start: invoice.period_start,
+        }));
     }
-    crate::invoice_log::append(&settings.kafka, &appended).await?;
+    let closes = invoice
+        .period_end
+        .checked_add(grace)
+        .context("the grace period is too long")?;
+    if closes > now {
+        return Ok(Some(Finalization::NotClosed {
+            subscription: subscription.id.clone(),
+            period_start: invoice.period_start,
+            closes,
+        }));
+    }
+    // Usage of earlier finalized periods that changed since: corrections, frozen with it.
+    let finalized = project(log);
+    let invoice = with_pending_corrections(settings, &record.config, &finalized, preview)
+        .await?
+        .invoice;
+    let appended = LogRecord::Finalize {
+        invoice_id: id.clone(),
+        config_version: u64::try_from(record.version).unwrap_or(0),
+        finalized_at: now,
+        invoice: Box::new(invoice),
+    };
+    crate::invoice_log::append(&settings.kafka, std::slice::from_ref(&appended)).await?;
     // Whatever this process appended, and whatever others did, the log decides: project it.
     let invoices = crate::invoice_log::project_log(&settings.kafka, &settings.clickhouse).await?;
-    for record in &appended {
-        let finalized = invoices
-            .iter()
-            .find(|finalized| finalized.invoice_id == record.invoice_id());
-        if let Some(finalized) = finalized {
-            println!(
-                "finalized invoice {} — {} {} {}: {} {}",
-                finalized.invoice.number.unwrap_or(0),
-                finalized.invoice.bill_to.account_id,
-                finalized.invoice.subscription_id,
-                finalized.invoice.period_start.date(),
-                finalized.invoice.total,
-                finalized.invoice.currency
-            );
+    let winner = invoices
+        .iter()
+        .find(|finalized| finalized.invoice_id == id)
+        .context("the finalization record is not in the log after appending it")?;
+    Ok(Some(Finalization::Finalized {
+        number: winner.invoice.number.unwrap_or(0),
+        account: winner.invoice.bill_to.account_id.clone(),
+        subscription: winner.invoice.subscription_id.clone(),
+        period_start: winner.invoice.period_start,
+        total: winner.invoice.total,
+        currency: winner.invoice.currency.clone(),
+        corrections: winner.invoice.corrections.len(),
+    }))
+}
+
+/// `preview` with the corrections of its subscription's earlier finalized periods whose usage,
+/// priced now with the configuration in force, differs from what was billed for them
+/// (`agentmeter_billing::finalization::billed_periods`).
+async fn with_pending_corrections(
+    settings: &Settings,
+    config: &MeteringConfig,
+    finalized: &[FinalizedInvoice],
+    mut preview: Preview,
+) -> anyhow::Result<Preview> {
+    let invoice = &preview.invoice;
+    let billed = billed_periods(
+        finalized,
+        &invoice.workspace_id,
+        &invoice.subscription_id,
+        invoice.period_start,
+    )?;
+    let mut fixes = Vec::new();
+    for period in &billed {
+        let now = drafts(
+            settings,
+            config,
+            Some(&invoice.bill_to.account_id),
+            period.period_start,
+        )
+        .await?
+        .into_iter()
+        .find(|draft| draft.invoice.subscription_id == invoice.subscription_id);
+        // A subscription no longer in force in that period (its dates changed) is not priced.
+        let Some(now) = now else { continue };
+        if let Some(fix) = correction(period, &now.invoice)? {
+            fixes.push(fix);
         }
     }
-    Ok(())
+    let corrected = fixes
+        .iter()
+        .try_fold(Decimal::ZERO, |sum, fix| sum.checked_add(fix.amount))
+        .context("the corrections' sum overflows")?;
+    preview.invoice = preview.invoice.with_corrections(fixes)?;
+    if let Some(margin) = preview.margin {
+        preview.margin = Some(
+            margin
+                .checked_add(corrected)
+                .context("the margin with corrections overflows")?,
+        );
+    }
+    Ok(preview)
 }
 
 /// The finalized invoice `number` of `workspace`, from the log.

@@ -600,3 +600,123 @@ fn finalized_invoices_are_numbered_once_without_gaps_through_kills_and_racing_fi
     ]);
     assert!(missing.contains("no finalized invoice 2"), "{missing}");
 }
+
+#[test]
+fn late_usage_after_finalization_is_corrected_once_on_the_next_invoice() {
+    let mut env = TestEnv::new("billing_late", "");
+    env.apply_config(&metering_config(
+        "ws_billing",
+        &[("acc_usage", USAGE_SECRET), ("acc_base", BASE_SECRET)],
+        METERING,
+    ));
+    // Actions of the month before last: up to 62 days old, beyond the default 35-day bound.
+    env.spawn_with_env(
+        "ingest",
+        "ingest",
+        &[("AGENTMETER__INGEST__MAX_LATE_SECONDS", "6912000")],
+    );
+    env.spawn_with_env(
+        "enrich",
+        "enrich",
+        &[("AGENTMETER__ENRICHER__MAX_LATE_SECONDS", "6912000")],
+    );
+    env.spawn("aggregate", "aggregate");
+    env.wait_http_ok(
+        &format!("{}/readyz", env.ingest_url()),
+        Duration::from_secs(60),
+    );
+    let rfc3339 = |instant: time::OffsetDateTime| {
+        instant
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    };
+    let month_start = time::OffsetDateTime::now_utc()
+        .replace_day(1)
+        .unwrap()
+        .replace_time(time::Time::MIDNIGHT);
+    let last_month_start = (month_start - time::Duration::days(1))
+        .replace_day(1)
+        .unwrap();
+    let in_earlier = rfc3339(last_month_start - time::Duration::hours(1));
+    let in_later = rfc3339(month_start - time::Duration::hours(1));
+    // Leads are every 4th action: 5 in the earlier period, 2 in the later one.
+    send_actions(&env, USAGE_SECRET, "earlier", 20, &in_earlier);
+    send_actions(&env, USAGE_SECRET, "later", 8, &in_later);
+    env.wait_for_count(
+        "SELECT sum(action_count) FROM usage_exact",
+        28,
+        Duration::from_secs(120),
+    );
+    let finalize = |at: &str| {
+        env.tool(&[
+            "invoices",
+            "finalize",
+            "--workspace",
+            "ws_billing",
+            "--account",
+            "acc_usage",
+            "--at",
+            at,
+            "--grace",
+            "0s",
+        ])
+    };
+    finalize(&in_earlier);
+    let first = finalized(&env);
+    assert_eq!(first.len(), 1, "{first:#?}");
+    let first_total = amount(&first[0]["total"]);
+
+    // Late: 1 lead and 3 searches of the earlier, finalized period.
+    send_actions(&env, USAGE_SECRET, "late", 4, &in_earlier);
+    env.wait_for_count(
+        "SELECT sum(action_count) FROM usage_exact",
+        32,
+        Duration::from_secs(120),
+    );
+    let earlier_now = amount(&preview(&env, "acc_usage", &in_earlier)[0]["total"]);
+    assert!(earlier_now > first_total);
+    // The later period's draft shows the correction pending; finalizing freezes it.
+    let later_draft = preview(&env, "acc_usage", &in_later)[0].clone();
+    assert_eq!(later_draft["corrections"].as_array().map(Vec::len), Some(1));
+    finalize(&in_later);
+    let invoices = finalized(&env);
+    assert_eq!(invoices.len(), 2, "{invoices:#?}");
+    assert_eq!(invoices[0], first[0], "the first invoice never changes");
+    let second = &invoices[1];
+    assert_eq!(second["number"], 2);
+    let fix = &second["corrections"][0];
+    assert_eq!(fix["corrects_invoice"], 1);
+    assert_eq!(amount(&fix["total_before"]), first_total);
+    assert_eq!(amount(&fix["total_after"]), earlier_now);
+    assert_eq!(amount(&fix["amount"]), earlier_now - first_total);
+    assert_eq!(amount(&second["total"]), amount(&later_draft["total"]));
+    // Summed over the invoices, the earlier period's leads are what was sent: 5 + 1.
+    let billed_leads = |invoice: &Value| {
+        invoice["lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|line| line["charge_id"] == "leads")
+            .map(|line| amount(&line["quantity"]))
+            .unwrap()
+    };
+    let lead_fix = fix["quantities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|quantity| quantity["charge_id"] == "leads")
+        .expect("the leads changed");
+    assert_eq!(amount(&lead_fix["before"]), billed_leads(&first[0]));
+    assert_eq!(
+        billed_leads(&first[0]) + amount(&lead_fix["after"]) - amount(&lead_fix["before"]),
+        Decimal::from(6)
+    );
+    assert_eq!(billed_leads(second), Decimal::from(2));
+    // Nothing is billed twice: finalizing both periods again changes nothing, and the next
+    // draft has no correction left.
+    finalize(&in_earlier);
+    finalize(&in_later);
+    assert_eq!(finalized(&env), invoices);
+    let next = preview(&env, "acc_usage", &rfc3339(month_start))[0].clone();
+    assert!(next["corrections"].is_null(), "{next:#}");
+}

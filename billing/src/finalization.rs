@@ -10,6 +10,12 @@
 //!   winning records: 1, 2, 3, … — no gap and no duplicate, since a log position is taken once;
 //! * the first `Void` of a finalized invoice marks it void; it keeps its number and its content.
 //!
+//! Late usage: [`billed_periods`] says what the finalized invoices billed so far for each
+//! earlier period of a subscription (its invoice, then the newest correction of it on a later
+//! invoice that is not void), and [`correction`] compares that with the period priced anew —
+//! the difference is a correction line on the next invoice, frozen with it. So after every
+//! finalization, what was billed for each earlier period equals its usage at that moment.
+//!
 //! The projection is a pure function of the log, so the rows written from it are identical on
 //! every replay. The I/O (the topic, the ClickHouse table) is in `src/invoices_cmd.rs`.
 
@@ -19,7 +25,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
-use crate::invoice::DraftInvoice;
+use crate::invoice::{CorrectedQuantity, Correction, DraftInvoice, InvoiceError};
+use crate::pricing::PricingError;
 
 /// One record of the finalization log (JSON, keyed by `invoice_id`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -151,6 +158,128 @@ pub fn project(records: impl IntoIterator<Item = (i64, LogRecord)>) -> Vec<Final
     invoices
 }
 
+/// What the finalized invoices billed so far for one earlier period of a subscription.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BilledPeriod {
+    /// The invoice that billed the period first.
+    pub number: u64,
+    pub period_start: OffsetDateTime,
+    pub period_end: OffsetDateTime,
+    /// Per usage charge: (name, unit, quantity billed).
+    pub quantities: Vec<(String, String, String, rust_decimal::Decimal)>,
+    pub total: rust_decimal::Decimal,
+}
+
+/// The periods of `subscription` (of `workspace`) before `before` that a finalized invoice
+/// billed, with what was billed for each so far. A void invoice bills nothing: neither its
+/// period nor its corrections count.
+pub fn billed_periods(
+    invoices: &[FinalizedInvoice],
+    workspace: &str,
+    subscription: &str,
+    before: OffsetDateTime,
+) -> Result<Vec<BilledPeriod>, InvoiceError> {
+    let standing: Vec<&FinalizedInvoice> = invoices
+        .iter()
+        .filter(|finalized| {
+            finalized.void_reason.is_none()
+                && finalized.invoice.workspace_id == workspace
+                && finalized.invoice.subscription_id == subscription
+        })
+        .collect();
+    let mut periods = Vec::new();
+    for original in &standing {
+        let invoice = &original.invoice;
+        if invoice.period_start >= before {
+            continue;
+        }
+        let number = invoice.number.unwrap_or(0);
+        let mut billed = BilledPeriod {
+            number,
+            period_start: invoice.period_start,
+            period_end: invoice.period_end,
+            quantities: invoice
+                .lines
+                .iter()
+                .filter(|line| line.metric != "fee")
+                .map(|line| {
+                    (
+                        line.charge_id.clone(),
+                        line.name.clone(),
+                        line.unit.clone(),
+                        line.quantity,
+                    )
+                })
+                .collect(),
+            total: invoice.total_before_corrections()?,
+        };
+        // The newest correction of the period (in log order) is what is billed now.
+        for later in &standing {
+            for correction in &later.invoice.corrections {
+                if correction.corrects_invoice == number
+                    && correction.period_start == invoice.period_start
+                {
+                    for quantity in &correction.quantities {
+                        if let Some(entry) = billed
+                            .quantities
+                            .iter_mut()
+                            .find(|(charge, ..)| *charge == quantity.charge_id)
+                        {
+                            entry.3 = quantity.after;
+                        }
+                    }
+                    billed.total = correction.total_after;
+                }
+            }
+        }
+        periods.push(billed);
+    }
+    Ok(periods)
+}
+
+/// The correction of `billed` when the period, priced anew from its usage now (`now`), differs.
+pub fn correction(
+    billed: &BilledPeriod,
+    now: &DraftInvoice,
+) -> Result<Option<Correction>, InvoiceError> {
+    let current = now.quantities();
+    let quantities: Vec<CorrectedQuantity> = billed
+        .quantities
+        .iter()
+        .filter_map(|(charge, name, unit, before)| {
+            let after = current.get(charge.as_str()).copied().unwrap_or_default();
+            (after != *before).then(|| CorrectedQuantity {
+                charge_id: charge.clone(),
+                name: name.clone(),
+                unit: unit.clone(),
+                before: *before,
+                after,
+            })
+        })
+        .collect();
+    let total_after = now.total_before_corrections()?;
+    if quantities.is_empty() && total_after == billed.total {
+        return Ok(None);
+    }
+    let amount = total_after
+        .checked_sub(billed.total)
+        .ok_or(InvoiceError::Pricing {
+            charge: "a correction".into(),
+            source: PricingError::Overflow {
+                what: "a correction's amount",
+            },
+        })?;
+    Ok(Some(Correction {
+        corrects_invoice: billed.number,
+        period_start: billed.period_start,
+        period_end: billed.period_end,
+        quantities,
+        total_before: billed.total,
+        total_after,
+        amount,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,6 +311,7 @@ mod tests {
             subtotal: Decimal::from(total),
             minimum_shortfall: Decimal::ZERO,
             invoice_discounts: Vec::new(),
+            corrections: Vec::new(),
             total: Decimal::from(total),
         }
     }
@@ -266,6 +396,100 @@ mod tests {
         assert_eq!(invoices[0].void_reason.as_deref(), Some("wrong address"));
         assert_eq!((invoices[0].log_offset, invoices[0].version), (0, 2));
         assert_eq!(invoices[1].invoice.number, Some(2));
+    }
+
+    fn with_leads(mut invoice: DraftInvoice, leads: i64, start: OffsetDateTime) -> DraftInvoice {
+        invoice.period_start = start;
+        invoice.period_end = start + time::Duration::days(30);
+        invoice.lines = vec![crate::invoice::InvoiceLine {
+            charge_id: "leads".into(),
+            name: "Leads".into(),
+            metric: "@outcome".into(),
+            unit: "@outcome".into(),
+            model: "per_unit".into(),
+            quantity: Decimal::from(leads),
+            breakdown: Vec::new(),
+            fee: Decimal::ZERO,
+            amount: Decimal::from(leads * 50),
+            discount: Decimal::ZERO,
+        }];
+        invoice.total = Decimal::from(leads * 50);
+        invoice
+    }
+
+    fn finalize_invoice(invoice: DraftInvoice) -> LogRecord {
+        LogRecord::Finalize {
+            invoice_id: invoice_id(
+                &invoice.workspace_id,
+                &invoice.bill_to.account_id,
+                &invoice.subscription_id,
+                invoice.period_start,
+            ),
+            config_version: 1,
+            finalized_at: datetime!(2026-12-04 0:00 UTC),
+            invoice: Box::new(invoice),
+        }
+    }
+
+    #[test]
+    fn late_usage_is_corrected_once_on_the_next_invoice_and_again_only_if_it_changes() {
+        let september = datetime!(2026-09-01 0:00 UTC);
+        let october = datetime!(2026-10-01 0:00 UTC);
+        let november = datetime!(2026-11-01 0:00 UTC);
+        let base = content("ws_a", "acme", 0);
+        // September billed 2 leads; a late lead arrived; October's invoice corrects September.
+        let september_invoice = with_leads(base.clone(), 2, september);
+        let mut log = vec![(0, finalize_invoice(september_invoice))];
+        let invoices = project(log.clone());
+        let billed = billed_periods(&invoices, "ws_a", "sub_acme", october).unwrap();
+        assert_eq!(billed.len(), 1);
+        assert_eq!(billed[0].total, Decimal::from(100));
+        let september_now = with_leads(base.clone(), 3, september);
+        let fix = correction(&billed[0], &september_now).unwrap().unwrap();
+        assert_eq!((fix.corrects_invoice, fix.amount), (1, Decimal::from(50)));
+        assert_eq!(
+            (fix.quantities[0].before, fix.quantities[0].after),
+            (Decimal::from(2), Decimal::from(3))
+        );
+        let october_invoice = with_leads(base.clone(), 1, october)
+            .with_corrections(vec![fix])
+            .unwrap();
+        assert_eq!(october_invoice.total, Decimal::from(100));
+        assert_eq!(
+            october_invoice.total_before_corrections().unwrap(),
+            Decimal::from(50)
+        );
+        log.push((1, finalize_invoice(october_invoice)));
+        let invoices = project(log.clone());
+        // November: September is billed at 3 now, so nothing more for it unless it changes.
+        let billed = billed_periods(&invoices, "ws_a", "sub_acme", november).unwrap();
+        assert_eq!(billed.len(), 2);
+        assert_eq!(billed[0].quantities[0].3, Decimal::from(3));
+        assert_eq!(billed[0].total, Decimal::from(150));
+        assert_eq!(
+            billed[1].total,
+            Decimal::from(50),
+            "October without its correction"
+        );
+        assert_eq!(correction(&billed[0], &september_now).unwrap(), None);
+        let again = correction(&billed[0], &with_leads(base.clone(), 4, september))
+            .unwrap()
+            .unwrap();
+        assert_eq!(again.amount, Decimal::from(50));
+        // Voiding October's invoice takes its correction back: September is billed at 2 again.
+        let october_id = log[1].1.invoice_id().to_string();
+        log.push((
+            2,
+            LogRecord::Void {
+                invoice_id: october_id,
+                workspace_id: "ws_a".into(),
+                reason: "redo".into(),
+                voided_at: datetime!(2026-12-05 0:00 UTC),
+            },
+        ));
+        let billed = billed_periods(&project(log), "ws_a", "sub_acme", november).unwrap();
+        assert_eq!(billed.len(), 1);
+        assert_eq!(billed[0].quantities[0].3, Decimal::from(2));
     }
 
     #[test]

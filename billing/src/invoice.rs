@@ -120,7 +120,85 @@ pub struct DraftInvoice {
     pub subtotal: Decimal,
     pub minimum_shortfall: Decimal,
     pub invoice_discounts: Vec<Decimal>,
+    /// Usage of earlier, finalized periods that changed after they were finalized (ADR 0004):
+    /// their amounts are in `total`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub corrections: Vec<Correction>,
     pub total: Decimal,
+}
+
+/// What changed in an earlier, finalized period of the subscription since it was billed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Correction {
+    /// The invoice that billed the period first.
+    pub corrects_invoice: u64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub period_start: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub period_end: OffsetDateTime,
+    /// Per charge whose quantity changed: what was billed so far and what the usage is now.
+    pub quantities: Vec<CorrectedQuantity>,
+    /// The period's total as billed so far (its invoice and earlier corrections) and as the
+    /// usage prices it now; `amount = after − before`.
+    pub total_before: Decimal,
+    pub total_after: Decimal,
+    pub amount: Decimal,
+}
+
+/// One charge's quantity in a [`Correction`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CorrectedQuantity {
+    pub charge_id: String,
+    pub name: String,
+    pub unit: String,
+    pub before: Decimal,
+    pub after: Decimal,
+}
+
+impl DraftInvoice {
+    /// Adds `corrections` to the invoice and their amounts to its total.
+    pub fn with_corrections(
+        mut self,
+        corrections: Vec<Correction>,
+    ) -> Result<DraftInvoice, InvoiceError> {
+        for correction in &corrections {
+            self.total =
+                self.total
+                    .checked_add(correction.amount)
+                    .ok_or(InvoiceError::Pricing {
+                        charge: "a correction".into(),
+                        source: PricingError::Overflow {
+                            what: "the invoice total with its corrections",
+                        },
+                    })?;
+        }
+        self.corrections.extend(corrections);
+        Ok(self)
+    }
+
+    /// The total of the invoice's own period, without its corrections of earlier ones.
+    pub fn total_before_corrections(&self) -> Result<Decimal, InvoiceError> {
+        self.corrections
+            .iter()
+            .try_fold(self.total, |total, correction| {
+                total.checked_sub(correction.amount)
+            })
+            .ok_or(InvoiceError::Pricing {
+                charge: "a correction".into(),
+                source: PricingError::Overflow {
+                    what: "the invoice total without its corrections",
+                },
+            })
+    }
+
+    /// The quantity of each usage line, by charge id.
+    pub fn quantities(&self) -> HashMap<&str, Decimal> {
+        self.lines
+            .iter()
+            .filter(|line| line.metric != "fee")
+            .map(|line| (line.charge_id.as_str(), line.quantity))
+            .collect()
+    }
 }
 
 /// The rate plan `subscription` is on.
@@ -220,6 +298,7 @@ pub fn draft(
         subtotal: totals.subtotal,
         minimum_shortfall: totals.minimum_shortfall,
         invoice_discounts: totals.invoice_discounts,
+        corrections: Vec::new(),
         total: totals.total,
     })
 }
@@ -348,6 +427,28 @@ impl DraftInvoice {
                 "invoice discount", -*discount, self.currency
             ));
         }
+        for correction in &self.corrections {
+            text.push_str(&format!(
+                "  {:<63} {:>14} {}\n",
+                format!(
+                    "correction of invoice {} ({} to {})",
+                    correction.corrects_invoice,
+                    date(correction.period_start),
+                    date(correction.period_end)
+                ),
+                correction.amount,
+                self.currency
+            ));
+            for quantity in &correction.quantities {
+                text.push_str(&format!(
+                    "      {}: {} → {} {}\n",
+                    quantity.name,
+                    quantity.before.normalize(),
+                    quantity.after.normalize(),
+                    quantity.unit
+                ));
+            }
+        }
         text.push_str(&format!(
             "  {:<63} {:>14} {}\n",
             "TOTAL", self.total, self.currency
@@ -405,6 +506,29 @@ impl DraftInvoice {
             totals.push_str(&format!(
                 "<tr><td>Discount</td><td></td><td class=\"n\">{}</td></tr>\n",
                 money(-*discount)
+            ));
+        }
+        for correction in &self.corrections {
+            let changes = correction
+                .quantities
+                .iter()
+                .map(|quantity| {
+                    format!(
+                        "{}: {} → {} {}",
+                        escape(&quantity.name),
+                        quantity.before.normalize(),
+                        quantity.after.normalize(),
+                        escape(&quantity.unit)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            totals.push_str(&format!(
+                "<tr><td>Correction of invoice {} ({} to {})<br><small>{changes}</small></td><td></td><td class=\"n\">{}</td></tr>\n",
+                correction.corrects_invoice,
+                date(correction.period_start),
+                date(correction.period_end),
+                money(correction.amount)
             ));
         }
         totals.push_str(&format!(

@@ -16,10 +16,11 @@
 //!
 //! * [`finalization`] — finalized invoices as a pure function of the finalization log (ADR 0004):
 //!   the first record of an invoice wins, numbers are log positions per workspace, voids keep
-//!   the number. The topic and the ClickHouse table around it are in `src/invoices_cmd.rs`.
+//!   the number; and late usage of finalized periods as corrections on the next invoice. The
+//!   topic and the ClickHouse table around it are in `src/invoice_log.rs`.
 //!
-//! Not here yet (docs/billing.md, "What is built"): late usage as corrections, revenue and
-//! margin views.
+//! Not here yet (docs/billing.md, "What is built"): revenue and margin views per agent type,
+//! product and plan; exchange rates.
 
 pub mod finalization;
 pub mod invoice;

@@ -43,6 +43,8 @@ fn is_counted(outcome: &RecordOutcome) -> bool {
         | RecordOutcome::Duplicate
         | RecordOutcome::AlreadyHandled
         | RecordOutcome::Refused(_) => false,
+        // Only a restart store answers "prior ids"; this target runs without one.
+        RecordOutcome::PriorIdsFailed(error) => panic!("no restart store here, yet: {error}"),
     }
 }
 
