@@ -8,12 +8,14 @@
 //! * `actions` — every action name, auto tag and trace event seen, with its tracking status.
 //! * `secret new` — a fresh agent secret and the hash to put in the configuration.
 //! * `demo` — a small workload through the REST API and a usage summary from ClickHouse.
-//! * `invoices preview` — an account's draft invoices from the exact usage (docs/billing.md).
+//! * `invoices preview | finalize | void | list | show` — draft and finalized invoices
+//!   (docs/billing.md, ADR 0004); `billing` — the stage that finalizes closed periods by itself.
 //!
 //! Runtime settings come from `--config FILE` (TOML) and `AGENTMETER__SECTION__KEY` environment
 //! overrides; see `deploy/local/agentmeter.toml`.
 
 mod actions_cmd;
+mod billing_stage;
 mod config_cmd;
 mod demo;
 mod invoice_log;
@@ -47,6 +49,8 @@ pub struct Settings {
     pub enricher: EnricherConfig,
     /// `agentmeter aggregate`.
     pub aggregator: AggregatorConfig,
+    /// `agentmeter billing`.
+    pub billing: billing_stage::BillingSettings,
 }
 
 #[derive(Debug, Parser)]
@@ -87,6 +91,9 @@ enum Command {
     Secret(SecretCommand),
     /// Send a demo workload through ingest and print usage and cost per account.
     Demo(demo::DemoArgs),
+    /// Run the billing stage: finalizes every closed period after its grace period
+    /// (docs/billing.md).
+    Billing,
     /// Invoices from the exact usage in ClickHouse (docs/billing.md).
     #[command(subcommand)]
     Invoices(invoices_cmd::InvoicesCommand),
@@ -183,6 +190,10 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         }
         Command::Demo(args) => demo::run(args, &settings).await,
         Command::Invoices(command) => invoices_cmd::run(command, &settings).await,
+        Command::Billing => {
+            prometheus();
+            billing_stage::run(settings, on_signals()).await
+        }
     }
 }
 

@@ -720,3 +720,105 @@ fn late_usage_after_finalization_is_corrected_once_on_the_next_invoice() {
     let next = preview(&env, "acc_usage", &rfc3339(month_start))[0].clone();
     assert!(next["corrections"].is_null(), "{next:#}");
 }
+
+#[test]
+fn the_billing_stage_finalizes_closed_periods_by_itself_through_sigkills() {
+    let mut env = TestEnv::new("billing_stage", "");
+    env.apply_config(&metering_config(
+        "ws_billing",
+        &[("acc_usage", USAGE_SECRET), ("acc_base", BASE_SECRET)],
+        METERING,
+    ));
+    env.spawn("ingest", "ingest");
+    env.spawn("enrich", "enrich");
+    env.spawn("aggregate", "aggregate");
+    env.wait_http_ok(
+        &format!("{}/readyz", env.ingest_url()),
+        Duration::from_secs(60),
+    );
+    let month_start = time::OffsetDateTime::now_utc()
+        .replace_day(1)
+        .unwrap()
+        .replace_time(time::Time::MIDNIGHT);
+    let at = (month_start - time::Duration::hours(1))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    send_actions(&env, USAGE_SECRET, "usage", 30, &at);
+    send_actions(&env, BASE_SECRET, "base", 22, &at);
+    env.wait_for_count(
+        "SELECT sum(action_count) FROM usage_exact",
+        52,
+        Duration::from_secs(120),
+    );
+    let drafts = [
+        amount(&preview(&env, "acc_usage", &at)[0]["total"]),
+        amount(&preview(&env, "acc_base", &at)[0]["total"]),
+    ];
+    let port = agentmeter_testkit::free_port().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let stage_env = [
+        ("AGENTMETER__BILLING__METRICS_LISTEN", listen.as_str()),
+        ("AGENTMETER__BILLING__INTERVAL", "1s"),
+        ("AGENTMETER__BILLING__GRACE", "0s"),
+        ("AGENTMETER__BILLING__LOOKBACK_PERIODS", "1"),
+    ];
+    // Killed at random instants, restarted at once: a run may die anywhere in finalization.
+    let mut random = Lcg(5);
+    for round in 0..4 {
+        let stage = env.spawn_with_env("billing", &format!("billing-{round}"), &stage_env);
+        std::thread::sleep(Duration::from_millis(200 + random.next(1200)));
+        env.process(stage).kill();
+    }
+    let stage = env.spawn_with_env("billing", "billing-last", &stage_env);
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while finalized(&env).len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the billing stage finalized {} invoices\n{}",
+            finalized(&env).len(),
+            env.logs()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Later runs find nothing more to do.
+    std::thread::sleep(Duration::from_secs(3));
+    let invoices = finalized(&env);
+    let numbers: Vec<u64> = invoices
+        .iter()
+        .map(|invoice| invoice["number"].as_u64().unwrap())
+        .collect();
+    assert_eq!(numbers, vec![1, 2], "{invoices:#?}");
+    let mut totals: Vec<(String, Decimal)> = invoices
+        .iter()
+        .map(|invoice| {
+            (
+                invoice["bill_to"]["account_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+                amount(&invoice["total"]),
+            )
+        })
+        .collect();
+    totals.sort();
+    assert_eq!(
+        totals,
+        vec![
+            ("acc_base".to_string(), drafts[1]),
+            ("acc_usage".to_string(), drafts[0])
+        ]
+    );
+    assert!(env.process(stage).is_running(), "{}", env.logs());
+    env.wait_http_ok(&format!("http://{listen}/readyz"), Duration::from_secs(10));
+    let metrics = common::metrics_text(port.parse().unwrap()).expect("metrics");
+    assert!(
+        metrics.contains("agentmeter_billing_runs_total{result=\"ok\"}"),
+        "{metrics}"
+    );
+    let logs = env.logs();
+    assert!(logs.contains("finalized invoice"), "{logs}");
+    eprintln!(
+        "billing stage: {} finalization records for 2 invoices after 4 SIGKILLs",
+        env.read_topic("billing.finalizations").len()
+    );
+}
