@@ -116,6 +116,31 @@ pub async fn run(command: ConfigCommand, kafka: &KafkaSettings) -> anyhow::Resul
                     return Ok(());
                 }
             }
+            if let Some(current) = &current {
+                // Finalized invoices hold back what they billed (ADR 0004).
+                let log_settings = kafka.clone();
+                let log = tokio::task::spawn_blocking(move || {
+                    crate::invoice_log::read_log_if_exists(&log_settings, Duration::from_secs(60))
+                })
+                .await??;
+                let finalized = agentmeter_billing::finalization::project(log);
+                let problems = agentmeter_billing::finalization::changes_to_finalized_periods(
+                    &finalized,
+                    &current.config,
+                    &config,
+                );
+                if !problems.is_empty() {
+                    anyhow::bail!(
+                        "{} would change what finalized invoices billed; nothing was applied.\n{}",
+                        file.display(),
+                        problems
+                            .iter()
+                            .map(|problem| format!("  - {problem}"))
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    );
+                }
+            }
             let summary = describe_changes(current.as_ref().map(|record| &record.config), &config);
             let record =
                 ConfigRecord::next(current.as_ref(), config, time::OffsetDateTime::now_utc());

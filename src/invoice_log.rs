@@ -58,6 +58,29 @@ pub fn read_log(kafka: &KafkaSettings, timeout: Duration) -> anyhow::Result<Vec<
     Ok(records)
 }
 
+/// [`read_log`], or no records when the topic does not exist (no invoice was ever finalized:
+/// `agentmeter topics` creates it, and finalizing needs it).
+pub fn read_log_if_exists(
+    kafka: &KafkaSettings,
+    timeout: Duration,
+) -> anyhow::Result<Vec<(i64, LogRecord)>> {
+    let topic = kafka.topics().finalizations;
+    let consumer: BaseConsumer = kafka
+        .standalone_consumer_config()
+        .create()
+        .context("cannot create the finalization log consumer")?;
+    let metadata = consumer
+        .fetch_metadata(Some(&topic), Duration::from_secs(10))
+        .with_context(|| format!("cannot read the metadata of {topic}"))?;
+    let exists = metadata.topics().iter().any(|found| {
+        found.name() == topic && found.error().is_none() && !found.partitions().is_empty()
+    });
+    if !exists {
+        return Ok(Vec::new());
+    }
+    read_log(kafka, timeout)
+}
+
 /// Appends `records` (keyed by invoice id) and waits until the broker has every one.
 pub async fn append(kafka: &KafkaSettings, records: &[LogRecord]) -> anyhow::Result<()> {
     let topic = kafka.topics().finalizations;

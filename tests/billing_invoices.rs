@@ -559,6 +559,37 @@ fn finalized_invoices_are_numbered_once_without_gaps_through_kills_and_racing_fi
     );
     assert!(log.len() >= 2);
 
+    // A finalized period holds back what it billed: repricing its plan is refused with what to
+    // do instead; a change elsewhere is applied.
+    let repriced = METERING.replace(
+        r#"model = { overage = { fee = "99", included = "20", unit_price = "0.25" } }"#,
+        r#"model = { overage = { fee = "99", included = "20", unit_price = "0.10" } }"#,
+    );
+    let path = common::write_file(
+        &env.dir,
+        "repriced.toml",
+        &metering_config(
+            "ws_billing",
+            &[("acc_usage", USAGE_SECRET), ("acc_base", BASE_SECRET)],
+            &repriced,
+        ),
+    );
+    let refused = env.tool_failing(&["config", "apply", path.to_str().unwrap()]);
+    assert!(
+        refused.contains("rate plan agent/base") && refused.contains("add a new rate plan instead"),
+        "{refused}"
+    );
+    let retagged = METERING.replace(
+        r#"tracked = ["web_search", "llm_call", "lead_converted"]"#,
+        r#"tracked = ["web_search", "llm_call", "lead_converted", "delivery"]"#,
+    );
+    assert_ne!(retagged, METERING);
+    env.apply_config(&metering_config(
+        "ws_billing",
+        &[("acc_usage", USAGE_SECRET), ("acc_base", BASE_SECRET)],
+        &retagged,
+    ));
+
     // Void keeps the number; show prints the frozen invoice; a printable page.
     env.tool(&[
         "invoices",

@@ -280,6 +280,122 @@ pub fn correction(
     }))
 }
 
+/// Why the configuration `after` may not replace `before`: every change that would alter what
+/// a finalized (not void) invoice billed, each with what to do instead. Empty when none.
+///
+/// A finalized invoice froze its content, but a later invoice prices its period anew to correct
+/// late usage — with the configuration then in force. So the rate plan it billed, its
+/// subscription's account, product, plan and the part of the period it covered, and the
+/// workspace's time zone (which places the periods) must stay as they were.
+pub fn changes_to_finalized_periods(
+    finalized: &[FinalizedInvoice],
+    before: &agentmeter_schemas::metering::MeteringConfig,
+    after: &agentmeter_schemas::metering::MeteringConfig,
+) -> Vec<String> {
+    use agentmeter_schemas::catalog::rate_plans;
+    let standing: Vec<&DraftInvoice> = finalized
+        .iter()
+        .filter(|finalized| {
+            finalized.void_reason.is_none() && finalized.invoice.workspace_id == after.workspace.id
+        })
+        .map(|finalized| &finalized.invoice)
+        .collect();
+    let Some(last) = standing.iter().map(|invoice| invoice.period_end).max() else {
+        return Vec::new();
+    };
+    let mut problems = Vec::new();
+    if before.workspace.time_zone != after.workspace.time_zone {
+        problems.push(format!(
+            "workspace.time_zone: {:?} places the periods of finalized invoices; it cannot change to {:?} (keep it, or void those invoices first)",
+            before.workspace.time_zone, after.workspace.time_zone
+        ));
+    }
+    let plan_in =
+        |config: &agentmeter_schemas::metering::MeteringConfig, product: &str, plan: &str| {
+            rate_plans(&config.products)
+                .find(|(p, r)| p.id == product && r.id == plan)
+                .map(|(_, r)| r.clone())
+        };
+    let mut reported_plans = std::collections::BTreeSet::new();
+    for invoice in &standing {
+        let number = invoice.number.unwrap_or(0);
+        let plan_key = (invoice.product.clone(), invoice.rate_plan.clone());
+        if plan_in(before, &invoice.product, &invoice.rate_plan)
+            != plan_in(after, &invoice.product, &invoice.rate_plan)
+            && reported_plans.insert(plan_key)
+        {
+            problems.push(format!(
+                "rate plan {}/{}: finalized invoice {number} (period {} to {}) billed with it, so it cannot change; add a new rate plan instead, end the subscriptions on this one at or after {} and start new ones on the new plan",
+                invoice.product,
+                invoice.rate_plan,
+                invoice.period_start.date(),
+                invoice.period_end.date(),
+                last.date()
+            ));
+        }
+    }
+    // Per subscription: what its finalized invoices billed, from the first to the last.
+    let mut billed: std::collections::BTreeMap<&str, Vec<&DraftInvoice>> =
+        std::collections::BTreeMap::new();
+    for invoice in &standing {
+        billed
+            .entry(invoice.subscription_id.as_str())
+            .or_default()
+            .push(invoice);
+    }
+    for (id, invoices) in billed {
+        let first = invoices[0];
+        let from = invoices
+            .iter()
+            .map(|invoice| invoice.from)
+            .min()
+            .unwrap_or(first.from);
+        let to = invoices
+            .iter()
+            .map(|invoice| invoice.to)
+            .max()
+            .unwrap_or(first.to);
+        let numbers = invoices
+            .iter()
+            .map(|invoice| invoice.number.unwrap_or(0).to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let subscription = after
+            .subscriptions
+            .iter()
+            .find(|subscription| subscription.id == id);
+        let problem = match subscription {
+            None => Some("it is removed".to_string()),
+            Some(subscription) if subscription.account != first.bill_to.account_id => {
+                Some(format!("its account becomes {:?}", subscription.account))
+            }
+            Some(subscription)
+                if subscription.product != first.product
+                    || subscription.rate_plan != first.rate_plan =>
+            {
+                Some(format!(
+                    "its plan becomes {}/{}",
+                    subscription.product, subscription.rate_plan
+                ))
+            }
+            Some(subscription) if subscription.start > from => Some(format!(
+                "its start moves to {}, after {from}",
+                subscription.start
+            )),
+            Some(subscription) if subscription.end.is_some_and(|end| end < to) => {
+                Some(format!("its end moves before {to}"))
+            }
+            Some(_) => None,
+        };
+        if let Some(problem) = problem {
+            problems.push(format!(
+                "subscription {id}: {problem}, but finalized invoices {numbers} billed it from {from} to {to}; keep it as it was up to {to} and add a new subscription for what changes after that",
+            ));
+        }
+    }
+    problems
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -490,6 +606,91 @@ mod tests {
         let billed = billed_periods(&project(log), "ws_a", "sub_acme", november).unwrap();
         assert_eq!(billed.len(), 1);
         assert_eq!(billed[0].quantities[0].3, Decimal::from(2));
+    }
+
+    #[test]
+    fn changes_that_would_alter_a_finalized_period_are_refused_and_others_are_not() {
+        use agentmeter_schemas::metering::MeteringConfig;
+        let before =
+            MeteringConfig::from_toml(include_str!("../../deploy/local/metering.example.toml"))
+                .unwrap();
+        let subscription = &before.subscriptions[0];
+        let plan = crate::invoice::plan_of(&before, subscription).unwrap();
+        let november = crate::period::coverage(
+            plan,
+            subscription,
+            datetime!(2026-11-15 0:00 UTC),
+            &jiff::tz::TimeZone::UTC,
+        )
+        .unwrap()
+        .unwrap();
+        let quantities = plan
+            .charges
+            .iter()
+            .map(|charge| (charge.id.clone(), Decimal::from(3)))
+            .collect();
+        let invoice = crate::invoice::draft(&before, subscription, &november, &quantities).unwrap();
+        let mut log = vec![(0, finalize_invoice(invoice))];
+        let finalized = project(log.clone());
+        let problems =
+            |after: &MeteringConfig| changes_to_finalized_periods(&finalized, &before, after);
+        assert!(problems(&before).is_empty());
+
+        let billed_plan = (subscription.product.clone(), subscription.rate_plan.clone());
+        let mut repriced = before.clone();
+        for product in &mut repriced.products {
+            for plan in &mut product.rate_plans {
+                if (product.id.clone(), plan.id.clone()) == billed_plan {
+                    plan.charges[0].name.push_str(" (renamed)");
+                }
+            }
+        }
+        let refused = problems(&repriced);
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert!(
+            refused[0].contains("add a new rate plan instead"),
+            "{refused:?}"
+        );
+
+        // Another plan, never billed, may change.
+        let mut other = before.clone();
+        for product in &mut other.products {
+            for plan in &mut product.rate_plans {
+                if (product.id.clone(), plan.id.clone()) != billed_plan {
+                    plan.charges[0].name.push_str(" (renamed)");
+                }
+            }
+        }
+        assert!(problems(&other).is_empty());
+
+        let mut ended = before.clone();
+        ended.subscriptions[0].end = Some(datetime!(2026-11-10 0:00 UTC));
+        let refused = problems(&ended);
+        assert!(refused[0].contains("its end moves before"), "{refused:?}");
+        // Ending it after what was billed is how a plan change is made.
+        ended.subscriptions[0].end = Some(datetime!(2026-12-01 0:00 UTC));
+        assert!(problems(&ended).is_empty());
+
+        let mut moved = before.clone();
+        moved.workspace.time_zone = "Europe/Paris".into();
+        assert!(problems(&moved)[0].contains("time_zone"));
+        let mut removed = before.clone();
+        removed.subscriptions.remove(0);
+        assert!(problems(&removed)[0].contains("it is removed"));
+
+        // A void invoice bills nothing: nothing is held back by it.
+        let id = log[0].1.invoice_id().to_string();
+        log.push((
+            1,
+            LogRecord::Void {
+                invoice_id: id,
+                workspace_id: before.workspace.id.clone(),
+                reason: "test".into(),
+                voided_at: datetime!(2026-12-05 0:00 UTC),
+            },
+        ));
+        let voided = project(log);
+        assert!(changes_to_finalized_periods(&voided, &before, &repriced).is_empty());
     }
 
     #[test]
