@@ -105,7 +105,14 @@ pub async fn append(kafka: &KafkaSettings, records: &[LogRecord]) -> anyhow::Res
     Ok(())
 }
 
-/// One row of the `invoices` table (`aggregator/migrations/0006_invoices.sql`).
+#[derive(Debug, clickhouse::Row, serde::Deserialize)]
+struct ProjectedUpTo {
+    version: i64,
+    rows: u64,
+}
+
+/// One row of the `invoices` table (`aggregator/migrations/0006_invoices.sql`, re-created with
+/// the revenue columns by `0007_invoice_revenue.sql`).
 #[derive(Debug, clickhouse::Row, serde::Serialize, serde::Deserialize)]
 pub struct InvoiceRow {
     pub workspace_id: String,
@@ -114,11 +121,19 @@ pub struct InvoiceRow {
     pub status: String,
     pub account_id: String,
     pub subscription_id: String,
+    pub product: String,
+    pub rate_plan: String,
+    pub agent_type: String,
     pub period_start: u32,
     pub period_end: u32,
     pub currency: String,
     /// Decimal(38, 12), scaled by 10^12.
     pub total: i128,
+    /// The allocated cost of the invoice's usage when it was finalized, Decimal(38, 12).
+    pub cost: i128,
+    pub cost_currency: String,
+    /// `total − cost` when the plan bills in the cost currency, else NULL (no exchange rates).
+    pub margin: Option<i128>,
     pub config_version: u64,
     pub finalized_at: u32,
     pub void_reason: String,
@@ -134,6 +149,19 @@ fn seconds(instant: time::OffsetDateTime) -> anyhow::Result<u32> {
 impl InvoiceRow {
     pub fn of(finalized: &FinalizedInvoice) -> anyhow::Result<InvoiceRow> {
         let invoice = &finalized.invoice;
+        let scaled = |amount: rust_decimal::Decimal| {
+            agentmeter_schemas::decimal::to_scaled_i128(amount)
+                .context("an invoice amount outside Decimal(38, 12)")
+        };
+        let margin = if invoice.currency == finalized.cost.cost_currency {
+            let margin = invoice
+                .total
+                .checked_sub(finalized.cost.cost)
+                .context("an invoice margin overflows")?;
+            Some(scaled(margin)?)
+        } else {
+            None
+        };
         Ok(InvoiceRow {
             workspace_id: invoice.workspace_id.clone(),
             invoice_id: finalized.invoice_id.clone(),
@@ -141,11 +169,16 @@ impl InvoiceRow {
             status: invoice.status.clone(),
             account_id: invoice.bill_to.account_id.clone(),
             subscription_id: invoice.subscription_id.clone(),
+            product: invoice.product.clone(),
+            rate_plan: invoice.rate_plan.clone(),
+            agent_type: finalized.cost.agent_type.clone(),
             period_start: seconds(invoice.period_start)?,
             period_end: seconds(invoice.period_end)?,
             currency: invoice.currency.clone(),
-            total: agentmeter_schemas::decimal::to_scaled_i128(invoice.total)
-                .context("an invoice total outside Decimal(38, 12)")?,
+            total: scaled(invoice.total)?,
+            cost: scaled(finalized.cost.cost)?,
+            cost_currency: finalized.cost.cost_currency.clone(),
+            margin,
             config_version: finalized.config_version,
             finalized_at: seconds(finalized.finalized_at)?,
             void_reason: finalized.void_reason.clone().unwrap_or_default(),
@@ -156,8 +189,11 @@ impl InvoiceRow {
     }
 }
 
-/// Reads the whole log and writes every invoice it makes into `invoices`. Rows are a function
-/// of the log, so writing them again (a second projector, a replay) changes nothing.
+/// Reads the whole log and writes the invoices it makes into `invoices`: those whose version
+/// (the offset of the last record that changed them) is above the highest version the table
+/// already holds. Each projection is one INSERT of every row above a durable version, so the
+/// table always holds every row up to its highest version; and rows are a function of the log,
+/// so writing one again (a second projector, a replay) changes nothing.
 pub async fn project_log(
     kafka: &KafkaSettings,
     clickhouse: &ClickHouseSettings,
@@ -171,8 +207,25 @@ pub async fn project_log(
         return Ok(invoices);
     }
     let client = clickhouse.client().with_database(&clickhouse.database);
+    let projected = client
+        .query("SELECT toInt64(max(version)) AS version, count() AS rows FROM invoices")
+        .fetch_one::<ProjectedUpTo>()
+        .await
+        .context("cannot read the invoices table")?;
+    let above = if projected.rows == 0 {
+        -1
+    } else {
+        projected.version
+    };
+    let new_rows: Vec<&FinalizedInvoice> = invoices
+        .iter()
+        .filter(|finalized| finalized.version > above)
+        .collect();
+    if new_rows.is_empty() {
+        return Ok(invoices);
+    }
     let mut insert = client.insert::<InvoiceRow>("invoices").await?;
-    for finalized in &invoices {
+    for finalized in new_rows {
         insert.write(&InvoiceRow::of(finalized)?).await?;
     }
     insert

@@ -20,7 +20,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use agentmeter_billing::finalization::{
-    billed_periods, correction, invoice_id, project, FinalizedInvoice, LogRecord,
+    billed_periods, correction, invoice_id, project, CostAtFinalization, FinalizedInvoice,
+    LogRecord,
 };
 use agentmeter_billing::invoice::{draft, plan_of, DraftInvoice};
 use agentmeter_billing::period::coverage;
@@ -50,8 +51,9 @@ pub enum InvoicesCommand {
     Show(ShowArgs),
 }
 
+/// Whose invoices, and for which period.
 #[derive(Debug, Args)]
-pub struct FinalizeArgs {
+pub struct Selection {
     /// The workspace.
     #[arg(long)]
     pub workspace: String,
@@ -61,10 +63,20 @@ pub struct FinalizeArgs {
     /// Every account of the workspace.
     #[arg(long)]
     pub all: bool,
-    /// An RFC 3339 instant in the period to finalize (default: the last period whose grace
-    /// period is over).
-    #[arg(long, value_parser = parse_instant)]
+    /// An RFC 3339 instant in the period (default: for `preview` now, for `finalize` the last
+    /// period whose grace period is over).
+    #[arg(long, value_parser = parse_instant, conflicts_with = "period")]
     pub at: Option<OffsetDateTime>,
+    /// The period starting on (or containing) this date in the workspace's time zone:
+    /// `YYYY-MM` or `YYYY-MM-DD`.
+    #[arg(long)]
+    pub period: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct FinalizeArgs {
+    #[command(flatten)]
+    pub selection: Selection,
     /// How long after a period's end its invoices stay drafts, so that late actions are still
     /// on them ([humantime](https://docs.rs/humantime) syntax).
     #[arg(long, default_value = "72h", value_parser = parse_grace)]
@@ -118,18 +130,8 @@ fn parse_grace(text: &str) -> Result<Duration, String> {
 
 #[derive(Debug, Args)]
 pub struct PreviewArgs {
-    /// The workspace.
-    #[arg(long)]
-    pub workspace: String,
-    /// The account.
-    #[arg(long, required_unless_present = "all", conflicts_with = "all")]
-    pub account: Option<String>,
-    /// Every account of the workspace.
-    #[arg(long)]
-    pub all: bool,
-    /// An RFC 3339 instant in the period to preview (default: now).
-    #[arg(long, value_parser = parse_instant)]
-    pub at: Option<OffsetDateTime>,
+    #[command(flatten)]
+    pub selection: Selection,
     /// Print JSON (one array of invoices) instead of text.
     #[arg(long)]
     pub json: bool,
@@ -153,7 +155,13 @@ pub async fn run(command: InvoicesCommand, settings: &Settings) -> anyhow::Resul
     }
 }
 
-fn check_ids(workspace: &str, account: Option<&str>) -> anyhow::Result<()> {
+/// The first instant of `--period` in the workspace's time zone.
+fn period_start(config: &MeteringConfig, period: &str) -> anyhow::Result<OffsetDateTime> {
+    let zone = agentmeter_billing::period::time_zone(&config.workspace.time_zone)?;
+    Ok(agentmeter_billing::period::start_of_day(period, &zone)?)
+}
+
+pub(crate) fn check_ids(workspace: &str, account: Option<&str>) -> anyhow::Result<()> {
     anyhow::ensure!(
         is_valid_identifier(workspace) && account.is_none_or(is_valid_identifier),
         "--workspace and --account must be ids (letters, digits, '_', '-', '.', ':')"
@@ -162,7 +170,7 @@ fn check_ids(workspace: &str, account: Option<&str>) -> anyhow::Result<()> {
 }
 
 /// The workspace's configuration as last applied.
-async fn workspace_config(
+pub(crate) async fn workspace_config(
     settings: &Settings,
     workspace: &str,
 ) -> anyhow::Result<agentmeter_schemas::metering::ConfigRecord> {
@@ -177,10 +185,19 @@ async fn workspace_config(
 }
 
 async fn preview(args: PreviewArgs, settings: &Settings) -> anyhow::Result<()> {
-    check_ids(&args.workspace, args.account.as_deref())?;
-    let record = workspace_config(settings, &args.workspace).await?;
-    let instant = args.at.unwrap_or_else(OffsetDateTime::now_utc);
-    let previews = drafts(settings, &record.config, args.account.as_deref(), instant).await?;
+    check_ids(&args.selection.workspace, args.selection.account.as_deref())?;
+    let record = workspace_config(settings, &args.selection.workspace).await?;
+    let instant = match (&args.selection.period, args.selection.at) {
+        (Some(period), _) => period_start(&record.config, period)?,
+        (None, at) => at.unwrap_or_else(OffsetDateTime::now_utc),
+    };
+    let previews = drafts(
+        settings,
+        &record.config,
+        args.selection.account.as_deref(),
+        instant,
+    )
+    .await?;
     let kafka = settings.kafka.clone();
     let log = tokio::task::spawn_blocking(move || {
         crate::invoice_log::read_log(&kafka, Duration::from_secs(60))
@@ -213,12 +230,13 @@ async fn preview(args: PreviewArgs, settings: &Settings) -> anyhow::Result<()> {
     } else if previews.is_empty() {
         println!(
             "{} of workspace {:?} has no subscription in force at {instant}",
-            args.account
+            args.selection
+                .account
                 .as_deref()
                 .map_or("no account".to_string(), |account| format!(
                     "account {account:?}"
                 )),
-            args.workspace
+            args.selection.workspace
         );
     } else {
         for preview in &previews {
@@ -241,17 +259,18 @@ async fn preview(args: PreviewArgs, settings: &Settings) -> anyhow::Result<()> {
 }
 
 async fn finalize(args: FinalizeArgs, settings: &Settings) -> anyhow::Result<()> {
-    check_ids(&args.workspace, args.account.as_deref())?;
+    check_ids(&args.selection.workspace, args.selection.account.as_deref())?;
     let grace = time::Duration::try_from(args.grace).context("--grace is too long")?;
-    let record = workspace_config(settings, &args.workspace).await?;
-    let which = match args.at {
-        Some(at) => Periods::Containing(at),
-        None => Periods::LastClosed { lookback: 1 },
+    let record = workspace_config(settings, &args.selection.workspace).await?;
+    let which = match (&args.selection.period, args.selection.at) {
+        (Some(period), _) => Periods::Containing(period_start(&record.config, period)?),
+        (None, Some(at)) => Periods::Containing(at),
+        (None, None) => Periods::LastClosed { lookback: 1 },
     };
     let outcomes = finalize_closed_periods(
         settings,
         &record,
-        args.account.as_deref(),
+        args.selection.account.as_deref(),
         which,
         grace,
         OffsetDateTime::now_utc(),
@@ -450,14 +469,24 @@ async fn finalize_one(
     }
     // Usage of earlier finalized periods that changed since: corrections, frozen with it.
     let finalized = project(log);
-    let invoice = with_pending_corrections(settings, &record.config, &finalized, preview)
-        .await?
-        .invoice;
+    let preview = with_pending_corrections(settings, &record.config, &finalized, preview).await?;
+    let agent_type = record
+        .config
+        .products
+        .iter()
+        .find(|product| product.id == subscription.product)
+        .map(|product| product.agent_type.clone())
+        .unwrap_or_default();
     let appended = LogRecord::Finalize {
         invoice_id: id.clone(),
         config_version: u64::try_from(record.version).unwrap_or(0),
         finalized_at: now,
-        invoice: Box::new(invoice),
+        cost: CostAtFinalization {
+            agent_type,
+            cost: preview.cost,
+            cost_currency: preview.cost_currency,
+        },
+        invoice: Box::new(preview.invoice),
     };
     crate::invoice_log::append(&settings.kafka, std::slice::from_ref(&appended)).await?;
     // Whatever this process appended, and whatever others did, the log decides: project it.
@@ -565,6 +594,9 @@ async fn void(args: VoidArgs, settings: &Settings) -> anyhow::Result<()> {
 
 async fn list(args: ListArgs, settings: &Settings) -> anyhow::Result<()> {
     check_ids(&args.workspace, None)?;
+    // The log is the truth: project it first (a finalizer that died after appending, or a
+    // re-created table after a migration), then read the table.
+    crate::invoice_log::project_log(&settings.kafka, &settings.clickhouse).await?;
     let rows = settings
         .clickhouse
         .client()
@@ -628,7 +660,7 @@ async fn show(args: ShowArgs, settings: &Settings) -> anyhow::Result<()> {
 
 /// The drafts of `account`'s subscriptions (every account's when `None`) for the periods
 /// containing `instant`, with the cost of the usage they bill.
-async fn drafts(
+pub(crate) async fn drafts(
     settings: &Settings,
     config: &MeteringConfig,
     account: Option<&str>,
@@ -672,14 +704,14 @@ async fn drafts(
 
 /// A draft invoice with the cost of the usage it bills.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
-struct Preview {
+pub(crate) struct Preview {
     #[serde(flatten)]
-    invoice: DraftInvoice,
+    pub(crate) invoice: DraftInvoice,
     /// The allocated cost of the same usage (exact), in the workspace's currency.
-    cost: Decimal,
-    cost_currency: String,
+    pub(crate) cost: Decimal,
+    pub(crate) cost_currency: String,
     /// `total − cost`, when both are in one currency.
-    margin: Option<Decimal>,
+    pub(crate) margin: Option<Decimal>,
 }
 
 /// Whose usage, and when: the account's agent instances of the product's agent type, in

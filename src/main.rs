@@ -9,7 +9,8 @@
 //! * `secret new` — a fresh agent secret and the hash to put in the configuration.
 //! * `demo` — a small workload through the REST API and a usage summary from ClickHouse.
 //! * `invoices preview | finalize | void | list | show` — draft and finalized invoices
-//!   (docs/billing.md, ADR 0004); `billing` — the stage that finalizes closed periods by itself.
+//!   (docs/billing.md, ADR 0004); `billing` — the stage that finalizes closed periods by itself;
+//!   `plans simulate` — what a rate plan would have earned against the usage history.
 //!
 //! Runtime settings come from `--config FILE` (TOML) and `AGENTMETER__SECTION__KEY` environment
 //! overrides; see `deploy/local/agentmeter.toml`.
@@ -20,6 +21,7 @@ mod config_cmd;
 mod demo;
 mod invoice_log;
 mod invoices_cmd;
+mod plans_cmd;
 mod reset_input_cmd;
 
 use std::path::PathBuf;
@@ -94,6 +96,9 @@ enum Command {
     /// Run the billing stage: finalizes every closed period after its grace period
     /// (docs/billing.md).
     Billing,
+    /// Rate plans against the real usage history (docs/billing.md).
+    #[command(subcommand)]
+    Plans(plans_cmd::PlansCommand),
     /// Invoices from the exact usage in ClickHouse (docs/billing.md).
     #[command(subcommand)]
     Invoices(invoices_cmd::InvoicesCommand),
@@ -190,6 +195,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         }
         Command::Demo(args) => demo::run(args, &settings).await,
         Command::Invoices(command) => invoices_cmd::run(command, &settings).await,
+        Command::Plans(command) => plans_cmd::run(command, &settings).await,
         Command::Billing => {
             prometheus();
             billing_stage::run(settings, on_signals()).await

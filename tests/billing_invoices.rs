@@ -136,19 +136,7 @@ fn amount(value: &Value) -> Decimal {
 
 #[test]
 fn draft_invoices_equal_what_the_test_computes_from_what_it_sent() {
-    let mut env = TestEnv::new("billing", "");
-    env.apply_config(&metering_config(
-        "ws_billing",
-        &[("acc_usage", USAGE_SECRET), ("acc_base", BASE_SECRET)],
-        METERING,
-    ));
-    env.spawn("ingest", "ingest");
-    env.spawn("enrich", "enrich");
-    env.spawn("aggregate", "aggregate");
-    env.wait_http_ok(
-        &format!("{}/readyz", env.ingest_url()),
-        Duration::from_secs(60),
-    );
+    let env = billing_pipeline("billing", false);
 
     // Every action at one instant, so that all of them fall in the period previewed.
     let now = time::OffsetDateTime::now_utc();
@@ -347,6 +335,54 @@ fn draft_invoices_equal_what_the_test_computes_from_what_it_sent() {
         invoices[0]
     );
 
+    // plans simulate: acc_usage's real usage this month priced with the (now cheaper) base plan,
+    // which nobody subscribed it to.
+    let this_month = this_month_start();
+    let next_month = (this_month + time::Duration::days(32))
+        .replace_day(1)
+        .unwrap();
+    let simulated = env.tool(&[
+        "plans",
+        "simulate",
+        "agent/base",
+        "--workspace",
+        "ws_billing",
+        "--from",
+        &format!("{}-{:02}", this_month.year(), u8::from(this_month.month())),
+        "--to",
+        &rfc3339(next_month),
+        "--account",
+        "acc_usage",
+        "--json",
+    ]);
+    let simulated: Value = serde_json::from_str(&simulated[simulated.find('[').unwrap()..])
+        .unwrap_or_else(|error| panic!("{error}: {simulated}"));
+    let usage_tracked = sent[0].1.tracked;
+    let charges = dec("99") + Decimal::from(usage_tracked.saturating_sub(20)) * dec("0.10");
+    let before_discount = charges.max(dec("150"));
+    let discount = (before_discount * dec("0.05"))
+        .round_dp_with_strategy(2, rust_decimal::RoundingStrategy::MidpointAwayFromZero);
+    assert_eq!(simulated.as_array().unwrap().len(), 1, "{simulated:#}");
+    assert_eq!(
+        amount(&simulated[0]["revenue"]),
+        before_discount - discount,
+        "{simulated:#}"
+    );
+    let cost = Decimal::from(usage.llm_tokens) * dec("0.00002");
+    assert_eq!(amount(&simulated[0]["cost"]), cost, "{simulated:#}");
+    let refused = env.tool_failing(&[
+        "plans",
+        "simulate",
+        "agent/nope",
+        "--workspace",
+        "ws_billing",
+        "--from",
+        "2026-01",
+        "--to",
+        "2026-02",
+    ]);
+    assert!(refused.contains("no rate plan agent/nope"), "{refused}");
+
     // An account without a subscription gets no invoice; a bad id is refused.
     assert_eq!(preview(&env, "acc_nobody", &at), json!([]));
     let refused = env.tool_failing(&[
@@ -358,6 +394,83 @@ fn draft_invoices_equal_what_the_test_computes_from_what_it_sent() {
         "x' OR 1=1",
     ]);
     assert!(refused.contains("must be ids"), "{refused}");
+}
+
+/// ws_billing's pipeline (ingest, enrich, aggregate) on the test configuration, ready for
+/// actions; `late_bound` lets ingest and the enricher accept actions up to 80 days old.
+fn billing_pipeline(name: &str, late_bound: bool) -> TestEnv {
+    let mut env = TestEnv::new(name, "");
+    env.apply_config(&metering_config(
+        "ws_billing",
+        &[("acc_usage", USAGE_SECRET), ("acc_base", BASE_SECRET)],
+        METERING,
+    ));
+    type Overrides<'a> = &'a [(&'a str, &'a str)];
+    let (ingest, enrich): (Overrides, Overrides) = if late_bound {
+        (
+            &[("AGENTMETER__INGEST__MAX_LATE_SECONDS", "6912000")],
+            &[("AGENTMETER__ENRICHER__MAX_LATE_SECONDS", "6912000")],
+        )
+    } else {
+        (&[], &[])
+    };
+    env.spawn_with_env("ingest", "ingest", ingest);
+    env.spawn_with_env("enrich", "enrich", enrich);
+    env.spawn("aggregate", "aggregate");
+    env.wait_http_ok(
+        &format!("{}/readyz", env.ingest_url()),
+        Duration::from_secs(60),
+    );
+    env
+}
+
+/// The first instant of this month (UTC, the test workspace's zone).
+fn this_month_start() -> time::OffsetDateTime {
+    time::OffsetDateTime::now_utc()
+        .replace_day(1)
+        .unwrap()
+        .replace_time(time::Time::MIDNIGHT)
+}
+
+fn rfc3339(instant: time::OffsetDateTime) -> String {
+    instant
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
+}
+
+/// The invoices are numbered 1 and 2, one per account, with the totals of their drafts
+/// (`drafts`: acc_usage's, acc_base's).
+fn assert_numbered_once_with_the_drafts_totals(invoices: &[Value], drafts: [Decimal; 2]) {
+    let numbers: Vec<u64> = invoices
+        .iter()
+        .map(|invoice| invoice["number"].as_u64().unwrap())
+        .collect();
+    assert_eq!(numbers, vec![1, 2], "{invoices:#?}");
+    assert_eq!(
+        totals_by_account(invoices),
+        vec![
+            ("acc_base".to_string(), drafts[1]),
+            ("acc_usage".to_string(), drafts[0])
+        ]
+    );
+}
+
+/// (account, total) of each invoice, sorted by account.
+fn totals_by_account(invoices: &[Value]) -> Vec<(String, Decimal)> {
+    let mut totals: Vec<(String, Decimal)> = invoices
+        .iter()
+        .map(|invoice| {
+            (
+                invoice["bill_to"]["account_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+                amount(&invoice["total"]),
+            )
+        })
+        .collect();
+    totals.sort();
+    totals
 }
 
 /// `count` actions of `account` at `at`, event ids `{prefix}-{index}`.
@@ -404,30 +517,9 @@ fn finalized(env: &TestEnv) -> Vec<Value> {
 
 #[test]
 fn finalized_invoices_are_numbered_once_without_gaps_through_kills_and_racing_finalizers() {
-    let mut env = TestEnv::new("billing_final", "");
-    env.apply_config(&metering_config(
-        "ws_billing",
-        &[("acc_usage", USAGE_SECRET), ("acc_base", BASE_SECRET)],
-        METERING,
-    ));
-    env.spawn("ingest", "ingest");
-    env.spawn("enrich", "enrich");
-    env.spawn("aggregate", "aggregate");
-    env.wait_http_ok(
-        &format!("{}/readyz", env.ingest_url()),
-        Duration::from_secs(60),
-    );
+    let env = billing_pipeline("billing_final", false);
     // The last hour of last month: a closed period, well within the enricher's lateness bound.
-    let now = time::OffsetDateTime::now_utc();
-    let month_start = now
-        .replace_day(1)
-        .unwrap()
-        .replace_time(time::Time::MIDNIGHT);
-    let rfc3339 = |instant: time::OffsetDateTime| {
-        instant
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap()
-    };
+    let month_start = this_month_start();
     let at = rfc3339(month_start - time::Duration::hours(1));
     send_actions(&env, USAGE_SECRET, "usage", 40, &at);
     send_actions(&env, BASE_SECRET, "base", 25, &at);
@@ -489,37 +581,28 @@ fn finalized_invoices_are_numbered_once_without_gaps_through_kills_and_racing_fi
         );
     }
     let invoices = finalized(&env);
-    let numbers: Vec<u64> = invoices
-        .iter()
-        .map(|invoice| invoice["number"].as_u64().unwrap())
-        .collect();
-    assert_eq!(numbers, vec![1, 2], "{invoices:#?}");
-    let mut totals: Vec<(String, Decimal)> = invoices
-        .iter()
-        .map(|invoice| {
-            (
-                invoice["bill_to"]["account_id"]
-                    .as_str()
-                    .unwrap()
-                    .to_string(),
-                amount(&invoice["total"]),
-            )
-        })
-        .collect();
-    totals.sort();
-    assert_eq!(
-        totals,
-        vec![
-            ("acc_base".to_string(), drafts[1]),
-            ("acc_usage".to_string(), drafts[0])
-        ]
-    );
+    assert_numbered_once_with_the_drafts_totals(&invoices, drafts);
     assert!(invoices
         .iter()
         .all(|invoice| invoice["status"] == "finalized"));
+    // Revenue, cost and margin are frozen with the invoice, for the views of docs/sql.md.
+    let usage_preview = preview(&env, "acc_usage", &at)[0].clone();
+    let frozen = env.query(
+        "SELECT toString(total), toString(cost), toString(assumeNotNull(margin)), agent_type, product, rate_plan \
+         FROM invoices FINAL WHERE account_id = 'acc_usage'",
+    );
+    assert_eq!(dec(&frozen[0][0]), amount(&usage_preview["total"]));
+    assert_eq!(dec(&frozen[0][1]), amount(&usage_preview["cost"]));
+    assert_eq!(dec(&frozen[0][2]), amount(&usage_preview["margin"]));
+    assert_eq!(frozen[0][3..], ["type_test", "agent", "usage"]);
     // A second finalize is a no-op.
     let again = env.tool(&finalize_args[2..]);
     assert!(again.contains("already finalized"), "{again}");
+    assert_eq!(finalized(&env), invoices);
+    // The table is only the log's projection: emptied (as migration 0007 re-creates it), the
+    // next `list` writes it again, the same.
+    env.query("TRUNCATE TABLE invoices");
+    assert!(env.query("SELECT number FROM invoices").is_empty());
     assert_eq!(finalized(&env), invoices);
 
     // A late action: the draft grows, the finalized invoice stays byte for byte what it was.
@@ -634,37 +717,9 @@ fn finalized_invoices_are_numbered_once_without_gaps_through_kills_and_racing_fi
 
 #[test]
 fn late_usage_after_finalization_is_corrected_once_on_the_next_invoice() {
-    let mut env = TestEnv::new("billing_late", "");
-    env.apply_config(&metering_config(
-        "ws_billing",
-        &[("acc_usage", USAGE_SECRET), ("acc_base", BASE_SECRET)],
-        METERING,
-    ));
     // Actions of the month before last: up to 62 days old, beyond the default 35-day bound.
-    env.spawn_with_env(
-        "ingest",
-        "ingest",
-        &[("AGENTMETER__INGEST__MAX_LATE_SECONDS", "6912000")],
-    );
-    env.spawn_with_env(
-        "enrich",
-        "enrich",
-        &[("AGENTMETER__ENRICHER__MAX_LATE_SECONDS", "6912000")],
-    );
-    env.spawn("aggregate", "aggregate");
-    env.wait_http_ok(
-        &format!("{}/readyz", env.ingest_url()),
-        Duration::from_secs(60),
-    );
-    let rfc3339 = |instant: time::OffsetDateTime| {
-        instant
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap()
-    };
-    let month_start = time::OffsetDateTime::now_utc()
-        .replace_day(1)
-        .unwrap()
-        .replace_time(time::Time::MIDNIGHT);
+    let env = billing_pipeline("billing_late", true);
+    let month_start = this_month_start();
     let last_month_start = (month_start - time::Duration::days(1))
         .replace_day(1)
         .unwrap();
@@ -706,6 +761,26 @@ fn late_usage_after_finalization_is_corrected_once_on_the_next_invoice() {
     );
     let earlier_now = amount(&preview(&env, "acc_usage", &in_earlier)[0]["total"]);
     assert!(earlier_now > first_total);
+    // --period names the same period by its month, in the workspace's time zone.
+    let month = format!(
+        "{}-{:02}",
+        (last_month_start - time::Duration::days(1)).year(),
+        u8::from((last_month_start - time::Duration::days(1)).month())
+    );
+    let by_month = env.tool(&[
+        "invoices",
+        "preview",
+        "--workspace",
+        "ws_billing",
+        "--account",
+        "acc_usage",
+        "--period",
+        &month,
+        "--json",
+    ]);
+    let by_month: Value = serde_json::from_str(&by_month[by_month.find('[').unwrap()..])
+        .unwrap_or_else(|error| panic!("{error}: {by_month}"));
+    assert_eq!(amount(&by_month[0]["total"]), earlier_now);
     // The later period's draft shows the correction pending; finalizing freezes it.
     let later_draft = preview(&env, "acc_usage", &in_later)[0].clone();
     assert_eq!(later_draft["corrections"].as_array().map(Vec::len), Some(1));
@@ -754,23 +829,8 @@ fn late_usage_after_finalization_is_corrected_once_on_the_next_invoice() {
 
 #[test]
 fn the_billing_stage_finalizes_closed_periods_by_itself_through_sigkills() {
-    let mut env = TestEnv::new("billing_stage", "");
-    env.apply_config(&metering_config(
-        "ws_billing",
-        &[("acc_usage", USAGE_SECRET), ("acc_base", BASE_SECRET)],
-        METERING,
-    ));
-    env.spawn("ingest", "ingest");
-    env.spawn("enrich", "enrich");
-    env.spawn("aggregate", "aggregate");
-    env.wait_http_ok(
-        &format!("{}/readyz", env.ingest_url()),
-        Duration::from_secs(60),
-    );
-    let month_start = time::OffsetDateTime::now_utc()
-        .replace_day(1)
-        .unwrap()
-        .replace_time(time::Time::MIDNIGHT);
+    let mut env = billing_pipeline("billing_stage", false);
+    let month_start = this_month_start();
     let at = (month_start - time::Duration::hours(1))
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap();
@@ -814,31 +874,7 @@ fn the_billing_stage_finalizes_closed_periods_by_itself_through_sigkills() {
     // Later runs find nothing more to do.
     std::thread::sleep(Duration::from_secs(3));
     let invoices = finalized(&env);
-    let numbers: Vec<u64> = invoices
-        .iter()
-        .map(|invoice| invoice["number"].as_u64().unwrap())
-        .collect();
-    assert_eq!(numbers, vec![1, 2], "{invoices:#?}");
-    let mut totals: Vec<(String, Decimal)> = invoices
-        .iter()
-        .map(|invoice| {
-            (
-                invoice["bill_to"]["account_id"]
-                    .as_str()
-                    .unwrap()
-                    .to_string(),
-                amount(&invoice["total"]),
-            )
-        })
-        .collect();
-    totals.sort();
-    assert_eq!(
-        totals,
-        vec![
-            ("acc_base".to_string(), drafts[1]),
-            ("acc_usage".to_string(), drafts[0])
-        ]
-    );
+    assert_numbered_once_with_the_drafts_totals(&invoices, drafts);
     assert!(env.process(stage).is_running(), "{}", env.logs());
     env.wait_http_ok(&format!("http://{listen}/readyz"), Duration::from_secs(10));
     let metrics = common::metrics_text(port.parse().unwrap()).expect("metrics");

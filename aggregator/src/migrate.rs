@@ -32,6 +32,11 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
         "invoices",
         include_str!("../migrations/0006_invoices.sql"),
     ),
+    (
+        7,
+        "invoice_revenue",
+        include_str!("../migrations/0007_invoice_revenue.sql"),
+    ),
 ];
 
 #[derive(Debug, clickhouse::Row, serde::Deserialize)]

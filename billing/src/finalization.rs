@@ -40,6 +40,9 @@ pub enum LogRecord {
         #[serde(with = "time::serde::rfc3339")]
         finalized_at: OffsetDateTime,
         invoice: Box<DraftInvoice>,
+        /// What the invoice's usage cost (allocated cost, exact) when it was finalized.
+        #[serde(default)]
+        cost: CostAtFinalization,
     },
     /// Voids the finalized invoice `invoice_id` (it keeps its number).
     Void {
@@ -59,6 +62,18 @@ impl LogRecord {
             }
         }
     }
+}
+
+/// The allocated cost of an invoice's usage, and what it is billed for, frozen with it: the
+/// revenue, cost and margin views read these (docs/sql.md).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CostAtFinalization {
+    /// The product's agent type.
+    pub agent_type: String,
+    pub cost: rust_decimal::Decimal,
+    /// The workspace's cost currency.
+    pub cost_currency: String,
 }
 
 /// The id of the invoice of one subscription and period: the same whoever computes it, so that
@@ -100,6 +115,7 @@ pub struct FinalizedInvoice {
     /// version of its row.
     pub version: i64,
     pub void_reason: Option<String>,
+    pub cost: CostAtFinalization,
 }
 
 /// Every finalized invoice of the log `records` ((offset, record), in log order), in log order.
@@ -114,6 +130,7 @@ pub fn project(records: impl IntoIterator<Item = (i64, LogRecord)>) -> Vec<Final
                 config_version,
                 finalized_at,
                 invoice,
+                cost,
             } => {
                 if position_by_id.contains_key(&invoice_id) {
                     continue;
@@ -132,6 +149,7 @@ pub fn project(records: impl IntoIterator<Item = (i64, LogRecord)>) -> Vec<Final
                     log_offset: offset,
                     version: offset,
                     void_reason: None,
+                    cost,
                 });
             }
             LogRecord::Void {
@@ -444,6 +462,7 @@ mod tests {
             config_version: 1,
             finalized_at: datetime!(2026-12-04 0:00 UTC),
             invoice: Box::new(invoice),
+            cost: CostAtFinalization::default(),
         }
     }
 
@@ -544,6 +563,7 @@ mod tests {
             config_version: 1,
             finalized_at: datetime!(2026-12-04 0:00 UTC),
             invoice: Box::new(invoice),
+            cost: CostAtFinalization::default(),
         }
     }
 

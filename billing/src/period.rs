@@ -11,7 +11,7 @@
 
 use agentmeter_schemas::catalog::{BillingAnchor, BillingCycle, RatePlan, Subscription};
 use jiff::civil::{Date, DateTime};
-use jiff::tz::TimeZone;
+pub use jiff::tz::TimeZone;
 use jiff::Timestamp;
 use rust_decimal::Decimal;
 use time::OffsetDateTime;
@@ -42,11 +42,51 @@ pub enum PeriodError {
     UnknownTimeZone(String),
     #[error("instant {0} is out of the supported range of dates")]
     OutOfRange(OffsetDateTime),
+    #[error("{0:?} is not a date: write YYYY-MM (the month's first day) or YYYY-MM-DD")]
+    InvalidDate(String),
 }
 
 /// The IANA time zone `name`.
 pub fn time_zone(name: &str) -> Result<TimeZone, PeriodError> {
     TimeZone::get(name).map_err(|_| PeriodError::UnknownTimeZone(name.to_string()))
+}
+
+/// The first instant of the day `date` (`YYYY-MM-DD`, or `YYYY-MM` for its first day) in `zone`:
+/// what `--period` names (the period containing that instant).
+pub fn start_of_day(date: &str, zone: &TimeZone) -> Result<OffsetDateTime, PeriodError> {
+    let invalid = || PeriodError::InvalidDate(date.to_string());
+    let mut parts = date.trim().split('-');
+    let mut number = |digits: usize| -> Result<i64, PeriodError> {
+        let part = parts.next().ok_or_else(invalid)?;
+        if part.len() != digits || !part.bytes().all(|byte| byte.is_ascii_digit()) {
+            return Err(invalid());
+        }
+        part.parse().map_err(|_| invalid())
+    };
+    let year = number(4)?;
+    let month = number(2)?;
+    let day = match parts.next() {
+        None => 1,
+        Some(part) if part.len() == 2 && part.bytes().all(|byte| byte.is_ascii_digit()) => {
+            part.parse().map_err(|_| invalid())?
+        }
+        Some(_) => return Err(invalid()),
+    };
+    if parts.next().is_some() {
+        return Err(invalid());
+    }
+    let civil = Date::new(
+        i16::try_from(year).map_err(|_| invalid())?,
+        i8::try_from(month).map_err(|_| invalid())?,
+        i8::try_from(day).map_err(|_| invalid())?,
+    )
+    .map_err(|_| invalid())?;
+    let zoned = civil
+        .to_datetime(jiff::civil::Time::midnight())
+        .to_zoned_datetime(zone.clone())
+        .map_err(|_| invalid())?;
+    OffsetDateTime::from_unix_timestamp_nanos(zoned.timestamp().as_nanosecond())
+        .map_err(|_| invalid())
 }
 
 fn months_per_period(cycle: BillingCycle) -> i32 {
@@ -187,6 +227,31 @@ mod tests {
     use jiff::tz::TimeZone;
 
     use super::*;
+
+    #[test]
+    fn a_period_is_named_by_a_month_or_a_day_in_the_workspace_zone() {
+        use time::macros::datetime;
+        let paris = time_zone("Europe/Paris").unwrap();
+        assert_eq!(
+            start_of_day("2026-11", &paris).unwrap(),
+            datetime!(2026-10-31 23:00 UTC)
+        );
+        assert_eq!(
+            start_of_day("2026-07-15", &TimeZone::UTC).unwrap(),
+            datetime!(2026-07-15 0:00 UTC)
+        );
+        for bad in [
+            "2026",
+            "2026-13",
+            "2026-02-30",
+            "26-11",
+            "2026-11-01-02",
+            "2026-1",
+            "x",
+        ] {
+            assert!(start_of_day(bad, &TimeZone::UTC).is_err(), "{bad}");
+        }
+    }
 
     fn plan(cycle: BillingCycle, anchor: BillingAnchor) -> RatePlan {
         RatePlan {

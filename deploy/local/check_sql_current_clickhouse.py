@@ -312,20 +312,24 @@ EPOCH_ROWS = [
 
 
 INVOICE_COLUMNS = ["workspace_id", "invoice_id", "number", "status", "account_id", "subscription_id",
-                   "period_start", "period_end", "currency", "total", "config_version", "finalized_at",
+                   "product", "rate_plan", "agent_type", "period_start", "period_end", "currency",
+                   "total", "cost", "cost_currency", "margin", "config_version", "finalized_at",
                    "void_reason", "content", "log_offset", "version"]
 
 
 def invoice(ws, invoice_id, number, status, account, total, log_offset, version, reason=""):
+    cost = Decimal("1.250000000000")
     return {"workspace_id": ws, "invoice_id": invoice_id, "number": number, "status": status,
             "account_id": account, "subscription_id": f"sub_{account}",
+            "product": "research", "rate_plan": "pro", "agent_type": "research_agent",
             "period_start": dt.datetime(2025, 2, 1), "period_end": dt.datetime(2025, 3, 1),
-            "currency": "USD", "total": Decimal(total), "config_version": 3,
+            "currency": "USD", "total": Decimal(total), "cost": cost, "cost_currency": "USD",
+            "margin": Decimal(total) - cost, "config_version": 3,
             "finalized_at": dt.datetime(2025, 3, 4), "void_reason": reason,
             "content": '{"total":"' + total + '"}', "log_offset": log_offset, "version": version}
 
 
-# The projection of a finalization log (migration 0006): ws_1's invoice 1 finalized, then voided
+# The projection of a finalization log (migrations 0006, 0007): ws_1's invoice 1 finalized, then voided
 # (a newer version of the same row); invoice 2 finalized; ws_2's own invoice 1.
 INVOICE_ROWS = [
     invoice("ws_1", "a" * 32, 1, "finalized", "acc_a", "142.500000000000", 0, 0),
