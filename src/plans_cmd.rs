@@ -76,9 +76,9 @@ pub async fn run(command: PlansCommand, settings: &Settings) -> anyhow::Result<(
         .plan
         .split_once('/')
         .context("the plan is written product/plan, e.g. research/pro")?;
-    let currency = rate_plans(&config.products)
+    let (currency, agent_type) = rate_plans(&config.products)
         .find(|(p, r)| p.id == product && r.id == plan)
-        .map(|(_, r)| r.currency.clone())
+        .map(|(p, r)| (r.currency.clone(), p.agent_type.clone()))
         .with_context(|| {
             format!(
                 "workspace {:?} has no rate plan {}",
@@ -149,10 +149,17 @@ pub async fn run(command: PlansCommand, settings: &Settings) -> anyhow::Result<(
         println!("{}", serde_json::to_string_pretty(&periods)?);
         return Ok(());
     }
+    let rfc3339 = |instant: OffsetDateTime| {
+        instant
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|_| instant.to_string())
+    };
     println!(
-        "rate plan {} ({currency}) against the usage of {} from {from} to {to}:",
+        "rate plan {} ({currency}) against the usage of the {agent_type} agents of {}, {} to {}:",
         args.plan,
-        args.account.as_deref().unwrap_or("every account")
+        args.account.as_deref().unwrap_or("every account"),
+        rfc3339(from),
+        rfc3339(to)
     );
     let mut revenue = Decimal::ZERO;
     let mut cost = Decimal::ZERO;

@@ -8,7 +8,8 @@
 #    applies deploy/local/metering.example.toml to the config topic,
 # 3. starts the three stages as separate processes (logs in .local/logs/),
 # 4. sends the guide's research-agent workload for two accounts through ingest's REST API and
-#    prints usage and cost per account read back from ClickHouse,
+#    prints usage and cost per account read back from ClickHouse, each account's draft invoice
+#    with cost and margin, and what an outcome-priced plan would have earned from them,
 # 5. stops the stages (unless --keep-running); the services stay up (`services.sh down` stops them).
 set -euo pipefail
 
@@ -96,6 +97,13 @@ for account in acc_acme acc_globex; do
     say "draft invoice of $account"
     agentmeter invoices preview --workspace ws_demo --account "$account"
 done
+
+# What the outcome-priced plan would have earned from both accounts this month, before anyone
+# is subscribed to it (docs/billing.md, "Simulating a plan").
+this_month="$(date -u +%Y-%m)"
+next_month="$(date -u -d "${this_month}-01 +1 month" +%Y-%m)"
+say "support/outcomes simulated against this month's usage"
+agentmeter plans simulate support/outcomes --workspace ws_demo --from "$this_month" --to "$next_month"
 
 say "done in $(( $(date +%s) - started_at ))s"
 if [ "$KEEP_RUNNING" -eq 1 ]; then
