@@ -427,6 +427,25 @@ async fn finalize_one(
     grace: time::Duration,
     now: OffsetDateTime,
 ) -> anyhow::Result<Option<Finalization>> {
+    // The log first: an already finalized period (every run of the billing stage meets its
+    // last ones again) costs no draft.
+    let id = invoice_id(
+        &record.config.workspace.id,
+        &subscription.account,
+        &subscription.id,
+        period_start,
+    );
+    let kafka = settings.kafka.clone();
+    let log = tokio::task::spawn_blocking(move || {
+        crate::invoice_log::read_log(&kafka, Duration::from_secs(60))
+    })
+    .await??;
+    if log.iter().any(|(_, record)| record.invoice_id() == id) {
+        return Ok(Some(Finalization::AlreadyFinalized {
+            subscription: subscription.id.clone(),
+            period_start,
+        }));
+    }
     let Some(preview) = drafts(
         settings,
         &record.config,
@@ -439,23 +458,6 @@ async fn finalize_one(
         return Ok(None);
     };
     let invoice = &preview.invoice;
-    let id = invoice_id(
-        &invoice.workspace_id,
-        &invoice.bill_to.account_id,
-        &invoice.subscription_id,
-        invoice.period_start,
-    );
-    let kafka = settings.kafka.clone();
-    let log = tokio::task::spawn_blocking(move || {
-        crate::invoice_log::read_log(&kafka, Duration::from_secs(60))
-    })
-    .await??;
-    if log.iter().any(|(_, record)| record.invoice_id() == id) {
-        return Ok(Some(Finalization::AlreadyFinalized {
-            subscription: subscription.id.clone(),
-            period_start: invoice.period_start,
-        }));
-    }
     let closes = invoice
         .period_end
         .checked_add(grace)

@@ -145,7 +145,6 @@ fn draft_invoices_equal_what_the_test_computes_from_what_it_sent() {
         .unwrap();
     let mut random = Lcg(7);
     let client = reqwest::blocking::Client::new();
-    let url = format!("{}/v1/actions", env.ingest_url());
     let mut sent = Vec::new();
     for (account, secret, count) in [
         ("acc_usage", USAGE_SECRET, 230),
@@ -192,16 +191,7 @@ fn draft_invoices_equal_what_the_test_computes_from_what_it_sent() {
                 "attributes": attributes,
             }));
         }
-        for chunk in items.chunks(100) {
-            post_until_accepted(
-                &client,
-                &url,
-                secret,
-                &json!({ "actions": chunk }),
-                Duration::from_secs(60),
-                Duration::from_millis(200),
-            );
-        }
+        post_in_batches(&client, &env, secret, &items);
         sent.push((account, totals));
     }
     env.wait_for_count(
@@ -473,10 +463,29 @@ fn totals_by_account(invoices: &[Value]) -> Vec<(String, Decimal)> {
     totals
 }
 
+/// `items` posted to `/v1/actions` with `secret`, 100 per request, each until accepted.
+fn post_in_batches(
+    client: &reqwest::blocking::Client,
+    env: &TestEnv,
+    secret: &str,
+    items: &[Value],
+) {
+    let url = format!("{}/v1/actions", env.ingest_url());
+    for chunk in items.chunks(100) {
+        post_until_accepted(
+            client,
+            &url,
+            secret,
+            &json!({ "actions": chunk }),
+            Duration::from_secs(60),
+            Duration::from_millis(200),
+        );
+    }
+}
+
 /// `count` actions of `account` at `at`, event ids `{prefix}-{index}`.
 fn send_actions(env: &TestEnv, secret: &str, prefix: &str, count: usize, at: &str) {
     let client = reqwest::blocking::Client::new();
-    let url = format!("{}/v1/actions", env.ingest_url());
     let items: Vec<Value> = (0..count)
         .map(|index| {
             let name = if index % 4 == 0 {
@@ -492,16 +501,7 @@ fn send_actions(env: &TestEnv, secret: &str, prefix: &str, count: usize, at: &st
             })
         })
         .collect();
-    for chunk in items.chunks(100) {
-        post_until_accepted(
-            &client,
-            &url,
-            secret,
-            &json!({ "actions": chunk }),
-            Duration::from_secs(60),
-            Duration::from_millis(200),
-        );
-    }
+    post_in_batches(&client, env, secret, &items);
 }
 
 /// The finalized invoices of ws_billing, as `invoices list --json` prints them.

@@ -221,8 +221,12 @@ impl RestartStore {
         complete_up_to: i64,
         delete_below_offset: Option<i64>,
     ) -> Result<(), StoreError> {
-        let coverage = self.coverage(partition)?;
         self.write(|transaction| {
+            let coverage = {
+                let table = transaction.open_table(COVERAGE)?;
+                let value = table.get(coverage_key(partition))?;
+                value.and_then(|value| Coverage::decode(value.value()))
+            };
             {
                 let mut by_id = transaction.open_table(BY_ID)?;
                 let mut by_offset = transaction.open_table(BY_OFFSET)?;

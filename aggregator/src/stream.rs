@@ -335,6 +335,9 @@ impl Worker {
                     // Nothing more can be decided for this partition: its state is dropped
                     // unflushed (ClickHouse keeps the last complete flush) and the stage stops.
                     let error = error.clone();
+                    emit(RecordHandled {
+                        outcome: "restart_store_failed",
+                    });
                     self.partitions.remove(&partition);
                     self.fatal.get_or_insert(format!(
                         "partition {partition}: the restart store failed ({error})"
