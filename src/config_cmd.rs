@@ -179,6 +179,18 @@ fn rate_plans(
         .collect()
 }
 
+/// An outcome definition with its condition, so that a changed `when` shows as a change.
+fn describe_outcome(outcome: &agentmeter_schemas::metering::OutcomeDefinition) -> String {
+    match &outcome.when {
+        Some(when) => format!(
+            "{} when {}",
+            outcome.action,
+            serde_json::to_string(when).unwrap_or_default()
+        ),
+        None => outcome.action.clone(),
+    }
+}
+
 /// One line per changed part of the configuration.
 fn describe_changes(before: Option<&MeteringConfig>, after: &MeteringConfig) -> Vec<String> {
     let Some(before) = before else {
@@ -272,8 +284,8 @@ fn describe_changes(before: Option<&MeteringConfig>, after: &MeteringConfig) -> 
     compare("cost allocation", allocation(before), allocation(after));
     compare(
         "outcomes",
-        before.outcomes.iter().map(|o| o.action.clone()).collect(),
-        after.outcomes.iter().map(|o| o.action.clone()).collect(),
+        before.outcomes.iter().map(describe_outcome).collect(),
+        after.outcomes.iter().map(describe_outcome).collect(),
     );
     let plans_before = rate_plans(before);
     let plans_after = rate_plans(after);
@@ -301,6 +313,23 @@ fn describe_changes(before: Option<&MeteringConfig>, after: &MeteringConfig) -> 
             .collect::<Vec<_>>()
     };
     compare("subscriptions", subscription(before), subscription(after));
+    let exchange_rates = |config: &MeteringConfig| {
+        config
+            .exchange_rates
+            .iter()
+            .map(|rate| {
+                format!(
+                    "{} → {} {} from {}",
+                    rate.from, rate.to, rate.rate, rate.effective_from
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    compare(
+        "exchange rates",
+        exchange_rates(before),
+        exchange_rates(after),
+    );
     if !changed.is_empty() {
         lines.push(format!("rate plans changed: {}", changed.join(", ")));
     }

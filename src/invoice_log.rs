@@ -132,7 +132,9 @@ pub struct InvoiceRow {
     /// The allocated cost of the invoice's usage when it was finalized, Decimal(38, 12).
     pub cost: i128,
     pub cost_currency: String,
-    /// `total − cost` when the plan bills in the cost currency, else NULL (no exchange rates).
+    /// `total − cost` when the plan bills in the cost currency; else the total converted with
+    /// the exchange rate frozen at finalization (rounded to the cost currency's minor unit)
+    /// less the cost; NULL when no rate was configured then.
     pub margin: Option<i128>,
     pub config_version: u64,
     pub finalized_at: u32,
@@ -153,15 +155,18 @@ impl InvoiceRow {
             agentmeter_schemas::decimal::to_scaled_i128(amount)
                 .context("an invoice amount outside Decimal(38, 12)")
         };
-        let margin = if invoice.currency == finalized.cost.cost_currency {
-            let margin = invoice
-                .total
-                .checked_sub(finalized.cost.cost)
-                .context("an invoice margin overflows")?;
-            Some(scaled(margin)?)
-        } else {
-            None
-        };
+        // The rate frozen in the log, never the configuration's: a rate changed later does not
+        // change a finalized invoice's row.
+        let margin = agentmeter_billing::exchange::margin(
+            invoice.total,
+            &invoice.currency,
+            finalized.cost.cost,
+            &finalized.cost.cost_currency,
+            finalized.cost.exchange_rate,
+        )
+        .context("an invoice margin")?
+        .map(scaled)
+        .transpose()?;
         Ok(InvoiceRow {
             workspace_id: invoice.workspace_id.clone(),
             invoice_id: finalized.invoice_id.clone(),
@@ -233,4 +238,112 @@ pub async fn project_log(
         .await
         .context("cannot write the invoices table")?;
     Ok(invoices)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agentmeter_billing::exchange::rate_at;
+    use agentmeter_billing::finalization::{invoice_id, CostAtFinalization};
+    use agentmeter_billing::invoice::{draft, plan_of};
+    use agentmeter_billing::period::coverage;
+    use agentmeter_schemas::catalog::ExchangeRate;
+    use agentmeter_schemas::metering::MeteringConfig;
+    use rust_decimal::Decimal;
+    use time::macros::datetime;
+
+    const EXAMPLE: &str = include_str!("../deploy/local/metering.example.toml");
+
+    fn d(text: &str) -> Decimal {
+        text.parse().unwrap()
+    }
+
+    /// The example with its first rate plan billing in EUR and one EUR → USD rate.
+    fn in_euros(rate: &str) -> MeteringConfig {
+        let mut config = MeteringConfig::from_toml(EXAMPLE).unwrap();
+        config.products[0].rate_plans[0].currency = "EUR".into();
+        config.exchange_rates = vec![ExchangeRate {
+            from: "EUR".into(),
+            to: "USD".into(),
+            rate: d(rate),
+            effective_from: datetime!(2026-01-01 0:00 UTC),
+        }];
+        config.validate().unwrap();
+        config
+    }
+
+    /// What finalizing November of the first subscription with `config` appends.
+    fn finalize_november(config: &MeteringConfig) -> LogRecord {
+        let subscription = &config.subscriptions[0];
+        let plan = plan_of(config, subscription).unwrap();
+        let november = coverage(
+            plan,
+            subscription,
+            datetime!(2026-11-15 0:00 UTC),
+            &agentmeter_billing::period::time_zone("UTC").unwrap(),
+        )
+        .unwrap()
+        .unwrap();
+        let quantities = [("platform", "12345"), ("seats", "4")]
+            .into_iter()
+            .map(|(charge, quantity)| (charge.to_string(), d(quantity)))
+            .collect();
+        let invoice = draft(config, subscription, &november, &quantities).unwrap();
+        let exchange_rate = rate_at(
+            &config.exchange_rates,
+            &invoice.currency,
+            &config.workspace.currency,
+            invoice.period_end,
+        );
+        LogRecord::Finalize {
+            invoice_id: invoice_id(
+                &config.workspace.id,
+                &subscription.account,
+                &subscription.id,
+                invoice.period_start,
+            ),
+            config_version: 1,
+            finalized_at: datetime!(2026-12-04 0:00 UTC),
+            invoice: Box::new(invoice),
+            cost: CostAtFinalization {
+                agent_type: "type_research".into(),
+                cost: d("20.5"),
+                cost_currency: config.workspace.currency.clone(),
+                exchange_rate,
+            },
+            reissues: None,
+        }
+    }
+
+    #[test]
+    fn the_margin_of_a_row_uses_the_rate_frozen_at_finalization() {
+        let before = in_euros("1.0842");
+        let log = vec![(0, finalize_november(&before))];
+        let row = InvoiceRow::of(&project(log.clone())[0]).unwrap();
+        // 154.45 EUR × 1.0842 = 167.454690 → 167.45 USD, less 20.5 USD of cost.
+        let scaled = |text: &str| agentmeter_schemas::decimal::to_scaled_i128(d(text)).unwrap();
+        assert_eq!(row.total, scaled("154.45"));
+        assert_eq!(row.margin, Some(scaled("146.95")));
+
+        // The rate changes afterwards: a new draft would use it, the finalized row does not.
+        let after = in_euros("1.5");
+        let LogRecord::Finalize { cost, .. } = finalize_november(&after) else {
+            unreachable!()
+        };
+        assert_eq!(cost.exchange_rate, Some(d("1.5")));
+        let again = InvoiceRow::of(&project(log)[0]).unwrap();
+        assert_eq!(again.margin, row.margin);
+        assert_eq!(again.content, row.content);
+        assert_eq!(again.version, row.version);
+
+        // No rate configured when it was finalized: no margin, whatever is configured since.
+        let mut without = in_euros("1.0842");
+        without.exchange_rates.clear();
+        let row = InvoiceRow::of(&project(vec![(0, finalize_november(&without))])[0]).unwrap();
+        assert_eq!(row.margin, None);
+        // In the cost currency: total − cost, no rate.
+        let usd = MeteringConfig::from_toml(EXAMPLE).unwrap();
+        let row = InvoiceRow::of(&project(vec![(0, finalize_november(&usd))])[0]).unwrap();
+        assert_eq!(row.margin, Some(scaled("133.95")));
+    }
 }

@@ -2,7 +2,7 @@
 //! contains an instant (default: now), computed from the exact usage in ClickHouse and the
 //! workspace's configuration as last applied (docs/billing.md).
 //!
-//! `agentmeter invoices finalize | void | list | show`: finalized invoices (ADR 0004). Finalizing
+//! `agentmeter invoices finalize | void | reissue | list | show`: finalized invoices (ADR 0004). Finalizing
 //! appends each draft's whole content to the finalization log (`<prefix>billing.finalizations`,
 //! one partition) unless the log already has that invoice; then the log is projected into the
 //! `invoices` table, where the first record of an invoice wins and its number is its position
@@ -13,26 +13,27 @@
 //! 60 s by default), so boundaries at whole minutes — periods always start at one — are exact.
 //! A subscription to a product bills the usage of the account's agent instances of the
 //! product's agent type (seats, which `seats_by_account_day` counts per account, excepted). Next
-//! to each invoice the preview shows the cost of the same usage and, when the plan's currency is
-//! the workspace's, the margin (total − cost).
+//! to each invoice the preview shows the cost of the same usage and the margin (total − cost),
+//! through the exchange rate in force at the period end when the plan bills in another
+//! currency than the workspace's costs (`agentmeter_billing::exchange`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use agentmeter_billing::finalization::{
-    billed_periods, correction, invoice_id, project, CostAtFinalization, FinalizedInvoice,
-    LogRecord,
+    billed_periods, correction, invoice_id, project, reissue_id, reissue_takeback,
+    CostAtFinalization, FinalizedInvoice, LogRecord,
 };
 use agentmeter_billing::invoice::{draft, plan_of, DraftInvoice};
 use agentmeter_billing::period::coverage;
 use agentmeter_runtime::config_watch::read_config_topic;
-use agentmeter_schemas::catalog::Metric;
 use agentmeter_schemas::metering::{is_valid_identifier, MeteringConfig};
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use rust_decimal::Decimal;
 use time::OffsetDateTime;
 
+use crate::period_usage::{Needed, PeriodUsage};
 use crate::Settings;
 
 #[derive(Debug, Subcommand)]
@@ -43,8 +44,11 @@ pub enum InvoicesCommand {
     /// Finalize the invoices of an account (or of every account) for the period containing
     /// --at (default: the last period whose grace period is over), once its grace is over.
     Finalize(FinalizeArgs),
-    /// Void a finalized invoice (it keeps its number; a corrected one is finalized anew).
+    /// Void a finalized invoice (it keeps its number; `reissue` finalizes a corrected one).
     Void(VoidArgs),
+    /// Replace a void invoice by a new one of the same subscription and period, drafted anew
+    /// (usage and configuration now), with the workspace's next number.
+    Reissue(ReissueArgs),
     /// List the finalized invoices of a workspace.
     List(ListArgs),
     /// Print one finalized invoice, as it was frozen.
@@ -94,6 +98,16 @@ pub struct VoidArgs {
     /// Why (kept with the invoice).
     #[arg(long)]
     pub reason: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ReissueArgs {
+    /// The workspace.
+    #[arg(long)]
+    pub workspace: String,
+    /// The number of the void invoice to replace.
+    #[arg(long)]
+    pub number: u64,
 }
 
 #[derive(Debug, Args)]
@@ -150,6 +164,7 @@ pub async fn run(command: InvoicesCommand, settings: &Settings) -> anyhow::Resul
         InvoicesCommand::Preview(args) => preview(args, settings).await,
         InvoicesCommand::Finalize(args) => finalize(args, settings).await,
         InvoicesCommand::Void(args) => void(args, settings).await,
+        InvoicesCommand::Reissue(args) => reissue(args, settings).await,
         InvoicesCommand::List(args) => list(args, settings).await,
         InvoicesCommand::Show(args) => show(args, settings).await,
     }
@@ -204,10 +219,11 @@ async fn preview(args: PreviewArgs, settings: &Settings) -> anyhow::Result<()> {
     })
     .await??;
     let finalized = project(log);
+    let mut earlier_drafts =
+        DraftCache::new(settings, &record.config, args.selection.account.as_deref());
     let mut corrected = Vec::with_capacity(previews.len());
     for preview in previews {
-        corrected
-            .push(with_pending_corrections(settings, &record.config, &finalized, preview).await?);
+        corrected.push(with_pending_corrections(&mut earlier_drafts, &finalized, preview).await?);
     }
     let previews = corrected;
     if let Some(directory) = &args.html {
@@ -241,11 +257,17 @@ async fn preview(args: PreviewArgs, settings: &Settings) -> anyhow::Result<()> {
     } else {
         for preview in &previews {
             print!("{}", DraftInvoice::to_text(&preview.invoice));
-            let margin = match preview.margin {
-                Some(margin) => format!("margin {margin} {}", preview.cost_currency),
-                None => format!(
-                    "no margin: the plan bills in {}, costs are in {} (no exchange rate configured)",
-                    preview.invoice.currency, preview.cost_currency
+            let margin = match (preview.margin, preview.exchange_rate) {
+                (Some(margin), None) => format!("margin {margin} {}", preview.cost_currency),
+                (Some(margin), Some(rate)) => format!(
+                    "margin {margin} {cost} (the total converted at {rate} {cost} per {currency}, the rate in force at the period's end)",
+                    cost = preview.cost_currency,
+                    currency = preview.invoice.currency
+                ),
+                (None, _) => format!(
+                    "no margin: the plan bills in {currency}, costs are in {cost}, and no exchange rate {currency} → {cost} is in force at the period's end (add one to [[exchange_rates]])",
+                    currency = preview.invoice.currency,
+                    cost = preview.cost_currency
                 ),
             };
             println!(
@@ -360,9 +382,16 @@ impl std::fmt::Display for Finalization {
 }
 
 /// Finalizes the `which` periods of the subscriptions of `account` (every account's when
-/// `None`) in the workspace of `record`, each once its grace period is over (ADR 0004). Periods
-/// are finalized one at a time, oldest first, each against the log as it is then, so a later
-/// period's corrections see the earlier one's invoice.
+/// `None`) in the workspace of `record`, each once its grace period is over (ADR 0004).
+///
+/// Periods are finalized in rounds, oldest first: round *k* takes the *k*-th oldest period of
+/// every subscription, against the log as it is after round *k − 1*, so a later period's
+/// corrections see the earlier one's invoice. Within a round the subscriptions do not depend on
+/// each other (corrections are per subscription), so a round reads the log once, drafts from
+/// one usage read per period ([`DraftCache`]), appends all its records at once and projects
+/// once — a month-end run over 1,000 accounts is a few ClickHouse queries and one append, not
+/// thousands. A run killed in the middle of an append leaves some records in the log and not
+/// others; the next run finds the first finalized and finalizes the rest.
 pub async fn finalize_closed_periods(
     settings: &Settings,
     record: &agentmeter_schemas::metering::ConfigRecord,
@@ -373,7 +402,7 @@ pub async fn finalize_closed_periods(
 ) -> anyhow::Result<Vec<Finalization>> {
     let config = &record.config;
     let zone = agentmeter_billing::period::time_zone(&config.workspace.time_zone)?;
-    let mut outcomes = Vec::new();
+    let mut periods_of_subscriptions = Vec::new();
     for subscription in config
         .subscriptions
         .iter()
@@ -406,72 +435,169 @@ pub async fn finalize_closed_periods(
                 starts.reverse();
             }
         }
-        for start in starts {
-            if let Some(outcome) =
-                finalize_one(settings, record, subscription, start, grace, now).await?
-            {
-                outcomes.push(outcome);
+        periods_of_subscriptions.push((subscription, starts));
+    }
+    let rounds = periods_of_subscriptions
+        .iter()
+        .map(|(_, starts)| starts.len())
+        .max()
+        .unwrap_or(0);
+    let mut drafts = DraftCache::new(settings, config, account);
+    // (subscription's position, round, outcome): reported per subscription, oldest first.
+    let mut outcomes = Vec::new();
+    for round in 0..rounds {
+        let kafka = settings.kafka.clone();
+        let log = tokio::task::spawn_blocking(move || {
+            crate::invoice_log::read_log(&kafka, Duration::from_secs(60))
+        })
+        .await??;
+        let in_log: std::collections::HashSet<String> = log
+            .iter()
+            .map(|(_, record)| record.invoice_id().to_string())
+            .collect();
+        let finalized = project(log);
+        let mut appended = Vec::new();
+        for (position, (subscription, starts)) in periods_of_subscriptions.iter().enumerate() {
+            let Some(&period_start) = starts.get(round) else {
+                continue;
+            };
+            let id = invoice_id(
+                &config.workspace.id,
+                &subscription.account,
+                &subscription.id,
+                period_start,
+            );
+            // The log first: an already finalized period (every run of the billing stage meets
+            // its last ones again) costs no draft.
+            if in_log.contains(&id) {
+                outcomes.push((
+                    position,
+                    round,
+                    Finalization::AlreadyFinalized {
+                        subscription: subscription.id.clone(),
+                        period_start,
+                    },
+                ));
+                continue;
             }
+            let Some(preview) = drafts.draft(&subscription.id, period_start).await? else {
+                continue;
+            };
+            let closes = preview
+                .invoice
+                .period_end
+                .checked_add(grace)
+                .context("the grace period is too long")?;
+            if closes > now {
+                outcomes.push((
+                    position,
+                    round,
+                    Finalization::NotClosed {
+                        subscription: subscription.id.clone(),
+                        period_start: preview.invoice.period_start,
+                        closes,
+                    },
+                ));
+                continue;
+            }
+            // Usage of earlier finalized periods that changed since: corrections, frozen with it.
+            let preview = with_pending_corrections(&mut drafts, &finalized, preview).await?;
+            appended.push((
+                position,
+                id.clone(),
+                finalize_record(record, subscription, preview, &id, now, None),
+            ));
+        }
+        if appended.is_empty() {
+            continue;
+        }
+        let records: Vec<LogRecord> = appended
+            .iter()
+            .map(|(_, _, record)| record.clone())
+            .collect();
+        crate::invoice_log::append(&settings.kafka, &records).await?;
+        // Whatever this process appended, and whatever others did, the log decides: project it.
+        let invoices =
+            crate::invoice_log::project_log(&settings.kafka, &settings.clickhouse).await?;
+        for (position, id, _) in appended {
+            let winner = invoices
+                .iter()
+                .find(|finalized| finalized.invoice_id == id)
+                .context("a finalization record is not in the log after appending it")?;
+            outcomes.push((
+                position,
+                round,
+                Finalization::Finalized {
+                    number: winner.invoice.number.unwrap_or(0),
+                    account: winner.invoice.bill_to.account_id.clone(),
+                    subscription: winner.invoice.subscription_id.clone(),
+                    period_start: winner.invoice.period_start,
+                    total: winner.invoice.total,
+                    currency: winner.invoice.currency.clone(),
+                    corrections: winner.invoice.corrections.len(),
+                },
+            ));
         }
     }
-    Ok(outcomes)
+    outcomes.sort_by_key(|(position, round, _)| (*position, *round));
+    Ok(outcomes
+        .into_iter()
+        .map(|(_, _, outcome)| outcome)
+        .collect())
 }
 
-/// Finalizes the period of `subscription` that starts at `period_start` (see
-/// [`finalize_closed_periods`]); `None` when the subscription bills nothing in it.
-async fn finalize_one(
-    settings: &Settings,
+/// The drafts of one scope (an account, or every account when `None`) by the instant whose
+/// periods they are for, each drafted once per run. A draft is a function of the configuration
+/// and the usage, not of the finalization log, so every subscription finalized, and every earlier
+/// period re-priced for corrections, in one run can share it.
+pub(crate) struct DraftCache<'a> {
+    settings: &'a Settings,
+    config: &'a MeteringConfig,
+    scope: Option<&'a str>,
+    drafts_at: HashMap<OffsetDateTime, Vec<Preview>>,
+}
+
+impl<'a> DraftCache<'a> {
+    pub(crate) fn new(
+        settings: &'a Settings,
+        config: &'a MeteringConfig,
+        scope: Option<&'a str>,
+    ) -> DraftCache<'a> {
+        DraftCache {
+            settings,
+            config,
+            scope,
+            drafts_at: HashMap::new(),
+        }
+    }
+
+    /// The draft of `subscription` for its period containing `instant`, if it is in force then.
+    pub(crate) async fn draft(
+        &mut self,
+        subscription: &str,
+        instant: OffsetDateTime,
+    ) -> anyhow::Result<Option<Preview>> {
+        if !self.drafts_at.contains_key(&instant) {
+            let previews = drafts(self.settings, self.config, self.scope, instant).await?;
+            self.drafts_at.insert(instant, previews);
+        }
+        Ok(self.drafts_at[&instant]
+            .iter()
+            .find(|preview| preview.invoice.subscription_id == subscription)
+            .cloned())
+    }
+}
+
+/// The record finalizing `preview` of `subscription` as the invoice `id` (a reissue of the void
+/// invoice `reissues`), with its cost and exchange rate frozen.
+fn finalize_record(
     record: &agentmeter_schemas::metering::ConfigRecord,
     subscription: &agentmeter_schemas::catalog::Subscription,
-    period_start: OffsetDateTime,
-    grace: time::Duration,
+    preview: Preview,
+    id: &str,
     now: OffsetDateTime,
-) -> anyhow::Result<Option<Finalization>> {
-    // The log first: an already finalized period (every run of the billing stage meets its
-    // last ones again) costs no draft.
-    let id = invoice_id(
-        &record.config.workspace.id,
-        &subscription.account,
-        &subscription.id,
-        period_start,
-    );
-    let kafka = settings.kafka.clone();
-    let log = tokio::task::spawn_blocking(move || {
-        crate::invoice_log::read_log(&kafka, Duration::from_secs(60))
-    })
-    .await??;
-    if log.iter().any(|(_, record)| record.invoice_id() == id) {
-        return Ok(Some(Finalization::AlreadyFinalized {
-            subscription: subscription.id.clone(),
-            period_start,
-        }));
-    }
-    let Some(preview) = drafts(
-        settings,
-        &record.config,
-        Some(&subscription.account),
-        period_start,
-    )
-    .await?
-    .into_iter()
-    .find(|preview| preview.invoice.subscription_id == subscription.id) else {
-        return Ok(None);
-    };
-    let invoice = &preview.invoice;
-    let closes = invoice
-        .period_end
-        .checked_add(grace)
-        .context("the grace period is too long")?;
-    if closes > now {
-        return Ok(Some(Finalization::NotClosed {
-            subscription: subscription.id.clone(),
-            period_start: invoice.period_start,
-            closes,
-        }));
-    }
-    // Usage of earlier finalized periods that changed since: corrections, frozen with it.
-    let finalized = project(log);
-    let preview = with_pending_corrections(settings, &record.config, &finalized, preview).await?;
+    reissues: Option<String>,
+) -> LogRecord {
     let agent_type = record
         .config
         .products
@@ -479,41 +605,26 @@ async fn finalize_one(
         .find(|product| product.id == subscription.product)
         .map(|product| product.agent_type.clone())
         .unwrap_or_default();
-    let appended = LogRecord::Finalize {
-        invoice_id: id.clone(),
+    LogRecord::Finalize {
+        invoice_id: id.to_string(),
         config_version: u64::try_from(record.version).unwrap_or(0),
         finalized_at: now,
         cost: CostAtFinalization {
             agent_type,
             cost: preview.cost,
             cost_currency: preview.cost_currency,
+            exchange_rate: preview.exchange_rate,
         },
         invoice: Box::new(preview.invoice),
-    };
-    crate::invoice_log::append(&settings.kafka, std::slice::from_ref(&appended)).await?;
-    // Whatever this process appended, and whatever others did, the log decides: project it.
-    let invoices = crate::invoice_log::project_log(&settings.kafka, &settings.clickhouse).await?;
-    let winner = invoices
-        .iter()
-        .find(|finalized| finalized.invoice_id == id)
-        .context("the finalization record is not in the log after appending it")?;
-    Ok(Some(Finalization::Finalized {
-        number: winner.invoice.number.unwrap_or(0),
-        account: winner.invoice.bill_to.account_id.clone(),
-        subscription: winner.invoice.subscription_id.clone(),
-        period_start: winner.invoice.period_start,
-        total: winner.invoice.total,
-        currency: winner.invoice.currency.clone(),
-        corrections: winner.invoice.corrections.len(),
-    }))
+        reissues,
+    }
 }
 
 /// `preview` with the corrections of its subscription's earlier finalized periods whose usage,
 /// priced now with the configuration in force, differs from what was billed for them
 /// (`agentmeter_billing::finalization::billed_periods`).
 async fn with_pending_corrections(
-    settings: &Settings,
-    config: &MeteringConfig,
+    drafts: &mut DraftCache<'_>,
     finalized: &[FinalizedInvoice],
     mut preview: Preview,
 ) -> anyhow::Result<Preview> {
@@ -526,33 +637,17 @@ async fn with_pending_corrections(
     )?;
     let mut fixes = Vec::new();
     for period in &billed {
-        let now = drafts(
-            settings,
-            config,
-            Some(&invoice.bill_to.account_id),
-            period.period_start,
-        )
-        .await?
-        .into_iter()
-        .find(|draft| draft.invoice.subscription_id == invoice.subscription_id);
+        let now = drafts
+            .draft(&invoice.subscription_id, period.period_start)
+            .await?;
         // A subscription no longer in force in that period (its dates changed) is not priced.
         let Some(now) = now else { continue };
         if let Some(fix) = correction(period, &now.invoice)? {
             fixes.push(fix);
         }
     }
-    let corrected = fixes
-        .iter()
-        .try_fold(Decimal::ZERO, |sum, fix| sum.checked_add(fix.amount))
-        .context("the corrections' sum overflows")?;
     preview.invoice = preview.invoice.with_corrections(fixes)?;
-    if let Some(margin) = preview.margin {
-        preview.margin = Some(
-            margin
-                .checked_add(corrected)
-                .context("the margin with corrections overflows")?,
-        );
-    }
+    preview.margin = preview.margin_now()?;
     Ok(preview)
 }
 
@@ -591,6 +686,107 @@ async fn void(args: VoidArgs, settings: &Settings) -> anyhow::Result<()> {
     crate::invoice_log::append(&settings.kafka, std::slice::from_ref(&record)).await?;
     crate::invoice_log::project_log(&settings.kafka, &settings.clickhouse).await?;
     println!("voided invoice {} of {}", args.number, args.workspace);
+    Ok(())
+}
+
+/// Reissues the void invoice `--number` (ADR 0004, "Void and reissue"): its subscription and
+/// period drafted anew, with the pending corrections of earlier periods and the take-back of
+/// the period's corrections still billed on standing invoices, appended under the reissue's
+/// deterministic id — so racing reissuers make one invoice.
+async fn reissue(args: ReissueArgs, settings: &Settings) -> anyhow::Result<()> {
+    check_ids(&args.workspace, None)?;
+    let invoices = crate::invoice_log::project_log(&settings.kafka, &settings.clickhouse).await?;
+    let voided = invoices
+        .iter()
+        .find(|finalized| {
+            finalized.invoice.workspace_id == args.workspace
+                && finalized.invoice.number == Some(args.number)
+        })
+        .with_context(|| {
+            format!(
+                "workspace {:?} has no finalized invoice {}",
+                args.workspace, args.number
+            )
+        })?;
+    anyhow::ensure!(
+        voided.void_reason.is_some(),
+        "invoice {} of {} is not void (it is {}); only a void invoice can be reissued: void it first with `agentmeter invoices void --workspace {} --number {} --reason ...`",
+        args.number,
+        args.workspace,
+        voided.invoice.status,
+        args.workspace,
+        args.number
+    );
+    let id = reissue_id(&voided.invoice_id);
+    if let Some(reissued) = invoices.iter().find(|finalized| finalized.invoice_id == id) {
+        println!(
+            "invoice {} was already reissued as invoice {}",
+            args.number,
+            reissued.invoice.number.unwrap_or(0)
+        );
+        return Ok(());
+    }
+    let record = workspace_config(settings, &args.workspace).await?;
+    let config = &record.config;
+    let old = &voided.invoice;
+    let subscription = config
+        .subscriptions
+        .iter()
+        .find(|subscription| subscription.id == old.subscription_id)
+        .with_context(|| {
+            format!(
+                "invoice {}'s subscription {:?} is no longer in the configuration, so its period cannot be drafted anew; finalize the subscription that replaced it instead",
+                args.number, old.subscription_id
+            )
+        })?;
+    let preview = drafts(
+        settings,
+        config,
+        Some(&subscription.account),
+        old.period_start,
+    )
+    .await?
+    .into_iter()
+    .find(|preview| preview.invoice.subscription_id == subscription.id)
+    .filter(|preview| preview.invoice.period_start == old.period_start)
+    .with_context(|| {
+        format!(
+            "subscription {:?} no longer has a period starting {} (its dates or plan changed since invoice {}); finalize its periods as they are now instead",
+            subscription.id, old.period_start, args.number
+        )
+    })?;
+    let mut earlier_drafts = DraftCache::new(settings, config, Some(&subscription.account));
+    let mut preview = with_pending_corrections(&mut earlier_drafts, &invoices, preview).await?;
+    if let Some(takeback) = reissue_takeback(&invoices, voided)? {
+        preview.invoice = preview.invoice.with_corrections(vec![takeback])?;
+        preview.margin = preview.margin_now()?;
+    }
+    preview.invoice.reissues = old.number;
+    let appended = finalize_record(
+        &record,
+        subscription,
+        preview,
+        &id,
+        OffsetDateTime::now_utc(),
+        Some(voided.invoice_id.clone()),
+    );
+    crate::invoice_log::append(&settings.kafka, std::slice::from_ref(&appended)).await?;
+    // Whoever else reissued it meanwhile, the first record in the log is the reissue.
+    let invoices = crate::invoice_log::project_log(&settings.kafka, &settings.clickhouse).await?;
+    let winner = invoices
+        .iter()
+        .find(|finalized| finalized.invoice_id == id)
+        .context("the reissue is not in the log after appending it")?;
+    println!(
+        "reissued invoice {} of {} as invoice {}: {} {} {} {}",
+        args.number,
+        args.workspace,
+        winner.invoice.number.unwrap_or(0),
+        winner.invoice.subscription_id,
+        winner.invoice.period_start.date(),
+        winner.invoice.total,
+        winner.invoice.currency
+    );
     Ok(())
 }
 
@@ -661,7 +857,8 @@ async fn show(args: ShowArgs, settings: &Settings) -> anyhow::Result<()> {
 }
 
 /// The drafts of `account`'s subscriptions (every account's when `None`) for the periods
-/// containing `instant`, with the cost of the usage they bill.
+/// containing `instant`, with the cost of the usage they bill. The usage of all of them is read
+/// in one query ([`PeriodUsage`]).
 pub(crate) async fn drafts(
     settings: &Settings,
     config: &MeteringConfig,
@@ -669,7 +866,9 @@ pub(crate) async fn drafts(
     instant: OffsetDateTime,
 ) -> anyhow::Result<Vec<Preview>> {
     let zone = agentmeter_billing::period::time_zone(&config.workspace.time_zone)?;
-    let mut previews = Vec::new();
+    let mut covered_subscriptions = Vec::new();
+    let mut ranges = BTreeSet::new();
+    let mut needed = Needed::default();
     for subscription in config
         .subscriptions
         .iter()
@@ -679,219 +878,75 @@ pub(crate) async fn drafts(
         let Some(covered) = coverage(plan, subscription, instant, &zone)? else {
             continue;
         };
-        let usage = UsageOf {
-            workspace: &config.workspace.id,
-            account: &subscription.account,
-            instances: instances_of(config, subscription),
-            from: clickhouse_time(covered.from),
-            to: clickhouse_time(covered.to),
-        };
-        let quantities = read_quantities(settings, plan, &usage)
-            .await
+        ranges.insert((covered.from, covered.to));
+        needed = needed
+            .with_plan(plan)
+            .with_context(|| format!("subscription {:?}", subscription.id))?;
+        covered_subscriptions.push((subscription, plan, covered));
+    }
+    let ranges: Vec<_> = ranges.into_iter().collect();
+    let usage = PeriodUsage::read(settings, config, account, &ranges, needed).await?;
+    let mut previews = Vec::new();
+    for (subscription, plan, covered) in covered_subscriptions {
+        let range = (covered.from, covered.to);
+        let quantities = usage
+            .quantities(config, subscription, plan, range)
             .with_context(|| format!("subscription {:?}", subscription.id))?;
         let invoice = draft(config, subscription, &covered, &quantities)?;
-        let cost = read_cost(settings, &usage)
-            .await
+        let cost = usage
+            .cost(config, subscription, range)
             .with_context(|| format!("subscription {:?}: cost", subscription.id))?;
-        let margin = (invoice.currency == config.workspace.currency).then(|| invoice.total - cost);
-        previews.push(Preview {
+        let exchange_rate = agentmeter_billing::exchange::rate_at(
+            &config.exchange_rates,
+            &invoice.currency,
+            &config.workspace.currency,
+            invoice.period_end,
+        );
+        let mut preview = Preview {
             invoice,
             cost,
             cost_currency: config.workspace.currency.clone(),
-            margin,
-        });
+            exchange_rate,
+            margin: None,
+        };
+        preview.margin = preview.margin_now()?;
+        previews.push(preview);
     }
     Ok(previews)
 }
 
 /// A draft invoice with the cost of the usage it bills.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Preview {
     #[serde(flatten)]
     pub(crate) invoice: DraftInvoice,
     /// The allocated cost of the same usage (exact), in the workspace's currency.
     pub(crate) cost: Decimal,
     pub(crate) cost_currency: String,
-    /// `total − cost`, when both are in one currency.
+    /// The rate of the plan's currency into the cost currency in force at the period end,
+    /// when they differ and one is configured (`agentmeter_billing::exchange`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) exchange_rate: Option<Decimal>,
+    /// `total − cost`, the total converted with `exchange_rate` when the currencies differ;
+    /// none when they differ and no rate is in force.
     pub(crate) margin: Option<Decimal>,
 }
 
-/// Whose usage, and when: the account's agent instances of the product's agent type, in
-/// `[from, to)`.
-struct UsageOf<'a> {
-    workspace: &'a str,
-    account: &'a str,
-    instances: Vec<String>,
-    from: String,
-    to: String,
-}
-
-fn instances_of(
-    config: &MeteringConfig,
-    subscription: &agentmeter_schemas::catalog::Subscription,
-) -> Vec<String> {
-    let agent_type = config
-        .products
-        .iter()
-        .find(|product| product.id == subscription.product)
-        .map(|product| product.agent_type.as_str());
-    config
-        .agent_instances
-        .iter()
-        .filter(|instance| {
-            instance.account == subscription.account
-                && Some(instance.agent_type.as_str()) == agent_type
-        })
-        .map(|instance| instance.id.clone())
-        .collect()
-}
-
-async fn read_cost(settings: &Settings, usage: &UsageOf<'_>) -> anyhow::Result<Decimal> {
-    if usage.instances.is_empty() {
-        return Ok(Decimal::ZERO);
-    }
-    let query = format!(
-        "SELECT toString(sum(cost)) AS quantity {}",
-        usage_clause(&settings.clickhouse.database)
-    );
-    let row = bind_usage(settings.clickhouse.client().query(&query), usage)
-        .fetch_one::<QuantityRow>()
-        .await?;
-    exact_decimal(&row.quantity)
-}
-
-#[derive(Debug, clickhouse::Row, serde::Deserialize)]
-struct QuantityRow {
-    quantity: String,
-}
-
-/// The period's quantity of every usage charge of `plan`, from ClickHouse.
-async fn read_quantities(
-    settings: &Settings,
-    plan: &agentmeter_schemas::catalog::RatePlan,
-    usage: &UsageOf<'_>,
-) -> anyhow::Result<HashMap<String, Decimal>> {
-    let database = &settings.clickhouse.database;
-    let client = settings.clickhouse.client();
-    let from_usage = usage_clause(database);
-    let mut quantities = HashMap::new();
-    for charge in &plan.charges {
-        let metric = charge
-            .metric()
-            .map_err(|problem| anyhow::anyhow!("charge {:?}: {problem}", charge.id))?;
-        if usage.instances.is_empty() && !matches!(metric, Metric::Seats) {
-            // No agent of the product's type: nothing to count (and 18.16 cannot `has` an
-            // empty array).
-            quantities.insert(charge.id.clone(), Decimal::ZERO);
-            continue;
-        }
-        // A sum over the usage rows, of all action names or only some.
-        let sum_of_names = |sum: &str, condition: &str, only: &[String]| {
-            let sql = format!(
-                "SELECT toString({sum}) AS quantity {from_usage}{condition}{}",
-                names_clause(only)
-            );
-            bind_names(bind_usage(client.query(&sql), usage), only)
-        };
-        let query = match &metric {
-            Metric::Fee => continue,
-            Metric::Actions { only } => sum_of_names("sum(action_count)", "", only),
-            Metric::Outcomes { only } => sum_of_names("sum(outcome_count)", " AND outcome = 1", only),
-            Metric::Measure { action, measure } => bind_usage(
-                client.query(&format!(
-                    "SELECT toString(sum(quantity)) AS quantity {from_usage} AND action_name = ? AND measure = ?"
-                )),
-                usage,
+impl Preview {
+    /// The margin of the invoice as it is now (its corrections included).
+    fn margin_now(&self) -> anyhow::Result<Option<Decimal>> {
+        agentmeter_billing::exchange::margin(
+            self.invoice.total,
+            &self.invoice.currency,
+            self.cost,
+            &self.cost_currency,
+            self.exchange_rate,
+        )
+        .with_context(|| {
+            format!(
+                "the margin of subscription {:?}",
+                self.invoice.subscription_id
             )
-            .bind(action)
-            .bind(measure),
-            Metric::Users => bind_usage(
-                client.query(&format!(
-                    "SELECT toString(uniqExact(user_key)) AS quantity {from_usage} AND user_key != ''"
-                )),
-                usage,
-            ),
-            // The period's peak of the trailing-30-days seats of the account (docs/billing.md).
-            Metric::Seats => client
-                .query(&format!(
-                    "SELECT toString(max(seats)) AS quantity FROM {database}.seats_by_account_day \
-                     WHERE workspace_id = ? AND account_id = ? \
-                     AND day >= toDate(toDateTime(?, 'UTC')) AND day <= toDate(toDateTime(?, 'UTC') - 1)"
-                ))
-                .bind(usage.workspace)
-                .bind(usage.account)
-                .bind(&usage.from)
-                .bind(&usage.to),
-        };
-        let row = query
-            .fetch_one::<QuantityRow>()
-            .await
-            .with_context(|| format!("cannot read the quantity of charge {:?}", charge.id))?;
-        let quantity =
-            exact_decimal(&row.quantity).with_context(|| format!("charge {:?}", charge.id))?;
-        quantities.insert(charge.id.clone(), quantity);
+        })
     }
-    Ok(quantities)
-}
-
-/// The billable usage of [`UsageOf`]; binds workspace, account, instances, from, to.
-fn usage_clause(database: &str) -> String {
-    format!(
-        "FROM {database}.usage_exact WHERE workspace_id = ? AND account_id = ? \
-         AND has(?, agent_instance_id) AND tracked = 1 \
-         AND window_start >= toDateTime(?, 'UTC') AND window_start < toDateTime(?, 'UTC')"
-    )
-}
-
-fn bind_usage(query: clickhouse::query::Query, usage: &UsageOf<'_>) -> clickhouse::query::Query {
-    query
-        .bind(usage.workspace)
-        .bind(usage.account)
-        .bind(&usage.instances)
-        .bind(&usage.from)
-        .bind(&usage.to)
-}
-
-/// A decimal of ClickHouse's text, exactly, or an error: trailing zeros of the scale-12 text
-/// are not digits to keep.
-fn exact_decimal(text: &str) -> anyhow::Result<Decimal> {
-    let trimmed = if text.contains('.') {
-        text.trim_end_matches('0').trim_end_matches('.')
-    } else {
-        text
-    };
-    Decimal::from_str_exact(trimmed)
-        .with_context(|| format!("ClickHouse answered {text:?}, not an exact decimal"))
-}
-
-/// ` AND has(?, action_name)` when only some names count. (ClickHouse 18.16 cannot `has` an
-/// empty array literal against a string, so no names means no clause.)
-fn names_clause(only: &[String]) -> &'static str {
-    if only.is_empty() {
-        ""
-    } else {
-        " AND has(?, action_name)"
-    }
-}
-
-fn bind_names(query: clickhouse::query::Query, only: &[String]) -> clickhouse::query::Query {
-    if only.is_empty() {
-        query
-    } else {
-        query.bind(only)
-    }
-}
-
-/// `YYYY-MM-DD hh:mm:ss` in UTC, as ClickHouse's `toDateTime` reads it.
-fn clickhouse_time(instant: OffsetDateTime) -> String {
-    let utc = instant.to_offset(time::UtcOffset::UTC);
-    format!(
-        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
-        utc.year(),
-        utc.month() as u8,
-        utc.day(),
-        utc.hour(),
-        utc.minute(),
-        utc.second()
-    )
 }

@@ -21,6 +21,7 @@ mod config_cmd;
 mod demo;
 mod invoice_log;
 mod invoices_cmd;
+mod period_usage;
 mod plans_cmd;
 mod reset_input_cmd;
 

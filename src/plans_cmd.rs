@@ -4,7 +4,10 @@
 //! Each account (or the one asked for) gets a simulated subscription to the plan from `--from`
 //! to `--to`; every billing period of it in between is drafted exactly as `invoices preview`
 //! drafts a real one (same quantities from ClickHouse, same pricing, same proration of the first
-//! and last periods), and nothing is written anywhere.
+//! and last periods), and nothing is written anywhere. A plan in another currency than the
+//! costs has a margin through the exchange rate in force at each period's end.
+
+use std::collections::HashMap;
 
 use agentmeter_billing::period::{start_of_day, time_zone, TimeZone};
 use agentmeter_schemas::catalog::{rate_plans, Subscription};
@@ -56,6 +59,11 @@ struct SimulatedPeriod {
     currency: String,
     cost: Decimal,
     cost_currency: String,
+    /// The plan's currency in the cost currency, in force at the period's end, when they differ.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exchange_rate: Option<Decimal>,
+    /// Revenue (converted with `exchange_rate` when the currencies differ) less cost; none
+    /// when they differ and no rate is in force.
     margin: Option<Decimal>,
 }
 
@@ -119,32 +127,39 @@ pub async fn run(command: PlansCommand, settings: &Settings) -> anyhow::Result<(
             end: Some(to),
         })
         .collect();
+    // Every simulated subscription starts at --from on the same plan, so all accounts share
+    // the periods: each is drafted for all of them from one read of its usage.
     let mut periods = Vec::new();
-    for account in &accounts {
-        let mut at = from;
-        while at < to {
-            let Some(preview) = drafts(settings, &config, Some(account), at)
-                .await?
-                .into_iter()
-                .next()
-            else {
-                break;
-            };
+    let mut at = from;
+    while at < to {
+        let previews = drafts(settings, &config, args.account.as_deref(), at).await?;
+        let Some(period_to) = previews.first().map(|preview| preview.invoice.to) else {
+            break;
+        };
+        for preview in previews {
             let invoice = &preview.invoice;
             periods.push(SimulatedPeriod {
-                account: account.clone(),
+                account: invoice.bill_to.account_id.clone(),
                 from: invoice.from,
                 to: invoice.to,
                 revenue: invoice.total,
                 currency: invoice.currency.clone(),
                 cost: preview.cost,
                 cost_currency: preview.cost_currency.clone(),
+                exchange_rate: preview.exchange_rate,
                 margin: preview.margin,
             });
-            anyhow::ensure!(invoice.to > at, "a billing period did not advance");
-            at = invoice.to;
         }
+        anyhow::ensure!(period_to > at, "a billing period did not advance");
+        at = period_to;
     }
+    // Per account in the configuration's order, then by period.
+    let position: HashMap<&str, usize> = accounts
+        .iter()
+        .enumerate()
+        .map(|(position, account)| (account.as_str(), position))
+        .collect();
+    periods.sort_by_key(|period| (position.get(period.account.as_str()).copied(), period.from));
     if args.json {
         println!("{}", serde_json::to_string_pretty(&periods)?);
         return Ok(());
@@ -173,11 +188,16 @@ pub async fn run(command: PlansCommand, settings: &Settings) -> anyhow::Result<(
             period.currency,
             period.cost.round_dp(2),
             period.cost_currency,
-            period
-                .margin
-                .map_or("— (other currency)".to_string(), |margin| margin
-                    .round_dp(2)
-                    .to_string())
+            match (period.margin, period.exchange_rate) {
+                (Some(margin), None) => margin.round_dp(2).to_string(),
+                (Some(margin), Some(rate)) => format!(
+                    "{} (at {rate} {} per {})",
+                    margin.round_dp(2),
+                    period.cost_currency,
+                    period.currency
+                ),
+                (None, _) => "— (no exchange rate in force)".to_string(),
+            }
         );
         revenue = revenue
             .checked_add(period.revenue)

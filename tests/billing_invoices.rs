@@ -882,10 +882,182 @@ fn the_billing_stage_finalizes_closed_periods_by_itself_through_sigkills() {
         metrics.contains("agentmeter_billing_runs_total{result=\"ok\"}"),
         "{metrics}"
     );
-    let logs = env.logs();
-    assert!(logs.contains("finalized invoice"), "{logs}");
+    // Each invoice a stage finalizes is logged and counted. (Which stage finalizes them is a
+    // race: a stage SIGKILLed right after appending leaves its invoices to be found, already
+    // finalized, by the next — so the last stage's own log and counter must agree.)
+    let last_log = std::fs::read_to_string(env.dir.join("billing-last.log")).unwrap();
+    let logged = last_log.matches("finalized invoice").count();
+    let counted = metrics
+        .lines()
+        .find(|line| line.starts_with("agentmeter_billing_invoices_finalized_total"))
+        .and_then(|line| line.rsplit(' ').next())
+        .map_or(0, |value| value.parse::<f64>().unwrap() as usize);
+    assert_eq!(logged, counted, "{last_log}\n{metrics}");
+    let logged_by_all: usize = std::fs::read_dir(&env.dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| {
+            path.file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| name.starts_with("billing-") && name.ends_with(".log"))
+        })
+        .map(|path| {
+            std::fs::read_to_string(path)
+                .unwrap()
+                .matches("finalized invoice")
+                .count()
+        })
+        .sum();
+    assert!(
+        logged_by_all <= 2,
+        "two invoices, each logged by the one stage that finalized it: {logged_by_all}"
+    );
     eprintln!(
         "billing stage: {} finalization records for 2 invoices after 4 SIGKILLs",
         env.read_topic("billing.finalizations").len()
     );
+}
+
+#[test]
+fn a_void_invoice_is_reissued_once_as_the_next_number_and_its_period_billed_once() {
+    let env = billing_pipeline("billing_reissue", true);
+    let month_start = this_month_start();
+    let last_month_start = (month_start - time::Duration::days(1))
+        .replace_day(1)
+        .unwrap();
+    let in_earlier = rfc3339(last_month_start - time::Duration::hours(1));
+    let in_later = rfc3339(month_start - time::Duration::hours(1));
+    // Leads are every 4th action: 5 in the earlier period, 2 in the later one.
+    send_actions(&env, USAGE_SECRET, "earlier", 20, &in_earlier);
+    send_actions(&env, USAGE_SECRET, "later", 8, &in_later);
+    env.wait_for_count(
+        "SELECT sum(action_count) FROM usage_exact",
+        28,
+        Duration::from_secs(120),
+    );
+    let finalize = |at: &str| {
+        env.tool(&[
+            "invoices",
+            "finalize",
+            "--workspace",
+            "ws_billing",
+            "--account",
+            "acc_usage",
+            "--at",
+            at,
+            "--grace",
+            "0s",
+        ])
+    };
+    let reissue = |number: &str| {
+        env.tool(&[
+            "invoices",
+            "reissue",
+            "--workspace",
+            "ws_billing",
+            "--number",
+            number,
+        ])
+    };
+    let void = |number: &str| {
+        env.tool(&[
+            "invoices",
+            "void",
+            "--workspace",
+            "ws_billing",
+            "--number",
+            number,
+            "--reason",
+            "redo",
+        ])
+    };
+    finalize(&in_earlier);
+    // A late lead of the earlier period, corrected on the later period's invoice (2).
+    send_actions(&env, USAGE_SECRET, "late", 4, &in_earlier);
+    env.wait_for_count(
+        "SELECT sum(action_count) FROM usage_exact",
+        32,
+        Duration::from_secs(120),
+    );
+    let earlier_now = amount(&preview(&env, "acc_usage", &in_earlier)[0]["total"]);
+    finalize(&in_later);
+    let before = finalized(&env);
+    assert_eq!(before.len(), 2, "{before:#?}");
+    let fix_amount = amount(&before[1]["corrections"][0]["amount"]);
+
+    // Only a void invoice is reissued.
+    let refused = env.tool_failing(&[
+        "invoices",
+        "reissue",
+        "--workspace",
+        "ws_billing",
+        "--number",
+        "1",
+    ]);
+    assert!(refused.contains("is not void"), "{refused}");
+    void("1");
+    // Finalizing the voided period again does nothing by itself.
+    assert!(finalize(&in_earlier).contains("already finalized"));
+    assert_eq!(finalized(&env).len(), 2);
+
+    // Two reissuers at once: one new invoice, number 3.
+    let outputs: Vec<String> = std::thread::scope(|scope| {
+        let racing: Vec<_> = (0..2).map(|_| scope.spawn(|| reissue("1"))).collect();
+        racing
+            .into_iter()
+            .map(|racer| racer.join().unwrap())
+            .collect()
+    });
+    assert!(
+        outputs.iter().all(|output| output.contains("as invoice 3")),
+        "{outputs:#?}"
+    );
+    assert!(reissue("1").contains("already reissued as invoice 3"));
+    let invoices = finalized(&env);
+    assert_eq!(invoices.len(), 3, "{invoices:#?}");
+    assert_eq!(invoices[0]["status"], "void");
+    assert_eq!(invoices[1], before[1], "invoice 2 never changes");
+    let third = &invoices[2];
+    assert_eq!(third["number"], 3);
+    assert_eq!(third["status"], "finalized");
+    assert_eq!(third["reissues"], 1);
+    assert_eq!(third["period_start"], before[0]["period_start"]);
+    // It bills the period anew (6 leads now) and takes back invoice 2's correction of it.
+    let leads = |invoice: &Value| {
+        invoice["lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|line| line["charge_id"] == "leads")
+            .map(|line| amount(&line["quantity"]))
+            .unwrap()
+    };
+    assert_eq!(leads(third), Decimal::from(6));
+    let takeback = &third["corrections"][0];
+    assert_eq!(takeback["corrects_invoice"], 1);
+    assert_eq!(amount(&takeback["amount"]), -fix_amount);
+    assert_eq!(amount(&third["total"]), earlier_now - fix_amount);
+    let shown = env.tool(&[
+        "invoices",
+        "show",
+        "--workspace",
+        "ws_billing",
+        "--number",
+        "3",
+    ]);
+    assert!(shown.contains("replaces void invoice 1"), "{shown}");
+    // The next draft has nothing left to correct: the period is billed once.
+    let next = preview(&env, "acc_usage", &rfc3339(month_start))[0].clone();
+    assert!(next["corrections"].is_null(), "{next:#}");
+
+    // A reissue can be voided and reissued in turn.
+    void("3");
+    assert!(reissue("3").contains("as invoice 4"));
+    let invoices = finalized(&env);
+    assert_eq!(invoices.len(), 4, "{invoices:#?}");
+    assert_eq!(invoices[2]["status"], "void");
+    assert_eq!(invoices[3]["reissues"], 3);
+    assert_eq!(amount(&invoices[3]["total"]), earlier_now - fix_amount);
+    let next = preview(&env, "acc_usage", &rfc3339(month_start))[0].clone();
+    assert!(next["corrections"].is_null(), "{next:#}");
 }

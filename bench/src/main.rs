@@ -64,6 +64,9 @@ enum Command {
     Fairness(modes::fairness::Args),
     /// Query time of `usage_by_account_month` over 10 million actions.
     MonthlyView(modes::monthly::Args),
+    /// The draft invoices of every account of a workspace of 1,000 accounts and 10 million
+    /// actions, from the usage and from the raw events: both times, and that they agree.
+    Invoices(modes::invoices::Args),
     /// The same messages through plain rdkafka (and plain ClickHouse inserts).
     Baseline(modes::baseline::Args),
     /// baseline, ingest, enrich, aggregate and end-to-end in one run, with a summary table.
@@ -117,6 +120,7 @@ fn main() -> anyhow::Result<()> {
             Command::EndToEnd(args) => modes::e2e::run(&options, args).await,
             Command::Fairness(args) => modes::fairness::run(&options, args).await,
             Command::MonthlyView(args) => modes::monthly::run(&options, args).await,
+            Command::Invoices(args) => modes::invoices::run(&options, args).await,
             Command::Baseline(args) => modes::baseline::run(&options, args, &stage_cpus).await,
             Command::All(args) => modes::run_all(&options, args, &stage_cpus).await,
         }

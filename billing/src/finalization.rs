@@ -8,7 +8,11 @@
 //!   a zombie) are ignored, whatever their content;
 //! * a workspace's invoice number is the position of the winning record among that workspace's
 //!   winning records: 1, 2, 3, … — no gap and no duplicate, since a log position is taken once;
-//! * the first `Void` of a finalized invoice marks it void; it keeps its number and its content.
+//! * the first `Void` of a finalized invoice marks it void; it keeps its number and its content;
+//! * a void invoice may be **reissued**: a `Finalize` of id [`reissue_id`] of the voided id,
+//!   naming it in `reissues`, is a new invoice of the same period with the next number — taken
+//!   only while the invoice it names is void, and only once (the first record wins, as for every
+//!   id). A reissue can be voided and reissued in turn.
 //!
 //! Late usage: [`billed_periods`] says what the finalized invoices billed so far for each
 //! earlier period of a subscription (its invoice, then the newest correction of it on a later
@@ -43,6 +47,9 @@ pub enum LogRecord {
         /// What the invoice's usage cost (allocated cost, exact) when it was finalized.
         #[serde(default)]
         cost: CostAtFinalization,
+        /// The id of the void invoice this one reissues ([`reissue_id`] of it is `invoice_id`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reissues: Option<String>,
     },
     /// Voids the finalized invoice `invoice_id` (it keeps its number).
     Void {
@@ -74,6 +81,11 @@ pub struct CostAtFinalization {
     pub cost: rust_decimal::Decimal,
     /// The workspace's cost currency.
     pub cost_currency: String,
+    /// The exchange rate (units of `cost_currency` per unit of the invoice's currency) in force
+    /// at the period end when it was finalized, when the currencies differ and one was
+    /// configured: the margin is computed with it, never with a rate configured later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exchange_rate: Option<rust_decimal::Decimal>,
 }
 
 /// The id of the invoice of one subscription and period: the same whoever computes it, so that
@@ -101,6 +113,21 @@ pub fn invoice_id(
         .collect()
 }
 
+/// The id of the reissue of the void invoice `voided`: the same whoever reissues it, so that two
+/// reissuers append records of one id and the first wins, as for [`invoice_id`].
+pub fn reissue_id(voided: &str) -> String {
+    let mut hasher = Sha256::new();
+    for part in [voided, "reissue"] {
+        hasher.update(part.as_bytes());
+        hasher.update([0x1f]);
+    }
+    let digest = hasher.finalize();
+    digest[..16]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
 /// A finalized invoice as the log makes it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FinalizedInvoice {
@@ -116,6 +143,8 @@ pub struct FinalizedInvoice {
     pub version: i64,
     pub void_reason: Option<String>,
     pub cost: CostAtFinalization,
+    /// The id of the void invoice this one reissues.
+    pub reissues: Option<String>,
 }
 
 /// Every finalized invoice of the log `records` ((offset, record), in log order), in log order.
@@ -131,11 +160,31 @@ pub fn project(records: impl IntoIterator<Item = (i64, LogRecord)>) -> Vec<Final
                 finalized_at,
                 invoice,
                 cost,
+                reissues,
             } => {
                 if position_by_id.contains_key(&invoice_id) {
                     continue;
                 }
                 let mut invoice = *invoice;
+                // A reissue counts only while what it replaces is void (a record appended in a
+                // race with nothing to replace, or of a forged id, is ignored like a loser).
+                invoice.reissues = None;
+                if let Some(voided) = &reissues {
+                    let replaced = position_by_id
+                        .get(voided)
+                        .map(|&position| &invoices[position])
+                        .filter(|replaced| {
+                            replaced.void_reason.is_some()
+                                && invoice_id == reissue_id(voided)
+                                && replaced.invoice.workspace_id == invoice.workspace_id
+                                && replaced.invoice.subscription_id == invoice.subscription_id
+                                && replaced.invoice.period_start == invoice.period_start
+                        });
+                    let Some(replaced) = replaced else {
+                        continue;
+                    };
+                    invoice.reissues = replaced.invoice.number;
+                }
                 let number = last_number.entry(invoice.workspace_id.clone()).or_insert(0);
                 *number += 1;
                 invoice.status = "finalized".to_string();
@@ -150,6 +199,7 @@ pub fn project(records: impl IntoIterator<Item = (i64, LogRecord)>) -> Vec<Final
                     version: offset,
                     void_reason: None,
                     cost,
+                    reissues,
                 });
             }
             LogRecord::Void {
@@ -190,7 +240,8 @@ pub struct BilledPeriod {
 
 /// The periods of `subscription` (of `workspace`) before `before` that a finalized invoice
 /// billed, with what was billed for each so far. A void invoice bills nothing: neither its
-/// period nor its corrections count.
+/// period nor its corrections count. A standing reissue is its period's invoice like any other:
+/// the period is billed by its lines, then by the corrections naming its number.
 pub fn billed_periods(
     invoices: &[FinalizedInvoice],
     workspace: &str,
@@ -253,6 +304,76 @@ pub fn billed_periods(
         periods.push(billed);
     }
     Ok(periods)
+}
+
+/// What a reissue of `voided` takes back so that its period is billed once: the corrections of
+/// that period on standing (not void) invoices stay billed, while the reissue bills the whole
+/// period anew from its usage now. So the reissue carries this correction of the period: their
+/// amounts summed and negated, and per charge the quantity they added (`before`) down to 0
+/// (`after`). `None` when no standing invoice bills a correction of the period.
+pub fn reissue_takeback(
+    invoices: &[FinalizedInvoice],
+    voided: &FinalizedInvoice,
+) -> Result<Option<Correction>, InvoiceError> {
+    let overflow = |what: &'static str| InvoiceError::Pricing {
+        charge: "a reissue".into(),
+        source: PricingError::Overflow { what },
+    };
+    let period = &voided.invoice;
+    let mut billed = rust_decimal::Decimal::ZERO;
+    let mut added: Vec<CorrectedQuantity> = Vec::new();
+    let standing = invoices.iter().filter(|finalized| {
+        finalized.void_reason.is_none()
+            && finalized.invoice.workspace_id == period.workspace_id
+            && finalized.invoice.subscription_id == period.subscription_id
+    });
+    for finalized in standing {
+        for correction in &finalized.invoice.corrections {
+            if correction.period_start != period.period_start {
+                continue;
+            }
+            billed = billed
+                .checked_add(correction.amount)
+                .ok_or_else(|| overflow("the corrections of the period"))?;
+            for quantity in &correction.quantities {
+                let delta = quantity
+                    .after
+                    .checked_sub(quantity.before)
+                    .ok_or_else(|| overflow("a corrected quantity"))?;
+                match added
+                    .iter_mut()
+                    .find(|entry| entry.charge_id == quantity.charge_id)
+                {
+                    Some(entry) => {
+                        entry.before = entry
+                            .before
+                            .checked_add(delta)
+                            .ok_or_else(|| overflow("a corrected quantity"))?;
+                    }
+                    None => added.push(CorrectedQuantity {
+                        charge_id: quantity.charge_id.clone(),
+                        name: quantity.name.clone(),
+                        unit: quantity.unit.clone(),
+                        before: delta,
+                        after: rust_decimal::Decimal::ZERO,
+                    }),
+                }
+            }
+        }
+    }
+    added.retain(|entry| !entry.before.is_zero());
+    if added.is_empty() && billed.is_zero() {
+        return Ok(None);
+    }
+    Ok(Some(Correction {
+        corrects_invoice: period.number.unwrap_or(0),
+        period_start: period.period_start,
+        period_end: period.period_end,
+        quantities: added,
+        total_before: billed,
+        total_after: rust_decimal::Decimal::ZERO,
+        amount: -billed,
+    }))
 }
 
 /// The correction of `billed` when the period, priced anew from its usage now (`now`), differs.
@@ -425,6 +546,7 @@ mod tests {
         DraftInvoice {
             status: "draft".to_string(),
             number: None,
+            reissues: None,
             workspace_id: workspace.to_string(),
             bill_to: BillTo {
                 account_id: account.to_string(),
@@ -463,6 +585,7 @@ mod tests {
             finalized_at: datetime!(2026-12-04 0:00 UTC),
             invoice: Box::new(invoice),
             cost: CostAtFinalization::default(),
+            reissues: None,
         }
     }
 
@@ -564,6 +687,7 @@ mod tests {
             finalized_at: datetime!(2026-12-04 0:00 UTC),
             invoice: Box::new(invoice),
             cost: CostAtFinalization::default(),
+            reissues: None,
         }
     }
 
@@ -713,6 +837,340 @@ mod tests {
         assert!(changes_to_finalized_periods(&voided, &before, &repriced).is_empty());
     }
 
+    fn void_of(invoice_id: &str, workspace: &str) -> LogRecord {
+        LogRecord::Void {
+            invoice_id: invoice_id.to_string(),
+            workspace_id: workspace.to_string(),
+            reason: "redo".into(),
+            voided_at: datetime!(2026-12-05 0:00 UTC),
+        }
+    }
+
+    /// A reissue of `voided` (an invoice id) with `invoice` as its content.
+    fn reissue_of(voided: &str, invoice: DraftInvoice) -> LogRecord {
+        LogRecord::Finalize {
+            invoice_id: reissue_id(voided),
+            config_version: 2,
+            finalized_at: datetime!(2026-12-06 0:00 UTC),
+            invoice: Box::new(invoice),
+            cost: CostAtFinalization::default(),
+            reissues: Some(voided.to_string()),
+        }
+    }
+
+    fn summary(invoices: &[FinalizedInvoice]) -> Vec<(u64, String, Option<u64>, Decimal)> {
+        invoices
+            .iter()
+            .map(|finalized| {
+                (
+                    finalized.invoice.number.unwrap(),
+                    finalized.invoice.status.clone(),
+                    finalized.invoice.reissues,
+                    finalized.invoice.total,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_reissue_is_a_new_invoice_with_the_next_number_and_no_gap() {
+        let acme = finalize("ws_a", "acme", 10);
+        let acme_id = acme.invoice_id().to_string();
+        let log = vec![
+            (0, acme),
+            (1, finalize("ws_a", "beta", 20)),
+            (2, finalize("ws_b", "zeta", 7)),
+            (3, void_of(&acme_id, "ws_a")),
+            (4, reissue_of(&acme_id, content("ws_a", "acme", 11))),
+            (5, finalize("ws_b", "yota", 9)),
+            (6, finalize("ws_a", "gamma", 30)),
+        ];
+        let invoices = project(log.clone());
+        let d = |n: i64| Decimal::from(n);
+        assert_eq!(
+            numbers(&invoices),
+            vec![
+                ("ws_a".into(), "acme".into(), 1, d(10)),
+                ("ws_a".into(), "beta".into(), 2, d(20)),
+                ("ws_b".into(), "zeta".into(), 1, d(7)),
+                ("ws_a".into(), "acme".into(), 3, d(11)),
+                ("ws_b".into(), "yota".into(), 2, d(9)),
+                ("ws_a".into(), "gamma".into(), 4, d(30)),
+            ]
+        );
+        assert_eq!(invoices[0].invoice.status, "void");
+        assert_eq!(invoices[3].invoice.status, "finalized");
+        assert_eq!(invoices[3].invoice.reissues, Some(1));
+        assert_eq!(invoices[3].reissues.as_deref(), Some(acme_id.as_str()));
+        assert_eq!(invoices[3].invoice_id, reissue_id(&acme_id));
+        assert!(invoices[3]
+            .invoice
+            .to_text()
+            .contains("replaces void invoice 1"));
+        assert!(invoices[3]
+            .invoice
+            .to_html()
+            .contains("Replaces void invoice 1."));
+        assert_eq!(project(log), invoices, "a replay gives the same invoices");
+    }
+
+    #[test]
+    fn a_reissue_of_an_invoice_that_is_not_void_is_ignored() {
+        let acme = finalize("ws_a", "acme", 10);
+        let acme_id = acme.invoice_id().to_string();
+        let beta = finalize("ws_a", "beta", 20);
+        let beta_id = beta.invoice_id().to_string();
+        let mut forged = reissue_of(&acme_id, content("ws_a", "acme", 13));
+        if let LogRecord::Finalize { invoice_id, .. } = &mut forged {
+            *invoice_id = "0123456789abcdef0123456789abcdef".into();
+        }
+        let log = vec![
+            // Not finalized yet, then finalized but standing: ignored.
+            (0, reissue_of(&acme_id, content("ws_a", "acme", 11))),
+            (1, acme),
+            (2, reissue_of(&acme_id, content("ws_a", "acme", 12))),
+            (3, beta),
+            (4, void_of(&acme_id, "ws_a")),
+            // Void now, but an id that is not its reissue's, or another period's content.
+            (5, forged),
+            (6, reissue_of(&acme_id, content("ws_a", "beta", 14))),
+            // A void of another workspace does not make beta reissuable.
+            (7, void_of(&beta_id, "ws_other")),
+            (8, reissue_of(&beta_id, content("ws_a", "beta", 21))),
+            // The reissue of acme, appended after the void: taken.
+            (9, reissue_of(&acme_id, content("ws_a", "acme", 15))),
+        ];
+        let invoices = project(log);
+        assert_eq!(
+            summary(&invoices),
+            vec![
+                (1, "void".into(), None, Decimal::from(10)),
+                (2, "finalized".into(), None, Decimal::from(20)),
+                (3, "finalized".into(), Some(1), Decimal::from(15)),
+            ]
+        );
+    }
+
+    #[test]
+    fn racing_reissues_of_one_void_invoice_make_one_invoice() {
+        let acme = finalize("ws_a", "acme", 10);
+        let acme_id = acme.invoice_id().to_string();
+        let invoices = project(vec![
+            (0, acme),
+            (1, void_of(&acme_id, "ws_a")),
+            (2, reissue_of(&acme_id, content("ws_a", "acme", 11))),
+            // A second reissuer that drafted later (more usage), a retry: both lose.
+            (3, reissue_of(&acme_id, content("ws_a", "acme", 12))),
+            (4, reissue_of(&acme_id, content("ws_a", "acme", 11))),
+            (5, finalize("ws_a", "beta", 20)),
+        ]);
+        assert_eq!(
+            summary(&invoices),
+            vec![
+                (1, "void".into(), None, Decimal::from(10)),
+                (2, "finalized".into(), Some(1), Decimal::from(11)),
+                (3, "finalized".into(), None, Decimal::from(20)),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_reissue_can_be_voided_and_reissued_in_turn() {
+        let acme = finalize("ws_a", "acme", 10);
+        let first = acme.invoice_id().to_string();
+        let second = reissue_id(&first);
+        let third = reissue_id(&second);
+        assert_ne!(third, first);
+        let invoices = project(vec![
+            (0, acme),
+            (1, void_of(&first, "ws_a")),
+            (2, reissue_of(&first, content("ws_a", "acme", 11))),
+            // The first is replaced already: a second reissue of it loses.
+            (3, reissue_of(&first, content("ws_a", "acme", 99))),
+            (4, void_of(&second, "ws_a")),
+            (5, reissue_of(&second, content("ws_a", "acme", 12))),
+        ]);
+        assert_eq!(
+            summary(&invoices),
+            vec![
+                (1, "void".into(), None, Decimal::from(10)),
+                (2, "void".into(), Some(1), Decimal::from(11)),
+                (3, "finalized".into(), Some(2), Decimal::from(12)),
+            ]
+        );
+        assert_eq!(invoices[2].invoice_id, third);
+        let billed = billed_periods(
+            &invoices,
+            "ws_a",
+            "sub_acme",
+            datetime!(2026-12-01 0:00 UTC),
+        )
+        .unwrap();
+        assert_eq!(billed.len(), 1, "one standing invoice of the period");
+        assert_eq!((billed[0].number, billed[0].total), (3, Decimal::from(12)));
+    }
+
+    /// What the standing invoices of `sub_acme` bill for the period starting at `start`, summed:
+    /// (quantity of leads, amount).
+    fn billed_for(invoices: &[FinalizedInvoice], start: OffsetDateTime) -> (Decimal, Decimal) {
+        let mut quantity = Decimal::ZERO;
+        let mut amount = Decimal::ZERO;
+        for finalized in invoices.iter().filter(|f| f.void_reason.is_none()) {
+            let invoice = &finalized.invoice;
+            if invoice.period_start == start {
+                quantity += invoice.quantities()["leads"];
+                amount += invoice.total_before_corrections().unwrap();
+            }
+            for fix in invoice
+                .corrections
+                .iter()
+                .filter(|c| c.period_start == start)
+            {
+                for corrected in &fix.quantities {
+                    quantity += corrected.after - corrected.before;
+                }
+                amount += fix.amount;
+            }
+        }
+        (quantity, amount)
+    }
+
+    #[test]
+    fn after_a_reissue_its_period_is_billed_once_and_corrected_against_the_reissue() {
+        let september = datetime!(2026-09-01 0:00 UTC);
+        let october = datetime!(2026-10-01 0:00 UTC);
+        let november = datetime!(2026-11-01 0:00 UTC);
+        let base = content("ws_a", "acme", 0);
+        // September billed 2 leads (#1); October (#2) corrected it to 3.
+        let mut log = vec![(0, finalize_invoice(with_leads(base.clone(), 2, september)))];
+        let september_id = log[0].1.invoice_id().to_string();
+        let billed = billed_periods(&project(log.clone()), "ws_a", "sub_acme", october).unwrap();
+        let fix = correction(&billed[0], &with_leads(base.clone(), 3, september))
+            .unwrap()
+            .unwrap();
+        let october_invoice = with_leads(base.clone(), 1, october)
+            .with_corrections(vec![fix])
+            .unwrap();
+        log.push((1, finalize_invoice(october_invoice)));
+        assert_eq!(
+            billed_for(&project(log.clone()), september),
+            (Decimal::from(3), Decimal::from(150))
+        );
+        // Void September's invoice; nothing bills its own lines now, October's correction stays.
+        log.push((2, void_of(&september_id, "ws_a")));
+        let invoices = project(log.clone());
+        assert_eq!(
+            billed_for(&invoices, september),
+            (Decimal::from(1), Decimal::from(50))
+        );
+        // The reissue bills September anew (4 leads now) and takes October's correction back.
+        let voided = invoices[0].clone();
+        let takeback = reissue_takeback(&invoices, &voided).unwrap().unwrap();
+        assert_eq!(
+            (
+                takeback.corrects_invoice,
+                takeback.amount,
+                takeback.quantities[0].before,
+                takeback.quantities[0].after
+            ),
+            (1, Decimal::from(-50), Decimal::ONE, Decimal::ZERO)
+        );
+        let mut reissued = with_leads(base.clone(), 4, september)
+            .with_corrections(vec![takeback])
+            .unwrap();
+        reissued.reissues = Some(1);
+        assert_eq!(reissued.total, Decimal::from(150));
+        log.push((3, reissue_of(&september_id, reissued)));
+        let invoices = project(log.clone());
+        assert_eq!(invoices[2].invoice.number, Some(3));
+        // Summed over the standing invoices, September is billed exactly its usage now.
+        assert_eq!(
+            billed_for(&invoices, september),
+            (Decimal::from(4), Decimal::from(200))
+        );
+        // The reissue is September's invoice for the corrections that follow.
+        let billed = billed_periods(&invoices, "ws_a", "sub_acme", november).unwrap();
+        assert_eq!(billed.len(), 2);
+        let september_billed = billed
+            .iter()
+            .find(|period| period.period_start == september)
+            .unwrap();
+        assert_eq!(september_billed.number, 3);
+        assert_eq!(september_billed.quantities[0].3, Decimal::from(4));
+        assert_eq!(september_billed.total, Decimal::from(200));
+        let october_billed = billed
+            .iter()
+            .find(|period| period.period_start == october)
+            .unwrap();
+        assert_eq!(
+            (october_billed.number, october_billed.total),
+            (2, Decimal::from(50))
+        );
+        assert_eq!(
+            correction(september_billed, &with_leads(base.clone(), 4, september)).unwrap(),
+            None
+        );
+        let late = correction(september_billed, &with_leads(base.clone(), 5, september))
+            .unwrap()
+            .unwrap();
+        assert_eq!((late.corrects_invoice, late.amount), (3, Decimal::from(50)));
+        let november_invoice = with_leads(base.clone(), 0, november)
+            .with_corrections(vec![late])
+            .unwrap();
+        log.push((4, finalize_invoice(november_invoice)));
+        let invoices = project(log.clone());
+        assert_eq!(
+            billed_for(&invoices, september),
+            (Decimal::from(5), Decimal::from(250))
+        );
+        // Void and reissue the reissue: the new one takes back both standing corrections.
+        let reissue = invoices[2].invoice_id.clone();
+        log.push((5, void_of(&reissue, "ws_a")));
+        let invoices = project(log.clone());
+        let takeback = reissue_takeback(&invoices, &invoices[2]).unwrap().unwrap();
+        assert_eq!(
+            (takeback.corrects_invoice, takeback.amount),
+            (3, Decimal::from(-100))
+        );
+        let again = with_leads(base.clone(), 5, september)
+            .with_corrections(vec![takeback])
+            .unwrap();
+        log.push((6, reissue_of(&reissue, again)));
+        let invoices = project(log);
+        assert_eq!(invoices[4].invoice.number, Some(5));
+        assert_eq!(invoices[4].invoice.reissues, Some(3));
+        assert_eq!(
+            billed_for(&invoices, september),
+            (Decimal::from(5), Decimal::from(250))
+        );
+        // A period without standing corrections has nothing to take back.
+        assert_eq!(reissue_takeback(&invoices, &invoices[1]).unwrap(), None);
+    }
+
+    #[test]
+    fn records_written_before_reissues_and_exchange_rates_read_and_write_byte_for_byte() {
+        let old = r#"{"kind":"finalize","invoice_id":"00112233445566778899aabbccddeeff","config_version":3,"finalized_at":"2026-12-04T00:00:00Z","invoice":{"status":"draft","workspace_id":"ws_a","bill_to":{"account_id":"acme","name":"Acme","email":null,"address":null},"subscription_id":"sub_acme","product":"p","rate_plan":"r","currency":"EUR","period_start":"2026-11-01T00:00:00Z","period_end":"2026-12-01T00:00:00Z","from":"2026-11-01T00:00:00Z","to":"2026-12-01T00:00:00Z","share":"1","lines":[],"subtotal":"10","minimum_shortfall":"0","invoice_discounts":[],"total":"10"},"cost":{"agent_type":"t","cost":"1.5","cost_currency":"USD"}}"#;
+        let record: LogRecord = serde_json::from_str(old).unwrap();
+        let LogRecord::Finalize { cost, reissues, .. } = &record else {
+            panic!("{record:?}");
+        };
+        assert_eq!((cost.exchange_rate, reissues.as_deref()), (None, None));
+        assert_eq!(serde_json::to_string(&record).unwrap(), old);
+        // With a frozen rate and a reissue, both are written and read back.
+        let acme_id = "00112233445566778899aabbccddeeff";
+        let mut new = reissue_of(acme_id, content("ws_a", "acme", 10));
+        if let LogRecord::Finalize { cost, .. } = &mut new {
+            cost.exchange_rate = Some("1.0842".parse().unwrap());
+        }
+        let text = serde_json::to_string(&new).unwrap();
+        assert!(text.contains(r#""exchange_rate":"1.0842""#), "{text}");
+        assert!(
+            text.contains(&format!(r#""reissues":"{acme_id}""#)),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<LogRecord>(&text).unwrap(), new);
+    }
+
     #[test]
     fn log_records_round_trip_as_json() {
         let record = finalize("ws_a", "acme", 10);
@@ -738,5 +1196,8 @@ mod tests {
             invoice_id("ab", "c", "s", start),
             invoice_id("a", "bc", "s", start)
         );
+        assert_eq!(reissue_id(&base).len(), 32);
+        assert_ne!(reissue_id(&base), base);
+        assert_ne!(reissue_id(&base), reissue_id(&reissue_id(&base)));
     }
 }

@@ -99,6 +99,9 @@ pub struct DraftInvoice {
     /// The workspace's invoice number, once finalized (1, 2, 3, … without gaps).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub number: Option<u64>,
+    /// The number of the void invoice this one replaces, when it is a reissue (ADR 0004).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reissues: Option<u64>,
     pub workspace_id: String,
     pub bill_to: BillTo,
     pub subscription_id: String,
@@ -278,6 +281,7 @@ pub fn draft(
     Ok(DraftInvoice {
         status: "draft".to_string(),
         number: None,
+        reissues: None,
         workspace_id: config.workspace.id.clone(),
         bill_to: BillTo {
             account_id: subscription.account.clone(),
@@ -374,6 +378,9 @@ impl DraftInvoice {
             self.product,
             self.rate_plan
         ));
+        if let Some(replaced) = self.reissues {
+            text.push_str(&format!("replaces void invoice {replaced}\n"));
+        }
         text.push_str(&format!(
             "period {} to {} (exclusive); billed {} to {}, share {}\n",
             date(self.period_start),
@@ -549,11 +556,15 @@ impl DraftInvoice {
              <style>body{{font-family:sans-serif;max-width:48em;margin:2em auto}}table{{width:100%;border-collapse:collapse}}\
              td{{padding:.3em;border-bottom:1px solid #ddd}}.n{{text-align:right;white-space:nowrap}}.part td{{color:#555;font-size:.9em;padding-left:1.5em}}\
              .sum td{{font-weight:bold}}@media print{{.draft{{color:#999}}}}</style></head>\n\
-             <body><h1>{heading}</h1>\n\
+             <body><h1>{heading}</h1>\n{replaces}\
              <p><b>Bill to:</b> {name} ({account})<br>{contact}</p>\n\
              <p>{product} / {plan}, subscription {subscription}<br>Period {start} to {end} (exclusive); billed from {from} to {to}</p>\n\
              <table>\n<tr><th>Charge</th><th class=\"n\">Quantity</th><th class=\"n\">Amount</th></tr>\n{rows}{totals}</table>\n</body></html>\n",
             heading = escape(&self.heading()),
+            replaces = self
+                .reissues
+                .map(|replaced| format!("<p>Replaces void invoice {replaced}.</p>\n"))
+                .unwrap_or_default(),
             subscription = escape(&self.subscription_id),
             start = date(self.period_start),
             end = date(self.period_end),

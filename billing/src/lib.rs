@@ -17,11 +17,13 @@
 //! * [`finalization`] — finalized invoices as a pure function of the finalization log (ADR 0004):
 //!   the first record of an invoice wins, numbers are log positions per workspace, voids keep
 //!   the number; and late usage of finalized periods as corrections on the next invoice. The
-//!   topic and the ClickHouse table around it are in `src/invoice_log.rs`.
+//!   topic and the ClickHouse table around it are in `src/invoice_log.rs`. A void invoice may
+//!   be reissued: a new invoice of the same period, with the next number.
 //!
-//! Not here yet (docs/billing.md, "What is built"): revenue and margin views per agent type,
-//! product and plan; exchange rates.
+//! * [`exchange`] — the margin of an invoice in the cost currency, through the effective-dated
+//!   exchange rate of its plan's currency in force at its period end.
 
+pub mod exchange;
 pub mod finalization;
 pub mod invoice;
 pub mod period;

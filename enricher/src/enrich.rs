@@ -14,6 +14,8 @@
 //!   (`reported`), else 0 (`none`). The reported cost is always kept beside it.
 //! * Cost is quantity × rate rounded once, half-even, to 12 fractional digits (the storage
 //!   scale), in exact integer arithmetic ([`mul_round_half_even`]).
+//! * An action named by an `[[outcomes]]` definition is `@outcome` only when the definition's
+//!   `when` condition holds for it (`agentmeter_schemas::condition`); otherwise just `@action`.
 //! * Every value is first checked against its accepted range and the text rules
 //!   ([`check_raw_action`]: ingest checks the same, so this catches direct Kafka publishers), and
 //!   every computation on it is checked: a quantity above 10^12, a cost above 10^9 or anything
@@ -164,9 +166,12 @@ pub fn enrich(
             ),
         },
     };
+    // An outcome definition's `when` is evaluated here, on the action as accepted (with the
+    // account filled in): compiled once per snapshot, allocation-free per action.
+    let outcome = rule.is_outcome(&raw);
     Ok(EnrichedAction {
         tracked: rule.tracked,
-        outcome: rule.tracked && rule.outcome,
+        outcome,
         measure,
         quantity,
         unit_cost,
@@ -427,6 +432,70 @@ mod tests {
         assert_eq!(
             (enriched.measure.as_str(), enriched.cost),
             ("token", dec("0.09"))
+        );
+    }
+
+    #[test]
+    fn an_outcome_condition_decides_between_action_and_outcome() {
+        let mut config = snapshot().config;
+        let detection = config
+            .outcomes
+            .iter_mut()
+            .find(|outcome| outcome.action == "object_detection")
+            .unwrap();
+        detection.when = Some(
+            serde_json::from_str(
+                r#"{"all": [
+                    {"field": "attributes.status", "eq": "success"},
+                    {"field": "attributes.confidence_score", "ge": "0.9"},
+                    {"any": [
+                        {"field": "llm_model", "in": ["gpt-4o", "gemini-2.5-flash"]},
+                        {"not": {"field": "attributes.draft", "exists": true}}
+                    ]}
+                ]}"#,
+            )
+            .unwrap(),
+        );
+        let snapshot = WorkspaceSnapshot::build(4, config).unwrap();
+        let detect = |attributes: &str, llm_model: Option<&str>| {
+            let mut action = raw("object_detection", JAN_2026);
+            action.attributes_json = attributes.into();
+            action.llm_model = llm_model.map(str::to_string);
+            enrich(action, &snapshot, WINDOW, 0).unwrap()
+        };
+
+        let passing = detect(r#"{"status":"success","confidence_score":0.95}"#, None);
+        assert_eq!(passing.tags(), &["@action", "@outcome"]);
+        // Priced exactly as before: the condition only decides @outcome.
+        assert_eq!((passing.quantity, passing.cost), (dec("1"), dec("0.01")));
+        let numeric_text = detect(
+            r#"{"status":"success","confidence_score":"0.9","draft":true}"#,
+            Some("gpt-4o"),
+        );
+        assert_eq!(numeric_text.tags(), &["@action", "@outcome"]);
+
+        for (attributes, llm_model) in [
+            (r#"{"status":"failed","confidence_score":0.99}"#, None),
+            (r#"{"status":"success","confidence_score":0.8999}"#, None),
+            (r#"{"status":"success"}"#, None),
+            (r#"{"status":"success","confidence_score":"high"}"#, None),
+            (
+                r#"{"status":"success","confidence_score":1,"draft":false}"#,
+                Some("gpt-4"),
+            ),
+        ] {
+            let failing = detect(attributes, llm_model);
+            assert!(failing.tracked && !failing.outcome, "{attributes}");
+            assert_eq!(failing.tags(), &["@action"], "{attributes}");
+            assert_eq!(failing.cost, dec("0.01"), "{attributes}");
+        }
+
+        // The shipped example's condition: a detection of zero boxes is no outcome.
+        let mut empty = raw("object_detection", JAN_2026);
+        empty.attributes_json = r#"{"detected_boxes":0,"model":"yolov8-invoice"}"#.into();
+        assert_eq!(
+            enrich(empty, &self::snapshot(), WINDOW, 0).unwrap().tags(),
+            &["@action"]
         );
     }
 

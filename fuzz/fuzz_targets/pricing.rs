@@ -107,6 +107,7 @@ fn generate(u: &mut Unstructured) -> Result<Option<(WorkspaceSnapshot, RawAction
     if bool::arbitrary(u)? {
         config.outcomes.push(OutcomeDefinition {
             action: PRICED_ACTION.into(),
+            when: None,
         });
     }
     let (measure, quantity_attribute) = match u.int_in_range(0u8..=5)? {

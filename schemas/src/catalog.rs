@@ -4,7 +4,8 @@
 //! It lives in the same file as the rest of the configuration, so it is validated by
 //! `MeteringConfig::validate` (which hands [`check_catalog`] the names the rest of the file
 //! defines), versioned on the same config topic and shown by the same `config apply` diff. Prices are quoted decimal
-//! strings, never floats. What a charge model computes is `agentmeter_billing::pricing`.
+//! strings, never floats. The effective-dated exchange rates of margins are here too
+//! ([`ExchangeRate`], [`check_exchange_rates`]). What a charge model computes is `agentmeter_billing::pricing`.
 
 use std::collections::{HashMap, HashSet};
 
@@ -204,6 +205,75 @@ pub struct Subscription {
         skip_serializing_if = "Option::is_none"
     )]
     pub end: Option<OffsetDateTime>,
+}
+
+/// The largest exchange rate accepted (units of the cost currency per unit of the plan's).
+pub const MAX_EXCHANGE_RATE: Decimal = Decimal::from_parts(1_000_000_000, 0, 0, false, 0); // 10^9
+
+/// The value of one unit of a rate plan's currency in the workspace's cost currency, from an
+/// instant on: the margin of an invoice in `from` converts its total with the rate of its pair
+/// in force at the invoice's period end (docs/billing.md, "Margin in another currency").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExchangeRate {
+    /// ISO 4217 code of the plan currency converted from (`"EUR"`).
+    pub from: String,
+    /// ISO 4217 code converted to: must be the workspace's cost currency (`workspace.currency`).
+    pub to: String,
+    /// Units of `to` one unit of `from` is worth, a quoted decimal (`"1.0842"`), above 0 and at
+    /// most [`MAX_EXCHANGE_RATE`].
+    #[serde(with = "money")]
+    pub rate: Decimal,
+    /// RFC 3339 instant from which this rate applies (inclusive), until the pair's next one.
+    #[serde(with = "time::serde::rfc3339")]
+    pub effective_from: OffsetDateTime,
+}
+
+/// Adds every problem of `rates` (converting into `cost_currency`) to `problems`.
+pub fn check_exchange_rates(
+    rates: &[ExchangeRate],
+    cost_currency: &str,
+    problems: &mut Vec<String>,
+) {
+    let mut seen = HashSet::new();
+    for rate in rates {
+        let at = format!(
+            "exchange rate {} → {} effective from {}",
+            rate.from, rate.to, rate.effective_from
+        );
+        for (field, code) in [("from", &rate.from), ("to", &rate.to)] {
+            if !is_iso_currency(code) {
+                problems.push(format!(
+                    "{at}: {field} {code:?} is not an ISO 4217 code such as \"EUR\""
+                ));
+            }
+        }
+        if rate.from == rate.to {
+            problems.push(format!(
+                "{at}: from and to are the same currency; a plan billing in the cost currency needs no rate, remove it"
+            ));
+        } else if rate.to != cost_currency {
+            problems.push(format!(
+                "{at}: to must be the workspace's cost currency {cost_currency:?} (margins convert a plan's currency into the currency costs are in); write to = {cost_currency:?}"
+            ));
+        }
+        if rate.rate <= Decimal::ZERO {
+            problems.push(format!(
+                "{at}: rate {} must be above 0 (units of {} per unit of {})",
+                rate.rate, rate.to, rate.from
+            ));
+        } else if rate.rate > MAX_EXCHANGE_RATE {
+            problems.push(format!(
+                "{at}: rate {} is above the largest accepted, {MAX_EXCHANGE_RATE}",
+                rate.rate
+            ));
+        }
+        if !seen.insert((rate.from.as_str(), rate.to.as_str(), rate.effective_from)) {
+            problems.push(format!(
+                "{at} is defined twice; keep one, or give the newer rate its own effective_from"
+            ));
+        }
+    }
 }
 
 /// Every rate plan of `products`, with its product, in the order written.

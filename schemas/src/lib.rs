@@ -11,6 +11,8 @@
 //! * [`text`] — what names (grouped and billed by) and free texts may contain.
 //! * [`metering`] — a workspace's metering configuration (file format, validation, the compiled
 //!   immutable snapshot the stages share, secret hashing).
+//! * [`condition`] — the `when` of an outcome definition: a typed condition tree over an
+//!   action's fields and attributes, checked at `config apply` and evaluated by the enricher.
 //! * [`catalog`] — the billing catalog in the same configuration: products, rate plans,
 //!   charges and their models, subscriptions, and their validation.
 //! * [`rest`] — the JSON body of ingest's `POST /v1/actions`.
@@ -18,6 +20,7 @@
 pub mod action;
 pub mod avro;
 pub mod catalog;
+pub mod condition;
 pub mod decimal;
 pub mod limits;
 pub mod metering;

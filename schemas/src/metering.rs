@@ -18,6 +18,8 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
 
+use crate::action::RawAction;
+use crate::condition::{CompiledCondition, Condition};
 use crate::decimal::to_scaled_i128;
 use crate::limits::{MAX_COST_PER_UNIT, MAX_NAME_BYTES};
 use crate::text::{check_name, MaxLength, TextProblem};
@@ -55,6 +57,9 @@ pub struct MeteringConfig {
     /// Which account is on which rate plan, effective-dated.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub subscriptions: Vec<crate::catalog::Subscription>,
+    /// Effective-dated rates from rate plan currencies into the cost currency, for margins.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exchange_rates: Vec<crate::catalog::ExchangeRate>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -188,6 +193,10 @@ pub struct Rate {
 pub struct OutcomeDefinition {
     /// The tracked action that is a business outcome.
     pub action: String,
+    /// When set, the action is an outcome only when this condition holds
+    /// ([`crate::condition`]); otherwise it stays an `@action`. No `when`: always.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<Condition>,
 }
 
 /// Money in a configuration is a quoted decimal: a TOML or JSON float would already have been
@@ -456,6 +465,11 @@ impl MeteringConfig {
             if !outcome_names.insert(outcome.action.as_str()) {
                 problems.push(format!("outcome {:?} is defined twice", outcome.action));
             }
+            if let Some(when) = &outcome.when {
+                if let Err(found) = when.compile(&format!("outcome {:?}", outcome.action)) {
+                    problems.extend(found);
+                }
+            }
         }
 
         let known = crate::catalog::KnownNames {
@@ -470,6 +484,11 @@ impl MeteringConfig {
                 .collect(),
         };
         crate::catalog::check_catalog(&self.products, &self.subscriptions, &known, &mut problems);
+        crate::catalog::check_exchange_rates(
+            &self.exchange_rates,
+            &workspace.currency,
+            &mut problems,
+        );
 
         if problems.is_empty() {
             Ok(())
@@ -648,8 +667,24 @@ impl MeteringConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ActionRule {
     pub tracked: bool,
+    /// An `[[outcomes]]` definition names it: an outcome when `outcome_when` (if any) holds.
     pub outcome: bool,
+    /// The definition's `when`, compiled once with the snapshot.
+    pub outcome_when: Option<CompiledCondition>,
     pub pricing: Option<Pricing>,
+}
+
+impl ActionRule {
+    /// Whether `raw`, an action this rule applies to, is an outcome (`@outcome`): tracked, named
+    /// by an outcome definition, and its condition holds. Never panics on any action.
+    pub fn is_outcome(&self, raw: &RawAction) -> bool {
+        self.tracked
+            && self.outcome
+            && self
+                .outcome_when
+                .as_ref()
+                .is_none_or(|when| when.holds(raw))
+    }
 }
 
 /// A measure with its rates, sorted by `effective_from`.
@@ -683,6 +718,7 @@ pub struct WorkspaceSnapshot {
 const UNTRACKED: ActionRule = ActionRule {
     tracked: false,
     outcome: false,
+    outcome_when: None,
     pricing: None,
 };
 
@@ -706,15 +742,27 @@ impl WorkspaceSnapshot {
                     .map(|digest| (digest, instance.id.clone()))
             })
             .collect();
-        let outcomes: HashSet<&str> = config.outcomes.iter().map(|o| o.action.as_str()).collect();
+        let mut outcomes: HashMap<&str, Option<CompiledCondition>> = HashMap::new();
+        for outcome in &config.outcomes {
+            let when = match &outcome.when {
+                Some(when) => Some(
+                    when.compile(&format!("outcome {:?}", outcome.action))
+                        .map_err(ValidationErrors)?,
+                ),
+                None => None,
+            };
+            outcomes.insert(outcome.action.as_str(), when);
+        }
         let mut rules: HashMap<String, ActionRule> = config
             .tagging
             .tracked
             .iter()
             .map(|name| {
+                let outcome = outcomes.get_mut(name.as_str());
                 let rule = ActionRule {
                     tracked: true,
-                    outcome: outcomes.contains(name.as_str()),
+                    outcome: outcome.is_some(),
+                    outcome_when: outcome.and_then(Option::take),
                     pricing: None,
                 };
                 (name.clone(), rule)
@@ -809,13 +857,32 @@ pub(crate) mod tests {
         let pricing = gemini.pricing.as_ref().unwrap();
         assert_eq!(pricing.measure, Measure::Token);
         assert_eq!(pricing.rate_at(i64::MAX), Some("0.006".parse().unwrap()));
-        assert!(snapshot.rule("object_detection").outcome);
+        let detection = snapshot.rule("object_detection");
+        assert!(detection.outcome && detection.outcome_when.is_some());
+        let detected = |attributes: &str| RawAction {
+            attributes_json: attributes.into(),
+            ..RawAction::minimal(
+                "ws_demo",
+                "acc_acme",
+                "inst_acme_research",
+                "e1",
+                "object_detection",
+            )
+        };
+        // What the demo and the bench send is an outcome; zero boxes is not.
+        assert!(detection.is_outcome(&detected(
+            r#"{"detected_boxes": 4, "model": "yolov8-invoice"}"#
+        )));
+        assert!(detection.is_outcome(&detected("{}")));
+        assert!(!detection.is_outcome(&detected(r#"{"detected_boxes": 0}"#)));
         assert!(!snapshot.rule("never_configured").tracked);
     }
 
     fn minimal() -> MeteringConfig {
-        toml::from_str(
-            r#"
+        toml::from_str(MINIMAL).unwrap()
+    }
+
+    const MINIMAL: &str = r#"
             [workspace]
             id = "ws"
             name = "W"
@@ -841,10 +908,7 @@ pub(crate) mod tests {
               { effective_from = "2025-01-01T00:00:00Z", cost_per_unit = "0.001" },
               { effective_from = "2025-06-01T00:00:00Z", cost_per_unit = "0.002" },
             ]
-            "#,
-        )
-        .unwrap()
-    }
+            "#;
 
     #[test]
     fn picks_the_rate_in_force_at_the_action_time() {
@@ -892,6 +956,7 @@ pub(crate) mod tests {
         config.cost_allocations[0].rates.reverse();
         config.outcomes.push(OutcomeDefinition {
             action: "not_tracked".into(),
+            when: None,
         });
         let problems = config.validate().unwrap_err().0;
         assert_eq!(problems.len(), 5, "{problems:#?}");
@@ -900,6 +965,83 @@ pub(crate) mod tests {
         assert!(problems.iter().any(|p| p.contains("secret_sha256")));
         assert!(problems.iter().any(|p| p.contains("strictly increasing")));
         assert!(problems.iter().any(|p| p.contains("not_tracked")));
+    }
+
+    fn with_outcome(when: &str) -> String {
+        format!("{MINIMAL}\n[[outcomes]]\naction = \"llm_call\"\n{when}\n")
+    }
+
+    #[test]
+    fn an_outcome_condition_is_read_compiled_and_evaluated() {
+        let text = with_outcome(
+            r#"when = { all = [
+              { field = "attributes.status", eq = "success" },
+              { field = "attributes.confidence_score", ge = "0.9" },
+              { any = [
+                { field = "llm_model", in = ["gpt-4o", "gemini-2.5-flash"] },
+                { not = { field = "attributes.draft", exists = true } },
+              ] },
+            ] }"#,
+        );
+        let config = MeteringConfig::from_toml(&text).unwrap();
+        let snapshot = WorkspaceSnapshot::build(1, config.clone()).unwrap();
+        let rule = snapshot.rule("llm_call");
+        assert!(rule.outcome && rule.outcome_when.is_some());
+        let call = |attributes: &str| RawAction {
+            attributes_json: attributes.into(),
+            ..RawAction::minimal("ws", "a1", "i1", "e1", "llm_call")
+        };
+        assert!(rule.is_outcome(&call(r#"{"status":"success","confidence_score":"0.93"}"#)));
+        assert!(!rule.is_outcome(&call(r#"{"status":"success","confidence_score":"0.89"}"#)));
+        assert!(!snapshot.rule("untracked").is_outcome(&call("{}")));
+        // The same table form, and through the config topic's JSON.
+        let table = with_outcome(
+            "[outcomes.when]\nany = [ { field = \"attributes.status\", eq = \"success\" } ]",
+        );
+        MeteringConfig::from_toml(&table).unwrap();
+        let record = ConfigRecord::next(None, config, OffsetDateTime::UNIX_EPOCH);
+        let read: ConfigRecord =
+            serde_json::from_str(&serde_json::to_string(&record).unwrap()).unwrap();
+        assert_eq!(read, record);
+    }
+
+    #[test]
+    fn outcome_condition_problems_are_listed_with_the_others() {
+        let text = with_outcome(
+            r#"when = { all = [
+              { field = "user_id", lt = "5" },
+              { field = "attributes.score", ge = "high" },
+              { field = "llm_modle", eq = "gpt-4o" },
+              { field = "attributes.model", in = [] },
+              { field = "attributes.model", in = ["gpt-4o", true] },
+              { field = "description", matches = "(unclosed" },
+            ] }"#,
+        )
+        .replace("currency = \"USD\"", "currency = \"usd\"");
+        let Err(ConfigFileError::Invalid(ValidationErrors(problems))) =
+            MeteringConfig::from_toml(&text)
+        else {
+            panic!("accepted: {text}");
+        };
+        assert_eq!(problems.len(), 7, "{problems:#?}");
+        assert!(problems[0].contains("currency"), "{problems:#?}");
+        for (problem, expected) in problems[1..].iter().zip([
+            "outcome \"llm_call\": when.all[0]: `lt` compares decimals, but \"user_id\" is a text field",
+            "outcome \"llm_call\": when.all[1]: `ge` compares decimals, but its literal \"high\" is text",
+            "outcome \"llm_call\": when.all[2]: unknown field \"llm_modle\"",
+            "outcome \"llm_call\": when.all[3]: `in` on \"attributes.model\" is an empty list",
+            "outcome \"llm_call\": when.all[4]: `in` on \"attributes.model\" mixes boolean and text values",
+            "outcome \"llm_call\": when.all[5]: the regex \"(unclosed\" of `matches` on \"description\" does not compile",
+        ]) {
+            assert!(problem.starts_with(expected), "{problem}\n expected {expected}");
+        }
+        // A misspelt operator is refused when the file is read.
+        let misspelt =
+            with_outcome(r#"when = { field = "attributes.status", equals = "success" }"#);
+        let Err(ConfigFileError::Parse(error)) = MeteringConfig::from_toml(&misspelt) else {
+            panic!("accepted: {misspelt}");
+        };
+        assert!(error.contains("unknown field `equals`"), "{error}");
     }
 
     #[test]

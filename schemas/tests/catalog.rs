@@ -208,3 +208,122 @@ fn the_workspace_time_zone_is_an_iana_name_and_defaults_to_utc() {
     let error = MeteringConfig::from_toml(&nowhere).unwrap_err().to_string();
     assert!(error.contains("is not an IANA time zone"), "{error}");
 }
+
+#[test]
+fn exchange_rates_are_effective_dated_into_the_cost_currency() {
+    let problems = problems_of(
+        r#"
+[[exchange_rates]]
+from = "EUR"
+to = "USD"
+rate = "1.0842"
+effective_from = "2026-01-01T00:00:00Z"
+
+[[exchange_rates]]
+from = "EUR"
+to = "USD"
+rate = "1.1"
+effective_from = "2026-07-01T00:00:00Z"
+
+[[exchange_rates]]
+from = "JPY"
+to = "USD"
+rate = "0.0067"
+effective_from = "2026-01-01T00:00:00Z"
+"#,
+    );
+    assert_eq!(problems, Vec::<String>::new());
+    let text = format!(
+        "{EXAMPLE}\n[[exchange_rates]]\nfrom = \"EUR\"\nto = \"USD\"\nrate = \"1.0842\"\neffective_from = \"2026-01-01T00:00:00Z\"\n"
+    );
+    let config = MeteringConfig::from_toml(&text).unwrap();
+    assert_eq!(config.exchange_rates.len(), 1);
+    assert_eq!(config.exchange_rates[0].rate, "1.0842".parse().unwrap());
+    // Without exchange rates, a configuration serializes as it did before they existed.
+    let plain = MeteringConfig::from_toml(EXAMPLE).unwrap();
+    assert!(!serde_json::to_string(&plain)
+        .unwrap()
+        .contains("exchange_rates"));
+}
+
+#[test]
+fn every_problem_of_the_exchange_rates_is_listed_with_how_to_fix_it() {
+    let problems = problems_of(
+        r#"
+[[exchange_rates]]
+from = "EURO"
+to = "USD"
+rate = "1.1"
+effective_from = "2026-01-01T00:00:00Z"
+
+[[exchange_rates]]
+from = "EUR"
+to = "GBP"
+rate = "0.86"
+effective_from = "2026-01-01T00:00:00Z"
+
+[[exchange_rates]]
+from = "USD"
+to = "USD"
+rate = "1"
+effective_from = "2026-01-01T00:00:00Z"
+
+[[exchange_rates]]
+from = "EUR"
+to = "USD"
+rate = "0"
+effective_from = "2026-01-01T00:00:00Z"
+
+[[exchange_rates]]
+from = "CHF"
+to = "USD"
+rate = "-1.1"
+effective_from = "2026-01-01T00:00:00Z"
+
+[[exchange_rates]]
+from = "JPY"
+to = "USD"
+rate = "1000000001"
+effective_from = "2026-01-01T00:00:00Z"
+
+[[exchange_rates]]
+from = "EUR"
+to = "USD"
+rate = "1.2"
+effective_from = "2026-01-01T00:00:00Z"
+"#,
+    );
+    let expected = [
+        "from \"EURO\" is not an ISO 4217 code",
+        "to must be the workspace's cost currency \"USD\"",
+        "from and to are the same currency",
+        "rate 0 must be above 0",
+        "rate -1.1 must be above 0",
+        "rate 1000000001 is above the largest accepted",
+        "is defined twice; keep one",
+    ];
+    for fragment in expected {
+        assert!(
+            problems.iter().any(|problem| problem.contains(fragment)),
+            "no problem says {fragment:?}:\n{}",
+            problems.join("\n")
+        );
+    }
+    assert_eq!(problems.len(), expected.len(), "{}", problems.join("\n"));
+
+    let float = problems_text(
+        "[[exchange_rates]]\nfrom = \"EUR\"\nto = \"USD\"\nrate = 1.1\neffective_from = \"2026-01-01T00:00:00Z\"\n",
+    );
+    assert!(float.contains("quoted decimal strings"), "{float}");
+    let words = problems_text(
+        "[[exchange_rates]]\nfrom = \"EUR\"\nto = \"USD\"\nrate = \"a lot\"\neffective_from = \"2026-01-01T00:00:00Z\"\n",
+    );
+    assert!(words.contains("is not a decimal"), "{words}");
+}
+
+/// The whole error of the example with `extra` appended.
+fn problems_text(extra: &str) -> String {
+    MeteringConfig::from_toml(&format!("{EXAMPLE}\n{extra}"))
+        .unwrap_err()
+        .to_string()
+}

@@ -4,6 +4,7 @@ pub mod baseline;
 pub mod e2e;
 pub mod fairness;
 pub mod ingest;
+pub mod invoices;
 pub mod monthly;
 pub mod pipeline;
 

@@ -82,7 +82,7 @@ fn splitmix64(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-fn month_span(month: &str) -> anyhow::Result<(i64, i64)> {
+pub fn month_span(month: &str) -> anyhow::Result<(i64, i64)> {
     let (year, number) = month.split_once('-').context("--month must be YYYY-MM")?;
     let year: i32 = year.parse()?;
     let number: u8 = number.parse()?;
@@ -101,7 +101,6 @@ pub async fn run(options: &Options, args: Args) -> anyhow::Result<Vec<Row>> {
     env.migrate()?;
     let (start, end) = month_span(&args.month)?;
     let workload = std::sync::Arc::new(Workload::new(args.extra_accounts, args.users));
-    let service = ClickHouseService::new(&env.clickhouse_settings(), &env.topics().enriched);
     let n = args.actions;
     println!(
         "monthly-view: loading {n} actions over {} ({} accounts × {} users, 8-action mix) into {}",
@@ -111,89 +110,15 @@ pub async fn run(options: &Options, args: Args) -> anyhow::Result<Vec<Row>> {
         env.run.database
     );
 
-    // Generation on a thread; writes on the async side, one batch write at a time.
-    let (sender, mut receiver) = tokio::sync::mpsc::channel::<(i32, BatchWrite)>(4);
-    let generator = {
-        let workload = workload.clone();
-        let run = env.unique.clone();
-        let (flush_every, skip_actions) = (args.flush_every, args.skip_actions);
-        std::thread::spawn(move || {
-            let settings = BatchSettings {
-                batch_size: 50_000,
-                window_seconds: 60,
-                dedupe_horizon_ms: 15 * 60 * 1000,
-            };
-            let mut partitions: Vec<(PartitionAggregator, i64)> = (0..PARTITIONS as i32)
-                .map(|p| (PartitionAggregator::new(p, settings, None), 0))
-                .collect();
-            let span = end - start;
-            let send = |partition: i32, writes: Vec<BatchWrite>| {
-                for mut write in writes {
-                    if skip_actions {
-                        write.actions.clear();
-                    }
-                    if sender.blocking_send((partition, write)).is_err() {
-                        return false;
-                    }
-                }
-                true
-            };
-            for i in 0..n {
-                let at = start + ((i as i128 * span as i128) / n as i128) as i64;
-                // A bijective mix: unique event ids, accounts/users/actions spread at random.
-                let mixed = splitmix64(i);
-                let raw = workload.raw_action(&run, mixed, at);
-                let enriched =
-                    enrich(raw, &workload.snapshot, workload.window, at).expect("enriches");
-                let partition = (splitmix64(mixed) % PARTITIONS) as usize;
-                let (aggregator, offset) = &mut partitions[partition];
-                aggregator.handle(*offset, at / 1000, enriched);
-                *offset += 1;
-                if (*offset as u64).is_multiple_of(flush_every) {
-                    let writes = aggregator.take_flush();
-                    if !send(partition as i32, writes) {
-                        return;
-                    }
-                }
-            }
-            for (partition, (aggregator, _)) in partitions.iter_mut().enumerate() {
-                let writes = aggregator.take_flush();
-                if !send(partition as i32, writes) {
-                    return;
-                }
-            }
-        })
-    };
-    let load_started = Instant::now();
-    let mut written_actions = 0u64;
-    let mut written_usage = 0u64;
-    let mut inserts = 0u64;
-    let mut last_report = Instant::now();
-    while let Some((partition, write)) = receiver.recv().await {
-        service
-            .write(partition, &write)
-            .await
-            .map_err(|error| anyhow::anyhow!("ClickHouse write: {error}"))?;
-        written_actions += write.actions.len() as u64;
-        written_usage += write.usage.len() as u64;
-        inserts += 1;
-        if last_report.elapsed() > Duration::from_secs(10) {
-            println!(
-                "    … {written_usage} usage rows, {written_actions} action rows after {:.0} s",
-                load_started.elapsed().as_secs_f64()
-            );
-            last_report = Instant::now();
-        }
-    }
-    generator
-        .join()
-        .map_err(|_| anyhow::anyhow!("generator panicked"))?;
-    let load_seconds = load_started.elapsed().as_secs_f64();
-    println!(
-        "    loaded in {load_seconds:.1} s ({:.0} actions/s through enrich + aggregator state + ClickHouse writer on the load-generator core): \
-         {written_usage} usage rows and {written_actions} action rows written in {inserts} batch writes",
-        n as f64 / load_seconds
-    );
+    load_month(
+        &env,
+        &workload,
+        n,
+        (start, end),
+        args.flush_every,
+        args.skip_actions,
+    )
+    .await?;
 
     if args.extra_months > 0 {
         let columns = "window_start, window_seconds, workspace_id, account_id, agent_instance_id, \
@@ -220,31 +145,7 @@ pub async fn run(options: &Options, args: Args) -> anyhow::Result<Vec<Row>> {
         }
     }
 
-    // Let background merges settle so that every run sees the same parts.
-    let settle = Instant::now();
-    while settle.elapsed() < Duration::from_secs(600) {
-        let merges = env
-            .query_u64(&format!(
-                "SELECT count() FROM system.merges WHERE database = '{}'",
-                env.run.database
-            ))
-            .await?;
-        if merges == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    let stats = env
-        .query(&format!(
-            "SELECT table, count(), sum(rows), sum(bytes_on_disk) FROM system.parts \
-             WHERE database = '{}' AND active GROUP BY table ORDER BY table",
-            env.run.database
-        ))
-        .await?;
-    println!("    merges settled after {:.0} s; active parts per table (table, parts, rows, bytes on disk):", settle.elapsed().as_secs_f64());
-    for line in stats.lines() {
-        println!("      {}", line.replace('\t', ", "));
-    }
+    settle_merges(&env).await?;
     let month = format!("{}-01", args.month);
     let in_month = format!("toStartOfMonth(window_start) = '{month}'");
     let usage_final = env.query_u64("SELECT count() FROM usage FINAL").await?;
@@ -433,4 +334,134 @@ async fn timed_query(
     let started = Instant::now();
     let answer = env.query(sql).await?;
     Ok((started.elapsed(), answer))
+}
+
+/// Writes `n` actions spread evenly over `[start, end)` (µs) into `env`'s database, exactly as
+/// `agentmeter aggregate` would have: the real enricher code, the real aggregator state (4
+/// source partitions, batches of 50,000 offsets, 1-minute windows, a flush every
+/// `flush_every` records per partition) and the real ClickHouse writer.
+pub async fn load_month(
+    env: &BenchEnv,
+    workload: &std::sync::Arc<Workload>,
+    n: u64,
+    (start, end): (i64, i64),
+    flush_every: u64,
+    skip_actions: bool,
+) -> anyhow::Result<()> {
+    let service = ClickHouseService::new(&env.clickhouse_settings(), &env.topics().enriched);
+    // Generation on a thread; writes on the async side, one batch write at a time.
+    let (sender, mut receiver) = tokio::sync::mpsc::channel::<(i32, BatchWrite)>(4);
+    let generator = {
+        let workload = workload.clone();
+        let run = env.unique.clone();
+        std::thread::spawn(move || {
+            let settings = BatchSettings {
+                batch_size: 50_000,
+                window_seconds: 60,
+                dedupe_horizon_ms: 15 * 60 * 1000,
+            };
+            let mut partitions: Vec<(PartitionAggregator, i64)> = (0..PARTITIONS as i32)
+                .map(|p| (PartitionAggregator::new(p, settings, None), 0))
+                .collect();
+            let span = end - start;
+            let send = |partition: i32, writes: Vec<BatchWrite>| {
+                for mut write in writes {
+                    if skip_actions {
+                        write.actions.clear();
+                    }
+                    if sender.blocking_send((partition, write)).is_err() {
+                        return false;
+                    }
+                }
+                true
+            };
+            for i in 0..n {
+                let at = start + ((i as i128 * span as i128) / n as i128) as i64;
+                // A bijective mix: unique event ids, accounts/users/actions spread at random.
+                let mixed = splitmix64(i);
+                let raw = workload.raw_action(&run, mixed, at);
+                let enriched =
+                    enrich(raw, &workload.snapshot, workload.window, at).expect("enriches");
+                let partition = (splitmix64(mixed) % PARTITIONS) as usize;
+                let (aggregator, offset) = &mut partitions[partition];
+                aggregator.handle(*offset, at / 1000, enriched);
+                *offset += 1;
+                if (*offset as u64).is_multiple_of(flush_every) {
+                    let writes = aggregator.take_flush();
+                    if !send(partition as i32, writes) {
+                        return;
+                    }
+                }
+            }
+            for (partition, (aggregator, _)) in partitions.iter_mut().enumerate() {
+                let writes = aggregator.take_flush();
+                if !send(partition as i32, writes) {
+                    return;
+                }
+            }
+        })
+    };
+    let load_started = Instant::now();
+    let mut written_actions = 0u64;
+    let mut written_usage = 0u64;
+    let mut inserts = 0u64;
+    let mut last_report = Instant::now();
+    while let Some((partition, write)) = receiver.recv().await {
+        service
+            .write(partition, &write)
+            .await
+            .map_err(|error| anyhow::anyhow!("ClickHouse write: {error}"))?;
+        written_actions += write.actions.len() as u64;
+        written_usage += write.usage.len() as u64;
+        inserts += 1;
+        if last_report.elapsed() > Duration::from_secs(10) {
+            println!(
+                "    … {written_usage} usage rows, {written_actions} action rows after {:.0} s",
+                load_started.elapsed().as_secs_f64()
+            );
+            last_report = Instant::now();
+        }
+    }
+    generator
+        .join()
+        .map_err(|_| anyhow::anyhow!("generator panicked"))?;
+    let load_seconds = load_started.elapsed().as_secs_f64();
+    println!(
+        "    loaded in {load_seconds:.1} s ({:.0} actions/s through enrich + aggregator state + ClickHouse writer on the load-generator core): \
+         {written_usage} usage rows and {written_actions} action rows written in {inserts} batch writes",
+        n as f64 / load_seconds
+    );
+
+    Ok(())
+}
+
+/// Waits (up to 10 minutes) until ClickHouse runs no merge in `env`'s database, then prints its
+/// active parts: every measurement sees the same parts.
+pub async fn settle_merges(env: &BenchEnv) -> anyhow::Result<()> {
+    // Let background merges settle so that every run sees the same parts.
+    let settle = Instant::now();
+    while settle.elapsed() < Duration::from_secs(600) {
+        let merges = env
+            .query_u64(&format!(
+                "SELECT count() FROM system.merges WHERE database = '{}'",
+                env.run.database
+            ))
+            .await?;
+        if merges == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let stats = env
+        .query(&format!(
+            "SELECT table, count(), sum(rows), sum(bytes_on_disk) FROM system.parts \
+             WHERE database = '{}' AND active GROUP BY table ORDER BY table",
+            env.run.database
+        ))
+        .await?;
+    println!("    merges settled after {:.0} s; active parts per table (table, parts, rows, bytes on disk):", settle.elapsed().as_secs_f64());
+    for line in stats.lines() {
+        println!("      {}", line.replace('\t', ", "));
+    }
+    Ok(())
 }
