@@ -1061,3 +1061,108 @@ fn a_void_invoice_is_reissued_once_as_the_next_number_and_its_period_billed_once
     let next = preview(&env, "acc_usage", &rfc3339(month_start))[0].clone();
     assert!(next["corrections"].is_null(), "{next:#}");
 }
+
+/// acc_base moves from the base plan to the usage plan on the 16th of last month: two drafts
+/// of that month, each with its fees prorated by its share of the month and billing only the
+/// usage that occurred under it — together every action once.
+#[test]
+fn a_plan_change_mid_cycle_prorates_fees_and_splits_usage_by_the_plan_in_force() {
+    let env = billing_pipeline("billing_plan_change", true);
+    let month_start = this_month_start();
+    let last_month_start = (month_start - time::Duration::days(1))
+        .replace_day(1)
+        .unwrap();
+    let change = last_month_start + time::Duration::days(15);
+    let changed = METERING.replace(
+        "rate_plan = \"base\"\nstart = \"2025-01-01T00:00:00Z\"\n",
+        &format!(
+            "rate_plan = \"base\"\nstart = \"2025-01-01T00:00:00Z\"\nend = \"{change}\"\n\n\
+             [[subscriptions]]\nid = \"sub_base_usage\"\naccount = \"acc_base\"\nproduct = \"agent\"\n\
+             rate_plan = \"usage\"\nstart = \"{change}\"\n",
+            change = rfc3339(change)
+        ),
+    );
+    assert_ne!(changed, METERING);
+    env.apply_config(&metering_config(
+        "ws_billing",
+        &[("acc_usage", USAGE_SECRET), ("acc_base", BASE_SECRET)],
+        &changed,
+    ));
+    // 30 actions in the hour before the change, 12 in the hour after (a quarter of each are
+    // lead_converted outcomes, the rest web searches; users user_0..user_2).
+    send_actions(
+        &env,
+        BASE_SECRET,
+        "before",
+        30,
+        &rfc3339(change - time::Duration::minutes(30)),
+    );
+    send_actions(
+        &env,
+        BASE_SECRET,
+        "after",
+        12,
+        &rfc3339(change + time::Duration::minutes(30)),
+    );
+    env.wait_for_count(
+        "SELECT sum(action_count) FROM usage_exact",
+        42,
+        Duration::from_secs(120),
+    );
+
+    let drafts = preview(&env, "acc_base", &rfc3339(change));
+    assert_eq!(drafts.as_array().unwrap().len(), 2, "{drafts:#}");
+    let of = |subscription: &str| {
+        drafts
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|draft| draft["subscription_id"] == subscription)
+            .unwrap_or_else(|| panic!("no draft of {subscription}: {drafts:#}"))
+            .clone()
+    };
+    let line = |draft: &Value, charge: &str| {
+        draft["lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|line| line["charge_id"] == charge)
+            .unwrap_or_else(|| panic!("no line {charge}: {draft:#}"))
+            .clone()
+    };
+    let (base, usage) = (of("sub_base"), of("sub_base_usage"));
+    assert_eq!(base["from"], rfc3339(last_month_start));
+    assert_eq!(base["to"], rfc3339(change));
+    assert_eq!(usage["from"], rfc3339(change));
+    assert_eq!(usage["to"], rfc3339(month_start));
+    let days = Decimal::from((month_start - last_month_start).whole_days());
+    let (base_share, usage_share) = (amount(&base["share"]), amount(&usage["share"]));
+    assert_eq!(base_share.round_dp(12), (dec("15") / days).round_dp(12));
+    assert_eq!(
+        usage_share.round_dp(12),
+        ((days - dec("15")) / days).round_dp(12)
+    );
+
+    // Each plan bills the usage that occurred under it: all 30 earlier actions on base…
+    assert_eq!(amount(&line(&base, "actions")["quantity"]), dec("30"));
+    // …and on the usage plan only the 12 later ones: 9 searches, 3 leads, 3 users.
+    assert_eq!(amount(&line(&usage, "searches")["quantity"]), dec("9"));
+    assert_eq!(amount(&line(&usage, "leads")["quantity"]), dec("3"));
+    assert_eq!(amount(&line(&usage, "users")["quantity"]), dec("3"));
+    // Fees prorated by the share: the usage plan's flat $99, base's $99 overage fee (its
+    // included 20 actions are not prorated: 10 over at $0.25).
+    let round = |value: Decimal| {
+        value.round_dp_with_strategy(2, rust_decimal::RoundingStrategy::MidpointAwayFromZero)
+    };
+    assert_eq!(
+        amount(&line(&usage, "platform")["amount"]),
+        round(dec("99") * usage_share)
+    );
+    assert_eq!(
+        amount(&line(&base, "actions")["amount"]),
+        round(dec("99") * base_share + dec("10") * dec("0.25"))
+    );
+    // acc_usage is unaffected: its draft bills none of acc_base's actions.
+    let other = preview(&env, "acc_usage", &rfc3339(change));
+    assert_eq!(amount(&line(&other[0], "searches")["quantity"]), dec("0"));
+}

@@ -2,7 +2,7 @@
 # Local services for agentmeter without Docker: ClickHouse (Debian's clickhouse-server 18.16)
 # and a Kafka-compatible broker (tansu 0.6.0, built from crates.io and cached outside the repo).
 #
-#   deploy/local/services.sh install   install missing apt packages and build tansu (idempotent)
+#   deploy/local/services.sh install   install missing apt packages (promtool among them) and build tansu (idempotent)
 #   deploy/local/services.sh up        start ClickHouse and tansu unless already answering
 #   deploy/local/services.sh down      stop both (TERM, then KILL), by PID file
 #   deploy/local/services.sh status    print whether each answers (exit 0 only if both answer)
@@ -30,6 +30,9 @@ BROKER_STORAGE="${AGENTMETER_BROKER_STORAGE:-sqlite}"
 UP_TIMEOUT="${AGENTMETER_UP_TIMEOUT:-60}"
 
 APT_PACKAGES=(clickhouse-server clickhouse-client cmake libcurl4-openssl-dev protobuf-compiler python3-venv)
+# Installed without its recommends (which would bring and start a node exporter on :9100): only
+# its promtool is used (deploy/prometheus/check.sh); no check needs the Prometheus service.
+APT_PACKAGES_NO_RECOMMENDS=(prometheus)
 TANSU_VERSION="0.6.0"
 TANSU_CRATE_SHA256="4fdd85473ec265140488cf8d55e82b844f5c051c8916fabdd4a71156ac053f6d"
 TANSU_STORAGE_CRATE_SHA256="720d2ed8e6010c70f7f06e5af5a7274ebbf6e42fdcd9e46de542b10dc4d2f35d"
@@ -119,17 +122,20 @@ pkg_installed() {
 
 install_packages() {
     local missing=() p
-    for p in "${APT_PACKAGES[@]}"; do
+    for p in "${APT_PACKAGES[@]}" "${APT_PACKAGES_NO_RECOMMENDS[@]}"; do
         pkg_installed "$p" || missing+=("$p")
     done
     if [ "${#missing[@]}" -eq 0 ]; then
-        say "apt packages already installed: ${APT_PACKAGES[*]}"
+        say "apt packages already installed: ${APT_PACKAGES[*]} ${APT_PACKAGES_NO_RECOMMENDS[*]}"
         return
     fi
     say "apt packages missing: ${missing[*]}; running apt-get update"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
     say "apt-get install -y ${APT_PACKAGES[*]}"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${APT_PACKAGES[@]}"
+    say "apt-get install -y --no-install-recommends ${APT_PACKAGES_NO_RECOMMENDS[*]}"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        "${APT_PACKAGES_NO_RECOMMENDS[@]}"
 }
 
 # Print a heartbeat every 60 s while process $1 lives; last "Compiling" line of log $2.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: installs and starts the real services, then runs every test of the workspace
 # (unit tests, and integration tests that start `agentmeter` stages as processes against the real
-# broker and ClickHouse), the SQL checks and a short run of every fuzz target.
+# broker and ClickHouse), the SQL checks, the Prometheus rules and dashboard checks and a short run
+# of every fuzz target.
 #
 #   deploy/local/test.sh [extra cargo test arguments]
 set -euo pipefail
@@ -20,6 +21,9 @@ cargo test --workspace --locked --features agentmeter/integration "$@"
 
 say "SQL: migrations and views on current ClickHouse (chdb) and on the local ClickHouse"
 bash deploy/local/check_sql_current_clickhouse.sh --http "http://127.0.0.1:${AGENTMETER_CLICKHOUSE_HTTP_PORT:-8123}"
+
+say "Prometheus rules, their unit tests, the scrape config and the Grafana dashboard (promtool, deploy/prometheus/check.sh)"
+bash deploy/prometheus/check.sh
 
 # 10 s per target keeps CI's run short; longer campaigns are fuzz/run.sh's (fuzz/README.md).
 export FUZZ_SMOKE_SECONDS="${FUZZ_SMOKE_SECONDS:-10}"
