@@ -456,6 +456,8 @@ pub async fn finalize_closed_periods(
             .map(|(_, record)| record.invoice_id().to_string())
             .collect();
         let finalized = project(log);
+        // The records this round appends, and (subscription's position, invoice id) of each.
+        let mut records = Vec::new();
         let mut appended = Vec::new();
         for (position, (subscription, starts)) in periods_of_subscriptions.iter().enumerate() {
             let Some(&period_start) = starts.get(round) else {
@@ -502,24 +504,24 @@ pub async fn finalize_closed_periods(
             }
             // Usage of earlier finalized periods that changed since: corrections, frozen with it.
             let preview = with_pending_corrections(&mut drafts, &finalized, preview).await?;
-            appended.push((
-                position,
-                id.clone(),
-                finalize_record(record, subscription, preview, &id, now, None),
+            records.push(finalize_record(
+                record,
+                subscription,
+                preview,
+                &id,
+                now,
+                None,
             ));
+            appended.push((position, id));
         }
-        if appended.is_empty() {
+        if records.is_empty() {
             continue;
         }
-        let records: Vec<LogRecord> = appended
-            .iter()
-            .map(|(_, _, record)| record.clone())
-            .collect();
         crate::invoice_log::append(&settings.kafka, &records).await?;
         // Whatever this process appended, and whatever others did, the log decides: project it.
         let invoices =
             crate::invoice_log::project_log(&settings.kafka, &settings.clickhouse).await?;
-        for (position, id, _) in appended {
+        for (position, id) in appended {
             let winner = invoices
                 .iter()
                 .find(|finalized| finalized.invoice_id == id)
@@ -739,24 +741,18 @@ async fn reissue(args: ReissueArgs, settings: &Settings) -> anyhow::Result<()> {
                 args.number, old.subscription_id
             )
         })?;
-    let preview = drafts(
-        settings,
-        config,
-        Some(&subscription.account),
-        old.period_start,
-    )
-    .await?
-    .into_iter()
-    .find(|preview| preview.invoice.subscription_id == subscription.id)
-    .filter(|preview| preview.invoice.period_start == old.period_start)
+    let mut drafts = DraftCache::new(settings, config, Some(&subscription.account));
+    let preview = drafts
+        .draft(&subscription.id, old.period_start)
+        .await?
+        .filter(|preview| preview.invoice.period_start == old.period_start)
     .with_context(|| {
         format!(
             "subscription {:?} no longer has a period starting {} (its dates or plan changed since invoice {}); finalize its periods as they are now instead",
             subscription.id, old.period_start, args.number
         )
     })?;
-    let mut earlier_drafts = DraftCache::new(settings, config, Some(&subscription.account));
-    let mut preview = with_pending_corrections(&mut earlier_drafts, &invoices, preview).await?;
+    let mut preview = with_pending_corrections(&mut drafts, &invoices, preview).await?;
     if let Some(takeback) = reissue_takeback(&invoices, voided)? {
         preview.invoice = preview.invoice.with_corrections(vec![takeback])?;
         preview.margin = preview.margin_now()?;
@@ -888,13 +884,15 @@ pub(crate) async fn drafts(
     let usage = PeriodUsage::read(settings, config, account, &ranges, needed).await?;
     let mut previews = Vec::new();
     for (subscription, plan, covered) in covered_subscriptions {
-        let range = (covered.from, covered.to);
-        let quantities = usage
-            .quantities(config, subscription, plan, range)
+        let billed = usage
+            .billed_to(config, subscription, (covered.from, covered.to))
+            .with_context(|| format!("subscription {:?}", subscription.id))?;
+        let quantities = billed
+            .quantities(plan)
             .with_context(|| format!("subscription {:?}", subscription.id))?;
         let invoice = draft(config, subscription, &covered, &quantities)?;
-        let cost = usage
-            .cost(config, subscription, range)
+        let cost = billed
+            .cost()
             .with_context(|| format!("subscription {:?}: cost", subscription.id))?;
         let exchange_rate = agentmeter_billing::exchange::rate_at(
             &config.exchange_rates,

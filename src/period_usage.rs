@@ -231,36 +231,53 @@ impl PeriodUsage {
         Ok(position(from)? + 1..=position(to)?)
     }
 
-    /// The period's quantity of every usage charge of `plan` for `subscription` in
-    /// `[from, to)`: the usage of the account's agent instances of the product's agent type
-    /// (seats: of the whole account).
-    pub(crate) fn quantities(
-        &self,
+    /// The usage `subscription` bills in `[from, to)`: that of the account's agent instances
+    /// of the product's agent type (seats: of the whole account), in the range's segments.
+    pub(crate) fn billed_to<'u>(
+        &'u self,
         config: &MeteringConfig,
-        subscription: &Subscription,
-        plan: &RatePlan,
+        subscription: &'u Subscription,
         (from, to): (OffsetDateTime, OffsetDateTime),
-    ) -> anyhow::Result<HashMap<String, Decimal>> {
-        let billed = BilledInstances::of(config, subscription);
+    ) -> anyhow::Result<BilledUsage<'u>> {
+        let instances = billed_instances(config, subscription);
         let segments = self.segments(from, to)?;
-        let rows: &[Usage] = self
+        let account_rows: &[Usage] = self
             .rows_by_account
             .get(&subscription.account)
             .map_or(&[], Vec::as_slice);
-        let in_range = || {
-            rows.iter().filter(|row| {
+        let rows = account_rows
+            .iter()
+            .filter(|row| {
                 segments.contains(&row.segment)
-                    && billed.instances.contains(&row.agent_instance_id.as_str())
+                    && instances.contains(&row.agent_instance_id.as_str())
             })
-        };
-        let sum = |value: &dyn Fn(&Usage) -> Option<Decimal>| {
-            in_range()
-                .filter_map(value)
-                .try_fold(Decimal::ZERO, |total, value| total.checked_add(value))
-                .with_context(|| {
-                    format!("the usage of account {:?} overflows", subscription.account)
-                })
-        };
+            .collect();
+        Ok(BilledUsage {
+            account: &subscription.account,
+            rows,
+            account_rows,
+            last_segment: *segments.end(),
+            days: utc_day_number(from)..=utc_day_number(to - time::Duration::seconds(1)),
+        })
+    }
+}
+
+/// The usage one subscription bills in its range ([`PeriodUsage::billed_to`]).
+pub(crate) struct BilledUsage<'u> {
+    account: &'u str,
+    /// The account's rows of the range's segments and of the instances the subscription bills.
+    rows: Vec<&'u Usage>,
+    /// Every row of the account (seats count all its agents), of any segment.
+    account_rows: &'u [Usage],
+    /// The range's last segment: seats count activity before the range's end only.
+    last_segment: u8,
+    /// The range's UTC days (since 1970-01-01).
+    days: std::ops::RangeInclusive<i64>,
+}
+
+impl BilledUsage<'_> {
+    /// The quantity of every usage charge of `plan`.
+    pub(crate) fn quantities(&self, plan: &RatePlan) -> anyhow::Result<HashMap<String, Decimal>> {
         let mut quantities = HashMap::new();
         for charge in &plan.charges {
             let metric = charge
@@ -268,66 +285,59 @@ impl PeriodUsage {
                 .map_err(|problem| anyhow::anyhow!("charge {:?}: {problem}", charge.id))?;
             let quantity = match &metric {
                 Metric::Fee => continue,
-                Metric::Actions { only } => sum(&|row| {
+                Metric::Actions { only } => self.sum(|row| {
                     (only.is_empty() || only.contains(&row.action_name)).then_some(row.actions)
                 })?,
-                Metric::Outcomes { only } => sum(&|row| {
+                Metric::Outcomes { only } => self.sum(|row| {
                     (only.is_empty() || only.contains(&row.action_name)).then_some(row.outcomes)
                 })?,
-                Metric::Measure { action, measure } => sum(&|row| {
+                Metric::Measure { action, measure } => self.sum(|row| {
                     (&row.action_name == action && &row.measure == measure).then_some(row.quantity)
                 })?,
                 Metric::Users => {
-                    let users: HashSet<&str> = in_range()
+                    let users: HashSet<&str> = self
+                        .rows
+                        .iter()
                         .filter(|row| !row.user_key.is_empty())
                         .map(|row| row.user_key.as_str())
                         .collect();
                     Decimal::from(users.len())
                 }
-                // Every agent of the account (docs/billing.md), active before `to`.
+                // Every agent of the account (docs/billing.md), active before the range's end.
                 Metric::Seats => {
                     let mut days_of_user: HashMap<&str, Vec<i64>> = HashMap::new();
-                    for row in rows
+                    for row in self
+                        .account_rows
                         .iter()
-                        .filter(|row| row.segment <= *segments.end() && !row.user_key.is_empty())
+                        .filter(|row| row.segment <= self.last_segment && !row.user_key.is_empty())
                     {
                         days_of_user
                             .entry(row.user_key.as_str())
                             .or_default()
                             .extend(row.days.iter().map(|&day| i64::from(day)));
                     }
-                    let days =
-                        utc_day_number(from)..=utc_day_number(to - time::Duration::seconds(1));
-                    Decimal::from(peak_seats(days_of_user.into_values(), days))
+                    Decimal::from(peak_seats(days_of_user.into_values(), self.days.clone()))
                 }
             };
-            // The same number whichever segments and rows it was summed from: 0.5 + 0.25 and
-            // 0.750 + 0 print alike.
-            quantities.insert(charge.id.clone(), quantity.normalize());
+            quantities.insert(charge.id.clone(), quantity);
         }
         Ok(quantities)
     }
 
-    /// The allocated cost of the usage `subscription` bills in `[from, to)` (exact).
-    pub(crate) fn cost(
-        &self,
-        config: &MeteringConfig,
-        subscription: &Subscription,
-        (from, to): (OffsetDateTime, OffsetDateTime),
-    ) -> anyhow::Result<Decimal> {
-        let billed = BilledInstances::of(config, subscription);
-        let segments = self.segments(from, to)?;
-        self.rows_by_account
-            .get(&subscription.account)
-            .map_or(&[][..], Vec::as_slice)
+    /// The allocated cost of the usage (exact).
+    pub(crate) fn cost(&self) -> anyhow::Result<Decimal> {
+        self.sum(|row| Some(row.cost))
+    }
+
+    /// The sum of `value` over the rows, normalized: the same number prints alike whichever
+    /// segments and rows it was summed from (0.5 + 0.25 and 0.750 + 0).
+    fn sum(&self, value: impl Fn(&Usage) -> Option<Decimal>) -> anyhow::Result<Decimal> {
+        self.rows
             .iter()
-            .filter(|row| {
-                segments.contains(&row.segment)
-                    && billed.instances.contains(&row.agent_instance_id.as_str())
-            })
-            .try_fold(Decimal::ZERO, |total, row| total.checked_add(row.cost))
-            .map(|cost| cost.normalize())
-            .with_context(|| format!("the cost of account {:?} overflows", subscription.account))
+            .filter_map(|row| value(row))
+            .try_fold(Decimal::ZERO, |total, value| total.checked_add(value))
+            .map(|sum| sum.normalize())
+            .with_context(|| format!("the usage of account {:?} overflows", self.account))
     }
 }
 
@@ -372,29 +382,23 @@ fn peak_seats(
     peak
 }
 
-/// The account and agent instances whose usage a subscription bills.
-struct BilledInstances<'c> {
-    instances: Vec<&'c str>,
-}
-
-impl<'c> BilledInstances<'c> {
-    fn of(config: &'c MeteringConfig, subscription: &'c Subscription) -> BilledInstances<'c> {
-        let agent_type = config
-            .products
-            .iter()
-            .find(|product| product.id == subscription.product)
-            .map(|product| product.agent_type.as_str());
-        let instances = config
-            .agent_instances
-            .iter()
-            .filter(|instance| {
-                instance.account == subscription.account
-                    && Some(instance.agent_type.as_str()) == agent_type
-            })
-            .map(|instance| instance.id.as_str())
-            .collect();
-        BilledInstances { instances }
-    }
+/// The agent instances whose usage a subscription bills: the account's, of the product's
+/// agent type.
+fn billed_instances<'c>(config: &'c MeteringConfig, subscription: &Subscription) -> Vec<&'c str> {
+    let agent_type = config
+        .products
+        .iter()
+        .find(|product| product.id == subscription.product)
+        .map(|product| product.agent_type.as_str());
+    config
+        .agent_instances
+        .iter()
+        .filter(|instance| {
+            instance.account == subscription.account
+                && Some(instance.agent_type.as_str()) == agent_type
+        })
+        .map(|instance| instance.id.as_str())
+        .collect()
 }
 
 /// A decimal of ClickHouse's text, exactly, or an error: trailing zeros of the scale-12 text
@@ -450,7 +454,7 @@ mod tests {
                 .unwrap();
         let subscription = &config.subscriptions[0];
         let plan = agentmeter_billing::invoice::plan_of(&config, subscription).unwrap();
-        let own = BilledInstances::of(&config, subscription).instances[0];
+        let own = billed_instances(&config, subscription)[0];
         let (november, mid, december) = (
             datetime!(2026-11-01 0:00 UTC),
             datetime!(2026-11-16 0:00 UTC),
@@ -476,16 +480,24 @@ mod tests {
         );
         assert_eq!(
             usage
-                .cost(&config, subscription, (november, december))
+                .billed_to(&config, subscription, (november, december))
+                .unwrap()
+                .cost()
                 .unwrap(),
             Decimal::new(10, 2)
         );
         assert_eq!(
-            usage.cost(&config, subscription, (mid, december)).unwrap(),
+            usage
+                .billed_to(&config, subscription, (mid, december))
+                .unwrap()
+                .cost()
+                .unwrap(),
             Decimal::new(6, 2)
         );
         let quantities = usage
-            .quantities(&config, subscription, plan, (november, december))
+            .billed_to(&config, subscription, (november, december))
+            .unwrap()
+            .quantities(plan)
             .unwrap();
         for charge in &plan.charges {
             let expected = match charge.metric().unwrap() {
@@ -501,10 +513,9 @@ mod tests {
         }
         assert!(
             usage
-                .quantities(
+                .billed_to(
                     &config,
                     subscription,
-                    plan,
                     (november, mid + time::Duration::days(1))
                 )
                 .is_err(),
