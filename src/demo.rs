@@ -38,20 +38,33 @@ pub struct DemoArgs {
     pub wait_seconds: u64,
 }
 
-/// One session of the guide's research agent for one user.
-fn session(run_id: &str, account: &str, index: usize) -> Vec<RestAction> {
+/// One session of the guide's research agent for one user; its steps a second apart, the
+/// sessions of one run in the last minutes before `now`.
+fn session(
+    run_id: &str,
+    account: &str,
+    index: usize,
+    now: time::OffsetDateTime,
+) -> Vec<RestAction> {
     let user = format!("user_{account}_{}", index % 7);
     let event = |step: &str| Some(format!("demo-{run_id}-{account}-{index}-{step}"));
-    let action =
-        |step: &str, name: &str, description: &str, attributes: serde_json::Value| RestAction {
+    let session_start = now - time::Duration::seconds(5 * (1 + index as i64 % 60));
+    let mut step_number = 0i64;
+    let mut action = |step: &str, name: &str, description: &str, attributes: serde_json::Value| {
+        let occurred_at = session_start + time::Duration::seconds(step_number);
+        step_number += 1;
+        RestAction {
             event_id: event(step),
             action_name: name.to_string(),
             user_id: Some(user.clone()),
             anonymous_id: None,
-            occurred_at: None,
+            occurred_at: occurred_at
+                .format(&time::format_description::well_known::Rfc3339)
+                .ok(),
             description: Some(description.to_string()),
             attributes: attributes.as_object().cloned().unwrap_or_default(),
-        };
+        }
+    };
     let mut actions = vec![
         action(
             "search",
@@ -108,12 +121,13 @@ struct SummaryRow {
 
 pub async fn run(args: DemoArgs, settings: &Settings) -> anyhow::Result<()> {
     let run_id = uuid::Uuid::now_v7().simple().to_string()[..12].to_string();
+    let now = time::OffsetDateTime::now_utc();
     let http = reqwest::Client::new();
     let mut sent = 0usize;
     let started = Instant::now();
     for (account, secret) in [("acme", &args.acme_secret), ("globex", &args.globex_secret)] {
         let actions: Vec<RestAction> = (0..args.sessions)
-            .flat_map(|index| session(&run_id, account, index))
+            .flat_map(|index| session(&run_id, account, index, now))
             .collect();
         for chunk in actions.chunks(500) {
             let batch = RestActionBatch {
@@ -171,6 +185,32 @@ pub async fn run(args: DemoArgs, settings: &Settings) -> anyhow::Result<()> {
         settings.aggregator.flush_interval_ms + 500,
     ))
     .await;
+    // The outcomes stage derives research_completed from what the aggregator wrote: wait until
+    // its progress covers the aggregator's.
+    let caught_up_query = format!(
+        "SELECT toUInt64(ifNull((SELECT sum(value) FROM {database}.outcomes_progress FINAL WHERE key LIKE 'partition:%'), 0) \
+         >= (SELECT sum(m) FROM (SELECT max(end_offset) AS m FROM {database}.aggregator_progress GROUP BY source_partition))) AS count"
+    );
+    loop {
+        let caught_up = client
+            .query(&caught_up_query)
+            .fetch_one::<CountRow>()
+            .await
+            .map(|row| row.count == 1)
+            .unwrap_or(false);
+        if caught_up {
+            println!(
+                "composite outcomes derived after {:.2}s (agentmeter outcomes)",
+                started.elapsed().as_secs_f64()
+            );
+            break;
+        }
+        if Instant::now() >= deadline {
+            println!("the outcomes stage has not caught up within {}s; research_completed may be missing below", args.wait_seconds);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 
     let summary = client
         .query(&format!(

@@ -11,6 +11,8 @@
 //! * `invoices preview | finalize | void | list | show` — draft and finalized invoices
 //!   (docs/billing.md, ADR 0004); `billing` — the stage that finalizes closed periods by itself;
 //!   `plans simulate` — what a rate plan would have earned against the usage history.
+//! * `outcomes` — the stage that derives composite outcomes from the stored actions
+//!   (ADR 0005).
 //!
 //! Runtime settings come from `--config FILE` (TOML) and `AGENTMETER__SECTION__KEY` environment
 //! overrides; see `deploy/local/agentmeter.toml`.
@@ -21,6 +23,7 @@ mod config_cmd;
 mod demo;
 mod invoice_log;
 mod invoices_cmd;
+mod outcomes_stage;
 mod period_usage;
 mod plans_cmd;
 mod reset_input_cmd;
@@ -54,6 +57,8 @@ pub struct Settings {
     pub aggregator: AggregatorConfig,
     /// `agentmeter billing`.
     pub billing: billing_stage::BillingSettings,
+    /// `agentmeter outcomes`.
+    pub outcomes: outcomes_stage::OutcomesSettings,
 }
 
 #[derive(Debug, Parser)]
@@ -97,6 +102,9 @@ enum Command {
     /// Run the billing stage: finalizes every closed period after its grace period
     /// (docs/billing.md).
     Billing,
+    /// Run the outcomes stage: derives composite outcomes from the stored actions
+    /// (docs/metering-config.md, ADR 0005).
+    Outcomes,
     /// Rate plans against the real usage history (docs/billing.md).
     #[command(subcommand)]
     Plans(plans_cmd::PlansCommand),
@@ -200,6 +208,10 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Billing => {
             prometheus();
             billing_stage::run(settings, on_signals()).await
+        }
+        Command::Outcomes => {
+            prometheus();
+            outcomes_stage::run(settings, on_signals()).await
         }
     }
 }

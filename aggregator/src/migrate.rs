@@ -37,6 +37,11 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
         "invoice_revenue",
         include_str!("../migrations/0007_invoice_revenue.sql"),
     ),
+    (
+        8,
+        "derived_outcomes",
+        include_str!("../migrations/0008_derived_outcomes.sql"),
+    ),
 ];
 
 #[derive(Debug, clickhouse::Row, serde::Deserialize)]

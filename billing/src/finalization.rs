@@ -532,6 +532,31 @@ pub fn changes_to_finalized_periods(
             ));
         }
     }
+    // Composite outcomes derive what finalized periods billed: their versions in force before
+    // the last finalized period's end stay as they were (ADR 0005, "Definition changes").
+    let versions_before = |config: &agentmeter_schemas::metering::MeteringConfig, name: &str| {
+        config
+            .composite_outcomes
+            .iter()
+            .filter(|composite| {
+                composite.name == name && composite.effective_from.is_none_or(|from| from < last)
+            })
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let names: std::collections::BTreeSet<&str> = before
+        .composite_outcomes
+        .iter()
+        .chain(&after.composite_outcomes)
+        .map(|composite| composite.name.as_str())
+        .collect();
+    for name in names {
+        if versions_before(before, name) != versions_before(after, name) {
+            problems.push(format!(
+                "composite outcome {name:?}: finalized invoices billed periods up to {last}, so its versions in force before then cannot change; add a version with effective_from at or after {last} instead"
+            ));
+        }
+    }
     problems
 }
 
@@ -821,6 +846,30 @@ mod tests {
         let mut removed = before.clone();
         removed.subscriptions.remove(0);
         assert!(problems(&removed)[0].contains("it is removed"));
+
+        // A composite outcome's version in force in the billed period cannot change; a new
+        // version from the end of the billed periods on can be added.
+        let mut redefined = before.clone();
+        redefined.composite_outcomes[0].within = "30m".into();
+        let refused = problems(&redefined);
+        assert!(
+            refused[0].contains("composite outcome \"research_completed\"")
+                && refused[0].contains("add a version with effective_from at or after"),
+            "{refused:?}"
+        );
+        let mut versioned = before.clone();
+        let mut next = versioned.composite_outcomes[0].clone();
+        next.within = "30m".into();
+        next.effective_from = Some(datetime!(2026-12-01 0:00 UTC));
+        versioned.composite_outcomes.push(next.clone());
+        assert!(
+            problems(&versioned).is_empty(),
+            "{:?}",
+            problems(&versioned)
+        );
+        next.effective_from = Some(datetime!(2026-11-20 0:00 UTC));
+        versioned.composite_outcomes[1] = next;
+        assert!(!problems(&versioned).is_empty());
 
         // A void invoice bills nothing: nothing is held back by it.
         let id = log[0].1.invoice_id().to_string();

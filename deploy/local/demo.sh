@@ -6,7 +6,8 @@
 # 1. installs and starts the real services (deploy/local/services.sh: ClickHouse, tansu broker),
 # 2. builds `agentmeter` (release), applies the ClickHouse migrations, creates the topics and
 #    applies deploy/local/metering.example.toml to the config topic,
-# 3. starts the three stages as separate processes (logs in .local/logs/),
+# 3. starts the three stages and the outcomes stage (composite outcomes, ADR 0005) as separate
+#    processes (logs in .local/logs/),
 # 4. sends the guide's research-agent workload for two accounts through ingest's REST API and
 #    prints usage and cost per account read back from ClickHouse, each account's draft invoice
 #    with cost and margin, and what an outcome-priced plan would have earned from them,
@@ -45,7 +46,7 @@ cargo build --release --locked --bin agentmeter
 agentmeter() { RUST_BACKTRACE=0 "$BIN" --config "$SETTINGS" "$@"; }
 
 stop_stages() {
-    for stage in ingest enrich aggregate; do
+    for stage in ingest enrich aggregate outcomes; do
         pid_file="$RUN_DIR/$stage.pid"
         [ -f "$pid_file" ] || continue
         pid=$(cat "$pid_file")
@@ -64,7 +65,7 @@ agentmeter migrate
 agentmeter topics
 agentmeter config apply deploy/local/metering.example.toml
 
-for stage in ingest enrich aggregate; do
+for stage in ingest enrich aggregate outcomes; do
     nohup "$BIN" --config "$SETTINGS" "$stage" >>"$LOG_DIR/$stage.log" 2>&1 &
     echo $! >"$RUN_DIR/$stage.pid"
     say "started $stage (pid $!, log $LOG_DIR/$stage.log)"
@@ -86,6 +87,7 @@ wait_ready() {
 wait_ready http://127.0.0.1:8080/readyz ingest
 wait_ready http://127.0.0.1:9101/readyz enrich
 wait_ready http://127.0.0.1:9102/readyz aggregate
+wait_ready http://127.0.0.1:9104/readyz outcomes
 
 # shellcheck disable=SC1091
 set -a; . deploy/local/demo-secrets.env; set +a

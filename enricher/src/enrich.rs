@@ -16,6 +16,13 @@
 //!   scale), in exact integer arithmetic ([`mul_round_half_even`]).
 //! * An action named by an `[[outcomes]]` definition is `@outcome` only when the definition's
 //!   `when` condition holds for it (`agentmeter_schemas::condition`); otherwise just `@action`.
+//! * An explicit outcome event (kind `outcome`, docs/adr/0005-derived-outcomes.md section 1) is
+//!   always tracked and always `@outcome` (it was sent as a result: there is nothing to tag and no
+//!   `when` to hold), measure `value`, quantity = its `outcome_value` (1 when absent). Its cost is
+//!   0, unless a cost allocation names its type: then the allocation's rate in force at
+//!   `occurred_at` prices each unit of the value (cost = value × rate, `allocated`, whatever
+//!   measure the allocation names; with the default value 1 that is the rate per event). Without
+//!   an allocation a cost the publisher reported applies, as for any tracked action.
 //! * Every value is first checked against its accepted range and the text rules
 //!   ([`check_raw_action`]: ingest checks the same, so this catches direct Kafka publishers), and
 //!   every computation on it is checked: a quantity above 10^12, a cost above 10^9 or anything
@@ -24,12 +31,13 @@
 
 use std::str::FromStr;
 
+use agentmeter_schemas::action::OUTCOME_VALUE_MEASURE;
 use agentmeter_schemas::decimal::mul_round_half_even;
 use agentmeter_schemas::limits::{
     check_action_cost, check_quantity, check_raw_action, check_token_count, ValueError,
 };
 use agentmeter_schemas::metering::Measure;
-use agentmeter_schemas::{CostSource, EnrichedAction, RawAction, WorkspaceSnapshot};
+use agentmeter_schemas::{ActionKind, CostSource, EnrichedAction, RawAction, WorkspaceSnapshot};
 use rust_decimal::Decimal;
 
 /// Why a record goes to the dead-letter topic instead of downstream.
@@ -116,6 +124,9 @@ pub fn enrich(
         )));
     }
 
+    if raw.kind == ActionKind::Outcome {
+        return enrich_outcome_event(raw, snapshot, now_micros);
+    }
     let rule = snapshot.rule_for(&raw.action_name, raw.trace_event.as_deref());
     let rate = rule.pricing.as_ref().and_then(|pricing| {
         pricing
@@ -133,14 +144,7 @@ pub fn enrich(
         (true, Some((pricing, rate))) => {
             let quantity = measure_quantity(&pricing.measure, &raw)?;
             check_quantity("quantity", quantity).map_err(DeadLetterReason::InvalidValue)?;
-            let cost = mul_round_half_even(quantity, rate)
-                .ok_or_else(|| ValueError::OutOfRange {
-                    field: "cost".into(),
-                    value: format!("{quantity} × {rate}"),
-                    max: agentmeter_schemas::limits::MAX_ACTION_COST.to_string(),
-                })
-                .and_then(|cost| check_action_cost("cost", cost).map(|()| cost))
-                .map_err(DeadLetterReason::InvalidValue)?;
+            let cost = allocated_cost(quantity, rate)?;
             (
                 pricing.measure.name().to_string(),
                 quantity,
@@ -173,6 +177,54 @@ pub fn enrich(
         tracked: rule.tracked,
         outcome,
         measure,
+        quantity,
+        unit_cost,
+        cost,
+        cost_source,
+        currency: snapshot.currency().to_string(),
+        config_version: snapshot.version,
+        enriched_at_micros: now_micros,
+        raw,
+    })
+}
+
+/// quantity × rate, rounded once, within the range of a cost.
+fn allocated_cost(quantity: Decimal, rate: Decimal) -> Result<Decimal, DeadLetterReason> {
+    mul_round_half_even(quantity, rate)
+        .ok_or_else(|| ValueError::OutOfRange {
+            field: "cost".into(),
+            value: format!("{quantity} × {rate}"),
+            max: agentmeter_schemas::limits::MAX_ACTION_COST.to_string(),
+        })
+        .and_then(|cost| check_action_cost("cost", cost).map(|()| cost))
+        .map_err(DeadLetterReason::InvalidValue)
+}
+
+/// An explicit outcome event, already checked (values, identity, time window): tracked,
+/// `@outcome`, measure `value` with its value as the quantity, priced only by a cost allocation
+/// of its type (else a reported cost, else 0).
+fn enrich_outcome_event(
+    raw: RawAction,
+    snapshot: &WorkspaceSnapshot,
+    now_micros: i64,
+) -> Result<EnrichedAction, DeadLetterReason> {
+    let quantity = raw.outcome_quantity();
+    // check_raw_action held outcome_value to this already; the default 1 is within it too.
+    check_quantity("outcome_value", quantity).map_err(DeadLetterReason::InvalidValue)?;
+    let rule = snapshot.rule(&raw.action_name);
+    let rate = rule
+        .pricing
+        .as_ref()
+        .and_then(|pricing| pricing.rate_at(raw.occurred_at_micros));
+    let (unit_cost, cost, cost_source) = match (rate, raw.reported_cost) {
+        (Some(rate), _) => (rate, allocated_cost(quantity, rate)?, CostSource::Allocated),
+        (None, Some(reported)) => (Decimal::ZERO, reported, CostSource::Reported),
+        (None, None) => (Decimal::ZERO, Decimal::ZERO, CostSource::None),
+    };
+    Ok(EnrichedAction {
+        tracked: true,
+        outcome: true,
+        measure: OUTCOME_VALUE_MEASURE.to_string(),
         quantity,
         unit_cost,
         cost,
@@ -497,6 +549,200 @@ mod tests {
             enrich(empty, &self::snapshot(), WINDOW, 0).unwrap().tags(),
             &["@action"]
         );
+    }
+
+    /// An outcome event of `outcome_type` with `value` (none: the default 1).
+    fn outcome_event(outcome_type: &str, value: Option<&str>) -> RawAction {
+        RawAction {
+            kind: ActionKind::Outcome,
+            outcome_value: value.map(dec),
+            attributes_json: r#"{"lead_id":"L-1"}"#.into(),
+            ..raw(outcome_type, JAN_2026)
+        }
+    }
+
+    /// The example workspace plus `lead_converted`: tracked, an outcome whose condition never
+    /// holds for an action, and priced at `rate` per unit of a `value` measure.
+    fn snapshot_with_lead_price(rate: &str) -> WorkspaceSnapshot {
+        let mut config = snapshot().config;
+        config.tagging.tracked.push("lead_converted".into());
+        config
+            .cost_allocations
+            .push(agentmeter_schemas::metering::CostAllocation {
+                action: "lead_converted".into(),
+                measure: "value".into(),
+                quantity_attribute: Some("value".into()),
+                rates: vec![agentmeter_schemas::metering::Rate {
+                    effective_from: time::OffsetDateTime::UNIX_EPOCH,
+                    cost_per_unit: dec(rate),
+                }],
+            });
+        config
+            .outcomes
+            .push(agentmeter_schemas::metering::OutcomeDefinition {
+                action: "lead_converted".into(),
+                when: Some(
+                    serde_json::from_str(r#"{"field": "attributes.never_set", "exists": true}"#)
+                        .unwrap(),
+                ),
+            });
+        WorkspaceSnapshot::build(5, config).unwrap()
+    }
+
+    #[test]
+    fn an_outcome_event_is_always_a_tracked_outcome_measured_by_its_value() {
+        // A type the configuration has never heard of: discovered, tracked, @outcome, cost 0.
+        for (value, quantity) in [(Some("2.5"), "2.5"), (None, "1"), (Some("0"), "0")] {
+            let enriched = enrich(
+                outcome_event("ticket_resolved", value),
+                &snapshot(),
+                WINDOW,
+                7,
+            )
+            .unwrap();
+            assert!(enriched.tracked && enriched.outcome, "{value:?}");
+            assert_eq!(enriched.tags(), &["@action", "@outcome"]);
+            assert_eq!(enriched.measure, "value");
+            assert_eq!(enriched.quantity, dec(quantity));
+            assert_eq!(
+                (enriched.unit_cost, enriched.cost, enriched.cost_source),
+                (Decimal::ZERO, Decimal::ZERO, CostSource::None)
+            );
+            assert_eq!(enriched.config_version, 3);
+            assert_eq!(enriched.raw.kind, ActionKind::Outcome);
+            assert_eq!(enriched.raw.outcome_value, value.map(dec));
+        }
+        // The largest value is its quantity exactly.
+        let enriched = enrich(
+            outcome_event("ticket_resolved", Some("999999999999.999999999999")),
+            &snapshot(),
+            WINDOW,
+            0,
+        )
+        .unwrap();
+        assert_eq!(enriched.quantity, dec("999999999999.999999999999"));
+        assert!(agentmeter_schemas::encode_enriched_action(&enriched).is_ok());
+    }
+
+    #[test]
+    fn a_cost_allocation_of_the_outcome_type_prices_each_unit_of_its_value() {
+        let snapshot = snapshot_with_lead_price("0.02");
+        let enriched = enrich(
+            outcome_event("lead_converted", Some("1250")),
+            &snapshot,
+            WINDOW,
+            0,
+        )
+        .unwrap();
+        // The `when` of its [[outcomes]] definition is for actions: the event is an outcome.
+        assert_eq!(enriched.tags(), &["@action", "@outcome"]);
+        assert_eq!(
+            (
+                enriched.measure.as_str(),
+                enriched.quantity,
+                enriched.unit_cost,
+                enriched.cost,
+                enriched.cost_source
+            ),
+            (
+                "value",
+                dec("1250"),
+                dec("0.02"),
+                dec("25"),
+                CostSource::Allocated
+            )
+        );
+        let one = enrich(outcome_event("lead_converted", None), &snapshot, WINDOW, 0).unwrap();
+        assert_eq!((one.quantity, one.cost), (dec("1"), dec("0.02")));
+        // The same name sent as an action is an action whose condition decides @outcome.
+        let mut action = raw("lead_converted", JAN_2026);
+        action.attributes_json = r#"{"value":"1250"}"#.into();
+        let enriched = enrich(action, &snapshot, WINDOW, 0).unwrap();
+        assert_eq!(enriched.tags(), &["@action"]);
+        // A rate that starts after the event does not apply: a reported cost does, else none.
+        let mut config = snapshot.config.clone();
+        config.cost_allocations.last_mut().unwrap().rates[0].effective_from =
+            time::OffsetDateTime::from_unix_timestamp(2_000_000_000).unwrap();
+        let later = WorkspaceSnapshot::build(6, config).unwrap();
+        let enriched = enrich(
+            outcome_event("lead_converted", Some("1250")),
+            &later,
+            WINDOW,
+            0,
+        )
+        .unwrap();
+        assert_eq!(
+            (enriched.cost, enriched.cost_source),
+            (Decimal::ZERO, CostSource::None)
+        );
+        let mut reported = outcome_event("lead_converted", Some("1250"));
+        reported.reported_cost = Some(dec("3.5"));
+        let enriched = enrich(reported, &later, WINDOW, 0).unwrap();
+        assert_eq!(
+            (enriched.cost, enriched.cost_source),
+            (dec("3.5"), CostSource::Reported)
+        );
+    }
+
+    #[test]
+    fn an_outcome_value_out_of_range_or_a_cost_beyond_a_billion_is_a_dead_letter() {
+        for value in [
+            "-1",
+            "1000000000000.000000000001",
+            "0.0000000000001",
+            "79228162514264337593543950335",
+        ] {
+            let error = enrich(
+                outcome_event("ticket_resolved", Some(value)),
+                &snapshot(),
+                WINDOW,
+                0,
+            )
+            .unwrap_err();
+            assert_eq!(error.code(), "value_out_of_range", "{value}: {error}");
+            assert!(error.to_string().contains("outcome_value"), "{error}");
+        }
+        // 10^12 at 0.02 each is 2·10^10: beyond the largest cost of one action.
+        let error = enrich(
+            outcome_event("lead_converted", Some("1000000000000")),
+            &snapshot_with_lead_price("0.02"),
+            WINDOW,
+            0,
+        )
+        .unwrap_err();
+        assert_eq!(error.code(), "value_out_of_range", "{error}");
+        assert!(error.to_string().contains("cost"), "{error}");
+        // The identity and time checks apply as to any action.
+        let mut spoofed = outcome_event("ticket_resolved", None);
+        spoofed.account_id = "acc_globex".into();
+        assert_eq!(
+            enrich(spoofed, &snapshot(), WINDOW, 0).unwrap_err().code(),
+            "account_mismatch"
+        );
+    }
+
+    proptest::proptest! {
+        /// Whatever value and rate, an outcome event gives storable values or a dead letter.
+        #[test]
+        fn any_outcome_value_gives_storable_values_or_a_dead_letter(
+            value in proptest::option::of((proptest::num::i128::ANY, 0u32..=28)),
+            rate in "[0-9]{1,9}(\\.[0-9]{1,12})?",
+            priced in proptest::bool::ANY,
+        ) {
+            let snapshot = if priced { snapshot_with_lead_price(&rate) } else { snapshot() };
+            let mut event = outcome_event("lead_converted", None);
+            event.outcome_value = value.and_then(|(mantissa, scale)| {
+                Decimal::try_from_i128_with_scale(mantissa % (1i128 << 95), scale).ok()
+            });
+            match enrich(event, &snapshot, WINDOW, 0) {
+                Ok(enriched) => {
+                    proptest::prop_assert!(enriched.outcome && enriched.tracked);
+                    proptest::prop_assert!(agentmeter_schemas::limits::check_enriched_numbers(&enriched).is_ok());
+                    proptest::prop_assert!(agentmeter_schemas::encode_enriched_action(&enriched).is_ok());
+                }
+                Err(reason) => proptest::prop_assert_eq!(reason.code(), "value_out_of_range"),
+            }
+        }
     }
 
     #[test]

@@ -292,6 +292,7 @@ fn generate_action(u: &mut Unstructured) -> Result<EnrichedAction> {
         },
         attributes_json: "{}".into(),
         source: "rest".into(),
+        outcome_value: None,
     };
     Ok(EnrichedAction {
         raw,

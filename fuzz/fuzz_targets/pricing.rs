@@ -1,13 +1,15 @@
 //! Pricing: a structured case (a cost allocation with arbitrary decimal rates and any measure,
 //! and a raw action with token counts over the whole `i64` range, custom quantities of up to
-//! 30 digits as JSON numbers or strings, a reported cost) → `enrich`, as the enricher runs it on
+//! 30 digits as JSON numbers or strings, a reported cost; sometimes an explicit outcome event
+//! with an arbitrary storable `outcome_value`) → `enrich`, as the enricher runs it on
 //! every record of `actions.raw` — including records of agents that publish straight to Kafka,
 //! so every field may hold anything its Avro type allows.
 //!
 //! Invariants: `enrich` never panics (a panic stops the enricher for every workspace, and it
 //! replays the same record after a restart); when it returns an action, quantity, unit cost and
 //! cost fit ClickHouse `Decimal(38, 12)`, the quantity is not negative, an allocated cost is the
-//! rounded quantity × rate and not negative, and the enriched record reads back unchanged.
+//! rounded quantity × rate and not negative, an outcome event is a tracked `@outcome` measured
+//! by its value, and the enriched record reads back unchanged.
 
 #![no_main]
 
@@ -51,6 +53,8 @@ fuzz_target!(|data: &[u8]| {
         .rule_for(&raw.action_name, raw.trace_event.as_deref())
         .clone();
     let reported = raw.reported_cost;
+    let outcome_event = raw.kind == ActionKind::Outcome;
+    let outcome_quantity = raw.outcome_quantity();
     let Ok(enriched) = enrich(raw, &snapshot, WINDOW, FIXED_NOW_MICROS) else {
         return; // a dead letter with a reason: the stream goes on
     };
@@ -68,7 +72,13 @@ fuzz_target!(|data: &[u8]| {
         "negative quantity {}",
         enriched.quantity
     );
-    assert_eq!(enriched.tracked, rule.tracked);
+    if outcome_event {
+        assert!(enriched.tracked && enriched.outcome, "an outcome event is a tracked outcome");
+        assert_eq!(enriched.measure, "value");
+        assert_eq!(enriched.quantity, outcome_quantity, "quantity is not the value");
+    } else {
+        assert_eq!(enriched.tracked, rule.tracked);
+    }
     match enriched.cost_source {
         CostSource::Allocated => {
             assert!(
@@ -220,6 +230,18 @@ fn generate(u: &mut Unstructured) -> Result<Option<(WorkspaceSnapshot, RawAction
         },
         attributes_json,
         source: "kafka".into(),
+        outcome_value: None,
     };
+    // An explicit outcome event (read last, so that older inputs keep their meaning): tracked
+    // and @outcome whatever its name, measure `value`, quantity its value.
+    let mut raw = raw;
+    if raw.trace_event.is_none() && u.ratio(1, 4)? {
+        raw.kind = ActionKind::Outcome;
+        raw.outcome_value = if bool::arbitrary(u)? {
+            Some(storable_decimal(u)?)
+        } else {
+            None
+        };
+    }
     Ok(Some((snapshot, raw)))
 }

@@ -3,12 +3,16 @@
 //! (`schemas/src/avro.rs`), whose reference codec is test-only and so not reachable from here.
 //!
 //! The reader below reads the single-object header, then the datum with apache-avro against the
-//! current `.avsc`, then turns the generic record into the project's types field by field. It is
-//! deliberately written without looking at `binary.rs`, so that the two can disagree.
+//! writer schema the header names (the current `.avsc`, or an older version the project still
+//! reads, `KNOWN_*_WRITER_SCHEMAS`) resolved to the current one, then turns the generic record
+//! into the project's types field by field. It is deliberately written without looking at
+//! `binary.rs`, so that the two can disagree.
 
 use std::sync::{LazyLock, Once};
 
-use agentmeter_schemas::avro::{ENRICHED_ACTION_AVSC, RAW_ACTION_AVSC};
+use agentmeter_schemas::avro::{
+    ENRICHED_ACTION_AVSC, KNOWN_ENRICHED_WRITER_SCHEMAS, KNOWN_RAW_WRITER_SCHEMAS, RAW_ACTION_AVSC,
+};
 use agentmeter_schemas::decimal::from_avro_bytes;
 use agentmeter_schemas::{ActionKind, CostSource, EnrichedAction, RawAction};
 use apache_avro::headers::{HeaderBuilder, RabinFingerprintHeader};
@@ -36,19 +40,34 @@ pub fn expected_disagreement(fast_problem: Option<&str>, reference_error: Option
     }
 }
 
-struct ReferenceSchema {
+struct KnownSchema {
     schema: Schema,
     header: Vec<u8>,
 }
 
-fn load(avsc: &str) -> ReferenceSchema {
-    let schema = Schema::parse_str(avsc).expect("the bundled .avsc is valid");
-    let header = RabinFingerprintHeader::from_schema(&schema).build_header();
-    ReferenceSchema { schema, header }
+/// The current schema and every writer schema a record may name.
+struct ReferenceSchema {
+    current: KnownSchema,
+    writers: Vec<KnownSchema>,
 }
 
-static RAW: LazyLock<ReferenceSchema> = LazyLock::new(|| load(RAW_ACTION_AVSC));
-static ENRICHED: LazyLock<ReferenceSchema> = LazyLock::new(|| load(ENRICHED_ACTION_AVSC));
+fn parse(avsc: &str) -> KnownSchema {
+    let schema = Schema::parse_str(avsc).expect("the bundled .avsc is valid");
+    let header = RabinFingerprintHeader::from_schema(&schema).build_header();
+    KnownSchema { schema, header }
+}
+
+fn load(current: &str, writers: &[&str]) -> ReferenceSchema {
+    ReferenceSchema {
+        current: parse(current),
+        writers: writers.iter().map(|avsc| parse(avsc)).collect(),
+    }
+}
+
+static RAW: LazyLock<ReferenceSchema> =
+    LazyLock::new(|| load(RAW_ACTION_AVSC, KNOWN_RAW_WRITER_SCHEMAS));
+static ENRICHED: LazyLock<ReferenceSchema> =
+    LazyLock::new(|| load(ENRICHED_ACTION_AVSC, KNOWN_ENRICHED_WRITER_SCHEMAS));
 
 /// apache-avro allocates a claimed string or bytes length before reading it (up to 512 MiB by
 /// default). A fuzz input is at most a few KiB, so a claim above 1 MiB is refused at once
@@ -66,15 +85,18 @@ fn generic_record(
     bytes: &[u8],
 ) -> Result<Vec<(String, Value)>, String> {
     limit_allocations();
-    if bytes.len() < reference.header.len() {
+    let header_length = reference.current.header.len();
+    if bytes.len() < header_length {
         return Err("shorter than the single-object header".into());
     }
-    let (header, datum) = bytes.split_at(reference.header.len());
-    if header != reference.header.as_slice() {
-        return Err("not the current schema's single-object header".into());
-    }
-    let reader = GenericDatumReader::builder(&reference.schema)
-        .reader_schema(&reference.schema)
+    let (header, datum) = bytes.split_at(header_length);
+    let writer = reference
+        .writers
+        .iter()
+        .find(|writer| writer.header == header)
+        .ok_or("not the single-object header of a known writer schema")?;
+    let reader = GenericDatumReader::builder(&writer.schema)
+        .reader_schema(&reference.current.schema)
         .build()
         .map_err(|error| error.to_string())?;
     let mut rest = datum;
@@ -151,6 +173,7 @@ fn raw_fields(fields: &mut Fields) -> Result<RawAction, String> {
         output_tokens: fields.optional_long("output_tokens")?,
         total_tokens: fields.optional_long("total_tokens")?,
         reported_cost: fields.optional_decimal("reported_cost")?,
+        outcome_value: fields.optional_decimal("outcome_value")?,
         attributes_json: fields.string("attributes_json")?,
         source: fields.string("source")?,
     })

@@ -6,8 +6,8 @@
 //!   the request body.
 //! * [`body`] — request bodies within `ingest.max_body_bytes`, gzip decompressed within the same
 //!   limit; shared by REST and OTLP/HTTP.
-//! * [`normalize`] — turns client input (REST items) into [`RawAction`]s and says precisely what
-//!   is wrong with bad input. Pure functions, unit-tested.
+//! * [`normalize`] — turns client input (REST actions and outcome events) into [`RawAction`]s
+//!   and says precisely what is wrong with bad input. Pure functions, unit-tested.
 //! * [`admission`] — in-flight actions per workspace, per agent instance and in all, so a
 //!   flooding agent is refused (429 / RESOURCE_EXHAUSTED) before it takes what others need.
 //! * [`sink`] — the Kafka side: admission, encode, produce with acks=all, answer only after
@@ -20,8 +20,8 @@
 //! * [`telemetry`] — what ingest counts and logs, one type per event, the same for every
 //!   listener.
 //! * [`state`] — [`AppState`](state::AppState), what the handlers of every listener share.
-//! * [`rest`] — the REST routes: `POST /v1/actions`, `GET /api/v1/agent_instance/info`,
-//!   `/metrics`, `/healthz`, `/readyz`.
+//! * [`rest`] — the REST routes: `POST /v1/actions`, `POST /v1/outcomes`,
+//!   `GET /api/v1/agent_instance/info`, `/metrics`, `/healthz`, `/readyz`.
 //! * [`run`] (here) — the process: the config watcher, the sink, every listener, shutdown.
 //!
 //! [`RawAction`]: agentmeter_schemas::RawAction

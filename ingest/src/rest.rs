@@ -1,6 +1,8 @@
-//! The REST API of ingest: `POST /v1/actions`, `GET /api/v1/agent_instance/info`, with the
-//! operations routes (`/metrics`, `/healthz`, `/readyz`), early admission and the request
-//! timeout. The process's wiring (`run`) is in `lib.rs`.
+//! The REST API of ingest: `POST /v1/actions`, `POST /v1/outcomes` (explicit outcome events: the
+//! same batches, limits, idempotency and answers, docs/events.md) and
+//! `GET /api/v1/agent_instance/info`, with the operations routes (`/metrics`, `/healthz`,
+//! `/readyz`), early admission and the request timeout. The process's wiring (`run`) is in
+//! `lib.rs`.
 //!
 //! Every listener is served by [`crate::connections::serve`] (connection limit, header-read,
 //! first-request and idle deadlines); the axum routers also carry a request timeout
@@ -10,7 +12,8 @@
 use std::time::Duration;
 
 use agentmeter_runtime::observability::operations_router;
-use agentmeter_schemas::rest::{RestAccepted, RestActionBatch};
+use agentmeter_schemas::rest::{RestAccepted, RestActionBatch, RestOutcomeBatch};
+use agentmeter_schemas::RawAction;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
@@ -24,7 +27,7 @@ use crate::body::{
     decode_content, read_limited, BodyError, ContentEncoding, MediaType, BLOCKING_DECODE_BYTES,
 };
 use crate::config::IngestConfig;
-use crate::normalize::{now_micros, rest_action_to_raw, Limits};
+use crate::normalize::{now_micros, rest_action_to_raw, rest_outcome_to_raw, Limits};
 use crate::sink::SinkError;
 use crate::telemetry::{
     emit, ActionsAccepted, ActionsRejected, AdmissionRefused, AuthenticationFailed, RequestAnswered,
@@ -40,10 +43,12 @@ pub fn router(
     api_router(state).merge(operations_router(readiness))
 }
 
-/// The HTTP API of ingest alone: `POST /v1/actions`, `GET /api/v1/agent_instance/info`.
+/// The HTTP API of ingest alone: `POST /v1/actions`, `POST /v1/outcomes`,
+/// `GET /api/v1/agent_instance/info`.
 pub fn api_router(state: AppState) -> Router {
     Router::new()
-        .route("/v1/actions", post(post_actions))
+        .route(ACTIONS.path, post(post_actions))
+        .route(OUTCOMES.path, post(post_outcomes))
         .route("/api/v1/agent_instance/info", get(agent_instance_info))
         .with_state(state)
 }
@@ -153,12 +158,12 @@ fn early_refusal_response(
             (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response()
         }
     } else {
-        error_response(
-            "rest_actions",
-            StatusCode::TOO_MANY_REQUESTS,
-            message,
-            json!({}),
-        )
+        let endpoint = if request.uri().path() == OUTCOMES.path {
+            OUTCOMES.endpoint
+        } else {
+            ACTIONS.endpoint
+        };
+        error_response(endpoint, StatusCode::TOO_MANY_REQUESTS, message, json!({}))
     };
     state.ask_to_retry(response)
 }
@@ -242,19 +247,44 @@ async fn agent_instance_info(State(state): State<AppState>, headers: HeaderMap) 
     .into_response()
 }
 
-/// The body of `POST /v1/actions`: `Content-Type: application/json` (415 otherwise, also when
-/// absent; a `charset` must be UTF-8), `Content-Encoding` gzip or none (415 otherwise), at most
-/// `ingest.max_body_bytes` as received and once decompressed (413).
+/// One of the two JSON batch endpoints: how it is counted and named in its answers.
+struct BatchEndpoint {
+    path: &'static str,
+    /// The `endpoint` label of `agentmeter_ingest_requests_total`.
+    endpoint: &'static str,
+    /// What the batch holds, plural: `actions`, `outcomes`.
+    items: &'static str,
+    /// The shape of a body, for the message of one that is no valid JSON batch.
+    example: &'static str,
+}
+
+const ACTIONS: BatchEndpoint = BatchEndpoint {
+    path: "/v1/actions",
+    endpoint: "rest_actions",
+    items: "actions",
+    example: r#"{"actions": [{"action_name": ...}]}"#,
+};
+
+const OUTCOMES: BatchEndpoint = BatchEndpoint {
+    path: "/v1/outcomes",
+    endpoint: "rest_outcomes",
+    items: "outcomes",
+    example: r#"{"outcomes": [{"outcome_type": ..., "value": ...}]}"#,
+};
+
+/// The body of `POST /v1/actions` and `POST /v1/outcomes`: `Content-Type: application/json`
+/// (415 otherwise, also when absent; a `charset` must be UTF-8), `Content-Encoding` gzip or none
+/// (415 otherwise), at most `ingest.max_body_bytes` as received and once decompressed (413).
 async fn read_rest_body(
     state: &AppState,
     headers: &HeaderMap,
     body: Body,
+    endpoint: &'static str,
 ) -> Result<bytes::Bytes, Response> {
-    const ENDPOINT: &str = "rest_actions";
     let unsupported = |message: String| {
         count_rejected("unsupported_media_type", 1);
         error_response(
-            ENDPOINT,
+            endpoint,
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             message,
             json!({}),
@@ -287,7 +317,7 @@ async fn read_rest_body(
         BodyError::TooLarge { .. } => {
             count_rejected("body_too_large", 1);
             error_response(
-                ENDPOINT,
+                endpoint,
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("{error}; send smaller batches"),
                 json!({}),
@@ -297,7 +327,7 @@ async fn read_rest_body(
         BodyError::InvalidGzip(_) => {
             count_rejected("malformed", 1);
             error_response(
-                ENDPOINT,
+                endpoint,
                 StatusCode::BAD_REQUEST,
                 error.to_string(),
                 json!({}),
@@ -325,45 +355,106 @@ async fn read_rest_body(
 
 /// `POST /v1/actions` — a JSON batch, accepted whole (202) or rejected whole.
 async fn post_actions(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
-    const ENDPOINT: &str = "rest_actions";
-    let identity = match authenticate(&state.metering, &headers) {
-        Ok(identity) => identity,
-        Err(error) => return auth_error(ENDPOINT, error),
-    };
-    let bytes = match read_rest_body(&state, &headers, body).await {
-        Ok(bytes) => bytes,
+    let (identity, bytes) = match receive_batch(&state, &headers, body, &ACTIONS).await {
+        Ok(received) => received,
         Err(response) => return response,
     };
-    let batch: RestActionBatch = match serde_json::from_slice(&bytes) {
+    let batch: RestActionBatch = match parse_batch(&bytes, &ACTIONS) {
         Ok(batch) => batch,
-        Err(error) => {
-            count_rejected("malformed", 1);
-            return error_response(
-                ENDPOINT,
-                StatusCode::BAD_REQUEST,
-                format!("invalid JSON body: {error} (expected {{\"actions\": [{{\"action_name\": ...}}]}})"),
-                json!({}),
-            );
-        }
+        Err(response) => return *response,
     };
-    let total = batch.actions.len();
-    if total == 0 || total > state.config.max_batch_actions {
-        count_rejected("batch_size", total.max(1));
-        return error_response(
-            ENDPOINT,
-            StatusCode::BAD_REQUEST,
-            format!(
-                "a batch holds 1 to {} actions; this one has {total}",
-                state.config.max_batch_actions
-            ),
-            json!({}),
-        );
+    if let Some(response) = batch_size_refusal(&state, batch.actions.len(), &ACTIONS) {
+        return response;
     }
     let limits = Limits::from_config(&state.config, now_micros());
+    let items = batch
+        .actions
+        .into_iter()
+        .map(|item| rest_action_to_raw(item, &identity, &limits, "rest"));
+    publish_batch(&state, &ACTIONS, items).await
+}
+
+/// `POST /v1/outcomes` — a JSON batch of explicit outcome events, each a raw action of kind
+/// `outcome`: the same authentication, limits, admission, idempotency by `event_id` and answers
+/// as `POST /v1/actions`, accepted whole (202) or rejected whole.
+async fn post_outcomes(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let (identity, bytes) = match receive_batch(&state, &headers, body, &OUTCOMES).await {
+        Ok(received) => received,
+        Err(response) => return response,
+    };
+    let batch: RestOutcomeBatch = match parse_batch(&bytes, &OUTCOMES) {
+        Ok(batch) => batch,
+        Err(response) => return *response,
+    };
+    if let Some(response) = batch_size_refusal(&state, batch.outcomes.len(), &OUTCOMES) {
+        return response;
+    }
+    let limits = Limits::from_config(&state.config, now_micros());
+    let items = batch
+        .outcomes
+        .into_iter()
+        .map(|item| rest_outcome_to_raw(item, &identity, &limits, "rest"));
+    publish_batch(&state, &OUTCOMES, items).await
+}
+
+/// The authenticated agent and the body of a batch request (401, 413, 415 or 400 otherwise).
+async fn receive_batch(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    batch: &BatchEndpoint,
+) -> Result<(crate::auth::AgentIdentity, bytes::Bytes), Response> {
+    let identity = authenticate(&state.metering, headers)
+        .map_err(|error| auth_error(batch.endpoint, error))?;
+    let bytes = read_rest_body(state, headers, body, batch.endpoint).await?;
+    Ok((identity, bytes))
+}
+
+/// The JSON batch, or a 400 saying why the body is none.
+fn parse_batch<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    batch: &BatchEndpoint,
+) -> Result<T, Box<Response>> {
+    serde_json::from_slice(bytes).map_err(|error| {
+        count_rejected("malformed", 1);
+        Box::new(error_response(
+            batch.endpoint,
+            StatusCode::BAD_REQUEST,
+            format!("invalid JSON body: {error} (expected {})", batch.example),
+            json!({}),
+        ))
+    })
+}
+
+/// A 400 unless the batch holds 1 to `ingest.max_batch_actions` items.
+fn batch_size_refusal(state: &AppState, total: usize, batch: &BatchEndpoint) -> Option<Response> {
+    if total == 0 || total > state.config.max_batch_actions {
+        count_rejected("batch_size", total.max(1));
+        return Some(error_response(
+            batch.endpoint,
+            StatusCode::BAD_REQUEST,
+            format!(
+                "a batch holds 1 to {} {}; this one has {total}",
+                state.config.max_batch_actions, batch.items
+            ),
+            json!({}),
+        ));
+    }
+    None
+}
+
+/// Publishes the validated items of a batch, all or none: a 400 listing every invalid item by
+/// index when any is invalid (nothing produced), else 202 once Kafka acknowledged every record.
+async fn publish_batch(
+    state: &AppState,
+    batch: &BatchEndpoint,
+    items: impl ExactSizeIterator<Item = Result<RawAction, String>>,
+) -> Response {
+    let total = items.len();
     let mut actions = Vec::with_capacity(total);
     let mut item_errors = Vec::new();
-    for (index, item) in batch.actions.into_iter().enumerate() {
-        match rest_action_to_raw(item, &identity, &limits, "rest") {
+    for (index, item) in items.enumerate() {
+        match item {
             Ok(action) => actions.push(action),
             Err(error) => item_errors.push(json!({"index": index, "error": error})),
         }
@@ -371,11 +462,12 @@ async fn post_actions(State(state): State<AppState>, headers: HeaderMap, body: B
     if !item_errors.is_empty() {
         count_rejected("invalid", total);
         return error_response(
-            ENDPOINT,
+            batch.endpoint,
             StatusCode::BAD_REQUEST,
             format!(
-                "{} of {total} actions are invalid; nothing was accepted",
-                item_errors.len()
+                "{} of {total} {} are invalid; nothing was accepted",
+                item_errors.len(),
+                batch.items
             ),
             json!({ "items": item_errors }),
         );
@@ -386,7 +478,7 @@ async fn post_actions(State(state): State<AppState>, headers: HeaderMap, body: B
         .collect();
     match state.sink.publish(&actions).await {
         Ok(()) => {
-            count_request(ENDPOINT, StatusCode::ACCEPTED);
+            count_request(batch.endpoint, StatusCode::ACCEPTED);
             emit(ActionsAccepted {
                 source: "rest",
                 count: total,
@@ -407,8 +499,12 @@ async fn post_actions(State(state): State<AppState>, headers: HeaderMap, body: B
                 SinkError::Kafka { .. } => json!({ "event_ids": event_ids }),
                 _ => json!({}),
             };
-            let response =
-                error_response(ENDPOINT, error.http_status(), error.to_string(), details);
+            let response = error_response(
+                batch.endpoint,
+                error.http_status(),
+                error.to_string(),
+                details,
+            );
             if error.is_retryable() {
                 return state.ask_to_retry(response);
             }
@@ -451,7 +547,31 @@ mod rest_body_tests {
         headers: &[(&str, &str)],
         body: Vec<u8>,
     ) -> (StatusCode, serde_json::Value) {
-        let mut builder = axum::http::Request::post("/v1/actions").header("x-agent-secret", SECRET);
+        post_to("/v1/actions", state, headers, body).await
+    }
+
+    /// Posts to `path` with the given headers (the secret is added).
+    async fn post_to(
+        path: &str,
+        state: AppState,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> (StatusCode, serde_json::Value) {
+        send(path, Some(SECRET), state, headers, body).await
+    }
+
+    /// Posts to `path` with the given headers and secret, if any.
+    async fn send(
+        path: &str,
+        secret: Option<&str>,
+        state: AppState,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> (StatusCode, serde_json::Value) {
+        let mut builder = axum::http::Request::post(path);
+        if let Some(secret) = secret {
+            builder = builder.header("x-agent-secret", secret);
+        }
         for (name, value) in headers {
             builder = builder.header(*name, *value);
         }
@@ -470,6 +590,118 @@ mod rest_body_tests {
             .await
             .unwrap();
         (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    const JSON: [(&str, &str); 1] = [("content-type", "application/json")];
+
+    #[tokio::test]
+    async fn accepts_a_batch_of_outcome_events_whole() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic(TOPIC, 1, 1).unwrap();
+        let body = serde_json::json!({"outcomes": [
+            {"event_id": "o-1", "outcome_type": "lead_converted", "value": "1250.50",
+             "user_id": "u1", "metadata": {"lead_id": "L-1"}},
+            {"event_id": "o-2", "outcome_type": "ticket_resolved"},
+        ]});
+        let (status, answer) = post_to(
+            "/v1/outcomes",
+            state(&cluster.bootstrap_servers(), 1 << 20),
+            &JSON,
+            body.to_string().into_bytes(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+        assert_eq!(answer["accepted"], 2);
+        assert_eq!(answer["event_ids"], serde_json::json!(["o-1", "o-2"]));
+    }
+
+    #[tokio::test]
+    async fn refuses_a_batch_with_any_bad_outcome_event_whole_naming_index_and_field() {
+        let cluster = MockCluster::new(1).unwrap();
+        let bootstrap = cluster.bootstrap_servers();
+        let many: serde_json::Map<String, serde_json::Value> = (0..129)
+            .map(|index| (format!("k{index}"), serde_json::json!(index)))
+            .collect();
+        let body = serde_json::json!({"outcomes": [
+            {"outcome_type": "lead_converted", "value": 3},
+            {"outcome_type": "lead_converted", "value": -3},
+            {"outcome_type": "lead_converted", "value": "a lot"},
+            {"outcome_type": "lead_converted", "metadata": many},
+        ]});
+        let (status, answer) = post_to(
+            "/v1/outcomes",
+            state(&bootstrap, 1 << 20),
+            &JSON,
+            body.to_string().into_bytes(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+        assert_eq!(
+            answer["error"],
+            "3 of 4 outcomes are invalid; nothing was accepted"
+        );
+        let items = answer["items"].as_array().unwrap();
+        let indexes: Vec<u64> = items.iter().map(|i| i["index"].as_u64().unwrap()).collect();
+        assert_eq!(indexes, [1, 2, 3]);
+        assert!(items[0]["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("value -3 is negative"));
+        assert!(items[1]["error"]
+            .as_str()
+            .unwrap()
+            .starts_with(r#"value "a lot" is not a decimal number"#));
+        assert_eq!(
+            items[2]["error"],
+            "129 metadata keys; at most 128 are accepted"
+        );
+
+        // The body's shape, the batch size and unknown fields are refused as for actions.
+        for (body, expected) in [
+            (
+                r#"{"outcomes": []}"#.to_string(),
+                "a batch holds 1 to 1000 outcomes; this one has 0",
+            ),
+            (
+                r#"{"actions": [{"action_name": "a"}]}"#.to_string(),
+                "invalid JSON body: unknown field `actions`",
+            ),
+            (
+                r#"{"outcomes": [{"outcome_type": "o", "account_id": "acc_globex"}]}"#.to_string(),
+                "invalid JSON body: unknown field `account_id`",
+            ),
+        ] {
+            let (status, answer) = post_to(
+                "/v1/outcomes",
+                state(&bootstrap, 1 << 20),
+                &JSON,
+                body.into_bytes(),
+            )
+            .await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+            assert!(
+                answer["error"].as_str().unwrap().starts_with(expected),
+                "{answer}"
+            );
+        }
+        // Same media type rules and authentication.
+        let (status, _) = post_to(
+            "/v1/outcomes",
+            state(&bootstrap, 1 << 20),
+            &[],
+            br#"{"outcomes": [{"outcome_type": "o"}]}"#.to_vec(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        let (status, answer) = send(
+            "/v1/outcomes",
+            None,
+            state(&bootstrap, 1 << 20),
+            &JSON,
+            br#"{"outcomes": [{"outcome_type": "o"}]}"#.to_vec(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{answer}");
     }
 
     #[tokio::test]

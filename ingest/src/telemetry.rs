@@ -6,7 +6,8 @@ use std::time::Duration;
 
 pub use agentmeter_runtime::telemetry::{emit, InternalEvent};
 
-/// A request was answered. `endpoint`: `rest`, `agent_info`, `otlp_grpc`, `otlp_http`;
+/// A request was answered. `endpoint`: `rest_actions`, `rest_outcomes`, `agent_instance_info`,
+/// `otlp_grpc`, `otlp_http`;
 /// `status`: the HTTP status number, or the gRPC code name.
 pub struct RequestAnswered {
     pub endpoint: &'static str,

@@ -5,5 +5,9 @@
 //!   the set of constituents, whatever order they arrived in; re-deriving from an instant on,
 //!   with the earlier firings kept, gives what deriving everything gives — which is what lets
 //!   the `outcomes` stage re-derive only the contexts and times that new actions touch.
+//! * [`derivation`] — which contexts a stored action belongs to and touches, and every firing
+//!   of one context: what the `outcomes` stage (`src/outcomes_stage.rs`) writes, as a pure
+//!   function of the stored actions and the definitions.
 
 pub mod composite;
+pub mod derivation;

@@ -121,6 +121,11 @@ impl MeteringState {
         self.workspaces.len()
     }
 
+    /// Every workspace's snapshot, in no particular order.
+    pub fn workspaces(&self) -> impl Iterator<Item = &Arc<WorkspaceSnapshot>> {
+        self.workspaces.values()
+    }
+
     /// The workspace and agent instance an agent secret belongs to.
     pub fn authenticate(&self, secret: &str) -> Option<(Arc<WorkspaceSnapshot>, AgentInstance)> {
         let workspace_id = self

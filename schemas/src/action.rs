@@ -13,6 +13,10 @@ pub enum ActionKind {
     Llm,
     /// Any other span; counts only when its name is tracked.
     TraceEvent,
+    /// An explicit outcome event (`POST /v1/outcomes`, or a direct publisher): `action_name` is
+    /// the outcome type, `outcome_value` its value. Always tracked and always `@outcome`
+    /// (docs/adr/0005-derived-outcomes.md, section 1).
+    Outcome,
 }
 
 impl ActionKind {
@@ -21,6 +25,7 @@ impl ActionKind {
             ActionKind::Action => "action",
             ActionKind::Llm => "llm",
             ActionKind::TraceEvent => "trace_event",
+            ActionKind::Outcome => "outcome",
         }
     }
 
@@ -29,10 +34,14 @@ impl ActionKind {
             "action" => Some(ActionKind::Action),
             "llm" => Some(ActionKind::Llm),
             "trace_event" => Some(ActionKind::TraceEvent),
+            "outcome" => Some(ActionKind::Outcome),
             _ => None,
         }
     }
 }
+
+/// The measure of every outcome event (kind `outcome`): its quantity is the event's value.
+pub const OUTCOME_VALUE_MEASURE: &str = "value";
 
 /// One action as ingest accepted it. Identity fields (`workspace_id`, `account_id`,
 /// `agent_instance_id`) come from the authenticated agent secret, never from the request body.
@@ -63,6 +72,9 @@ pub struct RawAction {
     pub attributes_json: String,
     /// `rest`, `otlp_grpc`, `otlp_http` or `kafka`.
     pub source: String,
+    /// The value of an outcome event (kind `outcome`): a count or an amount, 0 to 10^12 with at
+    /// most 12 fractional digits; absent means 1. Not read for any other kind.
+    pub outcome_value: Option<Decimal>,
 }
 
 impl RawAction {
@@ -98,6 +110,7 @@ impl RawAction {
             reported_cost: None,
             attributes_json: "{}".into(),
             source: "kafka".into(),
+            outcome_value: None,
         }
     }
 
@@ -108,6 +121,11 @@ impl RawAction {
             .filter(|id| !id.is_empty())
             .or(self.anonymous_id.as_deref())
             .unwrap_or("")
+    }
+
+    /// The quantity of an outcome event: its `outcome_value`, 1 when absent.
+    pub fn outcome_quantity(&self) -> Decimal {
+        self.outcome_value.unwrap_or(Decimal::ONE)
     }
 
     /// The Kafka message key: duplicates of one action always land in one partition.

@@ -32,11 +32,18 @@ pub const RAW_ACTION_AVSC: &str = include_str!("../avro/raw_action.avsc");
 /// The current enriched action schema (`schemas/avro/enriched_action.avsc`).
 pub const ENRICHED_ACTION_AVSC: &str = include_str!("../avro/enriched_action.avsc");
 
+/// Version 1 of the raw action schema (`schemas/avro/history/raw_action.v1.avsc`): without
+/// `outcome_value`.
+pub const RAW_ACTION_V1_AVSC: &str = include_str!("../avro/history/raw_action.v1.avsc");
+/// Version 1 of the enriched action schema (`schemas/avro/history/enriched_action.v1.avsc`):
+/// without `outcome_value`.
+pub const ENRICHED_ACTION_V1_AVSC: &str = include_str!("../avro/history/enriched_action.v1.avsc");
+
 /// Writer schemas of raw actions a reader accepts, oldest first. Add older versions here when the
 /// schema evolves so records already in Kafka (or from direct publishers) stay readable.
-pub const KNOWN_RAW_WRITER_SCHEMAS: &[&str] = &[RAW_ACTION_AVSC];
+pub const KNOWN_RAW_WRITER_SCHEMAS: &[&str] = &[RAW_ACTION_V1_AVSC, RAW_ACTION_AVSC];
 /// Writer schemas of enriched actions a reader accepts, oldest first.
-pub const KNOWN_ENRICHED_WRITER_SCHEMAS: &[&str] = &[ENRICHED_ACTION_AVSC];
+pub const KNOWN_ENRICHED_WRITER_SCHEMAS: &[&str] = &[ENRICHED_ACTION_V1_AVSC, ENRICHED_ACTION_AVSC];
 
 const SINGLE_OBJECT_MAGIC: [u8; 2] = [0xC3, 0x01];
 const HEADER_LENGTH: usize = 10;
@@ -246,7 +253,9 @@ fn read_raw_fields(fields: &mut RecordFields) -> Result<RawAction, CodecError> {
         agent_instance_id: fields.string("agent_instance_id")?,
         kind: ActionKind::parse(&kind_text).ok_or_else(|| CodecError::Field {
             field: "kind",
-            problem: format!("unknown kind {kind_text:?}; expected action, llm or trace_event"),
+            problem: format!(
+                "unknown kind {kind_text:?}; expected action, llm, trace_event or outcome"
+            ),
         })?,
         action_name: fields.string("action_name")?,
         trace_event: fields.optional_string("trace_event")?,
@@ -261,6 +270,8 @@ fn read_raw_fields(fields: &mut RecordFields) -> Result<RawAction, CodecError> {
         output_tokens: fields.optional_long("output_tokens")?,
         total_tokens: fields.optional_long("total_tokens")?,
         reported_cost: fields.optional_decimal("reported_cost")?,
+        // Absent from version 1 records: resolved to its default, null.
+        outcome_value: fields.optional_decimal("outcome_value")?,
         attributes_json: fields.string("attributes_json")?,
         source: fields.string("source")?,
     })
@@ -508,6 +519,11 @@ pub(super) mod reference {
             Some(cost) => Value::Union(1, Box::new(decimal_value("reported_cost", cost)?)),
         };
         fields.push(("reported_cost".into(), reported_cost));
+        let outcome_value = match action.outcome_value {
+            None => Value::Union(0, Box::new(Value::Null)),
+            Some(value) => Value::Union(1, Box::new(decimal_value("outcome_value", value)?)),
+        };
+        fields.push(("outcome_value".into(), outcome_value));
         fields.push((
             "attributes_json".into(),
             Value::String(action.attributes_json.clone()),
@@ -565,6 +581,28 @@ mod tests {
             reported_cost: Some(Decimal::from_str("0.12").unwrap()),
             attributes_json: r#"{"model":"gpt-4","input_tokens":2500}"#.into(),
             source: "otlp_grpc".into(),
+            outcome_value: None,
+        }
+    }
+
+    fn sample_outcome_event() -> RawAction {
+        RawAction {
+            event_id: "lead-42".into(),
+            kind: ActionKind::Outcome,
+            action_name: "lead_converted".into(),
+            user_id: Some("user_acme_123".into()),
+            occurred_at_micros: 1_765_815_103_000_123,
+            received_at_micros: 1_765_815_103_500_000,
+            attributes_json: r#"{"lead_id":"L-42","plan":"pro"}"#.into(),
+            source: "rest".into(),
+            outcome_value: Some(Decimal::from_str("1234.567890123456").unwrap()),
+            ..RawAction::minimal(
+                "ws_demo",
+                "acc_acme",
+                "inst_acme_research",
+                "lead-42",
+                "lead_converted",
+            )
         }
     }
 
@@ -699,6 +737,174 @@ mod tests {
             matches!(error, CodecError::Decimal { field: "cost", .. }),
             "{error}"
         );
+    }
+
+    #[test]
+    fn an_outcome_event_round_trips_with_its_exact_value() {
+        let event = sample_outcome_event();
+        let bytes = encode_raw_action(&event).unwrap();
+        let decoded = decode_raw_action(&bytes).unwrap();
+        assert_eq!(decoded, event);
+        assert_eq!(decoded.kind.as_str(), "outcome");
+        assert_eq!(
+            decoded.outcome_value.unwrap().to_string(),
+            "1234.567890123456"
+        );
+        assert_eq!(reference::decode_raw_action(&bytes).unwrap(), event);
+        assert_eq!(reference::encode_raw_action(&event).unwrap(), bytes);
+        // The value is a decimal union exactly like reported_cost: the 16-byte scaled integer.
+        match reference::generic_value(&RAW_FAMILY, &bytes).unwrap() {
+            Value::Record(fields) => {
+                let (_, value) = fields
+                    .iter()
+                    .find(|(name, _)| name == "outcome_value")
+                    .unwrap();
+                let Value::Union(1, inner) = value else {
+                    panic!("{value:?}")
+                };
+                let Value::Decimal(decimal) = inner.as_ref() else {
+                    panic!("{inner:?}")
+                };
+                let bytes = <Vec<u8>>::try_from(decimal).unwrap();
+                assert_eq!(
+                    i128::from_be_bytes(bytes.try_into().unwrap()),
+                    1_234_567_890_123_456
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let enriched = EnrichedAction {
+            raw: event,
+            measure: "value".into(),
+            quantity: Decimal::from_str("1234.567890123456").unwrap(),
+            unit_cost: Decimal::ZERO,
+            cost: Decimal::ZERO,
+            cost_source: CostSource::None,
+            ..sample_enriched_action()
+        };
+        let bytes = encode_enriched_action(&enriched).unwrap();
+        assert_eq!(decode_enriched_action(&bytes).unwrap(), enriched);
+        assert_eq!(reference::encode_enriched_action(&enriched).unwrap(), bytes);
+    }
+
+    #[test]
+    fn an_outcome_value_that_would_need_rounding_is_not_encoded() {
+        let event = RawAction {
+            outcome_value: Some(Decimal::from_str("0.0000000000001").unwrap()),
+            ..sample_outcome_event()
+        };
+        let error = encode_raw_action(&event).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                CodecError::Decimal {
+                    field: "outcome_value",
+                    ..
+                }
+            ),
+            "{error}"
+        );
+    }
+
+    /// The fields of a schema without their docs.
+    fn fields_without_docs(avsc: &str) -> Vec<serde_json::Value> {
+        let json: serde_json::Value = serde_json::from_str(avsc).unwrap();
+        json["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|field| {
+                let mut field = field.clone();
+                field.as_object_mut().unwrap().remove("doc");
+                field
+            })
+            .collect()
+    }
+
+    #[test]
+    fn version_1_is_the_current_schema_without_outcome_value() {
+        for (v1, current) in [
+            (RAW_ACTION_V1_AVSC, RAW_ACTION_AVSC),
+            (ENRICHED_ACTION_V1_AVSC, ENRICHED_ACTION_AVSC),
+        ] {
+            let mut expected = fields_without_docs(current);
+            expected.retain(|field| field["name"] != "outcome_value");
+            assert_eq!(fields_without_docs(v1), expected);
+            let added: Vec<_> = fields_without_docs(current)
+                .into_iter()
+                .filter(|field| field["name"] == "outcome_value")
+                .collect();
+            assert_eq!(added.len(), 1);
+            // A defaulted union with null: what lets version 1 records resolve.
+            assert_eq!(added[0]["default"], serde_json::Value::Null);
+            assert_eq!(added[0]["type"][0], "null");
+            let header = |text: &str| {
+                RabinFingerprintHeader::from_schema(&Schema::parse_str(text).unwrap())
+                    .build_header()
+            };
+            assert_ne!(header(v1), header(current));
+        }
+    }
+
+    /// A record as a producer of an older schema wrote it: `fields` (by name) written with
+    /// `writer_avsc`, framed with that schema's single-object header.
+    fn encode_with_older_schema(writer_avsc: &str, fields: Vec<(String, Value)>) -> Vec<u8> {
+        let schema = Schema::parse_str(writer_avsc).unwrap();
+        let mut record = apache_avro::types::Record::new(&schema).unwrap();
+        for (name, value) in fields {
+            if schema_has_field(writer_avsc, &name) {
+                record.put(&name, value);
+            }
+        }
+        let mut bytes = RabinFingerprintHeader::from_schema(&schema).build_header();
+        bytes.extend(
+            GenericDatumWriter::builder(&schema)
+                .build()
+                .unwrap()
+                .write_value_to_vec(record)
+                .unwrap(),
+        );
+        bytes
+    }
+
+    fn schema_has_field(avsc: &str, name: &str) -> bool {
+        avsc_field_names(avsc).contains(name)
+    }
+
+    fn record_fields(bytes: &[u8], family: &SchemaFamily) -> Vec<(String, Value)> {
+        match reference::generic_value(family, bytes).unwrap() {
+            Value::Record(fields) => fields,
+            other => panic!("not a record: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn decodes_records_written_with_version_1_of_the_schemas() {
+        // What ingest and the enricher wrote before outcome_value existed, and what a direct
+        // publisher with the old .avsc still writes: read with outcome_value absent.
+        let action = sample_raw_action();
+        let fields = record_fields(&encode_raw_action(&action).unwrap(), &RAW_FAMILY);
+        let old = encode_with_older_schema(RAW_ACTION_V1_AVSC, fields);
+        assert_ne!(&old[..HEADER_LENGTH], RAW_FAMILY.current.header.as_slice());
+        let decoded = decode_raw_action(&old).unwrap();
+        assert_eq!(decoded, action);
+        assert_eq!(decoded.outcome_value, None);
+        // Re-encoded, it is a current record.
+        let current = encode_raw_action(&decoded).unwrap();
+        assert_eq!(
+            &current[..HEADER_LENGTH],
+            RAW_FAMILY.current.header.as_slice()
+        );
+
+        let enriched = sample_enriched_action();
+        let fields = record_fields(
+            &encode_enriched_action(&enriched).unwrap(),
+            &ENRICHED_FAMILY,
+        );
+        let old = encode_with_older_schema(ENRICHED_ACTION_V1_AVSC, fields);
+        assert_eq!(decode_enriched_action(&old).unwrap(), enriched);
+        // A damaged old record is refused, not misread.
+        assert!(decode_enriched_action(&old[..old.len() - 2]).is_err());
     }
 
     #[test]

@@ -15,7 +15,7 @@
 //!   action's fields and attributes, checked at `config apply` and evaluated by the enricher.
 //! * [`catalog`] — the billing catalog in the same configuration: products, rate plans,
 //!   charges and their models, subscriptions, and their validation.
-//! * [`rest`] — the JSON body of ingest's `POST /v1/actions`.
+//! * [`rest`] — the JSON bodies of ingest's `POST /v1/actions` and `POST /v1/outcomes`.
 
 pub mod action;
 pub mod avro;

@@ -11,7 +11,7 @@
 //! | value | range |
 //! |---|---|
 //! | token counts (`input_tokens`, `output_tokens`, `total_tokens`) | integers 0 to 10^9 |
-//! | a quantity (`unit` or custom measure attribute; a token measure's sum) | 0 to 10^12, at most 12 fractional digits |
+//! | a quantity (`unit` or custom measure attribute; a token measure's sum; an outcome event's `outcome_value`) | 0 to 10^12, at most 12 fractional digits |
 //! | a reported cost (`cost_usd`), a computed cost | 0 to 10^9, at most 12 fractional digits |
 //! | a cost per unit (configuration) | 0 to 10^9, at most 12 fractional digits |
 //! | `occurred_at`, `received_at` | 2000-01-01T00:00:00Z to 2100-01-01T00:00:00Z (ingest's window is narrower) |
@@ -254,6 +254,11 @@ pub fn check_raw_numbers(raw: &RawAction) -> Result<(), ValueError> {
     if let Some(reported) = raw.reported_cost {
         check_action_cost("reported_cost", reported)?;
     }
+    // An outcome event's value becomes its quantity (measure `value`), so it is held to the
+    // range of a quantity whatever the kind says.
+    if let Some(value) = raw.outcome_value {
+        check_quantity("outcome_value", value)?;
+    }
     Ok(())
 }
 
@@ -326,5 +331,37 @@ mod tests {
         assert!(check_instant("occurred_at", 0).is_err());
         assert!(check_instant("occurred_at", i64::MIN).is_err());
         assert!(check_instant("occurred_at", END_OF_INSTANTS_MICROS).is_err());
+    }
+
+    #[test]
+    fn an_outcome_value_is_held_to_the_range_of_a_quantity() {
+        let event = |value: &str| RawAction {
+            kind: crate::ActionKind::Outcome,
+            occurred_at_micros: EARLIEST_INSTANT_MICROS,
+            received_at_micros: EARLIEST_INSTANT_MICROS,
+            outcome_value: Some(dec(value)),
+            ..RawAction::minimal("ws", "acc", "inst", "e1", "lead_converted")
+        };
+        for accepted in ["0", "1", "2.5", "1000000000000", "0.000000000001"] {
+            assert!(check_raw_numbers(&event(accepted)).is_ok(), "{accepted}");
+        }
+        for (refused, expected) in [
+            (
+                "-1",
+                "outcome_value -1 is outside the accepted range 0 to 1000000000000",
+            ),
+            ("1000000000000.000000000001", "outside the accepted range"),
+            ("0.0000000000001", "more than 12 fractional digits"),
+        ] {
+            let error = check_raw_numbers(&event(refused)).unwrap_err();
+            assert_eq!(error.field(), "outcome_value");
+            assert!(error.to_string().contains(expected), "{refused}: {error}");
+        }
+        let none = RawAction {
+            outcome_value: None,
+            ..event("1")
+        };
+        assert!(check_raw_action(&none).is_ok());
+        assert_eq!(none.outcome_quantity(), Decimal::ONE);
     }
 }

@@ -60,6 +60,10 @@ pub struct MeteringConfig {
     /// Effective-dated rates from rate plan currencies into the cost currency, for margins.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exchange_rates: Vec<crate::catalog::ExchangeRate>,
+    /// Outcomes derived from several actions of one context by `agentmeter outcomes`
+    /// (ADR 0005, section 3; docs/metering-config.md).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub composite_outcomes: Vec<CompositeOutcome>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -197,6 +201,185 @@ pub struct OutcomeDefinition {
     /// ([`crate::condition`]); otherwise it stays an `@action`. No `when`: always.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub when: Option<Condition>,
+}
+
+/// An outcome that fires when its steps happened for the same context within a window
+/// (ADR 0005, section 3): `research_completed` = `web_search` then `llm_call` then `delivery`
+/// of the same user within 15 minutes. Several entries of one name are the versions of one
+/// definition, by increasing `effective_from`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompositeOutcome {
+    /// The outcome's name, as `actions`, `usage`, Live Data and rate plans show it; it names no
+    /// tracked action and no `[[outcomes]]` action.
+    pub name: String,
+    /// The actions it is made of, 2 to [`MAX_COMPOSITE_STEPS`]; a name may appear more than once.
+    pub steps: Vec<CompositeStep>,
+    /// Whether the steps must happen in the order listed; default `false` (a set, any order).
+    #[serde(default)]
+    pub ordered: bool,
+    /// The longest time from a firing's first step to its completing one (`"15m"`, `"30days"`).
+    pub within: String,
+    /// Whose actions go together, always within one agent instance: `"user"` (the user id, or
+    /// the anonymous id) or `"attributes.KEY"` (the value of the attribute `KEY`).
+    pub context: String,
+    /// RFC 3339 instant from which this version applies: firings completing at or after it
+    /// follow it, until the next version's. Only the first version may leave it out (always).
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub effective_from: Option<OffsetDateTime>,
+}
+
+/// One step of a [`CompositeOutcome`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompositeStep {
+    /// A tracked action name, trace event or auto tag.
+    pub action: String,
+    /// When set, only actions for which it holds are instances of this step
+    /// ([`crate::condition`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<Condition>,
+}
+
+/// Most steps of one composite outcome.
+pub const MAX_COMPOSITE_STEPS: usize = 8;
+/// Most `[[composite_outcomes]]` entries (versions included) of one workspace.
+pub const MAX_COMPOSITE_OUTCOMES: usize = 64;
+/// Longest `within` of a composite outcome.
+pub const MAX_COMPOSITE_WITHIN_SECONDS: u64 = 366 * 24 * 3600;
+
+/// Whose actions a composite outcome puts together (always within one agent instance).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum CompositeContext {
+    /// The user key: the user id, or else the anonymous id. Actions with neither have none.
+    User,
+    /// The value of a top-level attribute (a string, or the text of a number or boolean).
+    /// Actions without it have none.
+    Attribute(String),
+}
+
+impl CompositeContext {
+    /// Parses `"user"` or `"attributes.KEY"`.
+    pub fn parse(text: &str) -> Result<CompositeContext, String> {
+        if text == "user" {
+            return Ok(CompositeContext::User);
+        }
+        match text.strip_prefix(crate::condition::ATTRIBUTE_PREFIX) {
+            Some(key) if !key.is_empty() && key.len() <= MAX_NAME_BYTES => {
+                Ok(CompositeContext::Attribute(key.to_string()))
+            }
+            _ => Err(format!(
+                "context {text:?} must be \"user\" or \"attributes.KEY\" (the attribute whose value puts actions together)"
+            )),
+        }
+    }
+
+    /// The text form, as written in the configuration.
+    pub fn describe(&self) -> String {
+        match self {
+            CompositeContext::User => "user".to_string(),
+            CompositeContext::Attribute(key) => {
+                format!("{}{key}", crate::condition::ATTRIBUTE_PREFIX)
+            }
+        }
+    }
+}
+
+impl CompositeOutcome {
+    /// `within` in microseconds, or what is wrong with it.
+    pub fn within_micros(&self) -> Result<i64, String> {
+        let duration = humantime::parse_duration(self.within.trim()).map_err(|error| {
+            format!(
+                "within {:?} is not a duration such as \"15m\" or \"30days\": {error}",
+                self.within
+            )
+        })?;
+        if duration.is_zero() {
+            return Err("within is zero: no two actions could ever make a firing".to_string());
+        }
+        if duration.as_secs() > MAX_COMPOSITE_WITHIN_SECONDS {
+            return Err(format!(
+                "within {:?} is longer than the longest accepted, 366 days",
+                self.within
+            ));
+        }
+        i64::try_from(duration.as_micros()).map_err(|_| "within is too long".to_string())
+    }
+}
+
+/// A composite outcome version compiled for the `outcomes` stage.
+#[derive(Debug, Clone)]
+pub struct CompiledComposite {
+    pub name: String,
+    /// Steps with their compiled conditions.
+    pub steps: Vec<(String, Option<CompiledCondition>)>,
+    pub ordered: bool,
+    pub within_micros: i64,
+    pub context: CompositeContext,
+    /// This version applies to firings completing in `[effective_from, effective_until)`
+    /// (µs since the epoch; `i64::MIN` / `i64::MAX` when open).
+    pub effective_from_micros: i64,
+    pub effective_until_micros: i64,
+}
+
+impl CompiledComposite {
+    /// The step names, in order (the matcher's pattern).
+    pub fn step_names(&self) -> Vec<String> {
+        self.steps.iter().map(|(name, _)| name.clone()).collect()
+    }
+
+    /// Whether `raw` is an instance of the step named `raw.action_name` (some step of that
+    /// name whose condition, if any, holds).
+    pub fn is_constituent(&self, raw: &RawAction) -> bool {
+        self.steps.iter().any(|(name, when)| {
+            name == &raw.action_name && when.as_ref().is_none_or(|when| when.holds(raw))
+        })
+    }
+}
+
+fn micros_of(instant: OffsetDateTime) -> i64 {
+    i64::try_from(instant.unix_timestamp_nanos() / 1000).unwrap_or(i64::MAX)
+}
+
+/// Compiles validated `[[composite_outcomes]]`: each version's end is the next version's start.
+fn compile_composites(
+    composites: &[CompositeOutcome],
+) -> Result<Vec<CompiledComposite>, ValidationErrors> {
+    let mut compiled = Vec::with_capacity(composites.len());
+    for (index, composite) in composites.iter().enumerate() {
+        let label = format!("composite outcome {:?}", composite.name);
+        let mut steps = Vec::with_capacity(composite.steps.len());
+        for (step_index, step) in composite.steps.iter().enumerate() {
+            let when = match &step.when {
+                Some(when) => Some(
+                    when.compile(&format!("{label}: step {step_index}"))
+                        .map_err(ValidationErrors)?,
+                ),
+                None => None,
+            };
+            steps.push((step.action.clone(), when));
+        }
+        let invalid = |problem: String| ValidationErrors(vec![format!("{label}: {problem}")]);
+        let effective_until_micros = composites[index + 1..]
+            .iter()
+            .find(|later| later.name == composite.name)
+            .and_then(|later| later.effective_from)
+            .map_or(i64::MAX, micros_of);
+        compiled.push(CompiledComposite {
+            name: composite.name.clone(),
+            steps,
+            ordered: composite.ordered,
+            within_micros: composite.within_micros().map_err(invalid)?,
+            context: CompositeContext::parse(&composite.context).map_err(invalid)?,
+            effective_from_micros: composite.effective_from.map_or(i64::MIN, micros_of),
+            effective_until_micros,
+        });
+    }
+    Ok(compiled)
 }
 
 /// Money in a configuration is a quoted decimal: a TOML or JSON float would already have been
@@ -472,11 +655,24 @@ impl MeteringConfig {
             }
         }
 
+        check_composite_outcomes(self, &tracked, &outcome_names, &mut problems);
+
         let known = crate::catalog::KnownNames {
             agent_types: self.agent_types.iter().map(|t| t.id.as_str()).collect(),
             accounts: self.accounts.iter().map(|a| a.id.as_str()).collect(),
-            tracked: self.tagging.tracked.iter().map(String::as_str).collect(),
-            outcomes: self.outcomes.iter().map(|o| o.action.as_str()).collect(),
+            tracked: self
+                .tagging
+                .tracked
+                .iter()
+                .map(String::as_str)
+                .chain(self.composite_outcomes.iter().map(|c| c.name.as_str()))
+                .collect(),
+            outcomes: self
+                .outcomes
+                .iter()
+                .map(|o| o.action.as_str())
+                .chain(self.composite_outcomes.iter().map(|c| c.name.as_str()))
+                .collect(),
             measures: self
                 .cost_allocations
                 .iter()
@@ -494,6 +690,75 @@ impl MeteringConfig {
             Ok(())
         } else {
             Err(ValidationErrors(problems))
+        }
+    }
+}
+
+/// The checks of `[[composite_outcomes]]`: names, steps that can fire, windows, contexts and
+/// the order of versions.
+fn check_composite_outcomes(
+    config: &MeteringConfig,
+    tracked: &HashSet<&str>,
+    outcome_actions: &HashSet<&str>,
+    problems: &mut Vec<String>,
+) {
+    if config.composite_outcomes.len() > MAX_COMPOSITE_OUTCOMES {
+        problems.push(format!(
+            "composite_outcomes: {} entries; at most {MAX_COMPOSITE_OUTCOMES} are accepted",
+            config.composite_outcomes.len()
+        ));
+    }
+    let mut last_version: HashMap<&str, Option<OffsetDateTime>> = HashMap::new();
+    for composite in &config.composite_outcomes {
+        let name = composite.name.as_str();
+        let label = format!("composite outcome {name:?}");
+        if let Err(problem) = check_action_name(name) {
+            problems.push(format!(
+                "{label}: the name is not a valid action name: it {problem}"
+            ));
+        }
+        if tracked.contains(name) || outcome_actions.contains(name) {
+            problems.push(format!(
+                "{label}: the name is a tracked action's; a composite outcome needs a name of its own"
+            ));
+        }
+        match last_version.get(name) {
+            None => {}
+            Some(previous) => match (previous, composite.effective_from) {
+                (_, None) => problems.push(format!(
+                    "{label} is defined again without effective_from; every version after the first needs one"
+                )),
+                (Some(previous), Some(from)) if from <= *previous => problems.push(format!(
+                    "{label}: versions must be listed by strictly increasing effective_from ({previous} then {from})"
+                )),
+                _ => {}
+            },
+        }
+        last_version.insert(name, composite.effective_from);
+        if !(2..=MAX_COMPOSITE_STEPS).contains(&composite.steps.len()) {
+            problems.push(format!(
+                "{label} has {} steps; a composite outcome needs 2 to {MAX_COMPOSITE_STEPS} (one action is an [[outcomes]] entry)",
+                composite.steps.len()
+            ));
+        }
+        for (index, step) in composite.steps.iter().enumerate() {
+            if !tracked.contains(step.action.as_str()) {
+                problems.push(format!(
+                    "{label}: step {index} {:?} is not tracked, so the outcome could never fire (add it to tagging.tracked)",
+                    step.action
+                ));
+            }
+            if let Some(when) = &step.when {
+                if let Err(found) = when.compile(&format!("{label}: step {index}")) {
+                    problems.extend(found);
+                }
+            }
+        }
+        if let Err(problem) = composite.within_micros() {
+            problems.push(format!("{label}: {problem}"));
+        }
+        if let Err(problem) = CompositeContext::parse(&composite.context) {
+            problems.push(format!("{label}: {problem}"));
         }
     }
 }
@@ -713,6 +978,7 @@ pub struct WorkspaceSnapshot {
     instances_by_id: HashMap<String, AgentInstance>,
     instances_by_secret_hash: HashMap<[u8; 32], String>,
     rules: HashMap<String, ActionRule>,
+    composites: Vec<CompiledComposite>,
 }
 
 const UNTRACKED: ActionRule = ActionRule {
@@ -782,13 +1048,20 @@ impl WorkspaceSnapshot {
                 rule.pricing = Some(Pricing { measure, rates });
             }
         }
+        let composites = compile_composites(&config.composite_outcomes)?;
         Ok(WorkspaceSnapshot {
             version,
             config,
             instances_by_id,
             instances_by_secret_hash,
             rules,
+            composites,
         })
+    }
+
+    /// The composite outcome versions, in the order of the configuration.
+    pub fn composite_outcomes(&self) -> &[CompiledComposite] {
+        &self.composites
     }
 
     pub fn workspace_id(&self) -> &str {
@@ -1138,5 +1411,118 @@ pub(crate) mod tests {
             problems[0].contains("above the largest accepted"),
             "{problems:?}"
         );
+    }
+
+    fn with_composites(composites: &str) -> MeteringConfig {
+        let text = MINIMAL.replace(
+            "tracked = [\"llm_call\"]",
+            "tracked = [\"llm_call\", \"web_search\", \"delivery\"]",
+        );
+        toml::from_str(&format!("{text}\n{composites}")).unwrap()
+    }
+
+    #[test]
+    fn a_composite_outcome_compiles_with_its_steps_window_context_and_versions() {
+        let config = with_composites(
+            r#"
+            [[composite_outcomes]]
+            name = "research_completed"
+            steps = [{ action = "web_search" }, { action = "llm_call" }, { action = "delivery", when = { field = "attributes.status", eq = "success" } }]
+            ordered = true
+            within = "15m"
+            context = "user"
+
+            [[composite_outcomes]]
+            name = "research_completed"
+            steps = [{ action = "web_search" }, { action = "delivery" }]
+            within = "1h"
+            context = "attributes.lead_id"
+            effective_from = "2026-01-01T00:00:00Z"
+            "#,
+        );
+        let snapshot = WorkspaceSnapshot::build(1, config).unwrap();
+        let [first, second] = snapshot.composite_outcomes() else {
+            panic!("two versions");
+        };
+        assert_eq!(first.within_micros, 15 * 60 * 1_000_000);
+        assert!(first.ordered && !second.ordered);
+        assert_eq!(first.context, CompositeContext::User);
+        assert_eq!(
+            second.context,
+            CompositeContext::Attribute("lead_id".into())
+        );
+        assert_eq!(first.effective_from_micros, i64::MIN);
+        assert_eq!(first.effective_until_micros, 1_767_225_600_000_000);
+        assert_eq!(second.effective_from_micros, first.effective_until_micros);
+        assert_eq!(second.effective_until_micros, i64::MAX);
+        assert!(first.steps[2].1.is_some() && first.steps[0].1.is_none());
+    }
+
+    #[test]
+    fn composite_outcomes_that_could_never_fire_or_are_ambiguous_are_listed_errors() {
+        let config = with_composites(
+            r#"
+            [[composite_outcomes]]
+            name = "llm_call"
+            steps = [{ action = "web_search" }, { action = "not_tracked" }]
+            within = "0s"
+            context = "session"
+
+            [[composite_outcomes]]
+            name = "single"
+            steps = [{ action = "web_search" }]
+            within = "400days"
+            context = "attributes."
+
+            [[composite_outcomes]]
+            name = "bad_condition"
+            steps = [{ action = "web_search", when = { field = "attributes.x", matches = "(" } }, { action = "delivery" }]
+            within = "soon"
+            context = "user"
+
+            [[composite_outcomes]]
+            name = "bad_condition"
+            steps = [{ action = "web_search" }, { action = "delivery" }]
+            within = "1h"
+            context = "user"
+            "#,
+        );
+        let problems = config.validate().unwrap_err().0;
+        for expected in [
+            "composite outcome \"llm_call\": the name is a tracked action's",
+            "step 1 \"not_tracked\" is not tracked, so the outcome could never fire",
+            "within is zero",
+            "context \"session\" must be \"user\" or \"attributes.KEY\"",
+            "\"single\" has 1 steps",
+            "longer than the longest accepted",
+            "context \"attributes.\" must be",
+            "composite outcome \"bad_condition\": step 0: when",
+            "within \"soon\" is not a duration",
+            "\"bad_condition\" is defined again without effective_from",
+        ] {
+            assert!(
+                problems.iter().any(|problem| problem.contains(expected)),
+                "{expected:?} not in {problems:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_composite_outcome_round_trips_through_json_and_needs_two_steps() {
+        let mut config = with_composites(
+            r#"
+            [[composite_outcomes]]
+            name = "research_completed"
+            steps = [{ action = "web_search" }, { action = "delivery" }]
+            within = "15m"
+            context = "user"
+            "#,
+        );
+        assert!(config.validate().is_ok());
+        let text = serde_json::to_string(&config).unwrap();
+        let back: MeteringConfig = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, config);
+        config.composite_outcomes[0].steps.truncate(1);
+        assert!(config.validate().is_err());
     }
 }

@@ -6,6 +6,9 @@
 //! 100 ms which pending samples `actions` holds, and a sample's action-to-queryable latency is
 //! the start of the query that first found it minus the start of its request (resolution about
 //! the poll interval). The run ends when `actions` holds every action sent.
+//!
+//! The outcomes stage runs beside them (the example's `research_completed` composite outcome,
+//! ADR 0005); its CPU is reported on its own, measured until it has derived every action.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,7 +44,17 @@ pub async fn run(options: &Options, args: Args) -> anyhow::Result<Vec<Row>> {
     let ingest = env.spawn("ingest", &[BenchEnv::NO_RATE_LIMIT])?;
     let enrich = env.spawn("enrich", &[])?;
     let aggregate = env.spawn("aggregate", &[])?;
+    let outcomes_port = agentmeter_testkit::free_port();
+    let outcomes_listen = format!("127.0.0.1:{outcomes_port}");
+    let outcomes = env.spawn(
+        "outcomes",
+        &[(
+            "AGENTMETER__OUTCOMES__METRICS_LISTEN",
+            outcomes_listen.as_str(),
+        )],
+    )?;
     for url in [
+        format!("http://127.0.0.1:{outcomes_port}/readyz"),
         format!("http://127.0.0.1:{}/readyz", env.run.ingest_port),
         format!("http://127.0.0.1:{}/readyz", env.run.enricher_metrics_port),
         format!(
@@ -95,6 +108,7 @@ pub async fn run(options: &Options, args: Args) -> anyhow::Result<Vec<Row>> {
         CpuProbe::new("ingest", ingest),
         CpuProbe::new("enrich", enrich),
         CpuProbe::new("aggregate", aggregate),
+        CpuProbe::new("outcomes", outcomes),
     ];
     if let Some(pid) = options.service_pid("tansu") {
         probes.push(CpuProbe::new("tansu broker", pid));
@@ -215,6 +229,27 @@ pub async fn run(options: &Options, args: Args) -> anyhow::Result<Vec<Row>> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let seconds = (done_at - started).as_secs_f64();
+    // The outcomes stage: until it has derived everything the aggregator stored.
+    let derived_query = "SELECT toUInt64((SELECT count() FROM (SELECT source_partition, max(source_offset) + 1 AS reached \
+         FROM actions WHERE source_partition != 4294967295 GROUP BY source_partition) AS stored \
+         ANY INNER JOIN (SELECT toUInt32(replaceOne(key, 'partition:', '')) AS source_partition, value \
+         FROM outcomes_progress FINAL WHERE key LIKE 'partition:%') AS derived USING source_partition \
+         WHERE value >= reached) = (SELECT uniqExact(source_partition) FROM actions WHERE source_partition != 4294967295))";
+    loop {
+        env.check_stages()?;
+        if env.query_u64(derived_query).await? == 1 {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600 + total / 500),
+            "end-to-end: the outcomes stage did not derive every action in time"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let derived_after = started.elapsed().as_secs_f64();
+    let firings = env
+        .query_u64("SELECT count() FROM actions FINAL WHERE kind = 'derived_outcome'")
+        .await?;
     let usage_total = env
         .query_u64("SELECT sum(action_count) FROM usage_exact")
         .await?;
@@ -238,10 +273,11 @@ pub async fn run(options: &Options, args: Args) -> anyhow::Result<Vec<Row>> {
             .collect(),
     };
     println!(
-        "{throughput}\n    sending took {:.2} s; {} retried requests; usage_exact total {} (incl. the 10 warm-up actions)\n    action-to-queryable latency: {latency}",
+        "{throughput}\n    sending took {:.2} s; {} retried requests; usage_exact total {} (incl. the 10 warm-up actions)\n    action-to-queryable latency: {latency}\n    outcomes stage: every action derived {:.2} s after the start ({firings} research_completed firings)",
         sending_done_at.map(|at| (at - started).as_secs_f64()).unwrap_or(f64::NAN),
         failures.load(Ordering::Relaxed),
-        usage_total
+        usage_total,
+        derived_after
     );
     let stage_cpu: f64 = throughput.cpu.iter().take(3).map(|(_, cpu)| cpu).sum();
     let mut row = Row::new(format!(
@@ -260,7 +296,7 @@ pub async fn run(options: &Options, args: Args) -> anyhow::Result<Vec<Row>> {
         latency.p50_ms, latency.p99_ms
     );
     row.note = format!(
-        "CPU = ingest+enrich+aggregate, all on the stage core (per 1M: {})",
+        "CPU = ingest+enrich+aggregate, all on the stage core (per 1M: {}; outcomes measured until it derived everything)",
         throughput
             .cpu
             .iter()

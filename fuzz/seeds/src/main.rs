@@ -436,6 +436,25 @@ fn rest_batches() -> Vec<(&'static str, serde_json::Value)> {
                 {"action_name": "a", "attributes": {"input_tokens": -1, "cost_usd": "1e30"}}
             ]}),
         ),
+        (
+            "outcomes_every_field",
+            json!({"outcomes": [
+                {"event_id": "lead-42-converted", "outcome_type": "lead_converted",
+                 "value": "1250.000000000001", "user_id": "user_acme_123",
+                 "occurred_at": "2026-12-01T23:58:00Z", "metadata": {"lead_id": "L-42"}},
+                {"outcome_type": "ticket_resolved", "anonymous_id": "anon_1", "value": 2.5},
+                {"outcome_type": "meeting_booked", "value": null}
+            ]}),
+        ),
+        (
+            "outcomes_refused",
+            json!({"outcomes": [
+                {"outcome_type": "lead_converted", "value": -1},
+                {"outcome_type": "lead_converted", "value": "12,5"},
+                {"outcome_type": "lead_converted", "value": 1e13},
+                {"outcome_type": ""}
+            ]}),
+        ),
     ]
 }
 
@@ -461,6 +480,7 @@ fn raw_action() -> RawAction {
         reported_cost: Some(Decimal::from_str("0.12").unwrap()),
         attributes_json: r#"{"gen_ai.request.model":"gemini-2.5-flash"}"#.into(),
         source: "otlp_grpc".into(),
+        outcome_value: None,
     }
 }
 
@@ -493,10 +513,19 @@ fn raw_actions() -> Vec<(&'static str, RawAction)> {
         description: Some("ünïcödé \u{202e} bidi".into()),
         ..raw_action()
     };
+    let outcome_event = RawAction {
+        kind: ActionKind::Outcome,
+        action_name: "lead_converted".into(),
+        outcome_value: Some(Decimal::from_str("1250.000000000001").unwrap()),
+        attributes_json: r#"{"lead_id":"L-42"}"#.into(),
+        source: "kafka".into(),
+        ..minimal.clone()
+    };
     vec![
         ("llm_every_field", raw_action()),
         ("action_minimal", minimal),
         ("extremes", extremes),
+        ("outcome_event", outcome_event),
     ]
 }
 

@@ -288,6 +288,7 @@ pub fn span_to_action(
         reported_cost: shape.llm.reported_cost,
         attributes_json: shape.attributes_json,
         source: source.as_str().to_string(),
+        outcome_value: None,
     };
     // The enricher's rule for every value; the checks above already explained any problem.
     check_raw_action(&action).map_err(|error| SpanError::InvalidAttribute(error.to_string()))?;

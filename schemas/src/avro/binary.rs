@@ -116,6 +116,7 @@ impl<'a> DatumWriter<'a> {
         self.optional_long(action.output_tokens);
         self.optional_long(action.total_tokens);
         self.optional_decimal("reported_cost", action.reported_cost)?;
+        self.optional_decimal("outcome_value", action.outcome_value)?;
         self.string(&action.attributes_json);
         self.string(&action.source);
         Ok(())
@@ -284,7 +285,9 @@ impl<'a> DatumReader<'a> {
         let kind_text = self.str("kind")?;
         let kind = ActionKind::parse(kind_text).ok_or_else(|| CodecError::Field {
             field: "kind",
-            problem: format!("unknown kind {kind_text:?}; expected action, llm or trace_event"),
+            problem: format!(
+                "unknown kind {kind_text:?}; expected action, llm, trace_event or outcome"
+            ),
         })?;
         Ok(RawAction {
             event_id,
@@ -305,6 +308,7 @@ impl<'a> DatumReader<'a> {
             output_tokens: self.optional_long("output_tokens")?,
             total_tokens: self.optional_long("total_tokens")?,
             reported_cost: self.optional_decimal("reported_cost")?,
+            outcome_value: self.optional_decimal("outcome_value")?,
             attributes_json: self.string("attributes_json")?,
             source: self.string("source")?,
         })
@@ -369,7 +373,10 @@ mod tests {
     prop_compose! {
         fn raw_action()(
             ids in (text(), text(), text(), text(), text()),
-            kind in prop_oneof![Just(ActionKind::Action), Just(ActionKind::Llm), Just(ActionKind::TraceEvent)],
+            kind in prop_oneof![
+                Just(ActionKind::Action), Just(ActionKind::Llm), Just(ActionKind::TraceEvent),
+                Just(ActionKind::Outcome),
+            ],
             optional_texts in (
                 proptest::option::of(text()), proptest::option::of(text()),
                 proptest::option::of(text()), proptest::option::of(text()),
@@ -381,7 +388,7 @@ mod tests {
                 proptest::option::of(0i64..1_000_000),
             ),
             reported_cost in proptest::option::of(decimal()),
-            tail in (text(), text()),
+            tail in (text(), text(), proptest::option::of(decimal())),
         ) -> RawAction {
             RawAction {
                 event_id: ids.0,
@@ -404,6 +411,7 @@ mod tests {
                 reported_cost,
                 attributes_json: tail.0,
                 source: tail.1,
+                outcome_value: tail.2,
             }
         }
     }
