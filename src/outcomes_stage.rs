@@ -68,6 +68,9 @@ pub struct OutcomesSettings {
         deserialize_with = "agentmeter_runtime::duration::millis"
     )]
     pub interval_ms: u64,
+    /// Most touched contexts derived with one set of queries: their ids are listed in the SQL,
+    /// which must stay below ClickHouse's `max_query_size` (256 KiB by default).
+    pub contexts_per_query: usize,
 }
 
 impl Default for OutcomesSettings {
@@ -75,6 +78,7 @@ impl Default for OutcomesSettings {
         OutcomesSettings {
             metrics_listen: "127.0.0.1:9104".parse().expect("valid address"),
             interval_ms: 1_000,
+            contexts_per_query: 2_000,
         }
     }
 }
@@ -85,6 +89,10 @@ impl OutcomesSettings {
         anyhow::ensure!(
             (10..=3_600_000).contains(&self.interval_ms),
             "outcomes.interval must be 10 ms to 1 hour"
+        );
+        anyhow::ensure!(
+            (1..=10_000).contains(&self.contexts_per_query),
+            "outcomes.contexts_per_query must be 1 to 10,000 (the ids of one query must fit ClickHouse's max_query_size)"
         );
         Ok(())
     }
@@ -170,6 +178,7 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
             &settings.clickhouse,
             &settings.kafka.topics().enriched,
             settings.aggregator.window_seconds,
+            settings.outcomes.contexts_per_query,
         );
         let interval = Duration::from_millis(settings.outcomes.interval_ms);
         let mut waiting = shutdown.clone();
@@ -361,15 +370,22 @@ pub struct Deriver {
     database: String,
     topic: String,
     window_seconds: u32,
+    contexts_per_query: usize,
 }
 
 impl Deriver {
-    pub fn new(settings: &ClickHouseSettings, topic: &str, window_seconds: u32) -> Deriver {
+    pub fn new(
+        settings: &ClickHouseSettings,
+        topic: &str,
+        window_seconds: u32,
+        contexts_per_query: usize,
+    ) -> Deriver {
         Deriver {
             client: settings.client().with_database(&settings.database),
             database: settings.database.clone(),
             topic: topic.to_string(),
             window_seconds: window_seconds.max(1),
+            contexts_per_query: contexts_per_query.max(1),
         }
     }
 
@@ -551,7 +567,24 @@ impl Deriver {
         let window_micros = i64::from(self.window_seconds) * 1_000_000;
         let mut action_rows: Vec<ActionRow> = Vec::new();
         let mut usage_rows: Vec<UsageRow> = Vec::new();
+        // Touched contexts in chunks, so that no query's id list grows past ClickHouse's query
+        // size limit however many contexts one run touches.
+        let mut units: Vec<(&String, BTreeMap<ContextKey, i64>, bool)> = Vec::new();
         for (workspace_id, (contexts, everything)) in &touched {
+            if *everything {
+                units.push((workspace_id, BTreeMap::new(), true));
+                continue;
+            }
+            let keys: Vec<(&ContextKey, &i64)> = contexts.iter().collect();
+            for chunk in keys.chunks(self.contexts_per_query) {
+                let chunk = chunk
+                    .iter()
+                    .map(|(key, from)| ((*key).clone(), **from))
+                    .collect();
+                units.push((workspace_id, chunk, false));
+            }
+        }
+        for (workspace_id, contexts, everything) in &units {
             let snapshot_of = by_id.get(workspace_id.as_str()).copied();
             let composites = snapshot_of.map_or(&[][..], |s| s.composite_outcomes());
             // Each context is derived from `from` on (its earliest new constituent), with the
@@ -576,7 +609,7 @@ impl Deriver {
                 .collect();
             let step_names: BTreeSet<String> =
                 composites.iter().flat_map(|c| c.step_names()).collect();
-            let single = BTreeSet::from([workspace_id.clone()]);
+            let single = BTreeSet::from([workspace_id.to_string()]);
             let constituents: Vec<StoredAction> = if step_names.is_empty() {
                 Vec::new()
             } else if *everything {

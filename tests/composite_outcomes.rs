@@ -283,7 +283,8 @@ fn composite_outcomes_equal_the_sessions_sent_despite_late_constituents_duplicat
     let mut env = TestEnv::new(
         "composite_outcomes",
         &format!(
-            "\n[outcomes]\nmetrics_listen = \"127.0.0.1:{outcomes_port}\"\ninterval = \"200ms\"\n"
+            // Few contexts per query: a run derives its contexts in several chunks.
+            "\n[outcomes]\nmetrics_listen = \"127.0.0.1:{outcomes_port}\"\ninterval = \"200ms\"\ncontexts_per_query = 7\n"
         ),
     );
     let config = metering_config(
@@ -371,6 +372,36 @@ fn composite_outcomes_equal_the_sessions_sent_despite_late_constituents_duplicat
         "the late actions still have firings to complete ({phase_one_firings} of {total_expected})"
     );
 
+    // Explicit outcome events beside them (POST /v1/outcomes), each batch sent twice.
+    let mut expected = expected;
+    for (account, secret, events) in [("a", SECRET_A, 3), ("b", SECRET_B, 5)] {
+        let items: Vec<Value> = (0..events)
+            .map(|index| {
+                json!({
+                    "event_id": format!("deal-{account}-{index}"),
+                    "outcome_type": "deal_won",
+                    "value": format!("{}.50", 100 * (index + 1)),
+                    "user_id": format!("user-{index}"),
+                    "metadata": {"lead_id": format!("lead-{account}-{index}")},
+                })
+            })
+            .collect();
+        for _ in 0..2 {
+            post_until_accepted(
+                &client,
+                &format!("{}/v1/outcomes", env.ingest_url()),
+                secret,
+                &json!({ "outcomes": items }),
+                Duration::from_secs(60),
+                Duration::from_millis(200),
+            );
+        }
+        for _ in 0..events {
+            expected.add(account, "deal_won");
+        }
+    }
+    let outcome_events = 8;
+
     // Phase 2: the late constituents, and every phase 1 batch re-sent (duplicates), with one
     // more kill.
     for (index, batch) in late.chunks(5).enumerate() {
@@ -383,10 +414,14 @@ fn composite_outcomes_equal_the_sessions_sent_despite_late_constituents_duplicat
     for batch in on_time.chunks(40) {
         send(&env, &client, batch);
     }
-    env.wait_for_count(stored_actions, sent.len() as u64, Duration::from_secs(120));
+    env.wait_for_count(
+        stored_actions,
+        sent.len() as u64 + outcome_events,
+        Duration::from_secs(120),
+    );
 
     let mut firings_expected = expected.outcomes.clone();
-    firings_expected.retain(|(_, name), _| name != "contract_signed");
+    firings_expected.retain(|(_, name), _| name != "contract_signed" && name != "deal_won");
     env.wait_until(Duration::from_secs(90), Duration::from_millis(300), || {
         let found = counts(env.query(FIRINGS_BY_ACCOUNT));
         if found == firings_expected {

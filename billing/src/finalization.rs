@@ -544,6 +544,31 @@ pub fn changes_to_finalized_periods(
             .cloned()
             .collect::<Vec<_>>()
     };
+    // The same for the versions of single-action outcome definitions (their conditions).
+    let outcome_versions_before = |config: &agentmeter_schemas::metering::MeteringConfig,
+                                   action: &str| {
+        config
+            .outcomes
+            .iter()
+            .filter(|outcome| {
+                outcome.action == action && outcome.effective_from.is_none_or(|from| from < last)
+            })
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let actions: std::collections::BTreeSet<&str> = before
+        .outcomes
+        .iter()
+        .chain(&after.outcomes)
+        .map(|outcome| outcome.action.as_str())
+        .collect();
+    for action in actions {
+        if outcome_versions_before(before, action) != outcome_versions_before(after, action) {
+            problems.push(format!(
+                "outcome {action:?}: finalized invoices billed periods up to {last}, so its definition in force before then cannot change; add a version with effective_from at or after {last} instead"
+            ));
+        }
+    }
     let names: std::collections::BTreeSet<&str> = before
         .composite_outcomes
         .iter()
@@ -870,6 +895,20 @@ mod tests {
         next.effective_from = Some(datetime!(2026-11-20 0:00 UTC));
         versioned.composite_outcomes[1] = next;
         assert!(!problems(&versioned).is_empty());
+        // So is an outcome's condition.
+        let mut reconditioned = before.clone();
+        reconditioned.outcomes[0].when = None;
+        let refused = problems(&reconditioned);
+        assert!(
+            refused[0].contains("outcome \"object_detection\""),
+            "{refused:?}"
+        );
+        let mut outcome_versioned = before.clone();
+        let mut next = outcome_versioned.outcomes[0].clone();
+        next.when = None;
+        next.effective_from = Some(datetime!(2026-12-01 0:00 UTC));
+        outcome_versioned.outcomes.push(next);
+        assert!(problems(&outcome_versioned).is_empty());
 
         // A void invoice bills nothing: nothing is held back by it.
         let id = log[0].1.invoice_id().to_string();

@@ -585,6 +585,7 @@ mod tests {
                     serde_json::from_str(r#"{"field": "attributes.never_set", "exists": true}"#)
                         .unwrap(),
                 ),
+                effective_from: None,
             });
         WorkspaceSnapshot::build(5, config).unwrap()
     }

@@ -118,6 +118,7 @@ fn generate(u: &mut Unstructured) -> Result<Option<(WorkspaceSnapshot, RawAction
         config.outcomes.push(OutcomeDefinition {
             action: PRICED_ACTION.into(),
             when: None,
+            effective_from: None,
         });
     }
     let (measure, quantity_attribute) = match u.int_in_range(0u8..=5)? {

@@ -201,6 +201,16 @@ pub struct OutcomeDefinition {
     /// ([`crate::condition`]); otherwise it stays an `@action`. No `when`: always.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub when: Option<Condition>,
+    /// RFC 3339 instant from which this definition applies, by the action's `occurred_at`.
+    /// Several entries of one action are the versions of its definition, by strictly
+    /// increasing `effective_from`; only the first may leave it out (always). An action that
+    /// happened before the first version's start is no outcome.
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub effective_from: Option<OffsetDateTime>,
 }
 
 /// An outcome that fires when its steps happened for the same context within a window
@@ -638,6 +648,7 @@ impl MeteringConfig {
         }
 
         let mut outcome_names = HashSet::new();
+        let mut latest_outcome_version: HashMap<&str, Option<OffsetDateTime>> = HashMap::new();
         for outcome in &self.outcomes {
             if !tracked.contains(outcome.action.as_str()) {
                 problems.push(format!(
@@ -645,9 +656,21 @@ impl MeteringConfig {
                     outcome.action
                 ));
             }
-            if !outcome_names.insert(outcome.action.as_str()) {
-                problems.push(format!("outcome {:?} is defined twice", outcome.action));
+            outcome_names.insert(outcome.action.as_str());
+            if let Some(previous) = latest_outcome_version.get(outcome.action.as_str()) {
+                match (previous, outcome.effective_from) {
+                    (_, None) => problems.push(format!(
+                        "outcome {:?} is defined twice; a later version of its definition needs an effective_from",
+                        outcome.action
+                    )),
+                    (Some(previous), Some(from)) if from <= *previous => problems.push(format!(
+                        "outcome {:?}: versions must be listed by strictly increasing effective_from ({previous} then {from})",
+                        outcome.action
+                    )),
+                    _ => {}
+                }
             }
+            latest_outcome_version.insert(outcome.action.as_str(), outcome.effective_from);
             if let Some(when) = &outcome.when {
                 if let Err(found) = when.compile(&format!("outcome {:?}", outcome.action)) {
                     problems.extend(found);
@@ -932,23 +955,29 @@ impl MeteringConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ActionRule {
     pub tracked: bool,
-    /// An `[[outcomes]]` definition names it: an outcome when `outcome_when` (if any) holds.
+    /// An `[[outcomes]]` definition names it (in some version).
     pub outcome: bool,
-    /// The definition's `when`, compiled once with the snapshot.
-    pub outcome_when: Option<CompiledCondition>,
+    /// The versions of its definition: (effective from, µs since the epoch, `i64::MIN` for
+    /// always; its `when`, compiled once with the snapshot), ascending.
+    pub outcome_versions: Vec<(i64, Option<CompiledCondition>)>,
     pub pricing: Option<Pricing>,
 }
 
 impl ActionRule {
-    /// Whether `raw`, an action this rule applies to, is an outcome (`@outcome`): tracked, named
-    /// by an outcome definition, and its condition holds. Never panics on any action.
+    /// Whether `raw`, an action this rule applies to, is an outcome (`@outcome`): tracked, a
+    /// version of an outcome definition is in force at its `occurred_at`, and that version's
+    /// condition holds. Never panics on any action.
     pub fn is_outcome(&self, raw: &RawAction) -> bool {
-        self.tracked
-            && self.outcome
-            && self
-                .outcome_when
-                .as_ref()
-                .is_none_or(|when| when.holds(raw))
+        if !(self.tracked && self.outcome) {
+            return false;
+        }
+        let index = self
+            .outcome_versions
+            .partition_point(|(from, _)| *from <= raw.occurred_at_micros);
+        index
+            .checked_sub(1)
+            .map(|index| &self.outcome_versions[index].1)
+            .is_some_and(|when| when.as_ref().is_none_or(|when| when.holds(raw)))
     }
 }
 
@@ -981,10 +1010,10 @@ pub struct WorkspaceSnapshot {
     composites: Vec<CompiledComposite>,
 }
 
-const UNTRACKED: ActionRule = ActionRule {
+static UNTRACKED: ActionRule = ActionRule {
     tracked: false,
     outcome: false,
-    outcome_when: None,
+    outcome_versions: Vec::new(),
     pricing: None,
 };
 
@@ -1008,7 +1037,7 @@ impl WorkspaceSnapshot {
                     .map(|digest| (digest, instance.id.clone()))
             })
             .collect();
-        let mut outcomes: HashMap<&str, Option<CompiledCondition>> = HashMap::new();
+        let mut outcomes: HashMap<&str, Vec<(i64, Option<CompiledCondition>)>> = HashMap::new();
         for outcome in &config.outcomes {
             let when = match &outcome.when {
                 Some(when) => Some(
@@ -1017,18 +1046,22 @@ impl WorkspaceSnapshot {
                 ),
                 None => None,
             };
-            outcomes.insert(outcome.action.as_str(), when);
+            let from = outcome.effective_from.map_or(i64::MIN, micros_of);
+            outcomes
+                .entry(outcome.action.as_str())
+                .or_default()
+                .push((from, when));
         }
         let mut rules: HashMap<String, ActionRule> = config
             .tagging
             .tracked
             .iter()
             .map(|name| {
-                let outcome = outcomes.get_mut(name.as_str());
+                let versions = outcomes.remove(name.as_str()).unwrap_or_default();
                 let rule = ActionRule {
                     tracked: true,
-                    outcome: outcome.is_some(),
-                    outcome_when: outcome.and_then(Option::take),
+                    outcome: !versions.is_empty(),
+                    outcome_versions: versions,
                     pricing: None,
                 };
                 (name.clone(), rule)
@@ -1131,7 +1164,7 @@ pub(crate) mod tests {
         assert_eq!(pricing.measure, Measure::Token);
         assert_eq!(pricing.rate_at(i64::MAX), Some("0.006".parse().unwrap()));
         let detection = snapshot.rule("object_detection");
-        assert!(detection.outcome && detection.outcome_when.is_some());
+        assert!(detection.outcome && detection.outcome_versions[0].1.is_some());
         let detected = |attributes: &str| RawAction {
             attributes_json: attributes.into(),
             ..RawAction::minimal(
@@ -1230,6 +1263,7 @@ pub(crate) mod tests {
         config.outcomes.push(OutcomeDefinition {
             action: "not_tracked".into(),
             when: None,
+            effective_from: None,
         });
         let problems = config.validate().unwrap_err().0;
         assert_eq!(problems.len(), 5, "{problems:#?}");
@@ -1259,7 +1293,7 @@ pub(crate) mod tests {
         let config = MeteringConfig::from_toml(&text).unwrap();
         let snapshot = WorkspaceSnapshot::build(1, config.clone()).unwrap();
         let rule = snapshot.rule("llm_call");
-        assert!(rule.outcome && rule.outcome_when.is_some());
+        assert!(rule.outcome && rule.outcome_versions[0].1.is_some());
         let call = |attributes: &str| RawAction {
             attributes_json: attributes.into(),
             ..RawAction::minimal("ws", "a1", "i1", "e1", "llm_call")
@@ -1524,5 +1558,72 @@ pub(crate) mod tests {
         assert_eq!(back, config);
         config.composite_outcomes[0].steps.truncate(1);
         assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn an_outcome_definition_applies_from_its_effective_from_by_the_actions_time() {
+        let text = format!(
+            "{MINIMAL}
+            [[outcomes]]
+            action = \"llm_call\"
+            effective_from = \"2026-01-01T00:00:00Z\"
+            [[outcomes]]
+            action = \"llm_call\"
+            when = {{ field = \"attributes.status\", eq = \"success\" }}
+            effective_from = \"2026-06-01T00:00:00Z\"
+            "
+        );
+        let snapshot =
+            WorkspaceSnapshot::build(1, MeteringConfig::from_toml(&text).unwrap()).unwrap();
+        let rule = snapshot.rule("llm_call");
+        let at = |instant: &str, status: &str| RawAction {
+            occurred_at_micros: (OffsetDateTime::parse(
+                instant,
+                &time::format_description::well_known::Rfc3339,
+            )
+            .unwrap()
+            .unix_timestamp_nanos()
+                / 1000) as i64,
+            attributes_json: format!(r#"{{"status": "{status}"}}"#),
+            ..RawAction::minimal("ws", "a1", "i1", "e1", "llm_call")
+        };
+        assert!(
+            !rule.is_outcome(&at("2025-12-31T23:59:59Z", "success")),
+            "before the first version"
+        );
+        assert!(
+            rule.is_outcome(&at("2026-01-01T00:00:00Z", "failed")),
+            "the first version: always"
+        );
+        assert!(rule.is_outcome(&at("2026-06-01T00:00:00Z", "success")));
+        assert!(
+            !rule.is_outcome(&at("2026-06-01T00:00:00Z", "failed")),
+            "the second version's condition"
+        );
+
+        let twice = format!(
+            "{MINIMAL}\n[[outcomes]]\naction = \"llm_call\"\n[[outcomes]]\naction = \"llm_call\"\n"
+        );
+        let problems = toml::from_str::<MeteringConfig>(&twice)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .0;
+        assert!(
+            problems[0].contains("later version of its definition needs an effective_from"),
+            "{problems:?}"
+        );
+        let backwards = format!(
+            "{MINIMAL}\n[[outcomes]]\naction = \"llm_call\"\neffective_from = \"2026-02-01T00:00:00Z\"\n[[outcomes]]\naction = \"llm_call\"\neffective_from = \"2026-01-01T00:00:00Z\"\n"
+        );
+        let problems = toml::from_str::<MeteringConfig>(&backwards)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .0;
+        assert!(
+            problems[0].contains("strictly increasing effective_from"),
+            "{problems:?}"
+        );
     }
 }
