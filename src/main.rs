@@ -75,6 +75,15 @@ struct Cli {
     command: Command,
 }
 
+/// `agentmeter migrate`.
+#[derive(Debug, clap::Args)]
+struct MigrateArgs {
+    /// Cluster mode (ADR 0006): create the database, replicated tables and views on every
+    /// replica of this cluster of the server's `remote_servers` (`ON CLUSTER`).
+    #[arg(long)]
+    cluster: Option<String>,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the ingest gateway (REST, agent info).
@@ -84,7 +93,7 @@ enum Command {
     /// Run the aggregator (actions.enriched → ClickHouse).
     Aggregate,
     /// Apply the ClickHouse migrations (idempotent).
-    Migrate,
+    Migrate(MigrateArgs),
     /// Create the Kafka topics (idempotent).
     Topics,
     /// Resume aggregating partitions whose input was reset (the aggregator's /readyz names them).
@@ -150,8 +159,12 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             )
             .await
         }
-        Command::Migrate => {
-            let applied = agentmeter_aggregator::migrate::migrate(&settings.clickhouse).await?;
+        Command::Migrate(args) => {
+            let applied = agentmeter_aggregator::migrate::migrate_on(
+                &settings.clickhouse,
+                args.cluster.as_deref(),
+            )
+            .await?;
             if applied.is_empty() {
                 println!("database {}: up to date", settings.clickhouse.database);
             } else {

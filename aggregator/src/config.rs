@@ -134,6 +134,14 @@ pub struct ClickHouseSettings {
     pub user: String,
     /// ClickHouse password.
     pub password: String,
+    /// Cluster mode (ADR 0006): how many replicas must have written each INSERT before it
+    /// succeeds (ClickHouse's `insert_quorum`); 0 = off (one server, or replication without a
+    /// quorum).
+    pub insert_quorum: u32,
+    /// Cluster mode: read replicated tables only up to the last quorum write
+    /// (`select_sequential_consistency`), so progress read back after a failover never claims
+    /// rows the replica does not have. Needs `insert_quorum`.
+    pub select_sequential_consistency: bool,
 }
 
 impl Default for ClickHouseSettings {
@@ -143,6 +151,8 @@ impl Default for ClickHouseSettings {
             database: "agentmeter".into(),
             user: "default".into(),
             password: String::new(),
+            insert_quorum: 0,
+            select_sequential_consistency: false,
         }
     }
 }
@@ -156,6 +166,10 @@ impl ClickHouseSettings {
             self.database
         );
         anyhow::ensure!(
+            !self.select_sequential_consistency || self.insert_quorum > 0,
+            "clickhouse.select_sequential_consistency needs clickhouse.insert_quorum (reads would see no quorum write)"
+        );
+        anyhow::ensure!(
             self.url.starts_with("http://") || self.url.starts_with("https://"),
             "clickhouse.url {:?} must be an http(s) URL",
             self.url
@@ -167,10 +181,17 @@ impl ClickHouseSettings {
     /// `RowBinaryWithNamesAndTypes` format it needs, so the row types in `rows.rs` are tested
     /// against the real tables instead.
     pub fn client(&self) -> clickhouse::Client {
-        clickhouse::Client::default()
+        let mut client = clickhouse::Client::default()
             .with_url(&self.url)
             .with_user(&self.user)
             .with_password(&self.password)
-            .with_validation(false)
+            .with_validation(false);
+        if self.insert_quorum > 0 {
+            client = client.with_setting("insert_quorum", self.insert_quorum.to_string());
+        }
+        if self.select_sequential_consistency {
+            client = client.with_setting("select_sequential_consistency", "1");
+        }
+        client
     }
 }

@@ -71,13 +71,74 @@ pub fn statements(sql: &str, database: &str) -> Vec<String> {
         .collect()
 }
 
+/// A statement of [`statements`] for cluster mode (ADR 0006): `ON CLUSTER cluster` on every
+/// CREATE and DROP, and every `…MergeTree` engine replicated under
+/// `/clickhouse/tables/{shard}/DATABASE/TABLE` with the server's `{replica}` macro.
+pub fn on_cluster(statement: &str, cluster: &str) -> String {
+    let on = format!(" ON CLUSTER {cluster}");
+    let head_end = statement.find(['\n', '(']).unwrap_or(statement.len());
+    let head = statement[..head_end].trim_end();
+    let rest = &statement[head.len()..];
+    let (head, object) = if let Some(view) = head.strip_suffix(" AS") {
+        (
+            format!("{view}{on} AS"),
+            view.rsplit(' ').next().unwrap_or(""),
+        )
+    } else {
+        (format!("{head}{on}"), head.rsplit(' ').next().unwrap_or(""))
+    };
+    let mut statement = format!("{head}{rest}");
+    // The engine: `ENGINE = [Replacing]MergeTree[(version)]`.
+    if let Some(at) = statement.find("ENGINE = ") {
+        let engine_start = at + "ENGINE = ".len();
+        let engine_end = statement[engine_start..]
+            .find(|c: char| !c.is_ascii_alphanumeric())
+            .map_or(statement.len(), |end| engine_start + end);
+        let engine = statement[engine_start..engine_end].to_string();
+        if engine.ends_with("MergeTree") && !engine.starts_with("Replicated") {
+            let (database, table) = object.split_once('.').unwrap_or(("", object));
+            let path = format!("'/clickhouse/tables/{{shard}}/{database}/{table}', '{{replica}}'");
+            let after = &statement[engine_end..];
+            let replaced = if let Some(arguments) = after.strip_prefix('(') {
+                format!("Replicated{engine}({path}, {arguments}")
+            } else {
+                format!("Replicated{engine}({path}){after}")
+            };
+            statement = format!("{}{replaced}", &statement[..engine_start]);
+        }
+    }
+    statement
+}
+
 /// Applies every migration not yet applied; returns the names applied now.
 pub async fn migrate(settings: &ClickHouseSettings) -> anyhow::Result<Vec<String>> {
+    migrate_on(settings, None).await
+}
+
+/// [`migrate`], on one server or — with `cluster` — on every replica of that cluster
+/// (`remote_servers`), with replicated tables (ADR 0006).
+pub async fn migrate_on(
+    settings: &ClickHouseSettings,
+    cluster: Option<&str>,
+) -> anyhow::Result<Vec<String>> {
     settings.validate()?;
     let client = settings.client();
     let database = &settings.database;
+    let for_server = |statement: String| match cluster {
+        Some(cluster) => on_cluster(&statement, cluster),
+        None => statement,
+    };
+    if let Some(cluster) = cluster {
+        anyhow::ensure!(
+            agentmeter_schemas::metering::is_valid_identifier(cluster)
+                && !cluster.contains(['.', ':', '-']),
+            "cluster {cluster:?} must be letters, digits and '_'"
+        );
+    }
     client
-        .query(&format!("CREATE DATABASE IF NOT EXISTS {database}"))
+        .query(&for_server(format!(
+            "CREATE DATABASE IF NOT EXISTS {database}"
+        )))
         .execute()
         .await
         .with_context(|| {
@@ -87,10 +148,10 @@ pub async fn migrate(settings: &ClickHouseSettings) -> anyhow::Result<Vec<String
             )
         })?;
     client
-        .query(&format!(
+        .query(&for_server(format!(
             "CREATE TABLE IF NOT EXISTS {database}.schema_migrations \
              (version UInt32, name String, applied_at DateTime('UTC')) ENGINE = MergeTree ORDER BY version"
-        ))
+        )))
         .execute()
         .await
         .context("cannot create schema_migrations")?;
@@ -110,6 +171,7 @@ pub async fn migrate(settings: &ClickHouseSettings) -> anyhow::Result<Vec<String
             continue;
         }
         for statement in statements(sql, database) {
+            let statement = for_server(statement);
             client.query(&statement).execute().await.with_context(|| {
                 format!("migration {version:04}_{name} failed on:\n{statement}")
             })?;
@@ -150,6 +212,50 @@ mod tests {
             .map(|(version, name, _)| format!("{version:04}_{name}.sql"))
             .collect();
         assert_eq!(files, registered, "add new migration files to MIGRATIONS");
+    }
+
+    #[test]
+    fn cluster_statements_run_on_every_replica_with_replicated_engines() {
+        let tables = statements(MIGRATIONS[0].2, "db1");
+        let actions = on_cluster(&tables[0], "c1");
+        assert!(
+            actions.starts_with("CREATE TABLE IF NOT EXISTS db1.actions ON CLUSTER c1\n("),
+            "{actions}"
+        );
+        assert!(actions.contains("ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/db1/actions', '{replica}')\nPARTITION BY"), "{actions}");
+        let usage = on_cluster(&tables[1], "c1");
+        assert!(usage.contains("ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/db1/usage', '{replica}', version)"), "{usage}");
+        let views = statements(MIGRATIONS[1].2, "db1");
+        let view = on_cluster(&views[0], "c1");
+        assert!(
+            view.starts_with("CREATE VIEW IF NOT EXISTS db1.usage_exact ON CLUSTER c1 AS\n"),
+            "{view}"
+        );
+        assert_eq!(
+            on_cluster("DROP TABLE IF EXISTS db1.usage_exact", "c1"),
+            "DROP TABLE IF EXISTS db1.usage_exact ON CLUSTER c1"
+        );
+        assert_eq!(
+            on_cluster("CREATE DATABASE IF NOT EXISTS db1", "c1"),
+            "CREATE DATABASE IF NOT EXISTS db1 ON CLUSTER c1"
+        );
+        assert!(on_cluster(
+            "CREATE TABLE IF NOT EXISTS db1.schema_migrations (version UInt32) ENGINE = MergeTree ORDER BY version",
+            "c1"
+        )
+        .ends_with("ON CLUSTER c1 (version UInt32) ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/db1/schema_migrations', '{replica}') ORDER BY version"));
+        // Every statement of every migration gets ON CLUSTER, and no engine stays local.
+        for (_, _, sql) in MIGRATIONS {
+            for statement in statements(sql, "db1") {
+                let clustered = on_cluster(&statement, "c1");
+                assert!(clustered.contains(" ON CLUSTER c1"), "{clustered}");
+                assert!(
+                    !clustered.contains("= ReplacingMergeTree")
+                        && !clustered.contains("= MergeTree"),
+                    "{clustered}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -2,7 +2,8 @@
 # Local services for agentmeter without Docker: ClickHouse (Debian's clickhouse-server 18.16)
 # and a Kafka-compatible broker (tansu 0.6.0, built from crates.io and cached outside the repo).
 #
-#   deploy/local/services.sh install   install missing apt packages (promtool among them) and build tansu (idempotent)
+#   deploy/local/services.sh install   install missing apt packages (promtool among them), the Python venvs of the
+#                                      deployment checks (kubernetes-validate, docker-compose 1.x) and build tansu (idempotent)
 #   deploy/local/services.sh up        start ClickHouse and tansu unless already answering
 #   deploy/local/services.sh down      stop both (TERM, then KILL), by PID file
 #   deploy/local/services.sh status    print whether each answers (exit 0 only if both answer)
@@ -16,6 +17,7 @@
 #   AGENTMETER_CLICKHOUSE_TCP_PORT   [9000]   ClickHouse native protocol on 127.0.0.1
 #   AGENTMETER_BROKER_STORAGE        [sqlite] sqlite (durable, $AGENTMETER_STATE/tansu/tansu.db) or memory
 #   AGENTMETER_UP_TIMEOUT            [60]     seconds to wait for each service to answer
+#   PYTHON                           [python3] interpreter the check venvs are made from
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -44,6 +46,7 @@ TANSU_BUILD="fixed-4"
 TANSU_ROOT="$AGENTMETER_CACHE/tansu-$TANSU_VERSION-$TANSU_BUILD"
 TANSU_BIN="$TANSU_ROOT/bin/tansu"
 TANSU_LOG="$AGENTMETER_CACHE/logs/tansu.log"
+PYTHON="${PYTHON:-python3}"
 CLICKHOUSE_SERVER="$(command -v clickhouse-server || echo /usr/sbin/clickhouse-server)"
 CLICKHOUSE_USER="clickhouse"
 
@@ -136,6 +139,46 @@ install_packages() {
     say "apt-get install -y --no-install-recommends ${APT_PACKAGES_NO_RECOMMENDS[*]}"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
         "${APT_PACKAGES_NO_RECOMMENDS[@]}"
+}
+
+# The Python venvs of the deployment checks, each made from its pinned requirements file in the
+# repository (and, for packages without a wheel for this Python, a file of build requirements
+# installed first and used without build isolation). A venv holds copies of the files it was
+# made from; it is reused while they are unchanged and remade otherwise, so this is cached and
+# idempotent. The check scripts refuse a venv whose copies differ from the repository's files.
+#   venv-kubernetes-validate  deploy/kubernetes/requirements.txt               deploy/kubernetes/check.sh
+#   venv-docker-compose       deploy/docker/requirements{-build,}.txt          deploy/docker/check.sh
+ensure_check_venv() { # name requirements [build-requirements]
+    local name="$1" requirements="$2" build="${3:-}" venv
+    venv="$AGENTMETER_CACHE/$1"
+    if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import sys' >/dev/null 2>&1 \
+        && cmp -s "$requirements" "$venv/.agentmeter-requirements" \
+        && { [ -z "$build" ] || cmp -s "$build" "$venv/.agentmeter-requirements-build"; }; then
+        say "venv $name up to date: $venv"
+        return
+    fi
+    "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1 \
+        || die "$PYTHON cannot create venvs (Debian: python3-venv, installed above for the system python3)"
+    say "creating venv $name with $("$PYTHON" --version 2>&1) from ${requirements#"$REPO_ROOT"/}"
+    rm -rf "$venv"
+    "$PYTHON" -m venv "$venv" || die "$PYTHON -m venv $venv failed"
+    local pip=("$venv/bin/python" -m pip install --disable-pip-version-check -q)
+    if [ -n "$build" ]; then
+        "${pip[@]}" -r "$build" || die "pip install -r $build into $venv failed"
+        "${pip[@]}" --no-build-isolation -r "$requirements" || die "pip install -r $requirements into $venv failed"
+        cp "$build" "$venv/.agentmeter-requirements-build"
+    else
+        "${pip[@]}" -r "$requirements" || die "pip install -r $requirements into $venv failed"
+    fi
+    # Written last: a venv interrupted before this point is remade on the next install.
+    cp "$requirements" "$venv/.agentmeter-requirements"
+    say "venv $name ready: $venv"
+}
+
+install_check_venvs() {
+    ensure_check_venv venv-kubernetes-validate "$REPO_ROOT/deploy/kubernetes/requirements.txt"
+    ensure_check_venv venv-docker-compose "$REPO_ROOT/deploy/docker/requirements.txt" \
+        "$REPO_ROOT/deploy/docker/requirements-build.txt"
 }
 
 # Print a heartbeat every 60 s while process $1 lives; last "Compiling" line of log $2.
@@ -288,6 +331,7 @@ cmd_install() {
         flock 9
     fi
     install_packages
+    install_check_venvs
     install_tansu
     say "install done"
 }
@@ -536,6 +580,10 @@ stop_pid() { # name pidfile pattern port-probe
 cmd_down() {
     stop_pid tansu "$TS_PID" tansu tansu_answers
     stop_pid clickhouse "$CH_PID" clickhouse clickhouse_answers
+    # The local cluster of cluster mode (deploy/local/cluster.sh), if this state dir started one.
+    if [ -d "$AGENTMETER_STATE/cluster" ]; then
+        AGENTMETER_STATE="$AGENTMETER_STATE" bash "$SCRIPT_DIR/cluster.sh" down
+    fi
 }
 
 cmd_up() {
