@@ -34,7 +34,9 @@ replica_answers() {
 install() {
     if ! [ -x /usr/share/zookeeper/bin/zkServer.sh ]; then
         say "installing zookeeper (Debian)"
-        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends zookeeper >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends zookeeper >/dev/null \
+            || { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends zookeeper >/dev/null; } \
+            || die "cannot install zookeeper"
     fi
     [ -x "$CLICKHOUSE_SERVER" ] || die "clickhouse-server missing: run deploy/local/services.sh install"
     say "install done"
