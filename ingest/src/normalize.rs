@@ -77,19 +77,7 @@ pub fn rest_action_to_raw(
             truncate_for_message(&item.action_name)
         ));
     }
-    let event_id = match item.event_id {
-        Some(event_id) => {
-            check_id("event_id", &event_id)?;
-            event_id
-        }
-        None => uuid::Uuid::now_v7().to_string(),
-    };
-    if let Some(user_id) = &item.user_id {
-        check_id("user_id", user_id)?;
-    }
-    if let Some(anonymous_id) = &item.anonymous_id {
-        check_id("anonymous_id", anonymous_id)?;
-    }
+    let event_id = checked_event_ids(item.event_id, &item.user_id, &item.anonymous_id)?;
     if let Some(description) = &item.description {
         check_description(description)?;
     }
@@ -126,6 +114,29 @@ pub fn rest_action_to_raw(
     Ok(raw)
 }
 
+/// The ids an action and an outcome event share: the client's `event_id` (checked) or a new
+/// UUIDv7, and the optional `user_id` and `anonymous_id`, checked by the same rule.
+fn checked_event_ids(
+    event_id: Option<String>,
+    user_id: &Option<String>,
+    anonymous_id: &Option<String>,
+) -> Result<String, String> {
+    let event_id = match event_id {
+        Some(event_id) => {
+            check_id("event_id", &event_id)?;
+            event_id
+        }
+        None => uuid::Uuid::now_v7().to_string(),
+    };
+    if let Some(user_id) = user_id {
+        check_id("user_id", user_id)?;
+    }
+    if let Some(anonymous_id) = anonymous_id {
+        check_id("anonymous_id", anonymous_id)?;
+    }
+    Ok(event_id)
+}
+
 /// Checks one REST outcome event and builds the raw action of kind `outcome` for the
 /// authenticated agent: `action_name` = `outcome_type`, the metadata as the attributes, the
 /// value in `outcome_value` (absent when the client gave none: 1). The same rules as an action
@@ -142,19 +153,7 @@ pub fn rest_outcome_to_raw(
             truncate_for_message(&item.outcome_type)
         ));
     }
-    let event_id = match item.event_id {
-        Some(event_id) => {
-            check_id("event_id", &event_id)?;
-            event_id
-        }
-        None => uuid::Uuid::now_v7().to_string(),
-    };
-    if let Some(user_id) = &item.user_id {
-        check_id("user_id", user_id)?;
-    }
-    if let Some(anonymous_id) = &item.anonymous_id {
-        check_id("anonymous_id", anonymous_id)?;
-    }
+    let event_id = checked_event_ids(item.event_id, &item.user_id, &item.anonymous_id)?;
     let outcome_value = item.value.as_deref().map(outcome_value).transpose()?;
     let occurred_at_micros = occurred_at(item.occurred_at.as_deref(), limits)?;
     let attributes_json = check_object("metadata", "metadata keys", &item.metadata, limits)?;

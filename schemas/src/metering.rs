@@ -648,7 +648,7 @@ impl MeteringConfig {
         }
 
         let mut outcome_names = HashSet::new();
-        let mut latest_outcome_version: HashMap<&str, Option<OffsetDateTime>> = HashMap::new();
+        let mut outcome_versions = VersionOrder::default();
         for outcome in &self.outcomes {
             if !tracked.contains(outcome.action.as_str()) {
                 problems.push(format!(
@@ -657,20 +657,17 @@ impl MeteringConfig {
                 ));
             }
             outcome_names.insert(outcome.action.as_str());
-            if let Some(previous) = latest_outcome_version.get(outcome.action.as_str()) {
-                match (previous, outcome.effective_from) {
-                    (_, None) => problems.push(format!(
-                        "outcome {:?} is defined twice; a later version of its definition needs an effective_from",
-                        outcome.action
-                    )),
-                    (Some(previous), Some(from)) if from <= *previous => problems.push(format!(
-                        "outcome {:?}: versions must be listed by strictly increasing effective_from ({previous} then {from})",
-                        outcome.action
-                    )),
-                    _ => {}
-                }
+            match outcome_versions.next(&outcome.action, outcome.effective_from) {
+                Ok(()) => {}
+                Err(VersionProblem::WithoutEffectiveFrom) => problems.push(format!(
+                    "outcome {:?} is defined twice; a later version of its definition needs an effective_from",
+                    outcome.action
+                )),
+                Err(VersionProblem::NotIncreasing { previous, from }) => problems.push(format!(
+                    "outcome {:?}: versions must be listed by strictly increasing effective_from ({previous} then {from})",
+                    outcome.action
+                )),
             }
-            latest_outcome_version.insert(outcome.action.as_str(), outcome.effective_from);
             if let Some(when) = &outcome.when {
                 if let Err(found) = when.compile(&format!("outcome {:?}", outcome.action)) {
                     problems.extend(found);
@@ -731,7 +728,7 @@ fn check_composite_outcomes(
             config.composite_outcomes.len()
         ));
     }
-    let mut last_version: HashMap<&str, Option<OffsetDateTime>> = HashMap::new();
+    let mut versions = VersionOrder::default();
     for composite in &config.composite_outcomes {
         let name = composite.name.as_str();
         let label = format!("composite outcome {name:?}");
@@ -745,19 +742,15 @@ fn check_composite_outcomes(
                 "{label}: the name is a tracked action's; a composite outcome needs a name of its own"
             ));
         }
-        match last_version.get(name) {
-            None => {}
-            Some(previous) => match (previous, composite.effective_from) {
-                (_, None) => problems.push(format!(
-                    "{label} is defined again without effective_from; every version after the first needs one"
-                )),
-                (Some(previous), Some(from)) if from <= *previous => problems.push(format!(
-                    "{label}: versions must be listed by strictly increasing effective_from ({previous} then {from})"
-                )),
-                _ => {}
-            },
+        match versions.next(name, composite.effective_from) {
+            Ok(()) => {}
+            Err(VersionProblem::WithoutEffectiveFrom) => problems.push(format!(
+                "{label} is defined again without effective_from; every version after the first needs one"
+            )),
+            Err(VersionProblem::NotIncreasing { previous, from }) => problems.push(format!(
+                "{label}: versions must be listed by strictly increasing effective_from ({previous} then {from})"
+            )),
         }
-        last_version.insert(name, composite.effective_from);
         if !(2..=MAX_COMPOSITE_STEPS).contains(&composite.steps.len()) {
             problems.push(format!(
                 "{label} has {} steps; a composite outcome needs 2 to {MAX_COMPOSITE_STEPS} (one action is an [[outcomes]] entry)",
@@ -847,6 +840,42 @@ fn check_ids<'a>(
         }
     }
     seen
+}
+
+/// The rule for entries that are versions of one definition (`[[outcomes]]`,
+/// `[[composite_outcomes]]`): the first may omit `effective_from` (in force always), every later
+/// one needs it, strictly after the one before. [`VersionOrder::next`] takes the entries in file
+/// order.
+#[derive(Default)]
+struct VersionOrder<'a> {
+    latest: HashMap<&'a str, Option<OffsetDateTime>>,
+}
+
+/// Why an entry is not a valid next version of its definition.
+enum VersionProblem {
+    WithoutEffectiveFrom,
+    NotIncreasing {
+        previous: OffsetDateTime,
+        from: OffsetDateTime,
+    },
+}
+
+impl<'a> VersionOrder<'a> {
+    fn next(
+        &mut self,
+        name: &'a str,
+        effective_from: Option<OffsetDateTime>,
+    ) -> Result<(), VersionProblem> {
+        let previous = self.latest.insert(name, effective_from);
+        match (previous, effective_from) {
+            (None, _) => Ok(()),
+            (Some(_), None) => Err(VersionProblem::WithoutEffectiveFrom),
+            (Some(Some(previous)), Some(from)) if from <= previous => {
+                Err(VersionProblem::NotIncreasing { previous, from })
+            }
+            (Some(_), Some(_)) => Ok(()),
+        }
+    }
 }
 
 /// One version of a workspace's configuration, as it travels on the config topic
