@@ -6,11 +6,9 @@ use std::time::Duration;
 use agentmeter_runtime::config_watch::read_config_topic;
 use agentmeter_runtime::kafka::KafkaSettings;
 use agentmeter_schemas::metering::ConfigFileError;
-use agentmeter_schemas::{ConfigRecord, MeteringConfig};
+use agentmeter_schemas::MeteringConfig;
 use anyhow::Context;
 use clap::Subcommand;
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::util::Timeout;
 
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
@@ -27,6 +25,15 @@ pub enum ConfigCommand {
     Export {
         /// The workspace to export.
         workspace: String,
+    },
+    /// Delete a workspace: its configuration is tombstoned on the config topic, so its agent
+    /// secrets and admin keys are refused at once; its data in ClickHouse is kept.
+    Delete {
+        /// The workspace to delete.
+        workspace: String,
+        /// Confirms the deletion.
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -92,79 +99,56 @@ pub async fn run(command: ConfigCommand, kafka: &KafkaSettings) -> anyhow::Resul
         ConfigCommand::Apply { file } => {
             let config = load(&file)?;
             let workspace_id = config.workspace.id.clone();
-            let reader_settings = kafka.clone();
-            let mut records = tokio::task::spawn_blocking(move || {
-                read_config_topic(&reader_settings, Duration::from_secs(30))
-            })
-            .await??;
-            let current = records.remove(&workspace_id).map(|(record, _)| record);
-            let shared =
-                config.secrets_used_elsewhere(records.values().map(|(record, _)| &record.config));
-            if !shared.is_empty() {
-                anyhow::bail!(
-                    "{} is invalid; nothing was applied.\n{}",
-                    file.display(),
-                    agentmeter_schemas::metering::ValidationErrors(shared)
-                );
-            }
-            if let Some(current) = &current {
-                if current.config == config {
-                    println!(
-                        "workspace {workspace_id}: unchanged (version {})",
-                        current.version
-                    );
-                    return Ok(());
-                }
-            }
-            if let Some(current) = &current {
-                // Finalized invoices hold back what they billed (ADR 0004).
-                let log_settings = kafka.clone();
-                let log = tokio::task::spawn_blocking(move || {
-                    crate::invoice_log::read_log_if_exists(&log_settings, Duration::from_secs(60))
-                })
-                .await??;
-                let finalized = agentmeter_billing::finalization::project(log);
-                let problems = agentmeter_billing::finalization::changes_to_finalized_periods(
-                    &finalized,
-                    &current.config,
-                    &config,
-                );
-                if !problems.is_empty() {
-                    anyhow::bail!(
-                        "{} would change what finalized invoices billed; nothing was applied.\n{}",
-                        file.display(),
+            let published = crate::config_publish::publish_next(
+                kafka,
+                &workspace_id,
+                None,
+                "cli",
+                |_| {
+                    Ok(crate::config_publish::Edited {
+                        config,
+                        admin_keys: None,
+                    })
+                },
+            )
+            .await
+            .map_err(|error| {
+                use crate::config_publish::PublishError;
+                let file = file.display();
+                match error {
+                    PublishError::Failed(error) => error,
+                    PublishError::Invalid(problems) => {
+                        anyhow::anyhow!("{file} is invalid; nothing was applied.\n{problems}")
+                    }
+                    PublishError::FinalizedPeriods(problems) => anyhow::anyhow!(
+                        "{file} would change what finalized invoices billed; nothing was applied.\n{}",
                         problems
                             .iter()
                             .map(|problem| format!("  - {problem}"))
                             .collect::<Vec<_>>()
                             .join("\n")
-                    );
+                    ),
+                    refused => anyhow::anyhow!("{file}: {refused}; nothing was applied."),
                 }
+            })?;
+            let version = published.record.version;
+            if !published.changed {
+                println!("workspace {workspace_id}: unchanged (version {version})");
+                return Ok(());
             }
-            let summary = describe_changes(current.as_ref().map(|record| &record.config), &config);
-            let record =
-                ConfigRecord::next(current.as_ref(), config, time::OffsetDateTime::now_utc());
-            let version = record.version;
-            let payload = serde_json::to_vec(&record)?;
-            let producer: FutureProducer = kafka
-                .producer_config(Duration::from_secs(30))
-                .create()
-                .context("cannot create the Kafka producer")?;
-            let topic = kafka.topics().config;
-            producer
-                .send(
-                    FutureRecord::to(&topic)
-                        .key(&workspace_id)
-                        .payload(&payload),
-                    Timeout::After(Duration::from_secs(5)),
-                )
-                .await
-                .map_err(|(error, _)| error)
-                .with_context(|| format!("cannot publish to {topic}"))?;
             println!("workspace {workspace_id}: applied version {version}");
-            for line in summary {
+            for line in published.summary {
                 println!("  {line}");
             }
+            Ok(())
+        }
+        ConfigCommand::Delete { workspace, yes } => {
+            anyhow::ensure!(
+                yes,
+                "deleting workspace {workspace:?} refuses its agent secrets and admin keys at once; run again with --yes"
+            );
+            crate::config_publish::delete_workspace(kafka, &workspace).await?;
+            println!("workspace {workspace}: deleted (a tombstone on the config topic; its data in ClickHouse is kept)");
             Ok(())
         }
     }
@@ -192,7 +176,7 @@ fn describe_outcome(outcome: &agentmeter_schemas::metering::OutcomeDefinition) -
 }
 
 /// One line per changed part of the configuration.
-fn describe_changes(before: Option<&MeteringConfig>, after: &MeteringConfig) -> Vec<String> {
+pub fn describe_changes(before: Option<&MeteringConfig>, after: &MeteringConfig) -> Vec<String> {
     let Some(before) = before else {
         return vec![format!(
             "new workspace: {} accounts, {} agent instances, {} tracked actions, {} cost allocations, {} outcomes, {} rate plans, {} subscriptions",

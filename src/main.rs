@@ -13,13 +13,18 @@
 //!   `plans simulate` — what a rate plan would have earned against the usage history.
 //! * `outcomes` — the stage that derives composite outcomes from the stored actions
 //!   (ADR 0005).
+//! * `console` — the control-plane API (docs/console.md, ADR 0007); `admin-key new | list |
+//!   revoke` — its API keys.
 //!
 //! Runtime settings come from `--config FILE` (TOML) and `AGENTMETER__SECTION__KEY` environment
 //! overrides; see `deploy/local/agentmeter.toml`.
 
 mod actions_cmd;
+mod admin_key_cmd;
 mod billing_stage;
 mod config_cmd;
+mod config_publish;
+mod console;
 mod demo;
 mod invoice_log;
 mod invoices_cmd;
@@ -59,6 +64,8 @@ pub struct Settings {
     pub billing: billing_stage::BillingSettings,
     /// `agentmeter outcomes`.
     pub outcomes: outcomes_stage::OutcomesSettings,
+    /// `agentmeter console`.
+    pub console: console::ConsoleSettings,
 }
 
 #[derive(Debug, Parser)]
@@ -114,6 +121,11 @@ enum Command {
     /// Run the outcomes stage: derives composite outcomes from the stored actions
     /// (docs/metering-config.md, ADR 0005).
     Outcomes,
+    /// Run the control-plane API of the console (docs/console.md).
+    Console,
+    /// The console's API keys of a workspace.
+    #[command(subcommand)]
+    AdminKey(admin_key_cmd::AdminKeyCommand),
     /// Rate plans against the real usage history (docs/billing.md).
     #[command(subcommand)]
     Plans(plans_cmd::PlansCommand),
@@ -226,11 +238,16 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             prometheus();
             outcomes_stage::run(settings, on_signals()).await
         }
+        Command::Console => {
+            prometheus();
+            console::run(settings, on_signals()).await
+        }
+        Command::AdminKey(command) => admin_key_cmd::run(command, &settings.kafka).await,
     }
 }
 
 /// 256 random bits, hex, with a recognisable prefix (so leaked secrets can be scanned for).
-fn new_secret() -> String {
+pub(crate) fn new_secret() -> String {
     use rand::RngCore;
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);

@@ -42,6 +42,11 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
         "derived_outcomes",
         include_str!("../migrations/0008_derived_outcomes.sql"),
     ),
+    (
+        9,
+        "config_audit",
+        include_str!("../migrations/0009_config_audit.sql"),
+    ),
 ];
 
 #[derive(Debug, clickhouse::Row, serde::Deserialize)]

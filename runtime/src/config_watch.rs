@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentmeter_schemas::metering::secret_digest;
-use agentmeter_schemas::metering::{AgentInstance, CONFIG_RECORD_FORMAT};
+use agentmeter_schemas::metering::{AdminKey, AgentInstance, CONFIG_RECORD_FORMAT};
 use agentmeter_schemas::{ConfigRecord, WorkspaceSnapshot};
 use anyhow::Context;
 
@@ -34,6 +34,8 @@ pub struct MeteringState {
     workspace_by_secret_digest: HashMap<[u8; 32], String>,
     /// Secrets configured in more than one workspace (each kept by its first owner).
     secret_conflicts: usize,
+    /// SHA-256 of a control-plane API key → its workspace and the key (active or revoked).
+    admin_keys_by_digest: HashMap<[u8; 32], (String, AdminKey)>,
 }
 
 impl MeteringState {
@@ -52,8 +54,22 @@ impl MeteringState {
         // digest → (since, workspace id) of its current owner.
         let mut owners: HashMap<[u8; 32], (time::OffsetDateTime, &str)> = HashMap::new();
         let mut conflicts = std::collections::HashSet::new();
+        let mut admin_keys_by_digest = HashMap::new();
         for (workspace_id, (record, snapshot)) in records {
             workspaces.insert(workspace_id.clone(), snapshot.clone());
+            for key in &record.admin_keys {
+                let mut digest = [0u8; 32];
+                if hex::decode_to_slice(&key.key_sha256, &mut digest).is_ok() {
+                    // A digest is of 32 random bytes, so two workspaces never share one; should a
+                    // record claim another's anyway, the key authenticates for neither.
+                    if admin_keys_by_digest
+                        .insert(digest, (workspace_id.clone(), key.clone()))
+                        .is_some_and(|(other, _)| other != *workspace_id)
+                    {
+                        admin_keys_by_digest.insert(digest, (String::new(), key.clone()));
+                    }
+                }
+            }
             for (digest, instance_id) in snapshot.secret_digests() {
                 let since = record.secret_since(&hex::encode(digest));
                 let claim = (since, workspace_id.as_str());
@@ -84,7 +100,26 @@ impl MeteringState {
                 .map(|(digest, (_, workspace_id))| (digest, workspace_id.to_string()))
                 .collect(),
             secret_conflicts: conflicts.len(),
+            admin_keys_by_digest,
         }
+    }
+
+    /// The workspace and key a control-plane API key belongs to, while it is not revoked.
+    pub fn authenticate_admin(
+        &self,
+        key: &str,
+        now: time::OffsetDateTime,
+    ) -> Option<(Arc<WorkspaceSnapshot>, AdminKey)> {
+        use subtle::ConstantTimeEq;
+        let digest = secret_digest(key);
+        let (workspace_id, admin_key) = self.admin_keys_by_digest.get(&digest)?;
+        let mut stored = [0u8; 32];
+        hex::decode_to_slice(&admin_key.key_sha256, &mut stored).ok()?;
+        if !bool::from(stored.ct_eq(&digest)) || !admin_key.is_active(now) {
+            return None;
+        }
+        let snapshot = self.workspaces.get(workspace_id)?;
+        Some((snapshot.clone(), admin_key.clone()))
     }
 
     /// Secrets configured in more than one workspace.
@@ -103,6 +138,8 @@ impl MeteringState {
                     applied_at: time::OffsetDateTime::UNIX_EPOCH,
                     config: snapshot.config.clone(),
                     secrets_since: Default::default(),
+                    admin_keys: Vec::new(),
+                    change: None,
                 };
                 (
                     snapshot.workspace_id().to_string(),
@@ -385,7 +422,9 @@ fn parse_config_record(
         "record key {key:?} differs from workspace.id {:?}",
         record.config.workspace.id
     );
-    let snapshot = WorkspaceSnapshot::build(record.version, record.config.clone())?;
+    let mut snapshot = WorkspaceSnapshot::build(record.version, record.config.clone())?;
+    snapshot.applied_at = record.applied_at;
+    snapshot.change = record.change.clone();
     Ok((record, Arc::new(snapshot)))
 }
 

@@ -31,6 +31,9 @@ pub enum DecimalError {
     NotRepresentable { mantissa: i128, scale: u32 },
     #[error("Avro decimal has {0} bytes; at most 16 are accepted")]
     TooManyBytes(usize),
+    /// Zero bytes: apache-avro refuses it too, so the fast decoder and the generic one agree.
+    #[error("Avro decimal has no bytes; zero is written as one byte 0x00")]
+    NoBytes,
 }
 
 /// Whether a scaled integer fits `Decimal(38, 12)`: fewer than 38 digits. (`unsigned_abs`,
@@ -130,7 +133,7 @@ pub fn from_avro_bytes(bytes: &[u8]) -> Result<Decimal, DecimalError> {
         return Err(DecimalError::TooManyBytes(bytes.len()));
     }
     if bytes.is_empty() {
-        return Ok(Decimal::ZERO);
+        return Err(DecimalError::NoBytes);
     }
     let fill = if bytes[0] & 0x80 != 0 { 0xFF } else { 0x00 };
     let mut full = [fill; 16];

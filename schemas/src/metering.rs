@@ -100,6 +100,10 @@ pub struct Account {
     /// The account's id in the builder's CRM or billing system.
     #[serde(default)]
     pub external_id: Option<String>,
+    /// Archived: kept for history (its usage and invoices stay), hidden from lists, and — for an
+    /// agent instance, or every instance of an archived account — its secret is refused.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub archived: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -117,6 +121,10 @@ pub struct Contact {
     pub address: Option<String>,
     #[serde(default)]
     pub description: Option<String>,
+    /// Archived: kept for history (its usage and invoices stay), hidden from lists, and — for an
+    /// agent instance, or every instance of an archived account — its secret is refused.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub archived: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -129,6 +137,10 @@ pub struct AgentType {
     /// custom, langgraph, crewai, ...
     #[serde(default = "default_agent_kind")]
     pub kind: String,
+    /// Archived: kept for history (its usage and invoices stay), hidden from lists, and — for an
+    /// agent instance, or every instance of an archived account — its secret is refused.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub archived: bool,
 }
 
 fn default_agent_kind() -> String {
@@ -151,6 +163,43 @@ pub struct AgentInstance {
     pub contact: Option<String>,
     /// Lowercase hex SHA-256 of the agent secret (`agentmeter secret new` makes a pair).
     pub secret_sha256: String,
+    /// Secrets replaced by a rotation, still accepted until their `valid_until` (the grace
+    /// period, so agents can be redeployed with the new secret); refused afterwards.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired_secrets: Vec<RetiredSecret>,
+    /// Archived: kept for history (its usage and invoices stay), hidden from lists, and — for an
+    /// agent instance, or every instance of an archived account — its secret is refused.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub archived: bool,
+}
+
+impl AgentInstance {
+    /// The current secret's hash, then every retired one's.
+    pub fn secret_hashes(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.secret_sha256.as_str()).chain(
+            self.retired_secrets
+                .iter()
+                .map(|retired| retired.secret_sha256.as_str()),
+        )
+    }
+}
+
+/// An agent secret a rotation replaced, accepted until `valid_until`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetiredSecret {
+    /// Lowercase hex SHA-256 of the old secret.
+    pub secret_sha256: String,
+    /// RFC 3339 instant from which the old secret is refused.
+    #[serde(with = "time::serde::rfc3339")]
+    pub valid_until: OffsetDateTime,
+}
+
+/// Most retired secrets one agent instance keeps (older ones are dropped by a rotation).
+pub const MAX_RETIRED_SECRETS: usize = 4;
+
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -587,6 +636,26 @@ impl MeteringConfig {
                     instance.id
                 ));
             }
+            if instance.retired_secrets.len() > MAX_RETIRED_SECRETS {
+                problems.push(format!(
+                    "agent instance {:?}: {} retired_secrets; at most {MAX_RETIRED_SECRETS} are kept",
+                    instance.id,
+                    instance.retired_secrets.len()
+                ));
+            }
+            for retired in &instance.retired_secrets {
+                if parse_secret_hash(&retired.secret_sha256).is_none() {
+                    problems.push(format!(
+                        "agent instance {:?}: a retired secret_sha256 must be 64 lowercase hex characters",
+                        instance.id
+                    ));
+                } else if !secret_hashes.insert(retired.secret_sha256.as_str()) {
+                    problems.push(format!(
+                        "agent instance {:?}: a retired secret_sha256 is also another secret of this workspace; every secret is used once",
+                        instance.id
+                    ));
+                }
+            }
         }
 
         let mut tracked = HashSet::new();
@@ -897,6 +966,64 @@ pub struct ConfigRecord {
     /// Missing entries (records written before this field) count from `applied_at`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub secrets_since: BTreeMap<String, Rfc3339>,
+    /// The control plane's API keys of this workspace (`agentmeter admin-key new`), only as their
+    /// SHA-256; carried from version to version like `secrets_since`, so `config apply` of a
+    /// file keeps them. A tombstone of the workspace removes them with it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub admin_keys: Vec<AdminKey>,
+    /// Who published this version and what it changed: the audit entry travels with the
+    /// version it describes. Absent in records written before this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change: Option<ChangeNote>,
+}
+
+/// Who made a configuration version and what changed from the one before.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeNote {
+    /// `cli` (`config apply`, `admin-key`), or the console's `key:<admin key id>`.
+    pub by: String,
+    /// One line per change ("account acc_x added", "web_search: rate 0.005 from …").
+    pub summary: Vec<String>,
+}
+
+/// An API key of a workspace's control plane (docs/console.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminKey {
+    /// Public id (`key_…`): named in the audit log and by `admin-key revoke`.
+    pub id: String,
+    /// What the key is for ("ci", "alice").
+    pub name: String,
+    pub role: AdminRole,
+    /// Lowercase hex SHA-256 of the key; the key itself is shown once, when made.
+    pub key_sha256: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// From this instant the key is refused.
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub revoked_at: Option<OffsetDateTime>,
+}
+
+/// What an admin key may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdminRole {
+    /// Read and change the workspace.
+    Admin,
+    /// Read only; every write is refused with 403.
+    ReadOnly,
+}
+
+impl AdminKey {
+    /// Whether the key is in force at `now`.
+    pub fn is_active(&self, now: OffsetDateTime) -> bool {
+        self.revoked_at.is_none_or(|revoked| now < revoked)
+    }
 }
 
 /// An instant written as RFC 3339 text.
@@ -916,13 +1043,13 @@ impl ConfigRecord {
         let secrets_since = config
             .agent_instances
             .iter()
-            .map(|instance| {
-                let hash = instance.secret_sha256.clone();
+            .flat_map(AgentInstance::secret_hashes)
+            .map(|hash| {
                 let since = previous
-                    .filter(|previous| previous.has_secret(&hash))
-                    .map(|previous| previous.secret_since(&hash))
+                    .filter(|previous| previous.has_secret(hash))
+                    .map(|previous| previous.secret_since(hash))
                     .unwrap_or(applied_at);
-                (hash, Rfc3339(since))
+                (hash.to_string(), Rfc3339(since))
             })
             .collect();
         ConfigRecord {
@@ -931,6 +1058,10 @@ impl ConfigRecord {
             applied_at,
             config,
             secrets_since,
+            admin_keys: previous
+                .map(|previous| previous.admin_keys.clone())
+                .unwrap_or_default(),
+            change: None,
         }
     }
 
@@ -938,7 +1069,8 @@ impl ConfigRecord {
         self.config
             .agent_instances
             .iter()
-            .any(|instance| instance.secret_sha256 == secret_sha256)
+            .flat_map(AgentInstance::secret_hashes)
+            .any(|hash| hash == secret_sha256)
     }
 
     /// Since when this workspace has had the secret whose hash this is.
@@ -965,11 +1097,15 @@ impl MeteringConfig {
             .into_iter()
             .filter(|other| other.workspace.id != self.workspace.id)
             .flat_map(|other| other.agent_instances.iter())
-            .map(|instance| instance.secret_sha256.as_str())
+            .flat_map(AgentInstance::secret_hashes)
             .collect();
         self.agent_instances
             .iter()
-            .filter(|instance| elsewhere.contains(instance.secret_sha256.as_str()))
+            .filter(|instance| {
+                instance
+                    .secret_hashes()
+                    .any(|hash| elsewhere.contains(hash))
+            })
             .map(|instance| {
                 format!(
                     "agent instance {:?}: its secret_sha256 is already in use; every agent instance needs a secret of its own (make one with `agentmeter secret new`)",
@@ -1028,13 +1164,26 @@ impl Pricing {
     }
 }
 
+/// The agent instance a secret belongs to, and until when a retired one is accepted.
+#[derive(Debug, Clone)]
+struct SecretOwner {
+    instance: String,
+    valid_until: Option<OffsetDateTime>,
+}
+
 /// A validated configuration compiled into lookup tables; immutable once built.
 #[derive(Debug, Clone)]
 pub struct WorkspaceSnapshot {
     pub version: i64,
     pub config: MeteringConfig,
+    /// When this version was published and by whom (from its [`ConfigRecord`]; the epoch and
+    /// `None` for snapshots built without one).
+    pub applied_at: OffsetDateTime,
+    pub change: Option<ChangeNote>,
     instances_by_id: HashMap<String, AgentInstance>,
-    instances_by_secret_hash: HashMap<[u8; 32], String>,
+    /// Every secret that authenticates (current and retired, of instances neither archived nor
+    /// of an archived account) → its instance and, for a retired one, when it stops.
+    instances_by_secret_hash: HashMap<[u8; 32], SecretOwner>,
     rules: HashMap<String, ActionRule>,
     composites: Vec<CompiledComposite>,
 }
@@ -1058,14 +1207,30 @@ impl WorkspaceSnapshot {
             .iter()
             .map(|instance| (instance.id.clone(), instance.clone()))
             .collect();
-        let instances_by_secret_hash = config
-            .agent_instances
+        let archived_accounts: HashSet<&str> = config
+            .accounts
             .iter()
-            .filter_map(|instance| {
-                parse_secret_hash(&instance.secret_sha256)
-                    .map(|digest| (digest, instance.id.clone()))
-            })
+            .filter(|account| account.archived)
+            .map(|account| account.id.as_str())
             .collect();
+        let mut instances_by_secret_hash = HashMap::new();
+        for instance in &config.agent_instances {
+            if instance.archived || archived_accounts.contains(instance.account.as_str()) {
+                continue;
+            }
+            let owner = |valid_until| SecretOwner {
+                instance: instance.id.clone(),
+                valid_until,
+            };
+            if let Some(digest) = parse_secret_hash(&instance.secret_sha256) {
+                instances_by_secret_hash.insert(digest, owner(None));
+            }
+            for retired in &instance.retired_secrets {
+                if let Some(digest) = parse_secret_hash(&retired.secret_sha256) {
+                    instances_by_secret_hash.insert(digest, owner(Some(retired.valid_until)));
+                }
+            }
+        }
         let mut outcomes: HashMap<&str, Vec<(i64, Option<CompiledCondition>)>> = HashMap::new();
         for outcome in &config.outcomes {
             let when = match &outcome.when {
@@ -1114,6 +1279,8 @@ impl WorkspaceSnapshot {
         Ok(WorkspaceSnapshot {
             version,
             config,
+            applied_at: OffsetDateTime::UNIX_EPOCH,
+            change: None,
             instances_by_id,
             instances_by_secret_hash,
             rules,
@@ -1141,11 +1308,21 @@ impl WorkspaceSnapshot {
     /// The instance whose secret this is. The lookup is by SHA-256 digest, so its timing says
     /// nothing about the secret; the final comparison is constant-time all the same.
     pub fn authenticate(&self, secret: &str) -> Option<&AgentInstance> {
+        self.authenticate_at(secret, OffsetDateTime::now_utc())
+    }
+
+    /// The agent instance `secret` authenticates at `now`: its current secret, or a retired one
+    /// before its `valid_until`.
+    pub fn authenticate_at(&self, secret: &str, now: OffsetDateTime) -> Option<&AgentInstance> {
         let digest = secret_digest(secret);
-        let instance_id = self.instances_by_secret_hash.get(&digest)?;
-        let instance = self.instances_by_id.get(instance_id)?;
-        let stored = parse_secret_hash(&instance.secret_sha256)?;
-        bool::from(stored.ct_eq(&digest)).then_some(instance)
+        let owner = self.instances_by_secret_hash.get(&digest)?;
+        let instance = self.instances_by_id.get(&owner.instance)?;
+        let stored = instance
+            .secret_hashes()
+            .filter_map(parse_secret_hash)
+            .find(|stored| bool::from(stored.ct_eq(&digest)))?;
+        let in_force = owner.valid_until.is_none_or(|until| now < until);
+        (in_force && stored == digest).then_some(instance)
     }
 
     /// The rule for an action name, trace event or auto tag; untracked when not configured.
@@ -1168,7 +1345,7 @@ impl WorkspaceSnapshot {
     pub fn secret_digests(&self) -> impl Iterator<Item = (&[u8; 32], &str)> {
         self.instances_by_secret_hash
             .iter()
-            .map(|(digest, instance)| (digest, instance.as_str()))
+            .map(|(digest, owner)| (digest, owner.instance.as_str()))
     }
 }
 

@@ -1,0 +1,1102 @@
+//! The routes of the control-plane API (docs/console.md; docs/openapi.json lists them and
+//! tests/console_api.rs checks the two agree).
+//!
+//! Reads answer from the configuration this process follows on the config topic, with its
+//! `version` (also the `ETag`). A write names the version it was made against in `If-Match`;
+//! it is applied to the *current* configuration read from the topic, the whole result is
+//! checked as `config apply` checks a file, and it is published as the next version — or
+//! refused with 409 when the version is stale, 422 naming the field when it would make the
+//! configuration invalid; nothing is changed then. The answer comes once this process has read
+//! its own write back, so the next read shows it.
+
+use std::time::{Duration, Instant};
+
+use agentmeter_schemas::metering::{
+    hash_secret, Account, AgentInstance, AgentType, Contact, CostAllocation, OutcomeDefinition,
+    Rate, RetiredSecret, MAX_RETIRED_SECRETS,
+};
+use agentmeter_schemas::MeteringConfig;
+use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use rust_decimal::Decimal;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use super::auth::Caller;
+use super::error::ApiError;
+use super::reads::{self, normalized, LiveDataFilter};
+use super::ConsoleState;
+use crate::config_publish::{publish_next, Edited, PublishError};
+
+/// The OpenAPI document of these routes, served at `/api/v1/openapi.json`.
+pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
+
+pub fn router(state: ConsoleState) -> Router {
+    let readiness_state = state.clone();
+    let readiness = std::sync::Arc::new(move || {
+        if readiness_state.config.is_caught_up() {
+            Ok(())
+        } else {
+            Err("the configuration is not loaded yet".to_string())
+        }
+    });
+    Router::new()
+        .route("/api/v1/openapi.json", get(openapi))
+        .route("/api/v1/workspace", get(workspace))
+        .route("/api/v1/accounts", get(list_accounts).post(create_account))
+        .route(
+            "/api/v1/accounts/{id}",
+            get(get_account).patch(update_account),
+        )
+        .route("/api/v1/accounts/{id}/archive", post(archive_account))
+        .route("/api/v1/contacts", get(list_contacts).post(create_contact))
+        .route(
+            "/api/v1/agent-types",
+            get(list_agent_types).post(create_agent_type),
+        )
+        .route(
+            "/api/v1/agent-instances",
+            get(list_instances).post(create_instance),
+        )
+        .route(
+            "/api/v1/agent-instances/{id}/rotate-secret",
+            post(rotate_secret),
+        )
+        .route(
+            "/api/v1/agent-instances/{id}/archive",
+            post(archive_instance),
+        )
+        .route("/api/v1/actions", get(list_actions))
+        .route("/api/v1/tagging/{action}", put(set_tracked))
+        .route("/api/v1/cost-allocations", get(list_cost_allocations))
+        .route(
+            "/api/v1/cost-allocations/{action}/rates",
+            post(schedule_rate),
+        )
+        .route("/api/v1/outcomes", get(list_outcomes))
+        .route("/api/v1/outcomes/{action}", put(set_outcome))
+        .route("/api/v1/live-data", get(live_data))
+        .route("/api/v1/usage", get(usage))
+        .route("/api/v1/audit", get(audit))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "no such route; GET /api/v1/openapi.json lists them",
+            )
+        })
+        .with_state(state)
+        .merge(agentmeter_runtime::observability::operations_router(
+            readiness,
+        ))
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+/// A JSON answer carrying the configuration version it reflects (body and `ETag`).
+fn versioned(status: StatusCode, version: i64, mut body: Value) -> Response {
+    body["version"] = json!(version);
+    (
+        status,
+        [(header::ETAG, format!("\"{version}\""))],
+        Json(body),
+    )
+        .into_response()
+}
+
+/// A request body as `T`, or 400 with serde's message (which names an unknown or wrong field).
+fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|error| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("the request body is not what this route takes: {error}"),
+        )
+    })
+}
+
+/// The version a write was made against, from `If-Match: "12"` (or `12`).
+fn expected_version(headers: &HeaderMap) -> Result<i64, ApiError> {
+    let value = headers.get(header::IF_MATCH).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::PRECONDITION_REQUIRED,
+            "a change needs If-Match: <version> — the version your change is based on (every read returns it as `version` and in ETag), so that two admins never overwrite each other",
+        )
+    })?;
+    value
+        .to_str()
+        .ok()
+        .map(|text| text.trim().trim_start_matches("W/").trim_matches('"'))
+        .and_then(|text| text.parse::<i64>().ok())
+        .filter(|version| *version >= 0)
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "If-Match",
+                "If-Match must be a configuration version such as \"12\"",
+            )
+        })
+}
+
+fn refused(field: &str, message: impl Into<String>) -> PublishError {
+    PublishError::Refused {
+        field: Some(field.to_string()),
+        message: message.into(),
+    }
+}
+
+/// Applies `edit` to the workspace's current configuration and publishes the result (see the
+/// module header); returns the new version and what `edit` returned.
+async fn write<T>(
+    state: &ConsoleState,
+    caller: &Caller,
+    headers: &HeaderMap,
+    edit: impl FnOnce(&mut MeteringConfig) -> Result<T, PublishError>,
+) -> Result<(i64, T), ApiError> {
+    caller.require_admin()?;
+    let expected = expected_version(headers)?;
+    let workspace_id = caller.workspace.workspace_id().to_string();
+    let mut answer = None;
+    let published = publish_next(
+        &state.settings.kafka,
+        &workspace_id,
+        Some(expected),
+        &caller.actor(),
+        |current| {
+            let current = current.ok_or(PublishError::UnknownWorkspace)?;
+            let mut config = current.config.clone();
+            answer = Some(edit(&mut config)?);
+            Ok(Edited {
+                config,
+                admin_keys: None,
+            })
+        },
+    )
+    .await?;
+    let answer = answer.expect("the edit ran, or publish_next returned its error");
+    let record = published.record;
+    if published.changed {
+        // The change note is in the published record, so the audit follower copies it should
+        // this write fail: the change is made either way, and the answer says so.
+        if let Err(error) = reads::record_change(
+            state,
+            &workspace_id,
+            record.version,
+            record.applied_at,
+            record.change.as_ref(),
+        )
+        .await
+        {
+            tracing::warn!(error = %format!("{error:#}"), version = record.version, "cannot write the audit row now; the follower copies it later");
+        }
+        wait_to_see(state, &workspace_id, record.version).await;
+    }
+    Ok((record.version, answer))
+}
+
+/// Waits (up to 10 s) until this process's configuration has `version`, so the caller's next
+/// read shows its write.
+async fn wait_to_see(state: &ConsoleState, workspace_id: &str, version: i64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let seen = state
+            .config
+            .load()
+            .workspace(workspace_id)
+            .is_some_and(|snapshot| snapshot.version >= version);
+        if seen {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn workspace(caller: Caller) -> Response {
+    let workspace = &caller.workspace.config.workspace;
+    versioned(
+        StatusCode::OK,
+        caller.workspace.version,
+        json!({ "workspace": workspace, "role": caller.key.role }),
+    )
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    /// Include archived entries.
+    #[serde(default)]
+    archived: bool,
+}
+
+fn list_query(query: Result<Query<ListQuery>, QueryRejection>) -> Result<ListQuery, ApiError> {
+    query
+        .map(|Query(query)| query)
+        .map_err(|error| ApiError::new(StatusCode::BAD_REQUEST, error.body_text()))
+}
+
+// ---- accounts
+
+async fn list_accounts(
+    caller: Caller,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let query = list_query(query)?;
+    let accounts: Vec<&Account> = caller
+        .workspace
+        .config
+        .accounts
+        .iter()
+        .filter(|account| query.archived || !account.archived)
+        .collect();
+    Ok(versioned(
+        StatusCode::OK,
+        caller.workspace.version,
+        json!({ "accounts": accounts }),
+    ))
+}
+
+async fn get_account(caller: Caller, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let config = &caller.workspace.config;
+    let account = config
+        .accounts
+        .iter()
+        .find(|account| account.id == id)
+        .ok_or_else(|| ApiError::not_found(format!("account {id:?}")))?;
+    let contacts: Vec<&Contact> = config
+        .contacts
+        .iter()
+        .filter(|contact| contact.account == id)
+        .collect();
+    let agents: Vec<Value> = config
+        .agent_instances
+        .iter()
+        .filter(|instance| instance.account == id)
+        .map(instance_view)
+        .collect();
+    Ok(versioned(
+        StatusCode::OK,
+        caller.workspace.version,
+        json!({ "account": account, "contacts": contacts, "agent_instances": agents }),
+    ))
+}
+
+async fn create_account(
+    State(state): State<ConsoleState>,
+    caller: Caller,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Result<Response, ApiError> {
+    let account: Account = body(&bytes)?;
+    let (version, account) = write(&state, &caller, &headers, |config| {
+        if config.accounts.iter().any(|other| other.id == account.id) {
+            return Err(refused(
+                "id",
+                format!("account {:?} already exists; choose another id", account.id),
+            ));
+        }
+        config.accounts.push(account.clone());
+        Ok(account)
+    })
+    .await?;
+    Ok(versioned(
+        StatusCode::CREATED,
+        version,
+        json!({ "account": account }),
+    ))
+}
+
+/// The fields of an account a PATCH may set; an empty string clears an optional one.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccountPatch {
+    name: Option<String>,
+    email: Option<String>,
+    phone: Option<String>,
+    address: Option<String>,
+    description: Option<String>,
+    external_id: Option<String>,
+}
+
+async fn update_account(
+    State(state): State<ConsoleState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Result<Response, ApiError> {
+    let patch: AccountPatch = body(&bytes)?;
+    let (version, account) = write(&state, &caller, &headers, |config| {
+        let account = config
+            .accounts
+            .iter_mut()
+            .find(|account| account.id == id)
+            .ok_or_else(|| PublishError::NotFound(format!("account {id:?}")))?;
+        if let Some(name) = patch.name {
+            account.name = name;
+        }
+        let optional = |value: Option<String>, slot: &mut Option<String>| {
+            if let Some(value) = value {
+                *slot = (!value.is_empty()).then_some(value);
+            }
+        };
+        optional(patch.email, &mut account.email);
+        optional(patch.phone, &mut account.phone);
+        optional(patch.address, &mut account.address);
+        optional(patch.description, &mut account.description);
+        optional(patch.external_id, &mut account.external_id);
+        Ok(account.clone())
+    })
+    .await?;
+    Ok(versioned(
+        StatusCode::OK,
+        version,
+        json!({ "account": account }),
+    ))
+}
+
+async fn archive_account(
+    State(state): State<ConsoleState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (version, account) = write(&state, &caller, &headers, |config| {
+        let account = config
+            .accounts
+            .iter_mut()
+            .find(|account| account.id == id)
+            .ok_or_else(|| PublishError::NotFound(format!("account {id:?}")))?;
+        account.archived = true;
+        Ok(account.clone())
+    })
+    .await?;
+    Ok(versioned(
+        StatusCode::OK,
+        version,
+        json!({ "account": account }),
+    ))
+}
+
+// ---- contacts and agent types
+
+async fn list_contacts(caller: Caller) -> Response {
+    versioned(
+        StatusCode::OK,
+        caller.workspace.version,
+        json!({ "contacts": caller.workspace.config.contacts }),
+    )
+}
+
+async fn create_contact(
+    State(state): State<ConsoleState>,
+    caller: Caller,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Result<Response, ApiError> {
+    let contact: Contact = body(&bytes)?;
+    let (version, contact) = write(&state, &caller, &headers, |config| {
+        if config.contacts.iter().any(|other| other.id == contact.id) {
+            return Err(refused(
+                "id",
+                format!("contact {:?} already exists", contact.id),
+            ));
+        }
+        if !config
+            .accounts
+            .iter()
+            .any(|account| account.id == contact.account)
+        {
+            return Err(PublishError::NotFound(format!(
+                "account {:?}",
+                contact.account
+            )));
+        }
+        config.contacts.push(contact.clone());
+        Ok(contact)
+    })
+    .await?;
+    Ok(versioned(
+        StatusCode::CREATED,
+        version,
+        json!({ "contact": contact }),
+    ))
+}
+
+async fn list_agent_types(caller: Caller) -> Response {
+    versioned(
+        StatusCode::OK,
+        caller.workspace.version,
+        json!({ "agent_types": caller.workspace.config.agent_types }),
+    )
+}
+
+async fn create_agent_type(
+    State(state): State<ConsoleState>,
+    caller: Caller,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Result<Response, ApiError> {
+    let agent_type: AgentType = body(&bytes)?;
+    let (version, agent_type) = write(&state, &caller, &headers, |config| {
+        if config
+            .agent_types
+            .iter()
+            .any(|other| other.id == agent_type.id)
+        {
+            return Err(refused(
+                "id",
+                format!("agent type {:?} already exists", agent_type.id),
+            ));
+        }
+        config.agent_types.push(agent_type.clone());
+        Ok(agent_type)
+    })
+    .await?;
+    Ok(versioned(
+        StatusCode::CREATED,
+        version,
+        json!({ "agent_type": agent_type }),
+    ))
+}
+
+// ---- agent instances and their secrets
+
+/// An agent instance as the API shows it: never a secret, not even its hash.
+fn instance_view(instance: &AgentInstance) -> Value {
+    json!({
+        "id": instance.id,
+        "name": instance.name,
+        "description": instance.description,
+        "agent_type": instance.agent_type,
+        "account": instance.account,
+        "contact": instance.contact,
+        "archived": instance.archived,
+        "retired_secrets_valid_until": instance
+            .retired_secrets
+            .iter()
+            .map(|retired| retired.valid_until.format(&Rfc3339).unwrap_or_default())
+            .collect::<Vec<_>>(),
+    })
+}
+
+/// What a new secret is shown with, once: the environment value-python and any OpenTelemetry
+/// exporter need.
+fn secret_answer(secret: &str) -> Value {
+    json!({
+        "secret": secret,
+        "environment": {
+            "VALUE_AGENT_SECRET": secret,
+            "OTEL_EXPORTER_OTLP_HEADERS": format!("x-agent-secret={secret}"),
+        },
+        "shown_once": "store the secret now: only its SHA-256 is kept, so it cannot be shown again",
+    })
+}
+
+async fn list_instances(
+    caller: Caller,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let query = list_query(query)?;
+    let instances: Vec<Value> = caller
+        .workspace
+        .config
+        .agent_instances
+        .iter()
+        .filter(|instance| query.archived || !instance.archived)
+        .map(instance_view)
+        .collect();
+    Ok(versioned(
+        StatusCode::OK,
+        caller.workspace.version,
+        json!({ "agent_instances": instances }),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewInstance {
+    id: String,
+    name: String,
+    agent_type: String,
+    account: String,
+    #[serde(default)]
+    contact: Option<String>,
+    #[serde(default)]
+    description: Option<String>,
+}
+
+async fn create_instance(
+    State(state): State<ConsoleState>,
+    caller: Caller,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Result<Response, ApiError> {
+    let new: NewInstance = body(&bytes)?;
+    let secret = crate::new_secret();
+    let (version, instance) = write(&state, &caller, &headers, |config| {
+        if config
+            .agent_instances
+            .iter()
+            .any(|other| other.id == new.id)
+        {
+            return Err(refused(
+                "id",
+                format!("agent instance {:?} already exists", new.id),
+            ));
+        }
+        if !config
+            .accounts
+            .iter()
+            .any(|account| account.id == new.account)
+        {
+            return Err(PublishError::NotFound(format!("account {:?}", new.account)));
+        }
+        if !config
+            .agent_types
+            .iter()
+            .any(|kind| kind.id == new.agent_type)
+        {
+            return Err(PublishError::NotFound(format!(
+                "agent type {:?}",
+                new.agent_type
+            )));
+        }
+        let instance = AgentInstance {
+            id: new.id,
+            name: new.name,
+            description: new.description,
+            agent_type: new.agent_type,
+            account: new.account,
+            contact: new.contact,
+            secret_sha256: hash_secret(&secret),
+            retired_secrets: Vec::new(),
+            archived: false,
+        };
+        config.agent_instances.push(instance.clone());
+        Ok(instance)
+    })
+    .await?;
+    let mut answer = secret_answer(&secret);
+    answer["agent_instance"] = instance_view(&instance);
+    Ok(versioned(StatusCode::CREATED, version, answer))
+}
+
+async fn rotate_secret(
+    State(state): State<ConsoleState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let secret = crate::new_secret();
+    let now = OffsetDateTime::now_utc();
+    let grace = time::Duration::milliseconds(
+        i64::try_from(state.settings.console.secret_grace_period_ms).unwrap_or(i64::MAX),
+    );
+    let valid_until = now + grace;
+    let (version, instance) = write(&state, &caller, &headers, |config| {
+        let instance = config
+            .agent_instances
+            .iter_mut()
+            .find(|instance| instance.id == id)
+            .ok_or_else(|| PublishError::NotFound(format!("agent instance {id:?}")))?;
+        // Secrets whose grace period is over go; the one replaced now keeps working until
+        // `valid_until`; at most MAX_RETIRED_SECRETS are kept, the newest.
+        instance
+            .retired_secrets
+            .retain(|retired| retired.valid_until > now);
+        instance.retired_secrets.push(RetiredSecret {
+            secret_sha256: std::mem::replace(&mut instance.secret_sha256, hash_secret(&secret)),
+            valid_until,
+        });
+        let excess = instance
+            .retired_secrets
+            .len()
+            .saturating_sub(MAX_RETIRED_SECRETS);
+        instance.retired_secrets.drain(..excess);
+        Ok(instance.clone())
+    })
+    .await?;
+    let mut answer = secret_answer(&secret);
+    answer["agent_instance"] = instance_view(&instance);
+    answer["previous_secret_valid_until"] = json!(valid_until.format(&Rfc3339).unwrap_or_default());
+    Ok(versioned(StatusCode::OK, version, answer))
+}
+
+async fn archive_instance(
+    State(state): State<ConsoleState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (version, instance) = write(&state, &caller, &headers, |config| {
+        let instance = config
+            .agent_instances
+            .iter_mut()
+            .find(|instance| instance.id == id)
+            .ok_or_else(|| PublishError::NotFound(format!("agent instance {id:?}")))?;
+        instance.archived = true;
+        Ok(instance.clone())
+    })
+    .await?;
+    Ok(versioned(
+        StatusCode::OK,
+        version,
+        json!({ "agent_instance": instance_view(&instance) }),
+    ))
+}
+
+// ---- action tagging, cost allocation, outcome definitions
+
+async fn list_actions(
+    State(state): State<ConsoleState>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    let snapshot = &caller.workspace;
+    let seen = reads::seen_actions(&state, snapshot.workspace_id())
+        .await
+        .map_err(ApiError::unavailable)?;
+    let mut names: Vec<Value> = seen
+        .iter()
+        .map(|row| {
+            let rule = snapshot.rule(&row.name);
+            json!({
+                "name": row.name,
+                "seen": row.seen,
+                "last_seen": OffsetDateTime::from_unix_timestamp(i64::from(row.last_seen))
+                    .ok()
+                    .and_then(|at| at.format(&Rfc3339).ok()),
+                "tracked": rule.tracked,
+                "outcome": rule.outcome,
+            })
+        })
+        .collect();
+    // Tracked names not seen yet are listed too, so they can be untracked.
+    for name in &snapshot.config.tagging.tracked {
+        if !seen.iter().any(|row| &row.name == name) {
+            names.push(
+                json!({ "name": name, "seen": 0, "last_seen": null, "tracked": true,
+                               "outcome": snapshot.rule(name).outcome }),
+            );
+        }
+    }
+    Ok(versioned(
+        StatusCode::OK,
+        snapshot.version,
+        json!({ "actions": names }),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Tracked {
+    tracked: bool,
+}
+
+async fn set_tracked(
+    State(state): State<ConsoleState>,
+    caller: Caller,
+    Path(action): Path<String>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Result<Response, ApiError> {
+    let Tracked { tracked } = body(&bytes)?;
+    let (version, ()) = write(&state, &caller, &headers, |config| {
+        let listed = config.tagging.tracked.contains(&action);
+        if tracked && !listed {
+            config.tagging.tracked.push(action.clone());
+        } else if !tracked && listed {
+            if config.cost_allocations.iter().any(|cost| cost.action == action)
+                || config.outcomes.iter().any(|outcome| outcome.action == action)
+            {
+                return Err(refused(
+                    "tracked",
+                    format!("{action:?} has a cost allocation or an outcome definition; remove those before untracking it"),
+                ));
+            }
+            config.tagging.tracked.retain(|name| *name != action);
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(versioned(
+        StatusCode::OK,
+        version,
+        json!({ "action": action, "tracked": tracked }),
+    ))
+}
+
+async fn list_cost_allocations(caller: Caller) -> Response {
+    versioned(
+        StatusCode::OK,
+        caller.workspace.version,
+        json!({ "cost_allocations": caller.workspace.config.cost_allocations }),
+    )
+}
+
+/// A new rate for an action from a date; the measure is needed for the action's first rate.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewRate {
+    #[serde(default)]
+    measure: Option<String>,
+    #[serde(default)]
+    quantity_attribute: Option<String>,
+    /// RFC 3339.
+    effective_from: String,
+    /// A decimal string ("0.006"), never a float.
+    cost_per_unit: String,
+}
+
+async fn schedule_rate(
+    State(state): State<ConsoleState>,
+    caller: Caller,
+    Path(action): Path<String>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Result<Response, ApiError> {
+    let new: NewRate = body(&bytes)?;
+    let effective_from = OffsetDateTime::parse(&new.effective_from, &Rfc3339).map_err(|error| {
+        ApiError::invalid(
+            "effective_from",
+            format!(
+                "effective_from {:?} is not an RFC 3339 instant: {error}",
+                new.effective_from
+            ),
+        )
+    })?;
+    let cost_per_unit: Decimal = new.cost_per_unit.trim().parse().map_err(|_| {
+        ApiError::invalid(
+            "cost_per_unit",
+            format!(
+                "cost_per_unit {:?} is not a decimal such as \"0.006\"",
+                new.cost_per_unit
+            ),
+        )
+    })?;
+    let rate = Rate {
+        effective_from,
+        cost_per_unit,
+    };
+    let (version, allocation) = write(&state, &caller, &headers, |config| {
+        match config
+            .cost_allocations
+            .iter_mut()
+            .find(|cost| cost.action == action)
+        {
+            Some(allocation) => {
+                if new.measure.as_ref().is_some_and(|measure| *measure != allocation.measure) {
+                    return Err(refused(
+                        "measure",
+                        format!("{action:?} is measured in {:?}; a new rate cannot change the measure", allocation.measure),
+                    ));
+                }
+                if allocation
+                    .rates
+                    .last()
+                    .is_some_and(|last| last.effective_from >= effective_from)
+                {
+                    return Err(refused(
+                        "effective_from",
+                        format!("a new rate must start after the latest one ({}); schedule it from a later date", allocation.rates.last().map(|last| last.effective_from.format(&Rfc3339).unwrap_or_default()).unwrap_or_default()),
+                    ));
+                }
+                allocation.rates.push(rate.clone());
+                Ok(allocation.clone())
+            }
+            None => {
+                let measure = new.measure.clone().ok_or_else(|| {
+                    refused("measure", format!("{action:?} has no cost allocation yet: give its measure (unit, token, input_token, output_token or a custom one)"))
+                })?;
+                if !config.tagging.tracked.contains(&action) {
+                    config.tagging.tracked.push(action.clone());
+                }
+                let allocation = CostAllocation {
+                    action: action.clone(),
+                    measure,
+                    quantity_attribute: new.quantity_attribute.clone(),
+                    rates: vec![rate.clone()],
+                };
+                config.cost_allocations.push(allocation.clone());
+                Ok(allocation)
+            }
+        }
+    })
+    .await?;
+    Ok(versioned(
+        StatusCode::OK,
+        version,
+        json!({ "cost_allocation": allocation }),
+    ))
+}
+
+async fn list_outcomes(caller: Caller) -> Response {
+    versioned(
+        StatusCode::OK,
+        caller.workspace.version,
+        json!({
+            "outcomes": caller.workspace.config.outcomes,
+            "composite_outcomes": caller.workspace.config.composite_outcomes,
+        }),
+    )
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IsOutcome {
+    outcome: bool,
+}
+
+async fn set_outcome(
+    State(state): State<ConsoleState>,
+    caller: Caller,
+    Path(action): Path<String>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Result<Response, ApiError> {
+    let IsOutcome { outcome } = body(&bytes)?;
+    let (version, ()) = write(&state, &caller, &headers, |config| {
+        let defined = config
+            .outcomes
+            .iter()
+            .any(|definition| definition.action == action);
+        if outcome && !defined {
+            config.outcomes.push(OutcomeDefinition {
+                action: action.clone(),
+                when: None,
+                effective_from: None,
+            });
+        } else if !outcome {
+            config
+                .outcomes
+                .retain(|definition| definition.action != action);
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(versioned(
+        StatusCode::OK,
+        version,
+        json!({ "action": action, "outcome": outcome }),
+    ))
+}
+
+// ---- reads from ClickHouse
+
+fn time_bound(field: &str, text: Option<&str>, default: i64) -> Result<i64, ApiError> {
+    match text {
+        None => Ok(default),
+        Some(text) => OffsetDateTime::parse(text, &Rfc3339)
+            .map(|at| (at.unix_timestamp_nanos() / 1_000) as i64)
+            .map_err(|error| {
+                ApiError::invalid(
+                    field,
+                    format!("{field} {text:?} is not an RFC 3339 instant: {error}"),
+                )
+            }),
+    }
+}
+
+async fn live_data(
+    State(state): State<ConsoleState>,
+    caller: Caller,
+    query: Result<Query<LiveDataFilter>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(filter) =
+        query.map_err(|error| ApiError::new(StatusCode::BAD_REQUEST, error.body_text()))?;
+    let page_max = state.settings.console.live_data_page_max;
+    let limit = filter.limit.unwrap_or(100);
+    if !(1..=page_max).contains(&limit) {
+        return Err(ApiError::invalid(
+            "limit",
+            format!("limit {limit} must be 1 to {page_max}"),
+        ));
+    }
+    let from = time_bound("from", filter.from.as_deref(), i64::MIN)?;
+    let to = time_bound("to", filter.to.as_deref(), i64::MAX)?;
+    let rows = reads::live_data(
+        &state,
+        caller.workspace.workspace_id(),
+        &filter,
+        from,
+        to,
+        limit,
+    )
+    .await
+    .map_err(ApiError::unavailable)?;
+    let items: Vec<Value> = rows
+        .iter()
+        .map(|row| {
+            let occurred_at = OffsetDateTime::from_unix_timestamp_nanos(
+                i128::from(row.occurred_at_micros) * 1_000,
+            )
+            .ok()
+            .and_then(|at| at.format(&Rfc3339).ok());
+            let label = match (row.kind.as_str(), row.tracked, row.outcome) {
+                ("derived_outcome", _, _) | (_, 1, 1) => "@outcome",
+                (_, 1, _) => "@action",
+                _ => "",
+            };
+            json!({
+                "event_id": row.event_id,
+                "occurred_at": occurred_at,
+                "account": row.account_id,
+                "agent_instance": row.agent_instance_id,
+                "user_id": row.user_id,
+                "kind": row.kind,
+                "action": row.action_name,
+                "tracked": row.tracked == 1,
+                "label": label,
+                "measure": row.measure,
+                "quantity": normalized(&row.quantity),
+                "cost": normalized(&row.cost),
+                "currency": row.currency,
+            })
+        })
+        .collect();
+    let next_offset =
+        (items.len() as u32 == limit).then(|| filter.offset.unwrap_or(0) + u64::from(limit));
+    Ok(versioned(
+        StatusCode::OK,
+        caller.workspace.version,
+        json!({ "items": items, "next_offset": next_offset }),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsageQuery {
+    account: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+}
+
+async fn usage(
+    State(state): State<ConsoleState>,
+    caller: Caller,
+    query: Result<Query<UsageQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) =
+        query.map_err(|error| ApiError::new(StatusCode::BAD_REQUEST, error.body_text()))?;
+    let from = time_bound("from", query.from.as_deref(), 0)? / 1_000_000;
+    let to = time_bound("to", query.to.as_deref(), i64::from(u32::MAX) * 1_000_000)? / 1_000_000;
+    if let Some(account) = &query.account {
+        if !caller
+            .workspace
+            .config
+            .accounts
+            .iter()
+            .any(|known| known.id == *account)
+        {
+            return Err(ApiError::not_found(format!("account {account:?}")));
+        }
+    }
+    let rows = reads::usage(
+        &state,
+        caller.workspace.workspace_id(),
+        query.account.as_deref(),
+        from.max(0),
+        to.clamp(0, i64::from(u32::MAX)),
+    )
+    .await
+    .map_err(ApiError::unavailable)?;
+    let items: Vec<Value> = rows
+        .iter()
+        .map(|row| {
+            json!({
+                "account": row.account_id,
+                "action": row.action_name,
+                "measure": row.measure,
+                "actions": row.actions,
+                "quantity": normalized(&row.quantity),
+                "cost": normalized(&row.cost),
+                "outcomes": row.outcomes,
+                "users": row.users,
+            })
+        })
+        .collect();
+    Ok(versioned(
+        StatusCode::OK,
+        caller.workspace.version,
+        json!({ "usage": items, "currency": caller.workspace.currency() }),
+    ))
+}
+
+async fn audit(State(state): State<ConsoleState>, caller: Caller) -> Result<Response, ApiError> {
+    let rows = reads::audit_log(&state, caller.workspace.workspace_id())
+        .await
+        .map_err(ApiError::unavailable)?;
+    let entries: Vec<Value> = rows
+        .iter()
+        .map(|row| {
+            json!({
+                "version": row.version,
+                "applied_at": OffsetDateTime::from_unix_timestamp(i64::from(row.applied_at))
+                    .ok()
+                    .and_then(|at| at.format(&Rfc3339).ok()),
+                "changed_by": row.changed_by,
+                "changes": serde_json::from_str::<Value>(&row.summary_json).unwrap_or(Value::Null),
+            })
+        })
+        .collect();
+    Ok(versioned(
+        StatusCode::OK,
+        caller.workspace.version,
+        json!({ "entries": entries }),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    /// (method, path) of every `.route(…)` of [`super::router`], read from this file's source,
+    /// so a route added or removed without docs/openapi.json fails the test below.
+    fn routes_in_source() -> BTreeSet<(String, String)> {
+        let source = include_str!("api.rs");
+        let start = source.find("pub fn router").expect("router in source");
+        let end = source[start..].find(".fallback(").expect("fallback") + start;
+        let mut routes = BTreeSet::new();
+        for chunk in source[start..end].split(".route(").skip(1) {
+            let path = chunk.split('"').nth(1).expect("a quoted path").to_string();
+            for method in ["get", "post", "put", "patch", "delete"] {
+                let call = format!("{method}(");
+                let found = chunk.match_indices(&call).any(|(at, _)| {
+                    at == 0
+                        || !chunk.as_bytes()[at - 1].is_ascii_alphanumeric()
+                            && chunk.as_bytes()[at - 1] != b'_'
+                });
+                if found {
+                    routes.insert((method.to_string(), path.clone()));
+                }
+            }
+        }
+        routes
+    }
+
+    #[test]
+    fn the_openapi_document_lists_exactly_the_routes_of_the_router() {
+        let document: serde_json::Value = serde_json::from_str(super::OPENAPI).unwrap();
+        assert_eq!(document["openapi"], "3.0.3");
+        let mut documented = BTreeSet::new();
+        for (path, operations) in document["paths"].as_object().unwrap() {
+            for (method, operation) in operations.as_object().unwrap() {
+                assert!(
+                    operation["summary"].as_str().is_some_and(|s| !s.is_empty()),
+                    "{method} {path} has no summary"
+                );
+                // axum writes path parameters as {id}, as OpenAPI does.
+                documented.insert((method.clone(), path.clone()));
+            }
+        }
+        let routed = routes_in_source();
+        assert!(routed.len() > 15, "the route parser found only {routed:?}");
+        assert_eq!(routed, documented);
+    }
+}

@@ -1,0 +1,251 @@
+//! What the control plane reads from ClickHouse, always for the caller's workspace only (the
+//! workspace id is bound into every query, never taken from the request): the action names seen
+//! (Action Tagging), Live Data, usage per account and per user, and the audit log it also
+//! writes.
+
+use agentmeter_schemas::metering::ChangeNote;
+use agentmeter_schemas::WorkspaceSnapshot;
+use anyhow::Context;
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+use super::ConsoleState;
+
+/// One configuration version in the audit log.
+#[derive(Debug, clickhouse::Row, Serialize, Deserialize)]
+pub struct AuditRow {
+    pub workspace_id: String,
+    pub version: i64,
+    /// Seconds since the epoch (UTC).
+    pub applied_at: u32,
+    pub changed_by: String,
+    pub summary_json: String,
+}
+
+/// Copies a version's change note into `config_audit` (idempotent: same key, same row).
+pub async fn record_audit(
+    state: &ConsoleState,
+    snapshot: &WorkspaceSnapshot,
+) -> anyhow::Result<()> {
+    record_change(
+        state,
+        snapshot.workspace_id(),
+        snapshot.version,
+        snapshot.applied_at,
+        snapshot.change.as_ref(),
+    )
+    .await
+}
+
+/// Writes the audit row of one version.
+pub async fn record_change(
+    state: &ConsoleState,
+    workspace_id: &str,
+    version: i64,
+    applied_at: time::OffsetDateTime,
+    change: Option<&ChangeNote>,
+) -> anyhow::Result<()> {
+    let (changed_by, summary) = match change {
+        Some(change) => (change.by.clone(), change.summary.clone()),
+        // Versions published before change notes existed.
+        None => ("unknown".to_string(), Vec::new()),
+    };
+    let row = AuditRow {
+        workspace_id: workspace_id.to_string(),
+        version,
+        applied_at: u32::try_from(applied_at.unix_timestamp()).unwrap_or(0),
+        changed_by,
+        summary_json: serde_json::to_string(&summary)?,
+    };
+    let mut insert = state
+        .clickhouse
+        .insert::<AuditRow>("config_audit")
+        .await
+        .context("cannot write the audit log")?;
+    insert
+        .write(&row)
+        .await
+        .context("cannot write the audit log")?;
+    insert.end().await.context("cannot write the audit log")?;
+    Ok(())
+}
+
+/// The workspace's audit log, newest first.
+pub async fn audit_log(state: &ConsoleState, workspace_id: &str) -> anyhow::Result<Vec<AuditRow>> {
+    state
+        .clickhouse
+        .query(
+            "SELECT workspace_id, version, toUInt32(applied_at) AS applied_at, changed_by, summary_json \
+             FROM config_audit FINAL WHERE workspace_id = ? ORDER BY version DESC LIMIT 1000",
+        )
+        .bind(workspace_id)
+        .fetch_all::<AuditRow>()
+        .await
+        .context("cannot read the audit log")
+}
+
+/// An action name (or auto tag, or trace event) seen in the workspace.
+#[derive(Debug, clickhouse::Row, Deserialize)]
+pub struct SeenRow {
+    pub name: String,
+    pub seen: u64,
+    pub last_seen: u32,
+}
+
+/// Every name seen, with how often and when last (the Action Tagging tab's discovery).
+pub async fn seen_actions(
+    state: &ConsoleState,
+    workspace_id: &str,
+) -> anyhow::Result<Vec<SeenRow>> {
+    state
+        .clickhouse
+        .query(
+            "SELECT name, sum(seen) AS seen, max(last) AS last_seen FROM ( \
+               SELECT action_name AS name, count() AS seen, toUInt32(max(occurred_at)) AS last \
+               FROM actions FINAL WHERE workspace_id = ? AND kind NOT IN ('derived_outcome', 'retracted_outcome') \
+               GROUP BY name \
+               UNION ALL \
+               SELECT trace_event AS name, count() AS seen, toUInt32(max(occurred_at)) AS last \
+               FROM actions FINAL WHERE workspace_id = ? AND kind = 'llm' AND trace_event != '' \
+               GROUP BY name) \
+             GROUP BY name ORDER BY name",
+        )
+        .bind(workspace_id)
+        .bind(workspace_id)
+        .fetch_all::<SeenRow>()
+        .await
+        .context("cannot read the actions seen")
+}
+
+/// Live Data filters; every one optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LiveDataFilter {
+    pub account: Option<String>,
+    pub user: Option<String>,
+    pub action: Option<String>,
+    /// RFC 3339, inclusive.
+    pub from: Option<String>,
+    /// RFC 3339, exclusive.
+    pub to: Option<String>,
+    pub limit: Option<u32>,
+    pub offset: Option<u64>,
+}
+
+/// One Live Data row: the product's columns.
+#[derive(Debug, clickhouse::Row, Deserialize)]
+pub struct LiveRow {
+    pub event_id: String,
+    pub occurred_at_micros: i64,
+    pub account_id: String,
+    pub agent_instance_id: String,
+    pub user_id: String,
+    pub kind: String,
+    pub action_name: String,
+    pub tracked: u8,
+    pub outcome: u8,
+    pub measure: String,
+    pub quantity: String,
+    pub cost: String,
+    pub currency: String,
+}
+
+/// A page of Live Data, newest first. `from_micros`/`to_micros` are the parsed time filters.
+pub async fn live_data(
+    state: &ConsoleState,
+    workspace_id: &str,
+    filter: &LiveDataFilter,
+    from_micros: i64,
+    to_micros: i64,
+    limit: u32,
+) -> anyhow::Result<Vec<LiveRow>> {
+    let mut sql = String::from(
+        "SELECT event_id, occurred_at_micros, account_id, agent_instance_id, user_id, kind, action_name, \
+                tracked, outcome, measure, toString(quantity) AS quantity_text, toString(cost) AS cost_text, currency \
+         FROM actions FINAL \
+         WHERE workspace_id = ? AND kind != 'retracted_outcome' AND occurred_at_micros >= ? AND occurred_at_micros < ?",
+    );
+    for (value, column) in [
+        (&filter.account, "account_id"),
+        (&filter.user, "user_id"),
+        (&filter.action, "action_name"),
+    ] {
+        if value.is_some() {
+            sql.push_str(&format!(" AND {column} = ?"));
+        }
+    }
+    sql.push_str(" ORDER BY occurred_at_micros DESC, event_id LIMIT ? OFFSET ?");
+    let mut query = state
+        .clickhouse
+        .query(&sql)
+        .bind(workspace_id)
+        .bind(from_micros)
+        .bind(to_micros);
+    for value in [&filter.account, &filter.user, &filter.action]
+        .into_iter()
+        .flatten()
+    {
+        query = query.bind(value.as_str());
+    }
+    let rows = query
+        .bind(limit)
+        .bind(filter.offset.unwrap_or(0))
+        .fetch_all::<LiveRow>()
+        .await
+        .context("cannot read Live Data")?;
+    Ok(rows)
+}
+
+/// Usage of one account (or every account) per action, over [from, to).
+#[derive(Debug, clickhouse::Row, Deserialize)]
+pub struct UsageRow {
+    pub account_id: String,
+    pub action_name: String,
+    pub measure: String,
+    pub actions: u64,
+    pub quantity: String,
+    pub cost: String,
+    pub outcomes: u64,
+    pub users: u64,
+}
+
+pub async fn usage(
+    state: &ConsoleState,
+    workspace_id: &str,
+    account: Option<&str>,
+    from_seconds: i64,
+    to_seconds: i64,
+) -> anyhow::Result<Vec<UsageRow>> {
+    let mut sql = String::from(
+        "SELECT account_id, action_name, measure, sum(action_count) AS actions_total, \
+                toString(sum(quantity)) AS quantity_total, toString(sum(cost)) AS cost_total, \
+                sum(outcome_count) AS outcomes_total, uniqExactIf(user_key, user_key != '') AS users_total \
+         FROM usage_exact \
+         WHERE workspace_id = ? AND tracked = 1 AND window_start >= toDateTime(?) AND window_start < toDateTime(?)",
+    );
+    if account.is_some() {
+        sql.push_str(" AND account_id = ?");
+    }
+    sql.push_str(" GROUP BY account_id, action_name, measure ORDER BY account_id, action_name");
+    let mut query = state
+        .clickhouse
+        .query(&sql)
+        .bind(workspace_id)
+        .bind(from_seconds)
+        .bind(to_seconds);
+    if let Some(account) = account {
+        query = query.bind(account);
+    }
+    query
+        .fetch_all::<UsageRow>()
+        .await
+        .context("cannot read usage")
+}
+
+/// A decimal as ClickHouse's `toString` writes it, without trailing zeros ("0.005000000000" →
+/// "0.005"); the text itself when it is not one.
+pub fn normalized(text: &str) -> String {
+    text.parse::<Decimal>()
+        .map(|value| value.normalize().to_string())
+        .unwrap_or_else(|_| text.to_string())
+}
