@@ -6,8 +6,9 @@
 # 1. installs and starts the real services (deploy/local/services.sh: ClickHouse, tansu broker),
 # 2. builds `agentmeter` (release), applies the ClickHouse migrations, creates the topics and
 #    applies deploy/local/metering.example.toml to the config topic,
-# 3. starts the three stages and the outcomes stage (composite outcomes, ADR 0005) as separate
-#    processes (logs in .local/logs/),
+# 3. starts the three stages, the outcomes stage (composite outcomes, ADR 0005) and the console
+#    (control-plane API and web console, docs/console.md) as separate processes (logs in
+#    .local/logs/), and prints the console's address and an admin key to log in with,
 # 4. sends the guide's research-agent workload for two accounts through ingest's REST API and
 #    prints usage and cost per account read back from ClickHouse, each account's draft invoice
 #    with cost and margin, and what an outcome-priced plan would have earned from them,
@@ -46,7 +47,7 @@ cargo build --release --locked --bin agentmeter
 agentmeter() { RUST_BACKTRACE=0 "$BIN" --config "$SETTINGS" "$@"; }
 
 stop_stages() {
-    for stage in ingest enrich aggregate outcomes; do
+    for stage in ingest enrich aggregate outcomes console; do
         pid_file="$RUN_DIR/$stage.pid"
         [ -f "$pid_file" ] || continue
         pid=$(cat "$pid_file")
@@ -65,7 +66,7 @@ agentmeter migrate
 agentmeter topics
 agentmeter config apply deploy/local/metering.example.toml
 
-for stage in ingest enrich aggregate outcomes; do
+for stage in ingest enrich aggregate outcomes console; do
     nohup "$BIN" --config "$SETTINGS" "$stage" >>"$LOG_DIR/$stage.log" 2>&1 &
     echo $! >"$RUN_DIR/$stage.pid"
     say "started $stage (pid $!, log $LOG_DIR/$stage.log)"
@@ -88,6 +89,16 @@ wait_ready http://127.0.0.1:8080/readyz ingest
 wait_ready http://127.0.0.1:9101/readyz enrich
 wait_ready http://127.0.0.1:9102/readyz aggregate
 wait_ready http://127.0.0.1:9104/readyz outcomes
+wait_ready http://127.0.0.1:9105/readyz console
+
+# An admin key of the demo workspace for the console: the one of an earlier run while it still
+# works, else a new one (only its hash is on the config topic; the key itself is kept here).
+KEY_FILE="$RUN_DIR/console-admin-key"
+if ! { [ -s "$KEY_FILE" ] && curl -sf -H "Authorization: Bearer $(cat "$KEY_FILE")" \
+        http://127.0.0.1:9105/api/v1/workspace >/dev/null 2>&1; }; then
+    agentmeter admin-key new --workspace ws_demo --name demo | grep '^amk_' >"$KEY_FILE"
+    chmod 600 "$KEY_FILE"
+fi
 
 # shellcheck disable=SC1091
 set -a; . deploy/local/demo-secrets.env; set +a
@@ -110,4 +121,7 @@ agentmeter plans simulate support/outcomes --workspace ws_demo --from "$this_mon
 say "done in $(( $(date +%s) - started_at ))s"
 if [ "$KEEP_RUNNING" -eq 1 ]; then
     say "stages keep running (PIDs in $RUN_DIR); ingest on http://127.0.0.1:8080"
+    say "console: http://127.0.0.1:9105/ — log in with the admin key $(cat "$KEY_FILE") (also in $KEY_FILE)"
+else
+    say "the console ran on http://127.0.0.1:9105/ (demo.sh --keep-running keeps it up; admin key in $KEY_FILE)"
 fi

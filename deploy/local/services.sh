@@ -34,8 +34,9 @@ UP_TIMEOUT="${AGENTMETER_UP_TIMEOUT:-60}"
 APT_PACKAGES=(clickhouse-server clickhouse-client cmake libcurl4-openssl-dev protobuf-compiler python3-venv)
 # Installed without their recommends: prometheus's would bring and start a node exporter on
 # :9100 (only its promtool is used, deploy/prometheus/check.sh); zookeeper serves the local
-# ClickHouse cluster of deploy/local/cluster.sh (cluster mode, ADR 0006).
-APT_PACKAGES_NO_RECOMMENDS=(prometheus zookeeper)
+# ClickHouse cluster of deploy/local/cluster.sh (cluster mode, ADR 0006); chromium and
+# chromium-driver run the console's browser tests (tests/console_browser.rs).
+APT_PACKAGES_NO_RECOMMENDS=(prometheus zookeeper chromium chromium-driver)
 TANSU_VERSION="0.6.0"
 TANSU_CRATE_SHA256="4fdd85473ec265140488cf8d55e82b844f5c051c8916fabdd4a71156ac053f6d"
 TANSU_STORAGE_CRATE_SHA256="720d2ed8e6010c70f7f06e5af5a7274ebbf6e42fdcd9e46de542b10dc4d2f35d"

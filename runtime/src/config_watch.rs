@@ -104,6 +104,21 @@ impl MeteringState {
         }
     }
 
+    /// The workspace and its admin key `key_id`, while the key is not revoked (a console
+    /// session re-checks its key with this on every request).
+    pub fn admin_key(
+        &self,
+        workspace_id: &str,
+        key_id: &str,
+        now: time::OffsetDateTime,
+    ) -> Option<(Arc<WorkspaceSnapshot>, AdminKey)> {
+        let snapshot = self.workspaces.get(workspace_id)?;
+        self.admin_keys_by_digest
+            .values()
+            .find(|(owner, key)| owner == workspace_id && key.id == key_id && key.is_active(now))
+            .map(|(_, key)| (snapshot.clone(), key.clone()))
+    }
+
     /// The workspace and key a control-plane API key belongs to, while it is not revoked.
     pub fn authenticate_admin(
         &self,

@@ -11,10 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-use agentmeter_schemas::metering::{
-    hash_secret, Account, AgentInstance, AgentType, Contact, CostAllocation, OutcomeDefinition,
-    Rate, RetiredSecret, MAX_RETIRED_SECRETS,
-};
+use agentmeter_schemas::metering::{hash_secret, Account, AgentInstance, AgentType, Contact};
 use agentmeter_schemas::MeteringConfig;
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
@@ -23,7 +20,6 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use rust_decimal::Decimal;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -31,6 +27,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::auth::Caller;
+use super::edits::{self, AccountPatch, NewInstance, NewRate};
 use super::error::ApiError;
 use super::reads::{self, normalized, LiveDataFilter};
 use super::ConsoleState;
@@ -86,11 +83,16 @@ pub fn router(state: ConsoleState) -> Router {
         .route("/api/v1/live-data", get(live_data))
         .route("/api/v1/usage", get(usage))
         .route("/api/v1/audit", get(audit))
-        .fallback(|| async {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "no such route; GET /api/v1/openapi.json lists them",
-            )
+        .fallback(|uri: axum::http::Uri| async move {
+            if uri.path().starts_with("/api/") {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "no such route; GET /api/v1/openapi.json lists them",
+                )
+                .into_response()
+            } else {
+                (StatusCode::NOT_FOUND, super::web::not_found_page()).into_response()
+            }
         })
         .with_state(state)
         .merge(agentmeter_runtime::observability::operations_router(
@@ -145,13 +147,6 @@ fn expected_version(headers: &HeaderMap) -> Result<i64, ApiError> {
         })
 }
 
-fn refused(field: &str, message: impl Into<String>) -> PublishError {
-    PublishError::Refused {
-        field: Some(field.to_string()),
-        message: message.into(),
-    }
-}
-
 /// Applies `edit` to the workspace's current configuration and publishes the result (see the
 /// module header); returns the new version and what `edit` returned.
 async fn write<T>(
@@ -162,6 +157,18 @@ async fn write<T>(
 ) -> Result<(i64, T), ApiError> {
     caller.require_admin()?;
     let expected = expected_version(headers)?;
+    write_at(state, caller, expected, edit).await
+}
+
+/// [`write`] with the version the change was made against given directly (the web console's
+/// forms carry it in a hidden field).
+pub(super) async fn write_at<T>(
+    state: &ConsoleState,
+    caller: &Caller,
+    expected: i64,
+    edit: impl FnOnce(&mut MeteringConfig) -> Result<T, PublishError>,
+) -> Result<(i64, T), ApiError> {
+    caller.require_admin()?;
     let workspace_id = caller.workspace.workspace_id().to_string();
     let mut answer = None;
     let published = publish_next(
@@ -295,14 +302,7 @@ async fn create_account(
 ) -> Result<Response, ApiError> {
     let account: Account = body(&bytes)?;
     let (version, account) = write(&state, &caller, &headers, |config| {
-        if config.accounts.iter().any(|other| other.id == account.id) {
-            return Err(refused(
-                "id",
-                format!("account {:?} already exists; choose another id", account.id),
-            ));
-        }
-        config.accounts.push(account.clone());
-        Ok(account)
+        edits::create_account(config, account)
     })
     .await?;
     Ok(versioned(
@@ -310,18 +310,6 @@ async fn create_account(
         version,
         json!({ "account": account }),
     ))
-}
-
-/// The fields of an account a PATCH may set; an empty string clears an optional one.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AccountPatch {
-    name: Option<String>,
-    email: Option<String>,
-    phone: Option<String>,
-    address: Option<String>,
-    description: Option<String>,
-    external_id: Option<String>,
 }
 
 async fn update_account(
@@ -333,25 +321,7 @@ async fn update_account(
 ) -> Result<Response, ApiError> {
     let patch: AccountPatch = body(&bytes)?;
     let (version, account) = write(&state, &caller, &headers, |config| {
-        let account = config
-            .accounts
-            .iter_mut()
-            .find(|account| account.id == id)
-            .ok_or_else(|| PublishError::NotFound(format!("account {id:?}")))?;
-        if let Some(name) = patch.name {
-            account.name = name;
-        }
-        let optional = |value: Option<String>, slot: &mut Option<String>| {
-            if let Some(value) = value {
-                *slot = (!value.is_empty()).then_some(value);
-            }
-        };
-        optional(patch.email, &mut account.email);
-        optional(patch.phone, &mut account.phone);
-        optional(patch.address, &mut account.address);
-        optional(patch.description, &mut account.description);
-        optional(patch.external_id, &mut account.external_id);
-        Ok(account.clone())
+        edits::update_account(config, &id, patch)
     })
     .await?;
     Ok(versioned(
@@ -368,13 +338,7 @@ async fn archive_account(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (version, account) = write(&state, &caller, &headers, |config| {
-        let account = config
-            .accounts
-            .iter_mut()
-            .find(|account| account.id == id)
-            .ok_or_else(|| PublishError::NotFound(format!("account {id:?}")))?;
-        account.archived = true;
-        Ok(account.clone())
+        edits::archive_account(config, &id)
     })
     .await?;
     Ok(versioned(
@@ -402,24 +366,7 @@ async fn create_contact(
 ) -> Result<Response, ApiError> {
     let contact: Contact = body(&bytes)?;
     let (version, contact) = write(&state, &caller, &headers, |config| {
-        if config.contacts.iter().any(|other| other.id == contact.id) {
-            return Err(refused(
-                "id",
-                format!("contact {:?} already exists", contact.id),
-            ));
-        }
-        if !config
-            .accounts
-            .iter()
-            .any(|account| account.id == contact.account)
-        {
-            return Err(PublishError::NotFound(format!(
-                "account {:?}",
-                contact.account
-            )));
-        }
-        config.contacts.push(contact.clone());
-        Ok(contact)
+        edits::create_contact(config, contact)
     })
     .await?;
     Ok(versioned(
@@ -445,18 +392,7 @@ async fn create_agent_type(
 ) -> Result<Response, ApiError> {
     let agent_type: AgentType = body(&bytes)?;
     let (version, agent_type) = write(&state, &caller, &headers, |config| {
-        if config
-            .agent_types
-            .iter()
-            .any(|other| other.id == agent_type.id)
-        {
-            return Err(refused(
-                "id",
-                format!("agent type {:?} already exists", agent_type.id),
-            ));
-        }
-        config.agent_types.push(agent_type.clone());
-        Ok(agent_type)
+        edits::create_agent_type(config, agent_type)
     })
     .await?;
     Ok(versioned(
@@ -469,7 +405,7 @@ async fn create_agent_type(
 // ---- agent instances and their secrets
 
 /// An agent instance as the API shows it: never a secret, not even its hash.
-fn instance_view(instance: &AgentInstance) -> Value {
+pub(super) fn instance_view(instance: &AgentInstance) -> Value {
     json!({
         "id": instance.id,
         "name": instance.name,
@@ -488,7 +424,7 @@ fn instance_view(instance: &AgentInstance) -> Value {
 
 /// What a new secret is shown with, once: the environment value-python and any OpenTelemetry
 /// exporter need.
-fn secret_answer(secret: &str) -> Value {
+pub(super) fn secret_answer(secret: &str) -> Value {
     json!({
         "secret": secret,
         "environment": {
@@ -519,19 +455,6 @@ async fn list_instances(
     ))
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NewInstance {
-    id: String,
-    name: String,
-    agent_type: String,
-    account: String,
-    #[serde(default)]
-    contact: Option<String>,
-    #[serde(default)]
-    description: Option<String>,
-}
-
 async fn create_instance(
     State(state): State<ConsoleState>,
     caller: Caller,
@@ -541,46 +464,7 @@ async fn create_instance(
     let new: NewInstance = body(&bytes)?;
     let secret = crate::new_secret();
     let (version, instance) = write(&state, &caller, &headers, |config| {
-        if config
-            .agent_instances
-            .iter()
-            .any(|other| other.id == new.id)
-        {
-            return Err(refused(
-                "id",
-                format!("agent instance {:?} already exists", new.id),
-            ));
-        }
-        if !config
-            .accounts
-            .iter()
-            .any(|account| account.id == new.account)
-        {
-            return Err(PublishError::NotFound(format!("account {:?}", new.account)));
-        }
-        if !config
-            .agent_types
-            .iter()
-            .any(|kind| kind.id == new.agent_type)
-        {
-            return Err(PublishError::NotFound(format!(
-                "agent type {:?}",
-                new.agent_type
-            )));
-        }
-        let instance = AgentInstance {
-            id: new.id,
-            name: new.name,
-            description: new.description,
-            agent_type: new.agent_type,
-            account: new.account,
-            contact: new.contact,
-            secret_sha256: hash_secret(&secret),
-            retired_secrets: Vec::new(),
-            archived: false,
-        };
-        config.agent_instances.push(instance.clone());
-        Ok(instance)
+        edits::create_instance(config, new, hash_secret(&secret))
     })
     .await?;
     let mut answer = secret_answer(&secret);
@@ -601,26 +485,7 @@ async fn rotate_secret(
     );
     let valid_until = now + grace;
     let (version, instance) = write(&state, &caller, &headers, |config| {
-        let instance = config
-            .agent_instances
-            .iter_mut()
-            .find(|instance| instance.id == id)
-            .ok_or_else(|| PublishError::NotFound(format!("agent instance {id:?}")))?;
-        // Secrets whose grace period is over go; the one replaced now keeps working until
-        // `valid_until`; at most MAX_RETIRED_SECRETS are kept, the newest.
-        instance
-            .retired_secrets
-            .retain(|retired| retired.valid_until > now);
-        instance.retired_secrets.push(RetiredSecret {
-            secret_sha256: std::mem::replace(&mut instance.secret_sha256, hash_secret(&secret)),
-            valid_until,
-        });
-        let excess = instance
-            .retired_secrets
-            .len()
-            .saturating_sub(MAX_RETIRED_SECRETS);
-        instance.retired_secrets.drain(..excess);
-        Ok(instance.clone())
+        edits::rotate_secret(config, &id, hash_secret(&secret), now, valid_until)
     })
     .await?;
     let mut answer = secret_answer(&secret);
@@ -636,13 +501,7 @@ async fn archive_instance(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (version, instance) = write(&state, &caller, &headers, |config| {
-        let instance = config
-            .agent_instances
-            .iter_mut()
-            .find(|instance| instance.id == id)
-            .ok_or_else(|| PublishError::NotFound(format!("agent instance {id:?}")))?;
-        instance.archived = true;
-        Ok(instance.clone())
+        edits::archive_instance(config, &id)
     })
     .await?;
     Ok(versioned(
@@ -708,21 +567,7 @@ async fn set_tracked(
 ) -> Result<Response, ApiError> {
     let Tracked { tracked } = body(&bytes)?;
     let (version, ()) = write(&state, &caller, &headers, |config| {
-        let listed = config.tagging.tracked.contains(&action);
-        if tracked && !listed {
-            config.tagging.tracked.push(action.clone());
-        } else if !tracked && listed {
-            if config.cost_allocations.iter().any(|cost| cost.action == action)
-                || config.outcomes.iter().any(|outcome| outcome.action == action)
-            {
-                return Err(refused(
-                    "tracked",
-                    format!("{action:?} has a cost allocation or an outcome definition; remove those before untracking it"),
-                ));
-            }
-            config.tagging.tracked.retain(|name| *name != action);
-        }
-        Ok(())
+        edits::set_tracked(config, &action, tracked)
     })
     .await?;
     Ok(versioned(
@@ -740,20 +585,6 @@ async fn list_cost_allocations(caller: Caller) -> Response {
     )
 }
 
-/// A new rate for an action from a date; the measure is needed for the action's first rate.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NewRate {
-    #[serde(default)]
-    measure: Option<String>,
-    #[serde(default)]
-    quantity_attribute: Option<String>,
-    /// RFC 3339.
-    effective_from: String,
-    /// A decimal string ("0.006"), never a float.
-    cost_per_unit: String,
-}
-
 async fn schedule_rate(
     State(state): State<ConsoleState>,
     caller: Caller,
@@ -762,71 +593,9 @@ async fn schedule_rate(
     bytes: Bytes,
 ) -> Result<Response, ApiError> {
     let new: NewRate = body(&bytes)?;
-    let effective_from = OffsetDateTime::parse(&new.effective_from, &Rfc3339).map_err(|error| {
-        ApiError::invalid(
-            "effective_from",
-            format!(
-                "effective_from {:?} is not an RFC 3339 instant: {error}",
-                new.effective_from
-            ),
-        )
-    })?;
-    let cost_per_unit: Decimal = new.cost_per_unit.trim().parse().map_err(|_| {
-        ApiError::invalid(
-            "cost_per_unit",
-            format!(
-                "cost_per_unit {:?} is not a decimal such as \"0.006\"",
-                new.cost_per_unit
-            ),
-        )
-    })?;
-    let rate = Rate {
-        effective_from,
-        cost_per_unit,
-    };
+    let rate = new.rate()?;
     let (version, allocation) = write(&state, &caller, &headers, |config| {
-        match config
-            .cost_allocations
-            .iter_mut()
-            .find(|cost| cost.action == action)
-        {
-            Some(allocation) => {
-                if new.measure.as_ref().is_some_and(|measure| *measure != allocation.measure) {
-                    return Err(refused(
-                        "measure",
-                        format!("{action:?} is measured in {:?}; a new rate cannot change the measure", allocation.measure),
-                    ));
-                }
-                if allocation
-                    .rates
-                    .last()
-                    .is_some_and(|last| last.effective_from >= effective_from)
-                {
-                    return Err(refused(
-                        "effective_from",
-                        format!("a new rate must start after the latest one ({}); schedule it from a later date", allocation.rates.last().map(|last| last.effective_from.format(&Rfc3339).unwrap_or_default()).unwrap_or_default()),
-                    ));
-                }
-                allocation.rates.push(rate.clone());
-                Ok(allocation.clone())
-            }
-            None => {
-                let measure = new.measure.clone().ok_or_else(|| {
-                    refused("measure", format!("{action:?} has no cost allocation yet: give its measure (unit, token, input_token, output_token or a custom one)"))
-                })?;
-                if !config.tagging.tracked.contains(&action) {
-                    config.tagging.tracked.push(action.clone());
-                }
-                let allocation = CostAllocation {
-                    action: action.clone(),
-                    measure,
-                    quantity_attribute: new.quantity_attribute.clone(),
-                    rates: vec![rate.clone()],
-                };
-                config.cost_allocations.push(allocation.clone());
-                Ok(allocation)
-            }
-        }
+        edits::schedule_rate(config, &action, new.measure, new.quantity_attribute, rate)
     })
     .await?;
     Ok(versioned(
@@ -862,22 +631,7 @@ async fn set_outcome(
 ) -> Result<Response, ApiError> {
     let IsOutcome { outcome } = body(&bytes)?;
     let (version, ()) = write(&state, &caller, &headers, |config| {
-        let defined = config
-            .outcomes
-            .iter()
-            .any(|definition| definition.action == action);
-        if outcome && !defined {
-            config.outcomes.push(OutcomeDefinition {
-                action: action.clone(),
-                when: None,
-                effective_from: None,
-            });
-        } else if !outcome {
-            config
-                .outcomes
-                .retain(|definition| definition.action != action);
-        }
-        Ok(())
+        edits::set_outcome(config, &action, outcome)
     })
     .await?;
     Ok(versioned(

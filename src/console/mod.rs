@@ -8,6 +8,9 @@
 //!   concurrency.
 //! * `auth.rs` — the caller: an admin API key of one workspace (stored hashed on the config
 //!   topic), its role; identity never comes from an id in the request.
+//! * `edits.rs` — the changes themselves, pure functions of the configuration, shared by the
+//!   API and the web console.
+//! * `web/` — the web console: server-rendered pages (maud), sessions, CSRF, login limits.
 //! * `error.rs` — every refusal as a JSON body with a message naming the field and the problem.
 //! * `reads.rs` — the ClickHouse reads: discovered actions, Live Data, usage, the audit log.
 //!
@@ -17,8 +20,10 @@
 
 mod api;
 mod auth;
+mod edits;
 mod error;
 mod reads;
+mod web;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -36,7 +41,8 @@ use crate::Settings;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ConsoleSettings {
-    /// Address of the control-plane API (and `/metrics`, `/healthz`, `/readyz`).
+    /// Address of the control-plane API, the web console (every path outside `/api/`), and
+    /// `/metrics`, `/healthz`, `/readyz`.
     pub listen: SocketAddr,
     /// How long a rotated agent secret keeps working after the rotation (the product: 24 hours).
     #[serde(
@@ -46,6 +52,9 @@ pub struct ConsoleSettings {
     pub secret_grace_period_ms: u64,
     /// Most Live Data rows one page returns.
     pub live_data_page_max: u32,
+    /// Mark the web console's session cookie `Secure` (browsers then send it over HTTPS only):
+    /// set it when the console is served behind TLS.
+    pub secure_cookies: bool,
 }
 
 impl Default for ConsoleSettings {
@@ -54,6 +63,7 @@ impl Default for ConsoleSettings {
             listen: "127.0.0.1:9105".parse().expect("valid address"),
             secret_grace_period_ms: 24 * 3_600_000,
             live_data_page_max: 500,
+            secure_cookies: false,
         }
     }
 }
@@ -79,6 +89,7 @@ pub(crate) struct ConsoleState {
     pub settings: Arc<Settings>,
     pub config: ConfigHandle,
     pub clickhouse: clickhouse::Client,
+    pub web: web::SharedWebState,
 }
 
 pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
@@ -93,6 +104,7 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
             .with_database(&settings.clickhouse.database),
         settings: Arc::new(settings),
         config,
+        web: Arc::default(),
     };
     let follower = tokio::spawn(follow_audit(state.clone(), shutdown.clone()));
     let listen = state.settings.console.listen;
@@ -101,10 +113,14 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {listen}"))?;
     tracing::info!(%listen, "control-plane API listening");
     let mut stop = shutdown.clone();
-    axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(async move { stop.requested().await })
-        .await
-        .context("console server failed")?;
+    let app = api::router(state.clone()).merge(web::router(state));
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { stop.requested().await })
+    .await
+    .context("console server failed")?;
     follower.abort();
     Ok(())
 }

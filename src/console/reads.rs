@@ -249,3 +249,171 @@ pub fn normalized(text: &str) -> String {
         .map(|value| value.normalize().to_string())
         .unwrap_or_else(|_| text.to_string())
 }
+
+/// Cost and actions per day over [from, to), tracked actions only (the Profitability chart).
+#[derive(Debug, clickhouse::Row, Deserialize)]
+pub struct DayRow {
+    /// Seconds since the epoch of the day's start (UTC).
+    pub day: u32,
+    pub actions: u64,
+    pub cost: String,
+}
+
+pub async fn cost_per_day(
+    state: &ConsoleState,
+    workspace_id: &str,
+    account: Option<&str>,
+    from_seconds: i64,
+) -> anyhow::Result<Vec<DayRow>> {
+    let mut sql = String::from(
+        "SELECT toUInt32(toStartOfDay(window_start)) AS day_start, sum(action_count) AS actions_total, \
+                toString(sum(cost)) AS cost_total \
+         FROM usage_exact WHERE workspace_id = ? AND tracked = 1 AND window_start >= toDateTime(?)",
+    );
+    if account.is_some() {
+        sql.push_str(" AND account_id = ?");
+    }
+    sql.push_str(" GROUP BY day_start ORDER BY day_start");
+    let mut query = state
+        .clickhouse
+        .query(&sql)
+        .bind(workspace_id)
+        .bind(from_seconds);
+    if let Some(account) = account {
+        query = query.bind(account);
+    }
+    query
+        .fetch_all::<DayRow>()
+        .await
+        .context("cannot read cost per day")
+}
+
+/// The heaviest users (by billable actions) since `from`, with their cost.
+#[derive(Debug, clickhouse::Row, Deserialize)]
+pub struct UserRow {
+    pub account_id: String,
+    pub user_key: String,
+    pub actions: u64,
+    pub cost: String,
+}
+
+pub async fn heaviest_users(
+    state: &ConsoleState,
+    workspace_id: &str,
+    account: Option<&str>,
+    from_seconds: i64,
+) -> anyhow::Result<Vec<UserRow>> {
+    let mut sql = String::from(
+        "SELECT account_id, user_key, sum(action_count) AS actions_total, toString(sum(cost)) AS cost_total \
+         FROM usage_exact WHERE workspace_id = ? AND tracked = 1 AND user_key != '' AND window_start >= toDateTime(?)",
+    );
+    if account.is_some() {
+        sql.push_str(" AND account_id = ?");
+    }
+    sql.push_str(" GROUP BY account_id, user_key ORDER BY actions_total DESC, user_key LIMIT 10");
+    let mut query = state
+        .clickhouse
+        .query(&sql)
+        .bind(workspace_id)
+        .bind(from_seconds);
+    if let Some(account) = account {
+        query = query.bind(account);
+    }
+    query
+        .fetch_all::<UserRow>()
+        .await
+        .context("cannot read the heaviest users")
+}
+
+/// An invoice as the Billing page lists it.
+#[derive(Debug, clickhouse::Row, Deserialize)]
+pub struct InvoiceListRow {
+    pub invoice_id: String,
+    pub number: u64,
+    pub status: String,
+    pub account_id: String,
+    pub rate_plan: String,
+    pub agent_type: String,
+    pub period_start: u32,
+    pub currency: String,
+    pub total: String,
+    pub cost: String,
+    pub margin: String,
+}
+
+pub async fn invoices(
+    state: &ConsoleState,
+    workspace_id: &str,
+    account: Option<&str>,
+) -> anyhow::Result<Vec<InvoiceListRow>> {
+    let mut sql = String::from(
+        "SELECT invoice_id, number, status, account_id, rate_plan, agent_type, toUInt32(period_start) AS start_seconds, currency, \
+                toString(total) AS total_text, toString(cost) AS cost_text, ifNull(toString(margin), '') AS margin_text \
+         FROM invoices FINAL WHERE workspace_id = ?",
+    );
+    if account.is_some() {
+        sql.push_str(" AND account_id = ?");
+    }
+    sql.push_str(" ORDER BY start_seconds DESC, number DESC LIMIT 500");
+    let mut query = state.clickhouse.query(&sql).bind(workspace_id);
+    if let Some(account) = account {
+        query = query.bind(account);
+    }
+    query
+        .fetch_all::<InvoiceListRow>()
+        .await
+        .context("cannot read invoices")
+}
+
+#[derive(Debug, clickhouse::Row, Deserialize)]
+struct ContentRow {
+    content: String,
+}
+
+/// The stored invoice document (JSON of the billing crate's invoice) of one invoice.
+pub async fn invoice_content(
+    state: &ConsoleState,
+    workspace_id: &str,
+    invoice_id: &str,
+) -> anyhow::Result<Option<String>> {
+    let rows = state
+        .clickhouse
+        .query(
+            "SELECT content FROM invoices FINAL WHERE workspace_id = ? AND invoice_id = ? LIMIT 1",
+        )
+        .bind(workspace_id)
+        .bind(invoice_id)
+        .fetch_all::<ContentRow>()
+        .await
+        .context("cannot read the invoice")?;
+    Ok(rows.into_iter().next().map(|row| row.content))
+}
+
+/// An account's @user of this calendar month and @seat of today (UTC), as the
+/// `users_by_account_month` and `seats_by_account_day` views count them.
+#[derive(Debug, clickhouse::Row, Deserialize)]
+pub struct UsersAndSeats {
+    pub users_this_month: u64,
+    pub seats_today: u64,
+}
+
+pub async fn users_and_seats(
+    state: &ConsoleState,
+    workspace_id: &str,
+    account: &str,
+) -> anyhow::Result<UsersAndSeats> {
+    state
+        .clickhouse
+        .query(
+            "SELECT uniqExactIf(user_key, window_start >= toStartOfMonth(now())) AS users_month, \
+                    uniqExactIf(user_key, toDate(window_start) >= today() - 29) AS seats_day \
+             FROM usage_exact \
+             WHERE workspace_id = ? AND account_id = ? AND tracked = 1 AND user_key != '' \
+               AND toDate(window_start) >= today() - 31",
+        )
+        .bind(workspace_id)
+        .bind(account)
+        .fetch_one::<UsersAndSeats>()
+        .await
+        .context("cannot read users and seats")
+}
