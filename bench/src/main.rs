@@ -67,6 +67,9 @@ enum Command {
     /// The draft invoices of every account of a workspace of 1,000 accounts and 10 million
     /// actions, from the usage and from the raw events: both times, and that they agree.
     Invoices(modes::invoices::Args),
+    /// p95 latency of every read of `agentmeter console` (API and web pages) over the 10 million
+    /// actions of `monthly-view` (target: under 300 ms).
+    Console(modes::console::Args),
     /// The same messages through plain rdkafka (and plain ClickHouse inserts).
     Baseline(modes::baseline::Args),
     /// baseline, ingest, enrich, aggregate and end-to-end in one run, with a summary table.
@@ -121,6 +124,7 @@ fn main() -> anyhow::Result<()> {
             Command::Fairness(args) => modes::fairness::run(&options, args).await,
             Command::MonthlyView(args) => modes::monthly::run(&options, args).await,
             Command::Invoices(args) => modes::invoices::run(&options, args).await,
+            Command::Console(args) => modes::console::run(&options, args).await,
             Command::Baseline(args) => modes::baseline::run(&options, args, &stage_cpus).await,
             Command::All(args) => modes::run_all(&options, args, &stage_cpus).await,
         }

@@ -216,30 +216,41 @@ pub async fn usage(
     from_seconds: i64,
     to_seconds: i64,
 ) -> anyhow::Result<Vec<UsageRow>> {
-    let mut sql = String::from(
+    narrowed_to_account(
+        state,
         "SELECT account_id, action_name, measure, sum(action_count) AS actions_total, \
                 toString(sum(quantity)) AS quantity_total, toString(sum(cost)) AS cost_total, \
                 sum(outcome_count) AS outcomes_total, uniqExactIf(user_key, user_key != '') AS users_total \
          FROM usage_exact \
          WHERE workspace_id = ? AND tracked = 1 AND window_start >= toDateTime(?) AND window_start < toDateTime(?)",
-    );
+        account,
+        " GROUP BY account_id, action_name, measure ORDER BY account_id, action_name",
+        |query| query.bind(workspace_id).bind(from_seconds).bind(to_seconds),
+    )
+        .fetch_all::<UsageRow>()
+        .await
+        .context("cannot read usage")
+}
+
+/// The query `head` [`AND account_id = ?`] `tail`: `bind` binds the parameters of `head`, and
+/// the account, when given, is bound after them.
+fn narrowed_to_account(
+    state: &ConsoleState,
+    head: &str,
+    account: Option<&str>,
+    tail: &str,
+    bind: impl FnOnce(clickhouse::query::Query) -> clickhouse::query::Query,
+) -> clickhouse::query::Query {
+    let mut sql = head.to_string();
     if account.is_some() {
         sql.push_str(" AND account_id = ?");
     }
-    sql.push_str(" GROUP BY account_id, action_name, measure ORDER BY account_id, action_name");
-    let mut query = state
-        .clickhouse
-        .query(&sql)
-        .bind(workspace_id)
-        .bind(from_seconds)
-        .bind(to_seconds);
+    sql.push_str(tail);
+    let mut query = bind(state.clickhouse.query(&sql));
     if let Some(account) = account {
         query = query.bind(account);
     }
     query
-        .fetch_all::<UsageRow>()
-        .await
-        .context("cannot read usage")
 }
 
 /// A decimal as ClickHouse's `toString` writes it, without trailing zeros ("0.005000000000" →
@@ -265,24 +276,15 @@ pub async fn cost_per_day(
     account: Option<&str>,
     from_seconds: i64,
 ) -> anyhow::Result<Vec<DayRow>> {
-    let mut sql = String::from(
+    narrowed_to_account(
+        state,
         "SELECT toUInt32(toStartOfDay(window_start)) AS day_start, sum(action_count) AS actions_total, \
                 toString(sum(cost)) AS cost_total \
          FROM usage_exact WHERE workspace_id = ? AND tracked = 1 AND window_start >= toDateTime(?)",
-    );
-    if account.is_some() {
-        sql.push_str(" AND account_id = ?");
-    }
-    sql.push_str(" GROUP BY day_start ORDER BY day_start");
-    let mut query = state
-        .clickhouse
-        .query(&sql)
-        .bind(workspace_id)
-        .bind(from_seconds);
-    if let Some(account) = account {
-        query = query.bind(account);
-    }
-    query
+        account,
+        " GROUP BY day_start ORDER BY day_start",
+        |query| query.bind(workspace_id).bind(from_seconds),
+    )
         .fetch_all::<DayRow>()
         .await
         .context("cannot read cost per day")
@@ -303,23 +305,14 @@ pub async fn heaviest_users(
     account: Option<&str>,
     from_seconds: i64,
 ) -> anyhow::Result<Vec<UserRow>> {
-    let mut sql = String::from(
+    narrowed_to_account(
+        state,
         "SELECT account_id, user_key, sum(action_count) AS actions_total, toString(sum(cost)) AS cost_total \
          FROM usage_exact WHERE workspace_id = ? AND tracked = 1 AND user_key != '' AND window_start >= toDateTime(?)",
-    );
-    if account.is_some() {
-        sql.push_str(" AND account_id = ?");
-    }
-    sql.push_str(" GROUP BY account_id, user_key ORDER BY actions_total DESC, user_key LIMIT 10");
-    let mut query = state
-        .clickhouse
-        .query(&sql)
-        .bind(workspace_id)
-        .bind(from_seconds);
-    if let Some(account) = account {
-        query = query.bind(account);
-    }
-    query
+        account,
+        " GROUP BY account_id, user_key ORDER BY actions_total DESC, user_key LIMIT 10",
+        |query| query.bind(workspace_id).bind(from_seconds),
+    )
         .fetch_all::<UserRow>()
         .await
         .context("cannot read the heaviest users")
@@ -346,20 +339,15 @@ pub async fn invoices(
     workspace_id: &str,
     account: Option<&str>,
 ) -> anyhow::Result<Vec<InvoiceListRow>> {
-    let mut sql = String::from(
+    narrowed_to_account(
+        state,
         "SELECT invoice_id, number, status, account_id, rate_plan, agent_type, toUInt32(period_start) AS start_seconds, currency, \
                 toString(total) AS total_text, toString(cost) AS cost_text, ifNull(toString(margin), '') AS margin_text \
          FROM invoices FINAL WHERE workspace_id = ?",
-    );
-    if account.is_some() {
-        sql.push_str(" AND account_id = ?");
-    }
-    sql.push_str(" ORDER BY start_seconds DESC, number DESC LIMIT 500");
-    let mut query = state.clickhouse.query(&sql).bind(workspace_id);
-    if let Some(account) = account {
-        query = query.bind(account);
-    }
-    query
+        account,
+        " ORDER BY start_seconds DESC, number DESC LIMIT 500",
+        |query| query.bind(workspace_id),
+    )
         .fetch_all::<InvoiceListRow>()
         .await
         .context("cannot read invoices")

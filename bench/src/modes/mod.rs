@@ -1,6 +1,7 @@
 //! The subcommands of `agentmeter-bench` and the summary table they share.
 
 pub mod baseline;
+pub mod console;
 pub mod e2e;
 pub mod fairness;
 pub mod ingest;
