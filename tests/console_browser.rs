@@ -517,6 +517,83 @@ fn a_new_builder_meters_an_agent_from_the_browser_and_sees_its_cost() {
     browser.goto("/accounts");
     assert!(!browser.text("main").contains("acc_forged"));
 
+    // A login by password (made with the CLI, stored as an Argon2id hash): a wrong password is
+    // refused like a wrong key, the right one opens the same workspace.
+    const PASSWORD: &str = "correct horse battery staple";
+    let made_login = env.run_tool_with_env(
+        &[
+            "admin-key",
+            "new",
+            "--workspace",
+            "ws_browser",
+            "--name",
+            "Alice",
+            "--login",
+            "Alice@Web.example",
+        ],
+        &[("AGENTMETER_CONSOLE_PASSWORD", PASSWORD)],
+    );
+    assert!(
+        made_login.0 && made_login.1.contains("console login alice@web.example"),
+        "{made_login:?}"
+    );
+    let again = env.run_tool_with_env(
+        &[
+            "admin-key",
+            "new",
+            "--workspace",
+            "ws_browser",
+            "--name",
+            "Alice 2",
+            "--login",
+            "alice@web.example",
+        ],
+        &[("AGENTMETER_CONSOLE_PASSWORD", PASSWORD)],
+    );
+    assert!(!again.0 && again.1.contains("already logs in"), "{again:?}");
+    let short = env.run_tool_with_env(
+        &[
+            "admin-key",
+            "new",
+            "--workspace",
+            "ws_browser",
+            "--name",
+            "Bob",
+            "--login",
+            "bob@web.example",
+        ],
+        &[("AGENTMETER_CONSOLE_PASSWORD", "short")],
+    );
+    assert!(!short.0 && short.1.contains("at least 12"), "{short:?}");
+    browser.click("header form button");
+    assert_eq!(browser.path(), "/login");
+    browser.goto("/accounts");
+    assert_eq!(browser.path(), "/login", "logged out");
+    browser.fill("#workspace", "ws_browser");
+    browser.fill("#login", "alice@web.example");
+    browser.fill("#password", "correct horse battery stapler");
+    browser.click("#password-form button");
+    assert!(browser
+        .text(".notice.error")
+        .contains("wrong workspace, login or password"));
+    browser.fill("#workspace", "ws_browser");
+    browser.fill("#login", "alice@web.example");
+    browser.fill("#password", PASSWORD);
+    browser.screenshot("15-login-with-password");
+    browser.click("#password-form button");
+    assert_eq!(
+        browser.path(),
+        "/metering/live-data",
+        "{}",
+        browser.text("body")
+    );
+    assert!(browser.text("header .key").starts_with("Alice"));
+    browser.goto("/accounts");
+    assert!(
+        browser.text("#accounts").contains("Web Corp"),
+        "the same workspace"
+    );
+
     // The cookie is HttpOnly and SameSite=Strict; failed logins are limited.
     let no_redirects = HttpClient::builder()
         .redirect(reqwest::redirect::Policy::none())
@@ -542,10 +619,11 @@ fn a_new_builder_meters_an_agent_from_the_browser_and_sees_its_cost() {
             .unwrap();
         statuses.push(answer.status().as_u16());
     }
-    // The browser's wrong key above may still count in this minute: a few 401s, then 429s.
+    // The browser's wrong key and wrong password above may still count in this minute: a few
+    // 401s, then 429s.
     let refused_logins = statuses.iter().take_while(|status| **status == 401).count();
     assert!(
-        (4..=5).contains(&refused_logins)
+        (3..=5).contains(&refused_logins)
             && statuses[refused_logins..]
                 .iter()
                 .all(|status| *status == 429),

@@ -36,6 +36,8 @@ pub struct MeteringState {
     secret_conflicts: usize,
     /// SHA-256 of a control-plane API key → its workspace and the key (active or revoked).
     admin_keys_by_digest: HashMap<[u8; 32], (String, AdminKey)>,
+    /// (workspace id, login name) → the password login (active or revoked).
+    password_logins: HashMap<(String, String), AdminKey>,
 }
 
 impl MeteringState {
@@ -55,9 +57,21 @@ impl MeteringState {
         let mut owners: HashMap<[u8; 32], (time::OffsetDateTime, &str)> = HashMap::new();
         let mut conflicts = std::collections::HashSet::new();
         let mut admin_keys_by_digest = HashMap::new();
+        let mut password_logins = HashMap::new();
         for (workspace_id, (record, snapshot)) in records {
             workspaces.insert(workspace_id.clone(), snapshot.clone());
             for key in &record.admin_keys {
+                if let (Some(login), Some(_)) = (&key.login, &key.password_phc) {
+                    // An active login wins over revoked ones of the same name.
+                    let slot = (workspace_id.clone(), login.clone());
+                    let replace = password_logins
+                        .get(&slot)
+                        .is_none_or(|kept: &AdminKey| kept.revoked_at.is_some());
+                    if replace {
+                        password_logins.insert(slot, key.clone());
+                    }
+                    continue;
+                }
                 let mut digest = [0u8; 32];
                 if hex::decode_to_slice(&key.key_sha256, &mut digest).is_ok() {
                     // A digest is of 32 random bytes, so two workspaces never share one; should a
@@ -101,6 +115,7 @@ impl MeteringState {
                 .collect(),
             secret_conflicts: conflicts.len(),
             admin_keys_by_digest,
+            password_logins,
         }
     }
 
@@ -113,10 +128,36 @@ impl MeteringState {
         now: time::OffsetDateTime,
     ) -> Option<(Arc<WorkspaceSnapshot>, AdminKey)> {
         let snapshot = self.workspaces.get(workspace_id)?;
-        self.admin_keys_by_digest
+        let by_key = self
+            .admin_keys_by_digest
             .values()
-            .find(|(owner, key)| owner == workspace_id && key.id == key_id && key.is_active(now))
-            .map(|(_, key)| (snapshot.clone(), key.clone()))
+            .find(|(owner, key)| owner == workspace_id && key.id == key_id)
+            .map(|(_, key)| key);
+        let by_login = || {
+            self.password_logins
+                .iter()
+                .find(|((owner, _), key)| owner == workspace_id && key.id == key_id)
+                .map(|(_, key)| key)
+        };
+        by_key
+            .or_else(by_login)
+            .filter(|key| key.is_active(now))
+            .map(|key| (snapshot.clone(), key.clone()))
+    }
+
+    /// The workspace and the active password login `login` of it — for the caller to check the
+    /// password against its `password_phc`.
+    pub fn password_login(
+        &self,
+        workspace_id: &str,
+        login: &str,
+        now: time::OffsetDateTime,
+    ) -> Option<(Arc<WorkspaceSnapshot>, AdminKey)> {
+        let snapshot = self.workspaces.get(workspace_id)?;
+        self.password_logins
+            .get(&(workspace_id.to_string(), login.to_string()))
+            .filter(|key| key.is_active(now))
+            .map(|key| (snapshot.clone(), key.clone()))
     }
 
     /// The workspace and key a control-plane API key belongs to, while it is not revoked.
@@ -446,7 +487,7 @@ fn parse_config_record(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use agentmeter_schemas::metering::hash_secret;
+    use agentmeter_schemas::metering::{hash_secret, AdminKey};
     use agentmeter_schemas::MeteringConfig;
 
     fn config(workspace: &str, secret: &str) -> MeteringConfig {
@@ -514,5 +555,58 @@ mod tests {
             state.authenticate("same").unwrap().0.workspace_id(),
             "alpha"
         );
+    }
+
+    fn login(id: &str, login: &str, revoked_at: Option<time::OffsetDateTime>) -> AdminKey {
+        AdminKey {
+            id: id.to_string(),
+            name: id.to_string(),
+            role: agentmeter_schemas::metering::AdminRole::Admin,
+            key_sha256: String::new(),
+            login: Some(login.to_string()),
+            password_phc: Some(format!("$argon2id$stand-in-for-{id}")),
+            created_at: time::OffsetDateTime::UNIX_EPOCH,
+            revoked_at,
+        }
+    }
+
+    #[test]
+    fn a_password_login_is_found_in_its_own_workspace_only_and_not_once_revoked() {
+        let mut entries = records(&[("alpha", "one", 1), ("beta", "two", 1)]);
+        let now = time::OffsetDateTime::UNIX_EPOCH + time::Duration::days(10);
+        let revoked = Some(time::OffsetDateTime::UNIX_EPOCH + time::Duration::days(5));
+        let alpha = &mut entries.get_mut("alpha").unwrap().0;
+        // The revoked login of the same name comes after the active one: the active one wins.
+        alpha.admin_keys = vec![
+            login("key_new", "ann@example.com", None),
+            login("key_old", "ann@example.com", revoked),
+        ];
+        let state = MeteringState::build(&entries);
+        let (workspace, found) = state
+            .password_login("alpha", "ann@example.com", now)
+            .unwrap();
+        assert_eq!(
+            (workspace.workspace_id(), found.id.as_str()),
+            ("alpha", "key_new")
+        );
+        assert!(state
+            .password_login("beta", "ann@example.com", now)
+            .is_none());
+        assert!(state
+            .password_login("alpha", "bob@example.com", now)
+            .is_none());
+        // A session re-checks its login by id; a login is never an API key.
+        assert!(state.admin_key("alpha", "key_new", now).is_some());
+        assert!(state.admin_key("alpha", "key_old", now).is_none());
+        assert!(state.admin_key("beta", "key_new", now).is_none());
+        assert!(state.authenticate_admin("", now).is_none());
+
+        let alpha = &mut entries.get_mut("alpha").unwrap().0;
+        alpha.admin_keys = vec![login("key_new", "ann@example.com", revoked)];
+        let state = MeteringState::build(&entries);
+        assert!(state
+            .password_login("alpha", "ann@example.com", now)
+            .is_none());
+        assert!(state.admin_key("alpha", "key_new", now).is_none());
     }
 }

@@ -996,8 +996,17 @@ pub struct AdminKey {
     /// What the key is for ("ci", "alice").
     pub name: String,
     pub role: AdminRole,
-    /// Lowercase hex SHA-256 of the key; the key itself is shown once, when made.
+    /// Lowercase hex SHA-256 of the key; the key itself is shown once, when made. Empty for a
+    /// password login.
     pub key_sha256: String,
+    /// A console login by password instead of a key: its login name (an email, lowercase),
+    /// unique among the workspace's active logins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login: Option<String>,
+    /// The login's password as an Argon2id hash in PHC form (a slow hash: passwords are
+    /// guessable where 256-bit keys are not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_phc: Option<String>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     /// From this instant the key is refused.

@@ -10,6 +10,7 @@
 //!   topic), its role; identity never comes from an id in the request.
 //! * `edits.rs` — the changes themselves, pure functions of the configuration, shared by the
 //!   API and the web console.
+//! * `password.rs` — Argon2id hashes of console passwords.
 //! * `web/` — the web console: server-rendered pages (maud), sessions, CSRF, login limits.
 //! * `error.rs` — every refusal as a JSON body with a message naming the field and the problem.
 //! * `reads.rs` — the ClickHouse reads: discovered actions, Live Data, usage, the audit log.
@@ -22,6 +23,7 @@ mod api;
 mod auth;
 mod edits;
 mod error;
+pub(crate) mod password;
 mod reads;
 mod web;
 

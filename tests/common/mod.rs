@@ -129,7 +129,12 @@ impl TestEnv {
     /// Runs `agentmeter --config <this test's settings> ARGS`: whether it succeeded, and its
     /// stdout followed by its stderr.
     fn run_tool(&self, args: &[&str]) -> (bool, String) {
-        agentmeter_testkit::process::run_tool(Path::new(BINARY), &self.settings_path, args, &[])
+        self.run_tool_with_env(args, &[])
+    }
+
+    /// [`TestEnv::run_tool`] with extra environment variables.
+    pub fn run_tool_with_env(&self, args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+        agentmeter_testkit::process::run_tool(Path::new(BINARY), &self.settings_path, args, env)
             .expect("run agentmeter")
     }
 

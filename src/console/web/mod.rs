@@ -7,7 +7,8 @@
 //! * `pages.rs` — the pages.
 //! * `chart.rs` — bar charts as SVG.
 //!
-//! Sessions: logging in with an admin key makes a random session token (256 bits); the browser
+//! Sessions: logging in with an admin key (or a workspace, login and password, checked against
+//! its Argon2id hash) makes a random session token (256 bits); the browser
 //! holds it in an `HttpOnly`, `SameSite=Strict` cookie (`Secure` when `console.secure_cookies`),
 //! the process holds only its SHA-256, the workspace and the key id — and re-checks on every
 //! request that the key is still active, so revoking a key ends its sessions. Sessions live in
@@ -192,9 +193,52 @@ async fn login_page() -> Response {
     pages::login(None).into_response()
 }
 
-#[derive(Debug, Deserialize)]
+/// The login form: an admin key, or a workspace, login and password.
+#[derive(Debug, Default, Deserialize)]
 struct LoginForm {
+    #[serde(default)]
     key: String,
+    #[serde(default)]
+    workspace: String,
+    #[serde(default)]
+    login: String,
+    #[serde(default)]
+    password: String,
+}
+
+/// The workspace and key (or password login) a login form names, if it is right. A password
+/// is checked on a blocking thread (Argon2id is slow on purpose), also for an unknown login.
+async fn authenticate(
+    state: &ConsoleState,
+    form: LoginForm,
+) -> Option<(
+    std::sync::Arc<agentmeter_schemas::WorkspaceSnapshot>,
+    agentmeter_schemas::metering::AdminKey,
+)> {
+    let now = time::OffsetDateTime::now_utc();
+    if !form.key.trim().is_empty() {
+        return state.config.load().authenticate_admin(form.key.trim(), now);
+    }
+    let found = state.config.load().password_login(
+        form.workspace.trim(),
+        &form.login.trim().to_lowercase(),
+        now,
+    );
+    let password = form.password;
+    tokio::task::spawn_blocking(move || {
+        let phc = found.as_ref().and_then(|(_, key)| key.password_phc.clone());
+        match phc {
+            Some(phc) if super::password::verify(&password, &phc) => found,
+            Some(_) => None,
+            None => {
+                super::password::verify_nothing(&password);
+                None
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten()
 }
 
 async fn login(
@@ -221,12 +265,8 @@ async fn login(
             }
         }
     }
-    let key = form.map(|Form(form)| form.key).unwrap_or_default();
-    let authenticated = state
-        .config
-        .load()
-        .authenticate_admin(key.trim(), time::OffsetDateTime::now_utc());
-    let Some((workspace, admin_key)) = authenticated else {
+    let form = form.map(|Form(form)| form).unwrap_or_default();
+    let Some((workspace, admin_key)) = authenticate(&state, form).await else {
         if let Ok(mut failures) = state.web.login_failures.lock() {
             let entry = failures.entry(client.ip()).or_insert((now, 0));
             if now.duration_since(entry.0) >= Duration::from_secs(60) {
@@ -236,7 +276,7 @@ async fn login(
         }
         return (
             StatusCode::UNAUTHORIZED,
-            pages::login(Some("Unknown or revoked admin key. Make one with `agentmeter admin-key new --workspace <id> --name <you>`.")),
+            pages::login(Some("Unknown or revoked admin key, or a wrong workspace, login or password. An admin can make a key or a login with `agentmeter admin-key new --workspace <id> --name <you> [--login <email>]`.")),
         )
             .into_response();
     };

@@ -196,15 +196,27 @@ pub fn login(error: Option<&str>) -> Markup {
             @if let Some(error) = error {
                 p.notice.error role="alert" { (error) }
             }
-            form method="post" action="/login" {
+            form #key-form method="post" action="/login" {
                 label for="key" { "Admin key" }
                 input #key type="password" name="key" autocomplete="current-password" required placeholder="amk_…";
                 button type="submit" { "Log in" }
             }
+            p.or { "or" }
+            form #password-form method="post" action="/login" {
+                label for="workspace" { "Workspace id" }
+                input #workspace type="text" name="workspace" autocomplete="organization" required;
+                label for="login" { "Email" }
+                input #login type="email" name="login" autocomplete="username" required;
+                label for="password" { "Password" }
+                input #password type="password" name="password" autocomplete="current-password" required;
+                button type="submit" { "Log in with a password" }
+            }
             p.hint {
-                "An admin key belongs to one workspace. Make one with "
+                "An admin key or a login belongs to one workspace. An admin makes a key with "
                 code { "agentmeter admin-key new --workspace <id> --name <you>" }
-                " — it is printed once."
+                " (printed once), or a login with "
+                code { "… --login <email>" }
+                " (the password read from standard input)."
             }
         },
     )
