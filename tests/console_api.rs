@@ -638,3 +638,248 @@ fn one_workspace_never_sees_or_touches_another_and_every_route_needs_a_key() {
         },
     );
 }
+
+#[test]
+fn products_subscriptions_invoices_and_revenue_through_the_api() {
+    let (mut env, url) = console_env("console_billing");
+    env.apply_config(&metering_config("ws_bill", &[("acc_bill", SECRET_A)], ""));
+    let key = new_admin_key(&env, "ws_bill", "admin");
+    let read_only_key = new_admin_key(&env, "ws_bill", "read-only");
+    env.spawn("console", "console");
+    env.wait_http_ok(&format!("{url}/readyz"), Duration::from_secs(60));
+    let api = Api::new(&url, Some(&key));
+    let read_only = Api::new(&url, Some(&read_only_key));
+
+    let product = |fee: &str| {
+        json!({
+            "id": "prod_bill", "name": "Billing Agent", "agent_type": "type_test",
+            "rate_plans": [{
+                "id": "basic", "name": "Basic", "currency": "USD", "billing_cycle": "monthly",
+                "charges": [{"id": "platform", "name": "Platform fee", "model": {"flat": {"fee": fee}}}],
+            }],
+        })
+    };
+    let created = api.change(
+        Method::PUT,
+        "/api/v1/products/prod_bill",
+        Some(product("49")),
+        201,
+    );
+    assert_eq!(created.body["product"]["rate_plans"][0]["id"], "basic");
+    let refused = read_only.call(
+        Method::PUT,
+        "/api/v1/products/prod_bill",
+        Some(read_only.version()),
+        Some(product("1")),
+    );
+    assert_eq!(refused.status, 403, "{refused:?}");
+    let wrong_id = api.change(
+        Method::PUT,
+        "/api/v1/products/other",
+        Some(product("49")),
+        422,
+    );
+    assert_eq!(wrong_id.body["error"]["field"], "id");
+    let mut unknown_type = product("49");
+    unknown_type["agent_type"] = json!("type_nowhere");
+    let invalid = api.change(
+        Method::PUT,
+        "/api/v1/products/prod_bill",
+        Some(unknown_type),
+        422,
+    );
+    assert!(invalid.message().contains("type_nowhere"), "{invalid:?}");
+    let float_fee = api.change(
+        Method::PUT,
+        "/api/v1/products/prod_bill",
+        Some(product("49")).map(|mut p| {
+            p["rate_plans"][0]["charges"][0]["model"]["flat"]["fee"] = json!(49.5);
+            p
+        }),
+        400,
+    );
+    assert!(
+        float_fee.message().contains("fee") || float_fee.message().contains("string"),
+        "{float_fee:?}"
+    );
+
+    let subscription = json!({"id": "sub_bill", "account": "acc_bill", "product": "prod_bill",
+                              "rate_plan": "basic", "start": "2026-09-01T00:00:00Z"});
+    api.change(
+        Method::POST,
+        "/api/v1/subscriptions",
+        Some(subscription.clone()),
+        201,
+    );
+    let twice = api.change(
+        Method::POST,
+        "/api/v1/subscriptions",
+        Some(subscription),
+        422,
+    );
+    assert_eq!(twice.body["error"]["field"], "id");
+    let elsewhere = api.change(
+        Method::POST,
+        "/api/v1/subscriptions",
+        Some(json!({"id": "sub_x", "account": "acc_nowhere", "product": "prod_bill", "rate_plan": "basic", "start": "2026-09-01T00:00:00Z"})),
+        404,
+    );
+    assert!(elsewhere.message().contains("acc_nowhere"), "{elsewhere:?}");
+    assert_eq!(
+        api.get("/api/v1/subscriptions").body["subscriptions"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // October 2026 finalized by the billing CLI; the API lists it, shows it and sums it.
+    env.wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
+        let (finalized, output) = env.run_tool_with_env(
+            &[
+                "invoices",
+                "finalize",
+                "--workspace",
+                "ws_bill",
+                "--all",
+                "--at",
+                "2026-10-15T00:00:00Z",
+            ],
+            &[],
+        );
+        if finalized
+            && env.query("SELECT count() FROM invoices FINAL WHERE workspace_id = 'ws_bill'")[0][0]
+                == "1"
+        {
+            Ok(())
+        } else {
+            Err(format!("not finalized yet: {output}"))
+        }
+    });
+    let invoices = api.get("/api/v1/invoices?account=acc_bill");
+    let listed = &invoices.body["invoices"][0];
+    assert_eq!(
+        (
+            listed["number"].as_u64(),
+            listed["status"].as_str(),
+            listed["total"].as_str()
+        ),
+        (Some(1), Some("finalized"), Some("49")),
+        "{invoices:?}"
+    );
+    let id = listed["id"].as_str().unwrap();
+    let invoice = api.get(&format!("/api/v1/invoices/{id}"));
+    assert_eq!(invoice.status, 200, "{invoice:?}");
+    assert_eq!(
+        common::dec(invoice.body["invoice"]["total"].as_str().unwrap()),
+        common::dec("49")
+    );
+    let printable = Client::new()
+        .get(format!("{url}/api/v1/invoices/{id}?format=html"))
+        .bearer_auth(&key)
+        .send()
+        .unwrap();
+    assert!(printable.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    assert!(printable.text().unwrap().contains("Platform fee"));
+    assert_eq!(
+        api.get(&format!("/api/v1/invoices/{id}?format=pdf")).body["error"]["field"],
+        "format"
+    );
+    assert_eq!(api.get("/api/v1/invoices/inv_nowhere").status, 404);
+
+    let stored = env.query(
+        "SELECT toString(sum(total)), toString(sum(cost)) FROM invoices FINAL WHERE workspace_id = 'ws_bill' AND status = 'finalized'",
+    );
+    for group in ["account", "agent_type", "rate_plan", "month"] {
+        let revenue = api.get(&format!("/api/v1/revenue?group_by={group}"));
+        let groups = revenue.body["groups"].as_array().unwrap();
+        assert_eq!(groups.len(), 1, "{revenue:?}");
+        assert_eq!(
+            common::dec(groups[0]["revenue"].as_str().unwrap()),
+            common::dec(&stored[0][0])
+        );
+        assert_eq!(
+            common::dec(groups[0]["cost"].as_str().unwrap()),
+            common::dec(&stored[0][1])
+        );
+    }
+    assert_eq!(
+        api.get("/api/v1/revenue?group_by=month").body["groups"][0]["key"],
+        "2026-10"
+    );
+    assert_eq!(
+        api.get("/api/v1/revenue?group_by=account").body["groups"][0]["key"],
+        "acc_bill"
+    );
+    // The Profitability page shows the same figures (a web session made with the same key).
+    let web = Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let login = web
+        .post(format!("{url}/login"))
+        .form(&[("key", key.as_str())])
+        .send()
+        .unwrap();
+    let cookie = login.headers()["set-cookie"].to_str().unwrap();
+    let session = cookie.split(';').next().unwrap().to_string();
+    let page = web
+        .get(format!("{url}/profitability"))
+        .header("Cookie", &session)
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    for expected in [
+        "Margin per month",
+        "<td>acc_bill</td>",
+        "<td>2026-10</td>",
+        "<td>basic</td>",
+    ] {
+        assert!(
+            page.contains(expected),
+            "{expected} not on the Profitability page:\n{page}"
+        );
+    }
+    let bad_group = api.get("/api/v1/revenue?group_by=planet");
+    assert_eq!(
+        (bad_group.status, bad_group.body["error"]["field"].as_str()),
+        (422, Some("group_by"))
+    );
+
+    // A change that would alter the finalized October is refused; one after it is not.
+    let alters_october = api.change(
+        Method::POST,
+        "/api/v1/subscriptions/sub_bill/end",
+        Some(json!({"end": "2026-10-20T00:00:00Z"})),
+        409,
+    );
+    assert!(
+        alters_october.message().contains("finalized"),
+        "{alters_october:?}"
+    );
+    let repriced = api.change(
+        Method::PUT,
+        "/api/v1/products/prod_bill",
+        Some(product("59")),
+        409,
+    );
+    assert!(repriced.message().contains("finalized"), "{repriced:?}");
+    let ended = api.change(
+        Method::POST,
+        "/api/v1/subscriptions/sub_bill/end",
+        Some(json!({"end": "2027-01-01T00:00:00Z"})),
+        200,
+    );
+    assert_eq!(ended.body["subscription"]["end"], "2027-01-01T00:00:00Z");
+    let before_start = api.change(
+        Method::POST,
+        "/api/v1/subscriptions/sub_bill/end",
+        Some(json!({"end": "2026-08-01T00:00:00Z"})),
+        422,
+    );
+    assert_eq!(before_start.body["error"]["field"], "end");
+}

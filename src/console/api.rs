@@ -11,6 +11,8 @@
 
 use std::time::{Duration, Instant};
 
+use agentmeter_billing::invoice::DraftInvoice;
+use agentmeter_schemas::catalog::{Product, Subscription};
 use agentmeter_schemas::metering::{hash_secret, Account, AgentInstance, AgentType, Contact};
 use agentmeter_schemas::MeteringConfig;
 use axum::body::Bytes;
@@ -29,7 +31,7 @@ use time::OffsetDateTime;
 use super::auth::Caller;
 use super::edits::{self, AccountPatch, NewInstance, NewRate};
 use super::error::ApiError;
-use super::reads::{self, normalized, LiveDataFilter};
+use super::reads::{self, normalized, LiveDataFilter, RevenueGroup};
 use super::ConsoleState;
 use crate::config_publish::{publish_next, Edited, PublishError};
 
@@ -80,6 +82,16 @@ pub fn router(state: ConsoleState) -> Router {
         )
         .route("/api/v1/outcomes", get(list_outcomes))
         .route("/api/v1/outcomes/{action}", put(set_outcome))
+        .route("/api/v1/products", get(list_products))
+        .route("/api/v1/products/{id}", put(put_product))
+        .route(
+            "/api/v1/subscriptions",
+            get(list_subscriptions).post(create_subscription),
+        )
+        .route("/api/v1/subscriptions/{id}/end", post(end_subscription))
+        .route("/api/v1/invoices", get(list_invoices))
+        .route("/api/v1/invoices/{id}", get(get_invoice))
+        .route("/api/v1/revenue", get(revenue))
         .route("/api/v1/live-data", get(live_data))
         .route("/api/v1/usage", get(usage))
         .route("/api/v1/audit", get(audit))
@@ -638,6 +650,230 @@ async fn set_outcome(
         StatusCode::OK,
         version,
         json!({ "action": action, "outcome": outcome }),
+    ))
+}
+
+// ---- billing: products and rate plans, subscriptions, invoices, revenue and margin
+
+async fn list_products(caller: Caller) -> Response {
+    versioned(
+        StatusCode::OK,
+        caller.workspace.version,
+        json!({ "products": caller.workspace.config.products }),
+    )
+}
+
+async fn put_product(
+    State(state): State<ConsoleState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Result<Response, ApiError> {
+    let product: Product = body(&bytes)?;
+    let (version, (product, created)) = write(&state, &caller, &headers, |config| {
+        edits::put_product(config, &id, product)
+    })
+    .await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(versioned(status, version, json!({ "product": product })))
+}
+
+async fn list_subscriptions(caller: Caller) -> Response {
+    versioned(
+        StatusCode::OK,
+        caller.workspace.version,
+        json!({ "subscriptions": caller.workspace.config.subscriptions }),
+    )
+}
+
+async fn create_subscription(
+    State(state): State<ConsoleState>,
+    caller: Caller,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Result<Response, ApiError> {
+    let subscription: Subscription = body(&bytes)?;
+    let (version, subscription) = write(&state, &caller, &headers, |config| {
+        edits::create_subscription(config, subscription)
+    })
+    .await?;
+    Ok(versioned(
+        StatusCode::CREATED,
+        version,
+        json!({ "subscription": subscription }),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubscriptionEnd {
+    /// RFC 3339, exclusive.
+    end: String,
+}
+
+async fn end_subscription(
+    State(state): State<ConsoleState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Result<Response, ApiError> {
+    let SubscriptionEnd { end } = body(&bytes)?;
+    let end = OffsetDateTime::parse(end.trim(), &Rfc3339).map_err(|error| {
+        ApiError::invalid(
+            "end",
+            format!("end {end:?} is not an RFC 3339 instant: {error}"),
+        )
+    })?;
+    let (version, subscription) = write(&state, &caller, &headers, |config| {
+        edits::end_subscription(config, &id, end)
+    })
+    .await?;
+    Ok(versioned(
+        StatusCode::OK,
+        version,
+        json!({ "subscription": subscription }),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InvoicesQuery {
+    account: Option<String>,
+}
+
+async fn list_invoices(
+    State(state): State<ConsoleState>,
+    caller: Caller,
+    query: Result<Query<InvoicesQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) =
+        query.map_err(|error| ApiError::new(StatusCode::BAD_REQUEST, error.body_text()))?;
+    let rows = reads::invoices(
+        &state,
+        caller.workspace.workspace_id(),
+        query.account.as_deref(),
+    )
+    .await
+    .map_err(ApiError::unavailable)?;
+    let items: Vec<Value> = rows
+        .iter()
+        .map(|row| {
+            json!({
+                "id": row.invoice_id,
+                "number": row.number,
+                "status": row.status,
+                "account": row.account_id,
+                "rate_plan": row.rate_plan,
+                "agent_type": row.agent_type,
+                "period_start": OffsetDateTime::from_unix_timestamp(i64::from(row.period_start))
+                    .ok()
+                    .and_then(|at| at.format(&Rfc3339).ok()),
+                "currency": row.currency,
+                "total": normalized(&row.total),
+                "cost": normalized(&row.cost),
+                "margin": (!row.margin.is_empty()).then(|| normalized(&row.margin)),
+            })
+        })
+        .collect();
+    Ok(versioned(
+        StatusCode::OK,
+        caller.workspace.version,
+        json!({ "invoices": items }),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InvoiceQuery {
+    /// `json` (default) or `html` (the printable page).
+    format: Option<String>,
+}
+
+async fn get_invoice(
+    State(state): State<ConsoleState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    query: Result<Query<InvoiceQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) =
+        query.map_err(|error| ApiError::new(StatusCode::BAD_REQUEST, error.body_text()))?;
+    let html = match query.format.as_deref() {
+        None | Some("json") => false,
+        Some("html") => true,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "format",
+                format!("format {other:?} is not json or html"),
+            ))
+        }
+    };
+    let content = reads::invoice_content(&state, caller.workspace.workspace_id(), &id)
+        .await
+        .map_err(ApiError::unavailable)?
+        .ok_or_else(|| ApiError::not_found(format!("invoice {id:?}")))?;
+    let invoice: DraftInvoice = serde_json::from_str(&content).map_err(|error| {
+        ApiError::unavailable(anyhow::anyhow!(
+            "the stored invoice cannot be read: {error}"
+        ))
+    })?;
+    if html {
+        return Ok(axum::response::Html(invoice.to_html()).into_response());
+    }
+    Ok(versioned(
+        StatusCode::OK,
+        caller.workspace.version,
+        json!({ "invoice": invoice }),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevenueQuery {
+    group_by: Option<RevenueGroup>,
+}
+
+async fn revenue(
+    State(state): State<ConsoleState>,
+    caller: Caller,
+    query: Result<Query<RevenueQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|error| {
+        ApiError::invalid(
+            "group_by",
+            format!(
+                "{}; group_by is account, agent_type, rate_plan or month",
+                error.body_text()
+            ),
+        )
+    })?;
+    let group = query.group_by.unwrap_or(RevenueGroup::Account);
+    let rows = reads::revenue(&state, caller.workspace.workspace_id(), group)
+        .await
+        .map_err(ApiError::unavailable)?;
+    let groups: Vec<Value> = rows
+        .iter()
+        .map(|row| {
+            json!({
+                "key": row.group_key,
+                "currency": row.currency,
+                "invoices": row.invoices,
+                "revenue": normalized(&row.revenue),
+                "cost": normalized(&row.cost),
+                "margin": (!row.margin.is_empty()).then(|| normalized(&row.margin)),
+                "invoices_without_margin": row.without_margin,
+            })
+        })
+        .collect();
+    Ok(versioned(
+        StatusCode::OK,
+        caller.workspace.version,
+        json!({ "groups": groups, "cost_currency": caller.workspace.currency() }),
     ))
 }
 

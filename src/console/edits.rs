@@ -2,6 +2,7 @@
 //! function of the current configuration, so both surfaces change it the same way. A refusal
 //! names the field; the whole result is then checked by `publish_next` like a file.
 
+use agentmeter_schemas::catalog::{Product, Subscription};
 use agentmeter_schemas::metering::{
     Account, AgentInstance, AgentType, Contact, CostAllocation, OutcomeDefinition, Rate,
     RetiredSecret, MAX_RETIRED_SECRETS,
@@ -385,4 +386,82 @@ pub fn set_outcome(
             .retain(|definition| definition.action != action);
     }
     Ok(())
+}
+
+/// Creates the product `id`, or replaces it whole (its rate plans with it). The result is
+/// checked like a file: a plan whose finalized invoices would change is refused (ADR 0004).
+pub fn put_product(
+    config: &mut MeteringConfig,
+    id: &str,
+    product: Product,
+) -> Result<(Product, bool), PublishError> {
+    if product.id != id {
+        return Err(refused(
+            "id",
+            format!("the body's id {:?} is not the path's {id:?}", product.id),
+        ));
+    }
+    match config.products.iter_mut().find(|known| known.id == id) {
+        Some(known) => {
+            *known = product.clone();
+            Ok((product, false))
+        }
+        None => {
+            config.products.push(product.clone());
+            Ok((product, true))
+        }
+    }
+}
+
+pub fn create_subscription(
+    config: &mut MeteringConfig,
+    subscription: Subscription,
+) -> Result<Subscription, PublishError> {
+    if config
+        .subscriptions
+        .iter()
+        .any(|known| known.id == subscription.id)
+    {
+        return Err(refused(
+            "id",
+            format!("subscription {:?} already exists", subscription.id),
+        ));
+    }
+    if !config
+        .accounts
+        .iter()
+        .any(|account| account.id == subscription.account)
+    {
+        return Err(PublishError::NotFound(format!(
+            "account {:?}",
+            subscription.account
+        )));
+    }
+    config.subscriptions.push(subscription.clone());
+    Ok(subscription)
+}
+
+/// Ends a subscription at `end` (exclusive): its periods from then on are not billed.
+pub fn end_subscription(
+    config: &mut MeteringConfig,
+    id: &str,
+    end: OffsetDateTime,
+) -> Result<Subscription, PublishError> {
+    let subscription = config
+        .subscriptions
+        .iter_mut()
+        .find(|known| known.id == id)
+        .ok_or_else(|| PublishError::NotFound(format!("subscription {id:?}")))?;
+    if end <= subscription.start {
+        return Err(refused(
+            "end",
+            format!(
+                "end {} is not after the subscription's start {}",
+                end.format(&Rfc3339).unwrap_or_default(),
+                subscription.start.format(&Rfc3339).unwrap_or_default()
+            ),
+        ));
+    }
+    subscription.end = Some(end);
+    Ok(subscription.clone())
 }

@@ -405,3 +405,63 @@ pub async fn users_and_seats(
         .await
         .context("cannot read users and seats")
 }
+
+/// Revenue, cost and margin of the finalized invoices, per group and currency (exact sums in
+/// ClickHouse; revenue is in the invoice's currency, cost and margin in the workspace's).
+#[derive(Debug, clickhouse::Row, Deserialize)]
+pub struct RevenueRow {
+    pub group_key: String,
+    pub currency: String,
+    pub invoices: u64,
+    pub revenue: String,
+    pub cost: String,
+    /// Of the invoices whose margin is known; empty when none is.
+    pub margin: String,
+    /// Invoices whose margin is unknown (no exchange rate for their currency).
+    pub without_margin: u64,
+}
+
+/// How [`revenue`] groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RevenueGroup {
+    Account,
+    AgentType,
+    RatePlan,
+    Month,
+}
+
+impl RevenueGroup {
+    /// The column expression (one of four fixed texts, never from the request).
+    fn expression(self) -> &'static str {
+        match self {
+            RevenueGroup::Account => "account_id",
+            RevenueGroup::AgentType => "agent_type",
+            RevenueGroup::RatePlan => "rate_plan",
+            RevenueGroup::Month => "substring(toString(toStartOfMonth(period_start)), 1, 7)",
+        }
+    }
+}
+
+pub async fn revenue(
+    state: &ConsoleState,
+    workspace_id: &str,
+    group: RevenueGroup,
+) -> anyhow::Result<Vec<RevenueRow>> {
+    let sql = format!(
+        "SELECT {} AS group_value, currency, count() AS invoice_count, toString(sum(total)) AS revenue_total, \
+                toString(sum(cost)) AS cost_total, ifNull(toString(sum(margin)), '') AS margin_total, \
+                countIf(isNull(margin)) AS unknown_margins \
+         FROM invoices FINAL WHERE workspace_id = ? AND status = 'finalized' \
+         GROUP BY group_value, currency ORDER BY group_value, currency",
+        group.expression()
+    );
+    let rows = state
+        .clickhouse
+        .query(&sql)
+        .bind(workspace_id)
+        .fetch_all::<RevenueRow>()
+        .await
+        .context("cannot read revenue")?;
+    Ok(rows)
+}

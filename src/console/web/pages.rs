@@ -22,7 +22,7 @@ use super::{web_caller, web_writer, WebCaller};
 use crate::console::api::write_at;
 use crate::console::edits::{self, NewInstance, NewRate};
 use crate::console::error::ApiError;
-use crate::console::reads::{self, normalized, LiveDataFilter, LiveRow};
+use crate::console::reads::{self, normalized, LiveDataFilter, LiveRow, RevenueGroup};
 use crate::console::ConsoleState;
 
 /// Live Data rows per page (and per refresh).
@@ -1198,51 +1198,22 @@ pub async fn invoice(
 
 // ---- Profitability
 
-/// Revenue, cost and margin summed per key (exact decimals; margins only where known).
-#[derive(Default)]
-struct Totals {
-    revenue: Decimal,
-    cost: Decimal,
-    margin: Decimal,
-    invoices: u64,
-}
-
-/// Finalized invoices summed per month, account, agent type and rate plan.
-struct Margins {
-    per_month: BTreeMap<String, Totals>,
-    per_account: BTreeMap<String, Totals>,
-    per_agent_type: BTreeMap<String, Totals>,
-    per_rate_plan: BTreeMap<String, Totals>,
-}
-
-impl Margins {
-    fn of(rows: &[reads::InvoiceListRow]) -> Margins {
-        let mut margins = Margins {
-            per_month: BTreeMap::new(),
-            per_account: BTreeMap::new(),
-            per_agent_type: BTreeMap::new(),
-            per_rate_plan: BTreeMap::new(),
-        };
-        for row in rows.iter().filter(|row| row.status == "finalized") {
-            let month = day(i64::from(row.period_start))
-                .get(..7)
-                .unwrap_or("")
-                .to_string();
-            for (map, key) in [
-                (&mut margins.per_month, month),
-                (&mut margins.per_account, row.account_id.clone()),
-                (&mut margins.per_agent_type, row.agent_type.clone()),
-                (&mut margins.per_rate_plan, row.rate_plan.clone()),
-            ] {
-                let totals = map.entry(key).or_default();
-                totals.revenue = totals.revenue.saturating_add(decimal(&row.total));
-                totals.cost = totals.cost.saturating_add(decimal(&row.cost));
-                totals.margin = totals.margin.saturating_add(decimal(&row.margin));
-                totals.invoices += 1;
-            }
-        }
-        margins
+/// The margin per month of finalized invoices (the month rows of every currency added up: the
+/// margin is in the workspace's currency), as bars.
+fn monthly_margin_bars(rows: &[reads::RevenueRow], currency: &str) -> Vec<Bar> {
+    let mut per_month: BTreeMap<&str, Decimal> = BTreeMap::new();
+    for row in rows {
+        let margin = per_month.entry(row.group_key.as_str()).or_default();
+        *margin = margin.saturating_add(decimal(&row.margin));
     }
+    per_month
+        .into_iter()
+        .map(|(month, margin)| Bar {
+            label: month.to_string(),
+            value: margin.max(Decimal::ZERO),
+            title: format!("{month}: margin {} {currency}", margin.normalize()),
+        })
+        .collect()
 }
 
 /// One bar per day of the 30 from `first_day` (seconds), days without cost included.
@@ -1299,7 +1270,15 @@ pub async fn profitability(
     let days = reads::cost_per_day(&state, workspace_id, None, first_day).await;
     let usage = reads::usage(&state, workspace_id, None, 0, i64::from(u32::MAX)).await;
     let users = reads::heaviest_users(&state, workspace_id, None, 0).await;
-    let invoices = reads::invoices(&state, workspace_id, None).await;
+    let mut revenue = Vec::new();
+    for (group, heading) in [
+        (RevenueGroup::Month, "Per month"),
+        (RevenueGroup::Account, "Per account"),
+        (RevenueGroup::AgentType, "Per agent type"),
+        (RevenueGroup::RatePlan, "Per rate plan"),
+    ] {
+        revenue.push((heading, reads::revenue(&state, workspace_id, group).await));
+    }
     let content = html! {
         h2 { "Cost per day, last 30 days" }
         @match &days {
@@ -1309,28 +1288,26 @@ pub async fn profitability(
                 (chart::bars(&format!("Cost per day ({currency})"), &daily_bars(rows, first_day, &currency)))
             }
         }
-        @match &invoices {
-            Err(error) => (unavailable("invoices", error)),
+        @match &revenue[0].1 {
+            Err(error) => (unavailable("revenue", error)),
             Ok(rows) if rows.is_empty() => p.empty { "Revenue and margin appear here once invoices are finalized (Billing)." },
             Ok(rows) => {
-                @let margins = Margins::of(rows);
                 h2 { "Margin per month" }
-                (chart::bars("Margin per month (finalized invoices)", &margins.per_month.iter().map(|(month, totals)| Bar {
-                    label: month.clone(),
-                    value: totals.margin.max(Decimal::ZERO),
-                    title: format!("{month}: revenue {}, cost {}, margin {}", totals.revenue.normalize(), totals.cost.normalize(), totals.margin.normalize()),
-                }).collect::<Vec<_>>()))
-                @for (heading, map) in [("Per account", &margins.per_account), ("Per agent type", &margins.per_agent_type), ("Per rate plan", &margins.per_rate_plan), ("Per month", &margins.per_month)] {
-                    h3 { (heading) }
-                    table.data.margins {
-                        thead { tr { th {} th.number { "Invoices" } th.number { "Revenue" } th.number { "Cost" } th.number { "Margin" } } }
-                        tbody { @for (key, totals) in map { tr {
-                            td { (key) } td.number { (totals.invoices) } td.number { (totals.revenue.normalize()) }
-                            td.number { (totals.cost.normalize()) } td.number { (totals.margin.normalize()) }
-                        } } }
+                (chart::bars(&format!("Margin per month ({currency}, finalized invoices)"), &monthly_margin_bars(rows, &currency)))
+                @for (heading, rows) in &revenue {
+                    @if let Ok(rows) = rows {
+                        h3 { (heading) }
+                        table.data.margins {
+                            thead { tr { th {} th { "Currency" } th.number { "Invoices" } th.number { "Revenue" } th.number { "Cost" } th.number { "Margin" } } }
+                            tbody { @for row in rows { tr {
+                                td { (row.group_key) } td { (row.currency) } td.number { (row.invoices) }
+                                td.number { (normalized(&row.revenue)) } td.number { (normalized(&row.cost)) }
+                                td.number { @if row.margin.is_empty() { "—" } @else { (normalized(&row.margin)) } @if row.without_margin > 0 { " (" (row.without_margin) " without)" } }
+                            } } }
+                        }
                     }
                 }
-                p.hint { "Finalized invoices only. Revenue in each plan's currency; cost and margin in " (currency) " (converted as docs/billing.md says)." }
+                p.hint { "Finalized invoices only, summed exactly in ClickHouse. Revenue in each invoice's currency; cost and margin in " (currency) " (converted as docs/billing.md says)." }
             }
         }
         h2 { "Most expensive actions" }
