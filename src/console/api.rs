@@ -254,7 +254,8 @@ struct ListQuery {
     archived: bool,
 }
 
-fn list_query(query: Result<Query<ListQuery>, QueryRejection>) -> Result<ListQuery, ApiError> {
+/// A query string as `T`, or 400 with serde's message (which names the unknown or wrong field).
+fn query_of<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
     query
         .map(|Query(query)| query)
         .map_err(|error| ApiError::new(StatusCode::BAD_REQUEST, error.body_text()))
@@ -266,7 +267,7 @@ async fn list_accounts(
     caller: Caller,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let query = list_query(query)?;
+    let query = query_of(query)?;
     let accounts: Vec<&Account> = caller
         .workspace
         .config
@@ -451,7 +452,7 @@ async fn list_instances(
     caller: Caller,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let query = list_query(query)?;
+    let query = query_of(query)?;
     let instances: Vec<Value> = caller
         .workspace
         .config
@@ -752,8 +753,7 @@ async fn list_invoices(
     caller: Caller,
     query: Result<Query<InvoicesQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(query) =
-        query.map_err(|error| ApiError::new(StatusCode::BAD_REQUEST, error.body_text()))?;
+    let query = query_of(query)?;
     let rows = reads::invoices(
         &state,
         caller.workspace.workspace_id(),
@@ -801,8 +801,7 @@ async fn get_invoice(
     Path(id): Path<String>,
     query: Result<Query<InvoiceQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(query) =
-        query.map_err(|error| ApiError::new(StatusCode::BAD_REQUEST, error.body_text()))?;
+    let query = query_of(query)?;
     let html = match query.format.as_deref() {
         None | Some("json") => false,
         Some("html") => true,
@@ -898,8 +897,7 @@ async fn live_data(
     caller: Caller,
     query: Result<Query<LiveDataFilter>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(filter) =
-        query.map_err(|error| ApiError::new(StatusCode::BAD_REQUEST, error.body_text()))?;
+    let filter = query_of(query)?;
     let page_max = state.settings.console.live_data_page_max;
     let limit = filter.limit.unwrap_or(100);
     if !(1..=page_max).contains(&limit) {
@@ -972,8 +970,7 @@ async fn usage(
     caller: Caller,
     query: Result<Query<UsageQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(query) =
-        query.map_err(|error| ApiError::new(StatusCode::BAD_REQUEST, error.body_text()))?;
+    let query = query_of(query)?;
     let from = time_bound("from", query.from.as_deref(), 0)? / 1_000_000;
     let to = time_bound("to", query.to.as_deref(), i64::from(u32::MAX) * 1_000_000)? / 1_000_000;
     if let Some(account) = &query.account {

@@ -268,10 +268,10 @@ async fn login(
     let form = form.map(|Form(form)| form).unwrap_or_default();
     let Some((workspace, admin_key)) = authenticate(&state, form).await else {
         if let Ok(mut failures) = state.web.login_failures.lock() {
+            // Addresses whose minute is over are forgotten, so the map holds at most the
+            // addresses that failed in the last minute.
+            failures.retain(|_, (since, _)| now.duration_since(*since) < Duration::from_secs(60));
             let entry = failures.entry(client.ip()).or_insert((now, 0));
-            if now.duration_since(entry.0) >= Duration::from_secs(60) {
-                *entry = (now, 0);
-            }
             entry.1 += 1;
         }
         return (
