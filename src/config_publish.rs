@@ -139,8 +139,10 @@ pub async fn publish_next(
             }
         }
     }
-    let mut summary =
-        crate::config_cmd::describe_changes(current.as_ref().map(|record| &record.config), &config);
+    let mut summary = crate::config_changes::describe_changes(
+        current.as_ref().map(|record| &record.config),
+        &config,
+    );
     if let Some(keys) = &admin_keys {
         let before = current
             .as_ref()

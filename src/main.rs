@@ -22,6 +22,7 @@
 mod actions_cmd;
 mod admin_key_cmd;
 mod billing_stage;
+mod config_changes;
 mod config_cmd;
 mod config_publish;
 mod console;

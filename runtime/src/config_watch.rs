@@ -38,6 +38,9 @@ pub struct MeteringState {
     admin_keys_by_digest: HashMap<[u8; 32], (String, AdminKey)>,
     /// (workspace id, login name) → the password login (active or revoked).
     password_logins: HashMap<(String, String), AdminKey>,
+    /// (workspace id, key id) → every key and login above that authenticates for that
+    /// workspace: what a console session re-checks on each request.
+    admin_keys_by_id: HashMap<(String, String), AdminKey>,
 }
 
 impl MeteringState {
@@ -107,6 +110,16 @@ impl MeteringState {
                 }
             }
         }
+        let admin_keys_by_id = admin_keys_by_digest
+            .values()
+            .filter(|(owner, _)| !owner.is_empty())
+            .map(|(owner, key)| ((owner.clone(), key.id.clone()), key.clone()))
+            .chain(
+                password_logins
+                    .iter()
+                    .map(|((owner, _), key)| ((owner.clone(), key.id.clone()), key.clone())),
+            )
+            .collect();
         MeteringState {
             workspaces,
             workspace_by_secret_digest: owners
@@ -116,6 +129,7 @@ impl MeteringState {
             secret_conflicts: conflicts.len(),
             admin_keys_by_digest,
             password_logins,
+            admin_keys_by_id,
         }
     }
 
@@ -128,19 +142,8 @@ impl MeteringState {
         now: time::OffsetDateTime,
     ) -> Option<(Arc<WorkspaceSnapshot>, AdminKey)> {
         let snapshot = self.workspaces.get(workspace_id)?;
-        let by_key = self
-            .admin_keys_by_digest
-            .values()
-            .find(|(owner, key)| owner == workspace_id && key.id == key_id)
-            .map(|(_, key)| key);
-        let by_login = || {
-            self.password_logins
-                .iter()
-                .find(|((owner, _), key)| owner == workspace_id && key.id == key_id)
-                .map(|(_, key)| key)
-        };
-        by_key
-            .or_else(by_login)
+        self.admin_keys_by_id
+            .get(&(workspace_id.to_string(), key_id.to_string()))
             .filter(|key| key.is_active(now))
             .map(|key| (snapshot.clone(), key.clone()))
     }

@@ -9,8 +9,6 @@
 //! configuration invalid; nothing is changed then. The answer comes once this process has read
 //! its own write back, so the next read shows it.
 
-use std::time::{Duration, Instant};
-
 use agentmeter_billing::invoice::DraftInvoice;
 use agentmeter_schemas::catalog::{Product, Subscription};
 use agentmeter_schemas::metering::{hash_secret, Account, AgentInstance, AgentType, Contact};
@@ -33,7 +31,7 @@ use super::edits::{self, AccountPatch, NewInstance, NewRate};
 use super::error::ApiError;
 use super::reads::{self, normalized, LiveDataFilter, RevenueGroup};
 use super::ConsoleState;
-use crate::config_publish::{publish_next, Edited, PublishError};
+use crate::config_publish::PublishError;
 
 /// The OpenAPI document of these routes, served at `/api/v1/openapi.json`.
 pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
@@ -95,17 +93,6 @@ pub fn router(state: ConsoleState) -> Router {
         .route("/api/v1/live-data", get(live_data))
         .route("/api/v1/usage", get(usage))
         .route("/api/v1/audit", get(audit))
-        .fallback(|uri: axum::http::Uri| async move {
-            if uri.path().starts_with("/api/") {
-                ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    "no such route; GET /api/v1/openapi.json lists them",
-                )
-                .into_response()
-            } else {
-                (StatusCode::NOT_FOUND, super::web::not_found_page()).into_response()
-            }
-        })
         .with_state(state)
         .merge(agentmeter_runtime::observability::operations_router(
             readiness,
@@ -169,72 +156,7 @@ async fn write<T>(
 ) -> Result<(i64, T), ApiError> {
     caller.require_admin()?;
     let expected = expected_version(headers)?;
-    write_at(state, caller, expected, edit).await
-}
-
-/// [`write`] with the version the change was made against given directly (the web console's
-/// forms carry it in a hidden field).
-pub(super) async fn write_at<T>(
-    state: &ConsoleState,
-    caller: &Caller,
-    expected: i64,
-    edit: impl FnOnce(&mut MeteringConfig) -> Result<T, PublishError>,
-) -> Result<(i64, T), ApiError> {
-    caller.require_admin()?;
-    let workspace_id = caller.workspace.workspace_id().to_string();
-    let mut answer = None;
-    let published = publish_next(
-        &state.settings.kafka,
-        &workspace_id,
-        Some(expected),
-        &caller.actor(),
-        |current| {
-            let current = current.ok_or(PublishError::UnknownWorkspace)?;
-            let mut config = current.config.clone();
-            answer = Some(edit(&mut config)?);
-            Ok(Edited {
-                config,
-                admin_keys: None,
-            })
-        },
-    )
-    .await?;
-    let answer = answer.expect("the edit ran, or publish_next returned its error");
-    let record = published.record;
-    if published.changed {
-        // The change note is in the published record, so the audit follower copies it should
-        // this write fail: the change is made either way, and the answer says so.
-        if let Err(error) = reads::record_change(
-            state,
-            &workspace_id,
-            record.version,
-            record.applied_at,
-            record.change.as_ref(),
-        )
-        .await
-        {
-            tracing::warn!(error = %format!("{error:#}"), version = record.version, "cannot write the audit row now; the follower copies it later");
-        }
-        wait_to_see(state, &workspace_id, record.version).await;
-    }
-    Ok((record.version, answer))
-}
-
-/// Waits (up to 10 s) until this process's configuration has `version`, so the caller's next
-/// read shows its write.
-async fn wait_to_see(state: &ConsoleState, workspace_id: &str, version: i64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        let seen = state
-            .config
-            .load()
-            .workspace(workspace_id)
-            .is_some_and(|snapshot| snapshot.version >= version);
-        if seen {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    super::write::write_at(state, caller, expected, edit).await
 }
 
 async fn workspace(caller: Caller) -> Response {
@@ -493,10 +415,7 @@ async fn rotate_secret(
 ) -> Result<Response, ApiError> {
     let secret = crate::new_secret();
     let now = OffsetDateTime::now_utc();
-    let grace = time::Duration::milliseconds(
-        i64::try_from(state.settings.console.secret_grace_period_ms).unwrap_or(i64::MAX),
-    );
-    let valid_until = now + grace;
+    let valid_until = state.settings.console.retired_secret_valid_until(now);
     let (version, instance) = write(&state, &caller, &headers, |config| {
         edits::rotate_secret(config, &id, hash_secret(&secret), now, valid_until)
     })
@@ -926,11 +845,7 @@ async fn live_data(
             )
             .ok()
             .and_then(|at| at.format(&Rfc3339).ok());
-            let label = match (row.kind.as_str(), row.tracked, row.outcome) {
-                ("derived_outcome", _, _) | (_, 1, 1) => "@outcome",
-                (_, 1, _) => "@action",
-                _ => "",
-            };
+            let label = row.label();
             json!({
                 "event_id": row.event_id,
                 "occurred_at": occurred_at,
@@ -1048,7 +963,10 @@ mod tests {
     fn routes_in_source() -> BTreeSet<(String, String)> {
         let source = include_str!("api.rs");
         let start = source.find("pub fn router").expect("router in source");
-        let end = source[start..].find(".fallback(").expect("fallback") + start;
+        let end = source[start..]
+            .find(".with_state(state)")
+            .expect("with_state")
+            + start;
         let mut routes = BTreeSet::new();
         for chunk in source[start..end].split(".route(").skip(1) {
             let path = chunk.split('"').nth(1).expect("a quoted path").to_string();

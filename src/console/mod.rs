@@ -11,6 +11,7 @@
 //! * `edits.rs` — the changes themselves, pure functions of the configuration, shared by the
 //!   API and the web console.
 //! * `password.rs` — Argon2id hashes of console passwords.
+//! * `write.rs` — the one write path, shared by the API and the web console.
 //! * `web/` — the web console: server-rendered pages (maud), sessions, CSRF, login limits.
 //! * `error.rs` — every refusal as a JSON body with a message naming the field and the problem.
 //! * `reads.rs` — the ClickHouse reads: discovered actions, Live Data, usage, the audit log.
@@ -26,6 +27,7 @@ mod error;
 pub(crate) mod password;
 mod reads;
 mod web;
+mod write;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -71,6 +73,13 @@ impl Default for ConsoleSettings {
 }
 
 impl ConsoleSettings {
+    /// Until when a secret replaced at `now` keeps working (`secret_grace_period` later).
+    pub fn retired_secret_valid_until(&self, now: time::OffsetDateTime) -> time::OffsetDateTime {
+        now + time::Duration::milliseconds(
+            i64::try_from(self.secret_grace_period_ms).unwrap_or(i64::MAX),
+        )
+    }
+
     /// Cross-field checks, run at start.
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
@@ -115,7 +124,9 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {listen}"))?;
     tracing::info!(%listen, "control-plane API listening");
     let mut stop = shutdown.clone();
-    let app = api::router(state.clone()).merge(web::router(state));
+    let app = api::router(state.clone())
+        .merge(web::router(state))
+        .fallback(not_found);
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
@@ -125,6 +136,22 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     .context("console server failed")?;
     follower.abort();
     Ok(())
+}
+
+/// An unknown path: a JSON error under `/api/`, the console's page elsewhere (the same answer
+/// whether or not the id exists in another workspace).
+async fn not_found(uri: axum::http::Uri) -> axum::response::Response {
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+    if uri.path().starts_with("/api/") {
+        error::ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no such route; GET /api/v1/openapi.json lists them",
+        )
+        .into_response()
+    } else {
+        (StatusCode::NOT_FOUND, web::not_found_page()).into_response()
+    }
 }
 
 /// Copies the change note of every configuration version this process sees into the audit

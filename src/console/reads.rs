@@ -150,6 +150,18 @@ pub struct LiveRow {
     pub currency: String,
 }
 
+impl LiveRow {
+    /// The product's tag of the row: `@outcome` (an outcome, or a derived one), `@action` (a
+    /// tracked action), or nothing (untracked).
+    pub fn label(&self) -> &'static str {
+        match (self.kind.as_str(), self.tracked, self.outcome) {
+            ("derived_outcome", _, _) | (_, 1, 1) => "@outcome",
+            (_, 1, _) => "@action",
+            _ => "",
+        }
+    }
+}
+
 /// A page of Live Data, newest first. `from_micros`/`to_micros` are the parsed time filters.
 pub async fn live_data(
     state: &ConsoleState,

@@ -19,10 +19,10 @@ use time::OffsetDateTime;
 
 use super::chart::{self, Bar};
 use super::{web_caller, web_writer, WebCaller};
-use crate::console::api::write_at;
 use crate::console::edits::{self, NewInstance, NewRate};
 use crate::console::error::ApiError;
 use crate::console::reads::{self, normalized, LiveDataFilter, LiveRow, RevenueGroup};
+use crate::console::write::write_at;
 use crate::console::ConsoleState;
 
 /// Live Data rows per page (and per refresh).
@@ -349,11 +349,7 @@ async fn live_rows(state: &ConsoleState, web: &WebCaller, query: &LiveDataQuery)
 }
 
 fn live_row(row: &LiveRow) -> Markup {
-    let label = match (row.kind.as_str(), row.tracked, row.outcome) {
-        ("derived_outcome", _, _) | (_, 1, 1) => "@outcome",
-        (_, 1, _) => "@action",
-        _ => "",
-    };
+    let label = row.label();
     html! {
         tr data-event=(row.event_id) {
             td.time { (when(row.occurred_at_micros.div_euclid(1_000_000))) }
@@ -1090,10 +1086,7 @@ pub async fn rotate_secret(
     let web = writer!(state, headers, &form.csrf);
     let secret = crate::new_secret();
     let now = OffsetDateTime::now_utc();
-    let grace = time::Duration::milliseconds(
-        i64::try_from(state.settings.console.secret_grace_period_ms).unwrap_or(i64::MAX),
-    );
-    let valid_until = now + grace;
+    let valid_until = state.settings.console.retired_secret_valid_until(now);
     let result = write_at(&state, &web.caller, form.version, |config| {
         edits::rotate_secret(config, &id, hash_secret(&secret), now, valid_until)
     })
