@@ -469,11 +469,11 @@ fn a_new_builder_meters_an_agent_from_the_browser_and_sees_its_cost() {
         let total = browser.texts("#usage-total");
         let expected_total = format!("{cost} USD");
         if cost > rust_decimal::Decimal::ZERO
-            && usage.len() == 7
+            && usage.len() == 6
             && usage[0] == "web_search"
             && usage[1] == "unit"
             && usage[2] == *count
-            && usage[6] == expected_total
+            && usage[5] == expected_total
             && total == [expected_total.clone()]
         {
             Ok(())

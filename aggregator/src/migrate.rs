@@ -47,6 +47,11 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
         "config_audit",
         include_str!("../migrations/0009_config_audit.sql"),
     ),
+    (
+        10,
+        "daily_rollups",
+        include_str!("../migrations/0010_daily_rollups.sql"),
+    ),
 ];
 
 #[derive(Debug, clickhouse::Row, serde::Deserialize)]
@@ -80,6 +85,10 @@ pub fn statements(sql: &str, database: &str) -> Vec<String> {
 /// CREATE and DROP, and every `…MergeTree` engine replicated under
 /// `/clickhouse/tables/{shard}/DATABASE/TABLE` with the server's `{replica}` macro.
 pub fn on_cluster(statement: &str, cluster: &str) -> String {
+    // Data statements run on the one server `migrate` talks to; replication copies their rows.
+    if statement.starts_with("INSERT ") {
+        return statement.to_string();
+    }
     let on = format!(" ON CLUSTER {cluster}");
     let head_end = statement.find(['\n', '(']).unwrap_or(statement.len());
     let head = statement[..head_end].trim_end();
@@ -249,10 +258,17 @@ mod tests {
             "c1"
         )
         .ends_with("ON CLUSTER c1 (version UInt32) ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/db1/schema_migrations', '{replica}') ORDER BY version"));
-        // Every statement of every migration gets ON CLUSTER, and no engine stays local.
+        // Every DDL statement of every migration gets ON CLUSTER, no engine stays local, and a
+        // data statement (the rollups' backfill) runs unchanged on one server.
+        let backfill = "INSERT INTO db1.usage_daily SELECT 1";
+        assert_eq!(on_cluster(backfill, "c1"), backfill);
         for (_, _, sql) in MIGRATIONS {
             for statement in statements(sql, "db1") {
                 let clustered = on_cluster(&statement, "c1");
+                if statement.starts_with("INSERT ") {
+                    assert_eq!(clustered, statement);
+                    continue;
+                }
                 assert!(clustered.contains(" ON CLUSTER c1"), "{clustered}");
                 assert!(
                     !clustered.contains("= ReplacingMergeTree")

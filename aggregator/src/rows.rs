@@ -4,7 +4,7 @@
 use agentmeter_schemas::decimal::{to_scaled_i128, DecimalError};
 use serde::{Deserialize, Serialize};
 
-use crate::state::{BatchPlan, CountedAction, UsageKey, UsageTotals};
+use crate::state::{BatchPlan, CountedAction, DailyKey, UsageKey, UsageTotals, UserDayKey};
 
 fn seconds(micros: i64) -> u32 {
     u32::try_from(micros.div_euclid(1_000_000)).unwrap_or(0)
@@ -142,6 +142,104 @@ impl UsageRow {
             cost: totals.cost_scaled,
             outcome_count: totals.outcome_count,
             first_seen: seconds(totals.first_seen_micros),
+            last_seen: seconds(totals.last_seen_micros),
+            version: version as u64,
+        }
+    }
+}
+
+/// One `usage_daily` row (migration 0010, ADR 0008).
+#[derive(Debug, Clone, PartialEq, clickhouse::Row, Serialize, Deserialize)]
+pub struct DailyRow {
+    pub day: u32,
+    pub workspace_id: String,
+    pub account_id: String,
+    pub action_name: String,
+    pub trace_event: String,
+    pub measure: String,
+    pub tracked: u8,
+    pub outcome: u8,
+    pub currency: String,
+    pub source_partition: u32,
+    pub batch_start: u64,
+    pub action_count: u64,
+    pub quantity: i128,
+    pub cost: i128,
+    pub outcome_count: u64,
+    pub last_seen: u32,
+    pub version: u64,
+}
+
+impl DailyRow {
+    pub fn new(
+        key: &DailyKey,
+        totals: &UsageTotals,
+        partition: i32,
+        plan: &BatchPlan,
+        version: i64,
+    ) -> DailyRow {
+        DailyRow {
+            day: u32::try_from(key.day_start_seconds).unwrap_or(0),
+            workspace_id: key.workspace_id.clone(),
+            account_id: key.account_id.clone(),
+            action_name: key.action_name.clone(),
+            trace_event: key.trace_event.clone(),
+            measure: key.measure.clone(),
+            tracked: u8::from(key.tracked),
+            outcome: u8::from(key.outcome),
+            currency: key.currency.clone(),
+            source_partition: partition as u32,
+            batch_start: plan.start as u64,
+            action_count: totals.action_count,
+            quantity: totals.quantity_scaled,
+            cost: totals.cost_scaled,
+            outcome_count: totals.outcome_count,
+            last_seen: seconds(totals.last_seen_micros),
+            version: version as u64,
+        }
+    }
+}
+
+/// One `users_daily` row (migration 0010, ADR 0008).
+#[derive(Debug, Clone, PartialEq, clickhouse::Row, Serialize, Deserialize)]
+pub struct UserDayRow {
+    pub day: u32,
+    pub workspace_id: String,
+    pub account_id: String,
+    pub user_key: String,
+    pub tracked: u8,
+    pub currency: String,
+    pub source_partition: u32,
+    pub batch_start: u64,
+    pub action_count: u64,
+    pub quantity: i128,
+    pub cost: i128,
+    pub outcome_count: u64,
+    pub last_seen: u32,
+    pub version: u64,
+}
+
+impl UserDayRow {
+    pub fn new(
+        key: &UserDayKey,
+        totals: &UsageTotals,
+        partition: i32,
+        plan: &BatchPlan,
+        version: i64,
+    ) -> UserDayRow {
+        UserDayRow {
+            day: u32::try_from(key.day_start_seconds).unwrap_or(0),
+            workspace_id: key.workspace_id.clone(),
+            account_id: key.account_id.clone(),
+            user_key: key.user_key.clone(),
+            tracked: u8::from(key.tracked),
+            currency: key.currency.clone(),
+            source_partition: partition as u32,
+            batch_start: plan.start as u64,
+            action_count: totals.action_count,
+            quantity: totals.quantity_scaled,
+            cost: totals.cost_scaled,
+            outcome_count: totals.outcome_count,
             last_seen: seconds(totals.last_seen_micros),
             version: version as u64,
         }

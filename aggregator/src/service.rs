@@ -1,8 +1,9 @@
 //! The ClickHouse side of the aggregator: writing a [`BatchWrite`] in its safe order, reading
 //! back a partition's plan, and the retry rules.
 //!
-//! Order of one batch's INSERTs: `actions`, then `usage`, then `aggregator_progress` (this batch's
-//! offset reached, and the next batch's plan). A crash between any two leaves rows that a replay
+//! Order of one batch's INSERTs: `actions`, then `usage`, then the rollups `usage_daily` and
+//! `users_daily` (ADR 0008), then `aggregator_progress` (this batch's offset reached, and the next
+//! batch's plan). A crash between any two leaves rows that a replay
 //! rewrites identically or supersedes; progress never claims data that is not written.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,7 +13,10 @@ use std::time::Duration;
 use agentmeter_runtime::shutdown::Shutdown;
 
 use crate::config::ClickHouseSettings;
-use crate::rows::{ActionRow, EpochRow, EpochStartRow, PlanRow, PlannedRow, ProgressRow, UsageRow};
+use crate::rows::{
+    ActionRow, DailyRow, EpochRow, EpochStartRow, PlanRow, PlannedRow, ProgressRow, UsageRow,
+    UserDayRow,
+};
 use crate::state::{BatchPlan, BatchSettings, BatchWrite, InputEpoch};
 use crate::telemetry::{emit, ClickHouseRetried};
 
@@ -126,6 +130,30 @@ impl ClickHouseService {
                 .map_err(classify)?;
             for (key, totals) in &write.usage {
                 let row = UsageRow::new(key, totals, partition, &write.plan, write.end_offset);
+                insert.write(&row).await.map_err(classify)?;
+            }
+            insert.end().await.map_err(classify)?;
+        }
+        if !write.daily.is_empty() {
+            let mut insert = self
+                .client
+                .insert::<DailyRow>("usage_daily")
+                .await
+                .map_err(classify)?;
+            for (key, totals) in &write.daily {
+                let row = DailyRow::new(key, totals, partition, &write.plan, write.end_offset);
+                insert.write(&row).await.map_err(classify)?;
+            }
+            insert.end().await.map_err(classify)?;
+        }
+        if !write.user_days.is_empty() {
+            let mut insert = self
+                .client
+                .insert::<UserDayRow>("users_daily")
+                .await
+                .map_err(classify)?;
+            for (key, totals) in &write.user_days {
+                let row = UserDayRow::new(key, totals, partition, &write.plan, write.end_offset);
                 insert.write(&row).await.map_err(classify)?;
             }
             insert.end().await.map_err(classify)?;

@@ -23,6 +23,7 @@
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 
+use agentmeter_schemas::action::ActionKind;
 use agentmeter_schemas::decimal::{checked_add_scaled, to_scaled_i128};
 use agentmeter_schemas::limits::{check_enriched_numbers, ValueError};
 use agentmeter_schemas::EnrichedAction;
@@ -86,6 +87,34 @@ pub struct UsageKey {
     pub currency: String,
 }
 
+/// The dimensions of one `usage_daily` row (besides partition and batch): those of [`UsageKey`]
+/// with the UTC day for the window, without agent instance and user, with the trace event
+/// (ADR 0008).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DailyKey {
+    pub day_start_seconds: i64,
+    pub workspace_id: String,
+    pub account_id: String,
+    pub action_name: String,
+    pub trace_event: String,
+    pub measure: String,
+    pub tracked: bool,
+    pub outcome: bool,
+    pub currency: String,
+}
+
+/// The dimensions of one `users_daily` row (besides partition and batch): the UTC day, the
+/// account and the user of an action (ADR 0008).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UserDayKey {
+    pub day_start_seconds: i64,
+    pub workspace_id: String,
+    pub account_id: String,
+    pub user_key: String,
+    pub tracked: bool,
+    pub currency: String,
+}
+
 /// Cumulative totals of one [`UsageKey`] within a batch.
 ///
 /// Quantity and cost are kept as ClickHouse stores them, integers scaled by 10^12: sums of
@@ -119,6 +148,12 @@ pub struct BatchWrite {
     pub end_offset: i64,
     pub actions: Vec<CountedAction>,
     pub usage: Vec<(UsageKey, UsageTotals)>,
+    /// The `usage_daily` keys changed since the last flush, with their totals in the batch so
+    /// far (same version as `usage`).
+    pub daily: Vec<(DailyKey, UsageTotals)>,
+    /// The `users_daily` keys changed since the last flush, with their totals in the batch so
+    /// far (same version as `usage`).
+    pub user_days: Vec<(UserDayKey, UsageTotals)>,
     /// The plan of the batch that follows, written after this batch's data (its intent row).
     pub next_plan: Option<BatchPlan>,
 }
@@ -310,6 +345,9 @@ pub struct PartitionAggregator {
     next_offset: i64,
     /// Cumulative totals of the current batch, with whether they changed since the last flush.
     totals: HashMap<UsageKey, (UsageTotals, bool)>,
+    /// The same for the rollup keys of the batch (ADR 0008).
+    daily: HashMap<DailyKey, (UsageTotals, bool)>,
+    user_days: HashMap<UserDayKey, (UsageTotals, bool)>,
     pending_actions: Vec<CountedAction>,
     /// Sealed batches and intents waiting for the next flush, in order.
     sealed: Vec<BatchWrite>,
@@ -331,6 +369,8 @@ impl PartitionAggregator {
             next_offset: plan.map(|plan| plan.dedupe_from).unwrap_or(0),
             plan,
             totals: HashMap::new(),
+            daily: HashMap::new(),
+            user_days: HashMap::new(),
             pending_actions: Vec::new(),
             sealed: Vec::new(),
             dedupe: DedupeWindow::default(),
@@ -422,6 +462,8 @@ impl PartitionAggregator {
                     end_offset: start,
                     actions: Vec::new(),
                     usage: Vec::new(),
+                    daily: Vec::new(),
+                    user_days: Vec::new(),
                     next_plan: None,
                 });
                 plan
@@ -489,14 +531,16 @@ impl PartitionAggregator {
         sealed.next_plan = Some(next);
         self.sealed.push(sealed);
         self.totals.clear();
+        self.daily.clear();
+        self.user_days.clear();
         self.plan = Some(next);
         Ok(next)
     }
 
-    /// Adds an action to its key's totals. Its numbers are in range
-    /// ([`check_enriched_numbers`]), so no total of a batch can leave `Decimal(38, 12)`
-    /// (`agentmeter_schemas::limits`); the sums are checked all the same, and a failed one
-    /// changes nothing.
+    /// Adds an action to its key's totals and to those of its rollup keys. Its numbers are in
+    /// range ([`check_enriched_numbers`]), so no total of a batch can leave `Decimal(38, 12)`
+    /// (`agentmeter_schemas::limits`); the sums are checked all the same, every one before any
+    /// is stored, so a failed one changes nothing.
     fn count(&mut self, action: &EnrichedAction, window_seconds: u32) -> Result<(), ValueError> {
         let out_of_range = |field: &'static str| ValueError::OutOfRange {
             field: field.into(),
@@ -520,29 +564,47 @@ impl PartitionAggregator {
             outcome: action.outcome,
             currency: action.currency.clone(),
         };
+        let day_start_seconds = occurred_seconds - occurred_seconds.rem_euclid(86_400);
+        let daily_key = DailyKey {
+            day_start_seconds,
+            workspace_id: key.workspace_id.clone(),
+            account_id: key.account_id.clone(),
+            action_name: key.action_name.clone(),
+            // The Action Tagging tab lists the trace events of LLM calls beside action names.
+            trace_event: match raw.kind {
+                ActionKind::Llm => raw.trace_event.clone().unwrap_or_default(),
+                _ => String::new(),
+            },
+            measure: key.measure.clone(),
+            tracked: key.tracked,
+            outcome: key.outcome,
+            currency: key.currency.clone(),
+        };
+        let user_day_key = UserDayKey {
+            day_start_seconds,
+            workspace_id: key.workspace_id.clone(),
+            account_id: key.account_id.clone(),
+            user_key: key.user_key.clone(),
+            tracked: key.tracked,
+            currency: key.currency.clone(),
+        };
         let occurred = raw.occurred_at_micros;
-        let (totals, changed) = self.totals.entry(key).or_insert_with(|| {
-            let empty = UsageTotals {
-                action_count: 0,
-                quantity_scaled: 0,
-                cost_scaled: 0,
-                outcome_count: 0,
-                first_seen_micros: occurred,
-                last_seen_micros: occurred,
-            };
-            (empty, false)
-        });
-        let quantity_total = checked_add_scaled(totals.quantity_scaled, quantity)
-            .ok_or_else(|| out_of_range("quantity"))?;
-        let cost_total =
-            checked_add_scaled(totals.cost_scaled, cost).ok_or_else(|| out_of_range("cost"))?;
-        *changed = true;
-        totals.action_count += 1;
-        totals.quantity_scaled = quantity_total;
-        totals.cost_scaled = cost_total;
-        totals.outcome_count += u64::from(action.outcome);
-        totals.first_seen_micros = totals.first_seen_micros.min(occurred);
-        totals.last_seen_micros = totals.last_seen_micros.max(occurred);
+        let add = |before: Option<&(UsageTotals, bool)>| {
+            UsageTotals::added(
+                before.map(|(totals, _)| totals),
+                quantity,
+                cost,
+                action.outcome,
+                occurred,
+            )
+            .map_err(out_of_range)
+        };
+        let totals = add(self.totals.get(&key))?;
+        let daily = add(self.daily.get(&daily_key))?;
+        let user_day = add(self.user_days.get(&user_day_key))?;
+        self.totals.insert(key, (totals, true));
+        self.daily.insert(daily_key, (daily, true));
+        self.user_days.insert(user_day_key, (user_day, true));
         Ok(())
     }
 
@@ -579,6 +641,8 @@ impl PartitionAggregator {
             end_offset: self.next_offset.max(plan.start),
             actions: std::mem::take(&mut self.pending_actions),
             usage,
+            daily: changed_rows(&mut self.daily),
+            user_days: changed_rows(&mut self.user_days),
             next_plan: None,
         }
     }
@@ -605,11 +669,60 @@ impl PartitionAggregator {
     }
 }
 
+impl UsageTotals {
+    /// `before` (or nothing yet) with one more action: `Err` names the sum that would leave
+    /// `i128` at scale 12.
+    fn added(
+        before: Option<&UsageTotals>,
+        quantity_scaled: i128,
+        cost_scaled: i128,
+        outcome: bool,
+        occurred_micros: i64,
+    ) -> Result<UsageTotals, &'static str> {
+        let empty = UsageTotals {
+            action_count: 0,
+            quantity_scaled: 0,
+            cost_scaled: 0,
+            outcome_count: 0,
+            first_seen_micros: occurred_micros,
+            last_seen_micros: occurred_micros,
+        };
+        let before = before.unwrap_or(&empty);
+        Ok(UsageTotals {
+            action_count: before.action_count + 1,
+            quantity_scaled: checked_add_scaled(before.quantity_scaled, quantity_scaled)
+                .ok_or("quantity")?,
+            cost_scaled: checked_add_scaled(before.cost_scaled, cost_scaled).ok_or("cost")?,
+            outcome_count: before.outcome_count + u64::from(outcome),
+            first_seen_micros: before.first_seen_micros.min(occurred_micros),
+            last_seen_micros: before.last_seen_micros.max(occurred_micros),
+        })
+    }
+}
+
+/// The keys of `totals` changed since the last flush, with their totals, sorted (reproducible
+/// flushes); they are marked unchanged.
+fn changed_rows<K: Clone + Ord>(
+    totals: &mut HashMap<K, (UsageTotals, bool)>,
+) -> Vec<(K, UsageTotals)> {
+    let mut rows: Vec<(K, UsageTotals)> = totals
+        .iter_mut()
+        .filter(|(_, (_, changed))| *changed)
+        .map(|(key, (totals, changed))| {
+            *changed = false;
+            (key.clone(), totals.clone())
+        })
+        .collect();
+    rows.sort_unstable_by(|(a, _), (b, _)| a.cmp(b));
+    rows
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use agentmeter_schemas::{CostSource, RawAction};
     use rust_decimal::Decimal;
+    use std::collections::BTreeMap;
     use std::str::FromStr;
 
     /// 2026-01-01T00:00:00Z: test actions happen this many seconds after the epoch and more.
@@ -673,6 +786,8 @@ mod tests {
     #[derive(Default)]
     struct TableModel {
         usage: HashMap<(UsageKey, i64), (i64, UsageTotals)>,
+        daily: HashMap<(DailyKey, i64), (i64, UsageTotals)>,
+        user_days: HashMap<(UserDayKey, i64), (i64, UsageTotals)>,
         plans: HashMap<i64, (i64, BatchPlan)>,
         actions: std::collections::BTreeMap<i64, String>,
     }
@@ -682,8 +797,8 @@ mod tests {
             self.apply_parts(writes, usize::MAX);
         }
 
-        /// Applies the first `parts` INSERTs of a flush (3 per write: actions, usage, progress),
-        /// as a crash in the middle of a flush leaves them.
+        /// Applies the first `parts` INSERTs of a flush (5 per write: actions, usage, the two
+        /// rollups, progress), as a crash in the middle of a flush leaves them.
         fn apply_parts(&mut self, writes: &[BatchWrite], parts: usize) {
             let mut applied = 0;
             for write in writes {
@@ -698,15 +813,17 @@ mod tests {
                 if applied == parts {
                     return;
                 }
-                for (key, totals) in &write.usage {
-                    let slot = self
-                        .usage
-                        .entry((key.clone(), write.plan.start))
-                        .or_insert((i64::MIN, totals.clone()));
-                    if write.end_offset >= slot.0 {
-                        *slot = (write.end_offset, totals.clone());
-                    }
+                replace_newest(&mut self.usage, &write.usage, write);
+                applied += 1;
+                if applied == parts {
+                    return;
                 }
+                replace_newest(&mut self.daily, &write.daily, write);
+                applied += 1;
+                if applied == parts {
+                    return;
+                }
+                replace_newest(&mut self.user_days, &write.user_days, write);
                 applied += 1;
                 if applied == parts {
                     return;
@@ -723,6 +840,77 @@ mod tests {
                 }
                 applied += 1;
             }
+        }
+
+        /// Whether each rollup, read as FINAL reads it, holds what grouping `usage` (read the
+        /// same way) by the rollup's key gives (ADR 0008).
+        fn rollups_agree_with_usage(&self) -> Result<(), String> {
+            type Sums = (u64, i128, i128, u64, i64);
+            fn add(sums: &mut Sums, totals: &UsageTotals) {
+                sums.0 += totals.action_count;
+                sums.1 += totals.quantity_scaled;
+                sums.2 += totals.cost_scaled;
+                sums.3 += totals.outcome_count;
+                sums.4 = sums.4.max(totals.last_seen_micros);
+            }
+            let day = |seconds: i64| seconds - seconds.rem_euclid(86_400);
+            let mut daily_from_usage: BTreeMap<_, Sums> = BTreeMap::new();
+            let mut users_from_usage: BTreeMap<_, Sums> = BTreeMap::new();
+            for ((key, batch), (_, totals)) in &self.usage {
+                let coarse = (
+                    day(key.window_start_seconds),
+                    key.account_id.clone(),
+                    key.action_name.clone(),
+                    key.measure.clone(),
+                    key.tracked,
+                    key.outcome,
+                    *batch,
+                );
+                add(daily_from_usage.entry(coarse).or_default(), totals);
+                let user = (
+                    day(key.window_start_seconds),
+                    key.account_id.clone(),
+                    key.user_key.clone(),
+                    key.tracked,
+                    *batch,
+                );
+                add(users_from_usage.entry(user).or_default(), totals);
+            }
+            let mut daily: BTreeMap<_, Sums> = BTreeMap::new();
+            for ((key, batch), (_, totals)) in &self.daily {
+                let coarse = (
+                    key.day_start_seconds,
+                    key.account_id.clone(),
+                    key.action_name.clone(),
+                    key.measure.clone(),
+                    key.tracked,
+                    key.outcome,
+                    *batch,
+                );
+                add(daily.entry(coarse).or_default(), totals);
+            }
+            let mut users: BTreeMap<_, Sums> = BTreeMap::new();
+            for ((key, batch), (_, totals)) in &self.user_days {
+                let user = (
+                    key.day_start_seconds,
+                    key.account_id.clone(),
+                    key.user_key.clone(),
+                    key.tracked,
+                    *batch,
+                );
+                add(users.entry(user).or_default(), totals);
+            }
+            if daily != daily_from_usage {
+                return Err(format!(
+                    "usage_daily {daily:?} != usage grouped {daily_from_usage:?}"
+                ));
+            }
+            if users != users_from_usage {
+                return Err(format!(
+                    "users_daily {users:?} != usage grouped {users_from_usage:?}"
+                ));
+            }
+            Ok(())
         }
 
         fn latest_plan(&self) -> Option<BatchPlan> {
@@ -745,6 +933,22 @@ mod tests {
                     });
             let cost = agentmeter_schemas::decimal::from_scaled_i128(cost_scaled).unwrap();
             (count, cost, outcomes)
+        }
+    }
+
+    /// One INSERT into a `ReplacingMergeTree(version)` model: the highest version per key wins.
+    fn replace_newest<K: Clone + Eq + std::hash::Hash>(
+        table: &mut HashMap<(K, i64), (i64, UsageTotals)>,
+        rows: &[(K, UsageTotals)],
+        write: &BatchWrite,
+    ) {
+        for (key, totals) in rows {
+            let slot = table
+                .entry((key.clone(), write.plan.start))
+                .or_insert((i64::MIN, totals.clone()));
+            if write.end_offset >= slot.0 {
+                *slot = (write.end_offset, totals.clone());
+            }
         }
     }
 
@@ -796,7 +1000,7 @@ mod tests {
         // second time dying again) and reads to the end. Every crash gives the same totals.
         for crash_at in 0..35 {
             for flush_every in [1, 3, 7, 100] {
-                for parts in 0..7 {
+                for parts in 0..11 {
                     let mut model = TableModel::default();
                     run(&mut model, crash_at, flush_every, parts);
                     run(&mut model, (crash_at + 9).min(35), flush_every, parts / 2);
@@ -807,6 +1011,9 @@ mod tests {
                         "crash at {crash_at}, flush every {flush_every}, {parts} INSERTs of the last flush"
                     );
                     assert_eq!(model.actions.len(), 30);
+                    model.rollups_agree_with_usage().unwrap_or_else(|error| {
+                        panic!("crash at {crash_at}, flush every {flush_every}, {parts} INSERTs: {error}")
+                    });
                 }
             }
         }
@@ -824,6 +1031,7 @@ mod tests {
         }
         model.apply(&zombie.take_flush());
         assert_eq!(model.totals(), before);
+        model.rollups_agree_with_usage().unwrap();
     }
 
     #[test]

@@ -29,7 +29,7 @@ use time::OffsetDateTime;
 use super::auth::Caller;
 use super::edits::{self, AccountPatch, NewInstance, NewRate};
 use super::error::ApiError;
-use super::reads::{self, normalized, LiveDataFilter, RevenueGroup};
+use super::reads::{self, normalized, Days, LiveDataFilter, RevenueGroup};
 use super::ConsoleState;
 use crate::config_publish::PublishError;
 
@@ -811,6 +811,24 @@ fn time_bound(field: &str, text: Option<&str>, default: i64) -> Result<i64, ApiE
     }
 }
 
+/// A usage read's day: `YYYY-MM-DD` (UTC) as the seconds of its start; `default` when absent.
+fn day_bound(field: &str, text: Option<&str>, default: i64) -> Result<i64, ApiError> {
+    match text {
+        None => Ok(default),
+        Some(text) => time::Date::parse(
+            text,
+            time::macros::format_description!("[year]-[month]-[day]"),
+        )
+        .map(|date| date.midnight().assume_utc().unix_timestamp())
+        .map_err(|error| {
+            ApiError::invalid(
+                field,
+                format!("{field} {text:?} is not a date (YYYY-MM-DD): {error}"),
+            )
+        }),
+    }
+}
+
 async fn live_data(
     State(state): State<ConsoleState>,
     caller: Caller,
@@ -886,8 +904,20 @@ async fn usage(
     query: Result<Query<UsageQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let query = query_of(query)?;
-    let from = time_bound("from", query.from.as_deref(), 0)? / 1_000_000;
-    let to = time_bound("to", query.to.as_deref(), i64::from(u32::MAX) * 1_000_000)? / 1_000_000;
+    let from = day_bound("from", query.from.as_deref(), 0)?;
+    let to = day_bound("to", query.to.as_deref(), Days::UNBOUNDED)?;
+    if to < from {
+        return Err(ApiError::invalid(
+            "to",
+            format!(
+                "to {:?} is before from {:?}",
+                query.to.unwrap_or_default(),
+                query.from.unwrap_or_default()
+            ),
+        ));
+    }
+    let days = Days::new(from, to)
+        .ok_or_else(|| ApiError::invalid("from", "from and to must be dates".to_string()))?;
     if let Some(account) = &query.account {
         if !caller
             .workspace
@@ -899,15 +929,14 @@ async fn usage(
             return Err(ApiError::not_found(format!("account {account:?}")));
         }
     }
-    let rows = reads::usage(
-        &state,
-        caller.workspace.workspace_id(),
-        query.account.as_deref(),
-        from.max(0),
-        to.clamp(0, i64::from(u32::MAX)),
-    )
-    .await
-    .map_err(ApiError::unavailable)?;
+    let workspace_id = caller.workspace.workspace_id();
+    let account = query.account.as_deref();
+    let (rows, users) = tokio::join!(
+        reads::usage(&state, workspace_id, account, days),
+        reads::users_per_account(&state, workspace_id, account, days),
+    );
+    let rows = rows.map_err(ApiError::unavailable)?;
+    let users = users.map_err(ApiError::unavailable)?;
     let items: Vec<Value> = rows
         .iter()
         .map(|row| {
@@ -919,14 +948,17 @@ async fn usage(
                 "quantity": normalized(&row.quantity),
                 "cost": normalized(&row.cost),
                 "outcomes": row.outcomes,
-                "users": row.users,
             })
         })
+        .collect();
+    let users: Vec<Value> = users
+        .iter()
+        .map(|row| json!({"account": row.account_id, "users": row.users}))
         .collect();
     Ok(versioned(
         StatusCode::OK,
         caller.workspace.version,
-        json!({ "usage": items, "currency": caller.workspace.currency() }),
+        json!({ "usage": items, "users": users, "currency": caller.workspace.currency() }),
     ))
 }
 

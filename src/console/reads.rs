@@ -92,7 +92,8 @@ pub struct SeenRow {
     pub last_seen: u32,
 }
 
-/// Every name seen, with how often and when last (the Action Tagging tab's discovery).
+/// Every name seen, with how often and when last (the Action Tagging tab's discovery): the
+/// action names, and the trace events of LLM calls, counted in `usage_daily` (ADR 0008).
 pub async fn seen_actions(
     state: &ConsoleState,
     workspace_id: &str,
@@ -100,13 +101,13 @@ pub async fn seen_actions(
     state
         .clickhouse
         .query(
-            "SELECT name, sum(seen) AS seen, max(last) AS last_seen FROM ( \
-               SELECT action_name AS name, count() AS seen, toUInt32(max(occurred_at)) AS last \
-               FROM actions FINAL WHERE workspace_id = ? AND kind NOT IN ('derived_outcome', 'retracted_outcome') \
+            "SELECT name, sum(seen) AS seen_total, max(last) AS last_seen FROM ( \
+               SELECT action_name AS name, sum(action_count) AS seen, toUInt32(max(last_seen)) AS last \
+               FROM usage_daily FINAL PREWHERE workspace_id = ? \
                GROUP BY name \
                UNION ALL \
-               SELECT trace_event AS name, count() AS seen, toUInt32(max(occurred_at)) AS last \
-               FROM actions FINAL WHERE workspace_id = ? AND kind = 'llm' AND trace_event != '' \
+               SELECT trace_event AS name, sum(action_count) AS seen, toUInt32(max(last_seen)) AS last \
+               FROM usage_daily FINAL PREWHERE workspace_id = ? WHERE trace_event != '' \
                GROUP BY name) \
              GROUP BY name ORDER BY name",
         )
@@ -162,7 +163,21 @@ impl LiveRow {
     }
 }
 
+/// The first look-back of a Live Data page: the hour before the newest action of the filter.
+const LIVE_DATA_FIRST_LOOK_BACK_SECONDS: i64 = 3_600;
+/// How much each further look-back widens the previous one.
+const LIVE_DATA_LOOK_BACK_GROWTH: i64 = 16;
+
 /// A page of Live Data, newest first. `from_micros`/`to_micros` are the parsed time filters.
+///
+/// `actions FINAL` over a whole workspace merges every row it has (seconds on a month of ten
+/// million), so the page is looked for in a window that ends at the newest action of the
+/// filter and widens (an hour, then 16 times more each time) until it holds the whole page or
+/// reaches `from`. The window's lower bound is a PREWHERE on `occurred_at` — a sorting-key
+/// column, so every version of a row is kept or dropped together and FINAL stays exact — and a
+/// window holding a full page holds the newest rows of the whole range, because every row
+/// outside it is older than every row inside. The last window is the whole range, so the answer
+/// is always the one the unbounded query gives.
 pub async fn live_data(
     state: &ConsoleState,
     workspace_id: &str,
@@ -171,44 +186,171 @@ pub async fn live_data(
     to_micros: i64,
     limit: u32,
 ) -> anyhow::Result<Vec<LiveRow>> {
-    let mut sql = String::from(
+    // `occurred_at` is `occurred_at_micros` in whole seconds, clamped to a DateTime.
+    let from_seconds = from_micros
+        .div_euclid(1_000_000)
+        .clamp(0, i64::from(u32::MAX));
+    let to_seconds = to_micros
+        .div_euclid(1_000_000)
+        .clamp(0, i64::from(u32::MAX));
+    let mut key_conditions = String::from(
+        "workspace_id = ? AND occurred_at >= toDateTime(?) AND occurred_at <= toDateTime(?)",
+    );
+    if filter.account.is_some() {
+        key_conditions.push_str(" AND account_id = ?");
+    }
+    let bind_key = |query: clickhouse::query::Query, lower: i64| {
+        let query = query.bind(workspace_id).bind(lower).bind(to_seconds);
+        match &filter.account {
+            Some(account) => query.bind(account.as_str()),
+            None => query,
+        }
+    };
+    // An upper bound of the newest second (no FINAL: every version of a row has its time).
+    let newest: u32 = bind_key(
+        state.clickhouse.query(&format!(
+            "SELECT toUInt32(max(occurred_at)) FROM actions PREWHERE {key_conditions}"
+        )),
+        from_seconds,
+    )
+    .fetch_one()
+    .await
+    .context("cannot read Live Data")?;
+    let mut sql = format!(
         "SELECT event_id, occurred_at_micros, account_id, agent_instance_id, user_id, kind, action_name, \
                 tracked, outcome, measure, toString(quantity) AS quantity_text, toString(cost) AS cost_text, currency \
-         FROM actions FINAL \
-         WHERE workspace_id = ? AND kind != 'retracted_outcome' AND occurred_at_micros >= ? AND occurred_at_micros < ?",
+         FROM actions FINAL PREWHERE {key_conditions} \
+         WHERE kind != 'retracted_outcome' AND occurred_at_micros >= ? AND occurred_at_micros < ?"
     );
-    for (value, column) in [
-        (&filter.account, "account_id"),
-        (&filter.user, "user_id"),
-        (&filter.action, "action_name"),
-    ] {
+    for (value, column) in [(&filter.user, "user_id"), (&filter.action, "action_name")] {
         if value.is_some() {
             sql.push_str(&format!(" AND {column} = ?"));
         }
     }
     sql.push_str(" ORDER BY occurred_at_micros DESC, event_id LIMIT ? OFFSET ?");
-    let mut query = state
-        .clickhouse
-        .query(&sql)
-        .bind(workspace_id)
-        .bind(from_micros)
-        .bind(to_micros);
-    for value in [&filter.account, &filter.user, &filter.action]
-        .into_iter()
-        .flatten()
-    {
-        query = query.bind(value.as_str());
+    let mut look_back = LIVE_DATA_FIRST_LOOK_BACK_SECONDS;
+    loop {
+        let lower = (i64::from(newest) - look_back).max(from_seconds);
+        let mut query = bind_key(state.clickhouse.query(&sql), lower)
+            .bind(from_micros)
+            .bind(to_micros);
+        for value in [&filter.user, &filter.action].into_iter().flatten() {
+            query = query.bind(value.as_str());
+        }
+        let rows = query
+            .bind(limit)
+            .bind(filter.offset.unwrap_or(0))
+            .fetch_all::<LiveRow>()
+            .await
+            .context("cannot read Live Data")?;
+        if rows.len() >= limit as usize || lower <= from_seconds {
+            return Ok(rows);
+        }
+        look_back = look_back.saturating_mul(LIVE_DATA_LOOK_BACK_GROWTH);
     }
-    let rows = query
-        .bind(limit)
-        .bind(filter.offset.unwrap_or(0))
-        .fetch_all::<LiveRow>()
-        .await
-        .context("cannot read Live Data")?;
-    Ok(rows)
 }
 
-/// Usage of one account (or every account) per action, over [from, to).
+/// The whole UTC days `[from, to)` of a usage read (seconds since the epoch, `from` a day's
+/// start; `to` a day's start or [`Days::UNBOUNDED`]). The rollups hold whole days only, so a
+/// read never asks for less (ADR 0008).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Days {
+    from: i64,
+    to: i64,
+}
+
+impl Days {
+    /// No upper bound.
+    pub const UNBOUNDED: i64 = u32::MAX as i64;
+
+    /// Every day there is.
+    pub const ALL: Days = Days {
+        from: 0,
+        to: Days::UNBOUNDED,
+    };
+
+    /// The days from the one starting at `from` (inclusive) to the one starting at `to`
+    /// (exclusive, or [`Days::UNBOUNDED`]), clamped to what a DateTime holds; `None` when a bound
+    /// is not the start of a UTC day.
+    pub fn new(from: i64, to: i64) -> Option<Days> {
+        let from = from.clamp(0, Days::UNBOUNDED);
+        let to = to.clamp(0, Days::UNBOUNDED);
+        let day_start = |seconds: i64| seconds.rem_euclid(86_400) == 0;
+        (day_start(from) && (day_start(to) || to == Days::UNBOUNDED)).then_some(Days { from, to })
+    }
+
+    /// From the day starting at `from` on.
+    pub fn since(from: i64) -> Option<Days> {
+        Days::new(from, Days::UNBOUNDED)
+    }
+}
+
+/// Which rollup a read adds up.
+#[derive(Debug, Clone, Copy)]
+enum Rollup {
+    /// `usage_daily`: per day, account and action.
+    Actions,
+    /// `users_daily`: per day, account and user.
+    Users,
+}
+
+impl Rollup {
+    /// The rows a read adds up, as a subquery: the rollup's, and the derived outcomes' usage
+    /// (ADR 0005), which `agentmeter outcomes` writes into `usage` only, shaped like them. Every
+    /// condition is a PREWHERE on sorting-key columns (workspace, account, day or window,
+    /// source partition), so FINAL keeps or drops every version of a key together and stays
+    /// exact (docs/sql.md). Bind with [`bind_rollup`].
+    fn source(self, account: bool) -> String {
+        let (table, columns, derived_columns) = match self {
+            Rollup::Actions => (
+                "usage_daily",
+                "day, account_id, action_name, trace_event, measure, tracked, outcome, \
+                 action_count, quantity, cost, outcome_count, last_seen",
+                "toStartOfDay(window_start) AS day, account_id, action_name, '' AS trace_event, measure, \
+                 tracked, outcome, action_count, quantity, cost, outcome_count, last_seen",
+            ),
+            Rollup::Users => (
+                "users_daily",
+                "day, account_id, user_key, tracked, action_count, quantity, cost, outcome_count, last_seen",
+                "toStartOfDay(window_start) AS day, account_id, user_key, tracked, action_count, \
+                 quantity, cost, outcome_count, last_seen",
+            ),
+        };
+        let account = if account { " AND account_id = ?" } else { "" };
+        format!(
+            "(SELECT {columns} FROM {table} FINAL \
+               PREWHERE workspace_id = ? AND day >= toDateTime(?) AND day < toDateTime(?){account} \
+             UNION ALL \
+             SELECT {derived_columns} FROM usage FINAL \
+               PREWHERE workspace_id = ? AND source_partition = {DERIVED_PARTITION} \
+                 AND window_start >= toDateTime(?) AND window_start < toDateTime(?){account})"
+        )
+    }
+}
+
+/// The source partition of derived outcomes' usage rows (ADR 0005).
+const DERIVED_PARTITION: u32 = u32::MAX;
+
+/// A query over [`Rollup::source`] (which must come before any other `?` of `sql`), its
+/// parameters bound.
+fn rollup_query(
+    state: &ConsoleState,
+    sql: &str,
+    workspace_id: &str,
+    account: Option<&str>,
+    days: Days,
+) -> clickhouse::query::Query {
+    let mut query = state.clickhouse.query(sql);
+    for _branch in 0..2 {
+        query = query.bind(workspace_id).bind(days.from).bind(days.to);
+        if let Some(account) = account {
+            query = query.bind(account);
+        }
+    }
+    query
+}
+
+/// Usage of one account (or every account) per action, over whole days.
 #[derive(Debug, clickhouse::Row, Deserialize)]
 pub struct UsageRow {
     pub account_id: String,
@@ -218,47 +360,55 @@ pub struct UsageRow {
     pub quantity: String,
     pub cost: String,
     pub outcomes: u64,
-    pub users: u64,
 }
 
 pub async fn usage(
     state: &ConsoleState,
     workspace_id: &str,
     account: Option<&str>,
-    from_seconds: i64,
-    to_seconds: i64,
+    days: Days,
 ) -> anyhow::Result<Vec<UsageRow>> {
-    narrowed_to_account(
-        state,
+    let sql = format!(
         "SELECT account_id, action_name, measure, sum(action_count) AS actions_total, \
                 toString(sum(quantity)) AS quantity_total, toString(sum(cost)) AS cost_total, \
-                sum(outcome_count) AS outcomes_total, uniqExactIf(user_key, user_key != '') AS users_total \
-         FROM {usage} workspace_id = ? AND tracked = 1 AND window_start >= toDateTime(?) AND window_start < toDateTime(?)",
-        account,
-        " GROUP BY account_id, action_name, measure ORDER BY account_id, action_name",
-        |query| query.bind(workspace_id).bind(from_seconds).bind(to_seconds),
-    )
+                sum(outcome_count) AS outcomes_total \
+         FROM {} WHERE tracked = 1 \
+         GROUP BY account_id, action_name, measure ORDER BY account_id, action_name",
+        Rollup::Actions.source(account.is_some())
+    );
+    rollup_query(state, &sql, workspace_id, account, days)
         .fetch_all::<UsageRow>()
         .await
         .context("cannot read usage")
 }
 
-/// Where a usage read scans, put in place of `{usage}` (followed by its conditions). For one
-/// account: `usage FINAL` with the conditions as a PREWHERE, so that only the account's rows are
-/// read and merged — exact because every condition of these reads is on a sorting-key column
-/// (`workspace_id`, `account_id`, `window_start`, `tracked`, `user_key`), so all versions of a
-/// key are kept or dropped together (docs/sql.md). For a whole workspace: the `usage_exact`
-/// view, whose two FINAL scans run in parallel on 18.16 (migration 0003).
-fn usage_scan(account: Option<&str>) -> &'static str {
-    match account {
-        Some(_) => "usage FINAL PREWHERE",
-        None => "usage_exact WHERE",
-    }
+/// The users with tracked actions of one account (or every account) over whole days.
+#[derive(Debug, clickhouse::Row, Deserialize)]
+pub struct AccountUsersRow {
+    pub account_id: String,
+    pub users: u64,
 }
 
-/// The query `head` [`AND account_id = ?`] `tail` (with `{usage}` in `head` replaced by
-/// [`usage_scan`]): `bind` binds the parameters of `head`, and the account, when given, is bound
-/// after them.
+pub async fn users_per_account(
+    state: &ConsoleState,
+    workspace_id: &str,
+    account: Option<&str>,
+    days: Days,
+) -> anyhow::Result<Vec<AccountUsersRow>> {
+    let sql = format!(
+        "SELECT account_id, uniqExact(user_key) AS users_total \
+         FROM {} WHERE tracked = 1 AND user_key != '' \
+         GROUP BY account_id ORDER BY account_id",
+        Rollup::Users.source(account.is_some())
+    );
+    rollup_query(state, &sql, workspace_id, account, days)
+        .fetch_all::<AccountUsersRow>()
+        .await
+        .context("cannot read the users per account")
+}
+
+/// The query `head` [`AND account_id = ?`] `tail`: `bind` binds the parameters of `head`, and
+/// the account, when given, is bound after them.
 fn narrowed_to_account(
     state: &ConsoleState,
     head: &str,
@@ -266,7 +416,7 @@ fn narrowed_to_account(
     tail: &str,
     bind: impl FnOnce(clickhouse::query::Query) -> clickhouse::query::Query,
 ) -> clickhouse::query::Query {
-    let mut sql = head.replace("{usage}", usage_scan(account));
+    let mut sql = head.to_string();
     if account.is_some() {
         sql.push_str(" AND account_id = ?");
     }
@@ -286,7 +436,7 @@ pub fn normalized(text: &str) -> String {
         .unwrap_or_else(|_| text.to_string())
 }
 
-/// Cost and actions per day over [from, to), tracked actions only (the Profitability chart).
+/// Cost and actions per day, tracked actions only (the Profitability chart).
 #[derive(Debug, clickhouse::Row, Deserialize)]
 pub struct DayRow {
     /// Seconds since the epoch of the day's start (UTC).
@@ -299,23 +449,21 @@ pub async fn cost_per_day(
     state: &ConsoleState,
     workspace_id: &str,
     account: Option<&str>,
-    from_seconds: i64,
+    days: Days,
 ) -> anyhow::Result<Vec<DayRow>> {
-    narrowed_to_account(
-        state,
-        "SELECT toUInt32(toStartOfDay(window_start)) AS day_start, sum(action_count) AS actions_total, \
+    let sql = format!(
+        "SELECT toUInt32(day) AS day_start, sum(action_count) AS actions_total, \
                 toString(sum(cost)) AS cost_total \
-         FROM {usage} workspace_id = ? AND tracked = 1 AND window_start >= toDateTime(?)",
-        account,
-        " GROUP BY day_start ORDER BY day_start",
-        |query| query.bind(workspace_id).bind(from_seconds),
-    )
+         FROM {} WHERE tracked = 1 GROUP BY day_start ORDER BY day_start",
+        Rollup::Actions.source(account.is_some())
+    );
+    rollup_query(state, &sql, workspace_id, account, days)
         .fetch_all::<DayRow>()
         .await
         .context("cannot read cost per day")
 }
 
-/// The heaviest users (by billable actions) since `from`, with their cost.
+/// The heaviest users (by billable actions) over whole days, with their cost.
 #[derive(Debug, clickhouse::Row, Deserialize)]
 pub struct UserRow {
     pub account_id: String,
@@ -328,16 +476,15 @@ pub async fn heaviest_users(
     state: &ConsoleState,
     workspace_id: &str,
     account: Option<&str>,
-    from_seconds: i64,
+    days: Days,
 ) -> anyhow::Result<Vec<UserRow>> {
-    narrowed_to_account(
-        state,
+    let sql = format!(
         "SELECT account_id, user_key, sum(action_count) AS actions_total, toString(sum(cost)) AS cost_total \
-         FROM {usage} workspace_id = ? AND tracked = 1 AND user_key != '' AND window_start >= toDateTime(?)",
-        account,
-        " GROUP BY account_id, user_key ORDER BY actions_total DESC, user_key LIMIT 10",
-        |query| query.bind(workspace_id).bind(from_seconds),
-    )
+         FROM {} WHERE tracked = 1 AND user_key != '' \
+         GROUP BY account_id, user_key ORDER BY actions_total DESC, user_key LIMIT 10",
+        Rollup::Users.source(account.is_some())
+    );
+    rollup_query(state, &sql, workspace_id, account, days)
         .fetch_all::<UserRow>()
         .await
         .context("cannot read the heaviest users")
@@ -415,17 +562,19 @@ pub async fn users_and_seats(
     workspace_id: &str,
     account: &str,
 ) -> anyhow::Result<UsersAndSeats> {
-    state
-        .clickhouse
-        .query(
-            "SELECT uniqExactIf(user_key, window_start >= toStartOfMonth(now())) AS users_month, \
-                    uniqExactIf(user_key, toDate(window_start) >= today() - 29) AS seats_day \
-             FROM usage FINAL \
-             PREWHERE workspace_id = ? AND account_id = ? AND tracked = 1 AND user_key != '' \
-               AND toDate(window_start) >= today() - 31",
-        )
-        .bind(workspace_id)
-        .bind(account)
+    // The 31 days before today cover this month and the last 30 days.
+    let today = time::OffsetDateTime::now_utc()
+        .unix_timestamp()
+        .div_euclid(86_400)
+        * 86_400;
+    let days = Days::since(today - 31 * 86_400).context("a day's start is one")?;
+    let sql = format!(
+        "SELECT uniqExactIf(user_key, day >= toStartOfMonth(now())) AS users_month, \
+                uniqExactIf(user_key, toDate(day) >= today() - 29) AS seats_day \
+         FROM {} WHERE tracked = 1 AND user_key != ''",
+        Rollup::Users.source(true)
+    );
+    rollup_query(state, &sql, workspace_id, Some(account), days)
         .fetch_one::<UsersAndSeats>()
         .await
         .context("cannot read users and seats")

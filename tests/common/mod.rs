@@ -358,6 +358,19 @@ pub fn clickhouse_query(database: &str, sql: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// Runs a statement that answers no rows (an INSERT … SELECT, a TRUNCATE) against ClickHouse.
+pub fn clickhouse_execute(database: &str, sql: &str) {
+    let response = reqwest::blocking::Client::new()
+        .post(format!("{}/?database={database}", clickhouse_url()))
+        .body(sql.to_string())
+        .timeout(Duration::from_secs(60))
+        .send()
+        .expect("ClickHouse reachable");
+    let status = response.status();
+    let text = response.text().unwrap();
+    assert!(status.is_success(), "ClickHouse error for `{sql}`: {text}");
+}
+
 /// A record read back from Kafka.
 #[derive(Debug, Clone)]
 pub struct KafkaRecord {

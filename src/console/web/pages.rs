@@ -21,7 +21,7 @@ use super::chart::{self, Bar};
 use super::{web_caller, web_writer, WebCaller};
 use crate::console::edits::{self, NewInstance, NewRate};
 use crate::console::error::ApiError;
-use crate::console::reads::{self, normalized, LiveDataFilter, LiveRow, RevenueGroup};
+use crate::console::reads::{self, normalized, Days, LiveDataFilter, LiveRow, RevenueGroup};
 use crate::console::write::write_at;
 use crate::console::ConsoleState;
 
@@ -811,10 +811,13 @@ pub async fn account(
     };
     let workspace_id = web.caller.workspace.workspace_id();
     let currency = web.caller.workspace.currency();
-    let usage = reads::usage(&state, workspace_id, Some(&id), 0, i64::from(u32::MAX)).await;
-    let users = reads::heaviest_users(&state, workspace_id, Some(&id), 0).await;
-    let seats = reads::users_and_seats(&state, workspace_id, &id).await;
-    let invoices = reads::invoices(&state, workspace_id, Some(&id)).await;
+    // Independent reads, run at once: the page takes as long as the slowest.
+    let (usage, users, seats, invoices) = tokio::join!(
+        reads::usage(&state, workspace_id, Some(&id), Days::ALL),
+        reads::heaviest_users(&state, workspace_id, Some(&id), Days::ALL),
+        reads::users_and_seats(&state, workspace_id, &id),
+        reads::invoices(&state, workspace_id, Some(&id)),
+    );
     let content = html! {
         dl.facts {
             dt { "Id" } dd { code { (account.id) } }
@@ -832,17 +835,17 @@ pub async fn account(
             Ok(rows) if rows.is_empty() => p.empty { "No tracked usage yet. Actions this account's agents send appear here once their names are tracked." },
             Ok(rows) => {
                 table.data #usage {
-                    thead { tr { th { "Action" } th { "Measure" } th.number { "Actions" } th.number { "Quantity" } th.number { "Outcomes" } th.number { "Users" } th.number { "Cost" } } }
+                    thead { tr { th { "Action" } th { "Measure" } th.number { "Actions" } th.number { "Quantity" } th.number { "Outcomes" } th.number { "Cost" } } }
                     tbody { @for row in rows {
                         tr {
                             td { (row.action_name) } td { (row.measure) }
                             td.number { (row.actions) } td.number { (normalized(&row.quantity)) }
-                            td.number { (row.outcomes) } td.number { (row.users) }
+                            td.number { (row.outcomes) }
                             td.number.cost { (normalized(&row.cost)) " " (currency) }
                         }
                     } }
                     @let total = rows.iter().fold(Decimal::ZERO, |total, row| total.saturating_add(decimal(&row.cost)));
-                    tfoot { tr { th colspan="6" { "Total cost" } th.number #usage-total { (total.normalize()) " " (currency) } } }
+                    tfoot { tr { th colspan="5" { "Total cost" } th.number #usage-total { (total.normalize()) " " (currency) } } }
                 }
             }
         }
@@ -1260,18 +1263,23 @@ pub async fn profitability(
         .div_euclid(86_400)
         * 86_400;
     let first_day = today - 29 * 86_400;
-    let days = reads::cost_per_day(&state, workspace_id, None, first_day).await;
-    let usage = reads::usage(&state, workspace_id, None, 0, i64::from(u32::MAX)).await;
-    let users = reads::heaviest_users(&state, workspace_id, None, 0).await;
-    let mut revenue = Vec::new();
-    for (group, heading) in [
-        (RevenueGroup::Month, "Per month"),
-        (RevenueGroup::Account, "Per account"),
-        (RevenueGroup::AgentType, "Per agent type"),
-        (RevenueGroup::RatePlan, "Per rate plan"),
-    ] {
-        revenue.push((heading, reads::revenue(&state, workspace_id, group).await));
-    }
+    let last_30_days = Days::since(first_day).unwrap_or(Days::ALL);
+    // Independent reads, run at once: the page takes as long as the slowest.
+    let (days, usage, users, per_month, per_account, per_agent_type, per_rate_plan) = tokio::join!(
+        reads::cost_per_day(&state, workspace_id, None, last_30_days),
+        reads::usage(&state, workspace_id, None, Days::ALL),
+        reads::heaviest_users(&state, workspace_id, None, Days::ALL),
+        reads::revenue(&state, workspace_id, RevenueGroup::Month),
+        reads::revenue(&state, workspace_id, RevenueGroup::Account),
+        reads::revenue(&state, workspace_id, RevenueGroup::AgentType),
+        reads::revenue(&state, workspace_id, RevenueGroup::RatePlan),
+    );
+    let revenue = [
+        ("Per month", per_month),
+        ("Per account", per_account),
+        ("Per agent type", per_agent_type),
+        ("Per rate plan", per_rate_plan),
+    ];
     let content = html! {
         h2 { "Cost per day, last 30 days" }
         @match &days {
