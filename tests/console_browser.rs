@@ -219,6 +219,14 @@ impl Browser {
         })
     }
 
+    /// Runs a script in the page (what a person does without loading a page: opening a
+    /// disclosure, picking a date).
+    fn script(&self, js: &str) {
+        self.runtime
+            .block_on(self.client.execute(js, vec![]))
+            .unwrap_or_else(|error| panic!("script {js}: {error}"));
+    }
+
     fn session_cookie(&self) -> String {
         self.runtime
             .block_on(self.client.get_named_cookie("am_session"))
@@ -486,6 +494,57 @@ fn a_new_builder_meters_an_agent_from_the_browser_and_sees_its_cost() {
     assert_eq!(browser.text("#users-this-month"), "2", "user-0 and user-1");
     assert!(browser.text("#seats-today").starts_with('2'));
     browser.screenshot("11-account-usage");
+    // Billing from the browser: a product (a fee typed as a number refused, naming the field,
+    // with what was typed kept), a subscription of the account, and its end.
+    browser.goto("/billing");
+    browser.script("document.querySelector('#product-editor').open = true;");
+    let product = |fee: &str| {
+        format!(
+            r#"{{"id": "prod_web", "name": "Web Agent", "agent_type": "type_research", "rate_plans": [{{"id": "basic", "name": "Basic", "currency": "USD", "billing_cycle": "monthly", "charges": [{{"id": "platform", "name": "Platform fee", "model": {{"flat": {{"fee": {fee}}}}}}}]}}]}}"#
+        )
+    };
+    browser.fill("#product-form textarea[name=product]", &product("49.5"));
+    browser.click("#product-form button");
+    let refused = browser.text(".notice.error");
+    assert!(refused.contains("product"), "{refused}");
+    assert!(
+        browser.text("#product-form textarea").contains("49.5"),
+        "what was typed is kept"
+    );
+    browser.fill("#product-form textarea[name=product]", &product("\"49\""));
+    browser.click("#product-form button");
+    assert_eq!(browser.text(".notice.saved"), "Saved");
+    assert!(browser.text("#plans").contains("Web Agent"));
+    browser.fill("#subscription-form input[name=id]", "sub_web");
+    browser.select("#subscription-form select[name=account]", "acc_web");
+    browser.select("#subscription-form select[name=plan]", "prod_web/basic");
+    browser.script(
+        "document.querySelector('#subscription-form input[name=start]').value = '2026-11-01';",
+    );
+    browser.click("#subscription-form button");
+    assert_eq!(browser.text(".notice.saved"), "Saved");
+    let subscriptions = browser.text("#subscriptions");
+    assert!(
+        subscriptions.contains("sub_web")
+            && subscriptions.contains("2026-11-01")
+            && subscriptions.contains("open"),
+        "{subscriptions}"
+    );
+    // An end before the start is refused, naming the field; a later one is kept.
+    browser
+        .script("document.querySelector('#subscriptions input[name=end]').value = '2026-10-01';");
+    browser.click("#subscriptions form button");
+    assert!(browser.text(".notice.error").contains("end"));
+    browser
+        .script("document.querySelector('#subscriptions input[name=end]').value = '2027-01-01';");
+    browser.click("#subscriptions form button");
+    assert_eq!(browser.text(".notice.saved"), "Saved");
+    assert!(browser.text("#subscriptions").contains("2027-01-01"));
+    let stored = env.tool(&["config", "export", "ws_browser"]);
+    assert!(
+        stored.contains("sub_web") && stored.contains("prod_web"),
+        "the published configuration has them: {stored}"
+    );
     for (path, name) in [
         ("/billing", "12-billing"),
         ("/profitability", "13-profitability"),

@@ -1,6 +1,7 @@
 //! The console's reads against the real broker and ClickHouse, with real enricher, aggregator
 //! and console processes: the usage, users and action names it reads from the aggregator's daily
-//! rollups (ADR 0008) equal the same questions asked of `usage FINAL` and `actions FINAL` — after
+//! rollups (ADR 0008), with the derived outcomes of `agentmeter outcomes` added from `usage`, equal
+//! the same questions asked of `usage FINAL` and `actions FINAL` — after
 //! the aggregator was SIGKILLed mid-stream, and after the rollups were emptied and refilled by the
 //! migration's backfill — and Live Data's widening look-back answers every page as the unbounded
 //! query does.
@@ -35,6 +36,12 @@ rates = [{ effective_from = "2020-01-01T00:00:00Z", cost_per_unit = "0.00003" }]
 
 [[outcomes]]
 action = "delivery"
+
+[[composite_outcomes]]
+name = "research_done"
+steps = [{ action = "web_search" }, { action = "llm_call" }]
+within = "15m"
+context = "user"
 "#;
 
 /// The actions of the test: three accounts, a dozen users (and anonymous ones), four names, LLM
@@ -185,7 +192,8 @@ fn seen_both_ways(
     let stored = env.query(&format!(
         "SELECT name, sum(seen) FROM ( \
            SELECT action_name AS name, count() AS seen FROM actions FINAL \
-           WHERE workspace_id = '{WORKSPACE}' GROUP BY name \
+           WHERE workspace_id = '{WORKSPACE}' AND kind NOT IN ('derived_outcome', 'retracted_outcome') \
+           GROUP BY name \
            UNION ALL \
            SELECT trace_event AS name, count() AS seen FROM actions FINAL \
            WHERE workspace_id = '{WORKSPACE}' AND kind = 'llm' AND trace_event != '' GROUP BY name) \
@@ -225,6 +233,12 @@ fn wait_until_rollup_reads_agree(env: &TestEnv, client: &Client, base: &str, key
         ),
     ];
     env.wait_until(Duration::from_secs(90), Duration::from_millis(500), || {
+        let firings = env.query(
+            "SELECT count() FROM usage FINAL WHERE source_partition = 4294967295 AND outcome_count > 0",
+        );
+        if firings[0][0] == "0" {
+            return Err("no derived outcome yet".to_string());
+        }
         for (query, conditions) in &reads {
             let (console, stored) = usage_both_ways(env, client, base, key, query, conditions);
             if console != stored || stored.0.is_empty() {
@@ -246,10 +260,14 @@ fn wait_until_rollup_reads_agree(env: &TestEnv, client: &Client, base: &str, key
 #[test]
 fn rollup_reads_equal_the_stored_actions_after_aggregator_kills_and_a_backfill() {
     let port = free_port();
+    let outcomes_port = free_port();
     // Small batches: many batches, and kills land inside them.
     let mut env = TestEnv::new(
         "console_reads",
-        &format!("batch_offsets = 97\n\n[console]\nlisten = \"127.0.0.1:{port}\"\n"),
+        &format!(
+            "batch_offsets = 97\n\n[console]\nlisten = \"127.0.0.1:{port}\"\n\n\
+             [outcomes]\nmetrics_listen = \"127.0.0.1:{outcomes_port}\"\ninterval = \"200ms\"\n"
+        ),
     );
     let base = format!("http://127.0.0.1:{port}");
     env.apply_config(&metering_config(
@@ -279,6 +297,7 @@ fn rollup_reads_equal_the_stored_actions_after_aggregator_kills_and_a_backfill()
     env.spawn("enrich", "enricher");
     let mut aggregator = env.spawn("aggregate", "aggregator");
     env.spawn("console", "console");
+    env.spawn("outcomes", "outcomes");
     env.wait_http_ok(&format!("{base}/readyz"), Duration::from_secs(60));
     let client = Client::new();
 
@@ -296,7 +315,10 @@ fn rollup_reads_equal_the_stored_actions_after_aggregator_kills_and_a_backfill()
         aggregator = env.spawn("aggregate", &format!("aggregator-{index}"));
     }
     env.wait_for_count(
-        &format!("SELECT count() FROM (SELECT DISTINCT event_id FROM actions WHERE workspace_id = '{WORKSPACE}')"),
+        &format!(
+            "SELECT count() FROM (SELECT DISTINCT event_id FROM actions \
+             WHERE workspace_id = '{WORKSPACE}' AND source_partition != 4294967295)"
+        ),
         distinct,
         Duration::from_secs(120),
     );

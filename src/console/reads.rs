@@ -295,12 +295,12 @@ enum Rollup {
 }
 
 impl Rollup {
-    /// The rows a read adds up, as a subquery: the rollup's, and the derived outcomes' usage
-    /// (ADR 0005), which `agentmeter outcomes` writes into `usage` only, shaped like them. Every
-    /// condition is a PREWHERE on sorting-key columns (workspace, account, day or window,
-    /// source partition), so FINAL keeps or drops every version of a key together and stays
-    /// exact (docs/sql.md). Bind with [`bind_rollup`].
-    fn source(self, account: bool) -> String {
+    /// The rows a read adds up, as a subquery: the rollup's and, when `derived`, the derived
+    /// outcomes' usage (ADR 0005), which `agentmeter outcomes` writes into `usage` only, shaped
+    /// like them. Every condition is a PREWHERE on sorting-key columns (workspace, account, day
+    /// or window, source partition), so FINAL keeps or drops every version of a key together and
+    /// stays exact (docs/sql.md). Bind with [`rollup_query`].
+    fn source(self, account: bool, derived: bool) -> String {
         let (table, columns, derived_columns) = match self {
             Rollup::Actions => (
                 "usage_daily",
@@ -317,9 +317,15 @@ impl Rollup {
             ),
         };
         let account = if account { " AND account_id = ?" } else { "" };
+        let rollup = format!(
+            "SELECT {columns} FROM {table} FINAL \
+               PREWHERE workspace_id = ? AND day >= toDateTime(?) AND day < toDateTime(?){account}"
+        );
+        if !derived {
+            return format!("({rollup})");
+        }
         format!(
-            "(SELECT {columns} FROM {table} FINAL \
-               PREWHERE workspace_id = ? AND day >= toDateTime(?) AND day < toDateTime(?){account} \
+            "({rollup} \
              UNION ALL \
              SELECT {derived_columns} FROM usage FINAL \
                PREWHERE workspace_id = ? AND source_partition = {DERIVED_PARTITION} \
@@ -331,17 +337,37 @@ impl Rollup {
 /// The source partition of derived outcomes' usage rows (ADR 0005).
 const DERIVED_PARTITION: u32 = u32::MAX;
 
-/// A query over [`Rollup::source`] (which must come before any other `?` of `sql`), its
-/// parameters bound.
+/// Whether `agentmeter outcomes` has derived for the workspace: it records a fingerprint of
+/// every workspace that has or had composite definitions with each run's progress, after the
+/// rows. Without one there are no derived rows to add (bar those of a first run that crashed
+/// before its progress, which the next run writes again), and a read skips the scan of
+/// `usage` for them — on a month of ten million rows, most of a read's time.
+async fn derived_outcomes_written(
+    state: &ConsoleState,
+    workspace_id: &str,
+) -> anyhow::Result<bool> {
+    let count: u64 = state
+        .clickhouse
+        .query("SELECT count() FROM outcomes_progress WHERE key = ?")
+        .bind(format!("workspace:{workspace_id}"))
+        .fetch_one()
+        .await
+        .context("cannot read the outcomes stage's progress")?;
+    Ok(count > 0)
+}
+
+/// A query over [`Rollup::source`] (which must come before any other `?` of `sql`) for the
+/// workspace, with its parameters bound; `derived` as given to `source`.
 fn rollup_query(
     state: &ConsoleState,
     sql: &str,
     workspace_id: &str,
     account: Option<&str>,
     days: Days,
+    derived: bool,
 ) -> clickhouse::query::Query {
     let mut query = state.clickhouse.query(sql);
-    for _branch in 0..2 {
+    for _branch in 0..(1 + usize::from(derived)) {
         query = query.bind(workspace_id).bind(days.from).bind(days.to);
         if let Some(account) = account {
             query = query.bind(account);
@@ -368,15 +394,16 @@ pub async fn usage(
     account: Option<&str>,
     days: Days,
 ) -> anyhow::Result<Vec<UsageRow>> {
+    let derived = derived_outcomes_written(state, workspace_id).await?;
     let sql = format!(
         "SELECT account_id, action_name, measure, sum(action_count) AS actions_total, \
                 toString(sum(quantity)) AS quantity_total, toString(sum(cost)) AS cost_total, \
                 sum(outcome_count) AS outcomes_total \
          FROM {} WHERE tracked = 1 \
          GROUP BY account_id, action_name, measure ORDER BY account_id, action_name",
-        Rollup::Actions.source(account.is_some())
+        Rollup::Actions.source(account.is_some(), derived)
     );
-    rollup_query(state, &sql, workspace_id, account, days)
+    rollup_query(state, &sql, workspace_id, account, days, derived)
         .fetch_all::<UsageRow>()
         .await
         .context("cannot read usage")
@@ -395,13 +422,14 @@ pub async fn users_per_account(
     account: Option<&str>,
     days: Days,
 ) -> anyhow::Result<Vec<AccountUsersRow>> {
+    let derived = derived_outcomes_written(state, workspace_id).await?;
     let sql = format!(
         "SELECT account_id, uniqExact(user_key) AS users_total \
          FROM {} WHERE tracked = 1 AND user_key != '' \
          GROUP BY account_id ORDER BY account_id",
-        Rollup::Users.source(account.is_some())
+        Rollup::Users.source(account.is_some(), derived)
     );
-    rollup_query(state, &sql, workspace_id, account, days)
+    rollup_query(state, &sql, workspace_id, account, days, derived)
         .fetch_all::<AccountUsersRow>()
         .await
         .context("cannot read the users per account")
@@ -451,13 +479,14 @@ pub async fn cost_per_day(
     account: Option<&str>,
     days: Days,
 ) -> anyhow::Result<Vec<DayRow>> {
+    let derived = derived_outcomes_written(state, workspace_id).await?;
     let sql = format!(
         "SELECT toUInt32(day) AS day_start, sum(action_count) AS actions_total, \
                 toString(sum(cost)) AS cost_total \
          FROM {} WHERE tracked = 1 GROUP BY day_start ORDER BY day_start",
-        Rollup::Actions.source(account.is_some())
+        Rollup::Actions.source(account.is_some(), derived)
     );
-    rollup_query(state, &sql, workspace_id, account, days)
+    rollup_query(state, &sql, workspace_id, account, days, derived)
         .fetch_all::<DayRow>()
         .await
         .context("cannot read cost per day")
@@ -478,13 +507,14 @@ pub async fn heaviest_users(
     account: Option<&str>,
     days: Days,
 ) -> anyhow::Result<Vec<UserRow>> {
+    let derived = derived_outcomes_written(state, workspace_id).await?;
     let sql = format!(
         "SELECT account_id, user_key, sum(action_count) AS actions_total, toString(sum(cost)) AS cost_total \
          FROM {} WHERE tracked = 1 AND user_key != '' \
          GROUP BY account_id, user_key ORDER BY actions_total DESC, user_key LIMIT 10",
-        Rollup::Users.source(account.is_some())
+        Rollup::Users.source(account.is_some(), derived)
     );
-    rollup_query(state, &sql, workspace_id, account, days)
+    rollup_query(state, &sql, workspace_id, account, days, derived)
         .fetch_all::<UserRow>()
         .await
         .context("cannot read the heaviest users")
@@ -568,13 +598,14 @@ pub async fn users_and_seats(
         .div_euclid(86_400)
         * 86_400;
     let days = Days::since(today - 31 * 86_400).context("a day's start is one")?;
+    let derived = derived_outcomes_written(state, workspace_id).await?;
     let sql = format!(
         "SELECT uniqExactIf(user_key, day >= toStartOfMonth(now())) AS users_month, \
                 uniqExactIf(user_key, toDate(day) >= today() - 29) AS seats_day \
          FROM {} WHERE tracked = 1 AND user_key != ''",
-        Rollup::Users.source(true)
+        Rollup::Users.source(true, derived)
     );
-    rollup_query(state, &sql, workspace_id, Some(account), days)
+    rollup_query(state, &sql, workspace_id, Some(account), days, derived)
         .fetch_one::<UsersAndSeats>()
         .await
         .context("cannot read users and seats")

@@ -89,6 +89,12 @@ pub fn router(state: ConsoleState) -> Router {
         .route("/agents/instances", post(pages::create_instance))
         .route("/agents/instances/{id}/rotate", post(pages::rotate_secret))
         .route("/billing", get(pages::billing))
+        .route("/billing/products", post(pages::save_product))
+        .route("/billing/subscriptions", post(pages::create_subscription))
+        .route(
+            "/billing/subscriptions/{id}/end",
+            post(pages::end_subscription),
+        )
         .route("/billing/invoices/{id}", get(pages::invoice))
         .route("/profitability", get(pages::profitability))
         .route("/audit", get(pages::audit))

@@ -5,6 +5,7 @@
 //! renders the same page again with the status and the message that names the field.
 
 use agentmeter_billing::invoice::DraftInvoice;
+use agentmeter_schemas::catalog::{Product, Subscription};
 use agentmeter_schemas::metering::{hash_secret, Account, AgentType};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -1116,52 +1117,250 @@ pub async fn rotate_secret(
 
 // ---- Billing
 
+/// What was typed into a refused billing form, shown again with the message.
+#[derive(Debug, Default)]
+pub struct BillingTyped {
+    product_json: Option<String>,
+    subscription: Option<SubscriptionForm>,
+}
+
+async fn render_billing(
+    state: &ConsoleState,
+    web: &WebCaller,
+    notice: Notice,
+    typed: BillingTyped,
+) -> Markup {
+    let config = &web.caller.workspace.config;
+    let invoices = reads::invoices(state, web.caller.workspace.workspace_id(), None).await;
+    let typed_subscription = typed.subscription.unwrap_or_default();
+    let today = OffsetDateTime::now_utc().date().to_string();
+    let product_example = r#"{"id": "prod_research", "name": "Research Agent", "agent_type": "…",
+ "rate_plans": [{"id": "basic", "name": "Basic", "currency": "USD", "billing_cycle": "monthly",
+   "charges": [{"id": "platform", "name": "Platform fee", "model": {"flat": {"fee": "49"}}}]}]}"#;
+    let content = html! {
+        h2 { "Products and rate plans" }
+        @if config.products.is_empty() {
+            p.empty { "No products yet. Describe one below (a product, its rate plans and their charges, as docs/billing.md explains), or in the configuration file ([[products]])." }
+        } @else {
+            table.data #plans {
+                thead { tr { th { "Product" } th { "Agent type" } th { "Rate plan" } th { "Cycle" } th { "Currency" } th { "Charges" } } }
+                tbody { @for product in &config.products { @for plan in &product.rate_plans { tr {
+                    td { (product.name) " " code { (product.id) } } td { (product.agent_type) } td { (plan.name) " " code { (plan.id) } }
+                    td { (format!("{:?}", plan.billing_cycle).to_lowercase()) } td { (plan.currency) }
+                    td { (plan.charges.iter().map(|charge| charge.name.as_str()).collect::<Vec<_>>().join(", ")) }
+                } } } }
+            }
+        }
+        details #product-editor open[typed.product_json.is_some()] {
+            summary { "Create or replace a product" }
+            form.card method="post" action="/billing/products" #product-form {
+                (form_guard(web))
+                label {
+                    "The product as JSON (the body of PUT /api/v1/products/{id}; a product with the same id is replaced)"
+                    textarea name="product" rows="8" placeholder=(product_example) required { (typed.product_json.as_deref().unwrap_or("")) }
+                }
+                @if let Some(product) = config.products.first() {
+                    p.hint { "To change " code { (product.id) } ", start from its current definition: " code { (serde_json::to_string(product).unwrap_or_default()) } }
+                }
+                button type="submit" { "Save product" }
+            }
+        }
+        h2 { "Subscriptions" }
+        @if config.subscriptions.is_empty() {
+            p.empty { "No subscriptions yet: subscribe an account to a rate plan below." }
+        } @else {
+            table.data #subscriptions {
+                thead { tr { th { "Id" } th { "Account" } th { "Product" } th { "Plan" } th { "From" } th { "Until" } th {} } }
+                tbody { @for subscription in &config.subscriptions { tr {
+                    td { code { (subscription.id) } } td { (subscription.account) } td { (subscription.product) } td { (subscription.rate_plan) }
+                    td { (subscription.start.date().to_string()) }
+                    td { (subscription.end.map(|end| end.date().to_string()).unwrap_or_else(|| "open".to_string())) }
+                    td {
+                        @if subscription.end.is_none() {
+                            form.inline method="post" action=(format!("/billing/subscriptions/{}/end", subscription.id)) {
+                                (form_guard(web))
+                                input type="date" name="end" value=(today) required aria-label="End on";
+                                button type="submit" { "End" }
+                            }
+                        }
+                    }
+                } } }
+            }
+        }
+        @let plans: Vec<(String, String)> = config.products.iter().flat_map(|product| product.rate_plans.iter().map(move |plan| (format!("{}/{}", product.id, plan.id), format!("{} — {}", product.name, plan.name)))).collect();
+        @let accounts: Vec<&Account> = config.accounts.iter().filter(|account| !account.archived).collect();
+        @if plans.is_empty() || accounts.is_empty() {
+            p.hint { "A subscription needs an account (" a href="/accounts" { "Accounts" } ") and a product with a rate plan (above)." }
+        } @else {
+            h3 { "New subscription" }
+            form.card method="post" action="/billing/subscriptions" #subscription-form {
+                (form_guard(web))
+                label { "Id" input type="text" name="id" required value=(typed_subscription.id); }
+                label { "Account" select name="account" {
+                    @for account in &accounts { option value=(account.id) selected[account.id == typed_subscription.account] { (account.name) " (" (account.id) ")" } }
+                } }
+                label { "Rate plan" select name="plan" {
+                    @for (value, name) in &plans { option value=(value) selected[*value == typed_subscription.plan] { (name) } }
+                } }
+                label { "From (UTC, inclusive)" input type="date" name="start" required value=(if typed_subscription.start.is_empty() { today.clone() } else { typed_subscription.start.clone() }); }
+                button type="submit" { "Subscribe" }
+            }
+        }
+        h2 { "Invoices" }
+        (invoice_table(&invoices))
+    };
+    layout("Billing", web, Section::Billing, &notice, content)
+}
+
 pub async fn billing(
     State(state): State<ConsoleState>,
     headers: HeaderMap,
     Query(query): Query<PageQuery>,
 ) -> Response {
     let web = logged_in!(state, headers);
-    let config = &web.caller.workspace.config;
-    let invoices = reads::invoices(&state, web.caller.workspace.workspace_id(), None).await;
-    let content = html! {
-        h2 { "Products and rate plans" }
-        @if config.products.is_empty() {
-            p.empty { "No products yet. Products, rate plans and their charges are set in the configuration file ([[products]], docs/billing.md) and applied with `agentmeter config apply`." }
-        } @else {
-            table.data #plans {
-                thead { tr { th { "Product" } th { "Agent type" } th { "Rate plan" } th { "Cycle" } th { "Currency" } th { "Charges" } } }
-                tbody { @for product in &config.products { @for plan in &product.rate_plans { tr {
-                    td { (product.name) } td { (product.agent_type) } td { (plan.name) " " code { (plan.id) } }
-                    td { (format!("{:?}", plan.billing_cycle).to_lowercase()) } td { (plan.currency) }
-                    td { (plan.charges.iter().map(|charge| charge.name.as_str()).collect::<Vec<_>>().join(", ")) }
-                } } } }
-            }
-        }
-        h2 { "Subscriptions" }
-        @if config.subscriptions.is_empty() {
-            p.empty { "No subscriptions yet: subscribe an account to a rate plan in the configuration file ([[subscriptions]])." }
-        } @else {
-            table.data #subscriptions {
-                thead { tr { th { "Id" } th { "Account" } th { "Product" } th { "Plan" } th { "From" } th { "Until" } } }
-                tbody { @for subscription in &config.subscriptions { tr {
-                    td { code { (subscription.id) } } td { (subscription.account) } td { (subscription.product) } td { (subscription.rate_plan) }
-                    td { (subscription.start.date().to_string()) }
-                    td { (subscription.end.map(|end| end.date().to_string()).unwrap_or_else(|| "open".to_string())) }
-                } } }
-            }
-        }
-        h2 { "Invoices" }
-        (invoice_table(&invoices))
-    };
-    layout(
-        "Billing",
+    render_billing(
+        &state,
         &web,
-        Section::Billing,
-        &Notice::from_query(&query),
-        content,
+        Notice::from_query(&query),
+        BillingTyped::default(),
     )
+    .await
     .into_response()
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ProductForm {
+    csrf: String,
+    version: i64,
+    product: String,
+}
+
+pub async fn save_product(
+    State(state): State<ConsoleState>,
+    headers: HeaderMap,
+    Form(form): Form<ProductForm>,
+) -> Response {
+    let web = writer!(state, headers, &form.csrf);
+    let result = match serde_json::from_str::<Product>(&form.product) {
+        Err(error) => Err(ApiError::invalid(
+            "product",
+            format!("the product is not what PUT /api/v1/products/{{id}} takes: {error}"),
+        )),
+        Ok(product) => {
+            write_at(&state, &web.caller, form.version, |config| {
+                let id = product.id.clone();
+                edits::put_product(config, &id, product)
+            })
+            .await
+        }
+    };
+    let typed = BillingTyped {
+        product_json: Some(form.product.clone()),
+        subscription: None,
+    };
+    after_write(result, "/billing", |notice| {
+        render_billing(&state, &web, notice, typed)
+    })
+    .await
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct SubscriptionForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    version: i64,
+    #[serde(default)]
+    id: String,
+    #[serde(default)]
+    account: String,
+    /// `product/rate plan`.
+    #[serde(default)]
+    plan: String,
+    /// `YYYY-MM-DD`.
+    #[serde(default)]
+    start: String,
+}
+
+/// A form's date (`YYYY-MM-DD`) as the start of that UTC day.
+fn form_day(field: &str, text: &str) -> Result<OffsetDateTime, ApiError> {
+    time::Date::parse(
+        text.trim(),
+        time::macros::format_description!("[year]-[month]-[day]"),
+    )
+    .map(|date| date.midnight().assume_utc())
+    .map_err(|error| {
+        ApiError::invalid(
+            field,
+            format!("{field} {text:?} is not a date (YYYY-MM-DD): {error}"),
+        )
+    })
+}
+
+pub async fn create_subscription(
+    State(state): State<ConsoleState>,
+    headers: HeaderMap,
+    Form(form): Form<SubscriptionForm>,
+) -> Response {
+    let web = writer!(state, headers, &form.csrf);
+    let (product, rate_plan) = form
+        .plan
+        .split_once('/')
+        .unwrap_or((form.plan.as_str(), ""));
+    let result = match form_day("start", &form.start) {
+        Err(error) => Err(error),
+        Ok(start) => {
+            let subscription = Subscription {
+                id: form.id.trim().to_string(),
+                account: form.account.clone(),
+                product: product.to_string(),
+                rate_plan: rate_plan.to_string(),
+                start,
+                end: None,
+            };
+            write_at(&state, &web.caller, form.version, |config| {
+                edits::create_subscription(config, subscription)
+            })
+            .await
+        }
+    };
+    let typed = BillingTyped {
+        product_json: None,
+        subscription: Some(form),
+    };
+    after_write(result, "/billing", |notice| {
+        render_billing(&state, &web, notice, typed)
+    })
+    .await
+}
+
+#[derive(Debug, Deserialize)]
+pub struct EndForm {
+    csrf: String,
+    version: i64,
+    end: String,
+}
+
+pub async fn end_subscription(
+    State(state): State<ConsoleState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Form(form): Form<EndForm>,
+) -> Response {
+    let web = writer!(state, headers, &form.csrf);
+    let result = match form_day("end", &form.end) {
+        Err(error) => Err(error),
+        Ok(end) => {
+            write_at(&state, &web.caller, form.version, |config| {
+                edits::end_subscription(config, &id, end)
+            })
+            .await
+        }
+    };
+    after_write(result, "/billing", |notice| {
+        render_billing(&state, &web, notice, BillingTyped::default())
+    })
+    .await
 }
 
 /// An invoice's printable view (the billing crate's HTML, the same as `invoices show --html`).
