@@ -343,11 +343,12 @@ pub struct PartitionAggregator {
     plan: Option<BatchPlan>,
     /// Offset after the last record handled.
     next_offset: i64,
-    /// Cumulative totals of the current batch, with whether they changed since the last flush.
-    totals: HashMap<UsageKey, (UsageTotals, bool)>,
+    /// Cumulative totals of the current batch, with whether they changed since the last flush,
+    /// and where the key's rollup totals are.
+    totals: HashMap<UsageKey, FineTotals>,
     /// The same for the rollup keys of the batch (ADR 0008).
-    daily: HashMap<DailyKey, (UsageTotals, bool)>,
-    user_days: HashMap<UserDayKey, (UsageTotals, bool)>,
+    daily: RollupTotals<DailyKey>,
+    user_days: RollupTotals<UserDayKey>,
     pending_actions: Vec<CountedAction>,
     /// Sealed batches and intents waiting for the next flush, in order.
     sealed: Vec<BatchWrite>,
@@ -369,8 +370,8 @@ impl PartitionAggregator {
             next_offset: plan.map(|plan| plan.dedupe_from).unwrap_or(0),
             plan,
             totals: HashMap::new(),
-            daily: HashMap::new(),
-            user_days: HashMap::new(),
+            daily: RollupTotals::default(),
+            user_days: RollupTotals::default(),
             pending_actions: Vec::new(),
             sealed: Vec::new(),
             dedupe: DedupeWindow::default(),
@@ -564,47 +565,59 @@ impl PartitionAggregator {
             outcome: action.outcome,
             currency: action.currency.clone(),
         };
-        let day_start_seconds = occurred_seconds - occurred_seconds.rem_euclid(86_400);
-        let daily_key = DailyKey {
-            day_start_seconds,
-            workspace_id: key.workspace_id.clone(),
-            account_id: key.account_id.clone(),
-            action_name: key.action_name.clone(),
-            // The Action Tagging tab lists the trace events of LLM calls beside action names.
-            trace_event: match raw.kind {
-                ActionKind::Llm => raw.trace_event.clone().unwrap_or_default(),
-                _ => String::new(),
-            },
-            measure: key.measure.clone(),
-            tracked: key.tracked,
-            outcome: key.outcome,
-            currency: key.currency.clone(),
-        };
-        let user_day_key = UserDayKey {
-            day_start_seconds,
-            workspace_id: key.workspace_id.clone(),
-            account_id: key.account_id.clone(),
-            user_key: key.user_key.clone(),
-            tracked: key.tracked,
-            currency: key.currency.clone(),
-        };
         let occurred = raw.occurred_at_micros;
-        let add = |before: Option<&(UsageTotals, bool)>| {
-            UsageTotals::added(
-                before.map(|(totals, _)| totals),
-                quantity,
-                cost,
-                action.outcome,
-                occurred,
-            )
-            .map_err(out_of_range)
+        // Only LLM calls' trace events are listed beside action names (Action Tagging).
+        let trace_event = match raw.kind {
+            ActionKind::Llm => raw.trace_event.as_deref().unwrap_or(""),
+            _ => "",
         };
-        let totals = add(self.totals.get(&key))?;
-        let daily = add(self.daily.get(&daily_key))?;
-        let user_day = add(self.user_days.get(&user_day_key))?;
-        self.totals.insert(key, (totals, true));
-        self.daily.insert(daily_key, (daily, true));
-        self.user_days.insert(user_day_key, (user_day, true));
+        let day_start_seconds = occurred_seconds - occurred_seconds.rem_euclid(86_400);
+        // The rollup rows of a usage key are found once per batch and remembered with it, so a
+        // key seen again costs one lookup (the rollup keys are built from the action only when
+        // its usage key, or its trace event under that key, is new).
+        let fine = self.totals.entry(key).or_insert_with(|| FineTotals {
+            totals: UsageTotals::EMPTY,
+            changed: false,
+            user_day: self.user_days.slot(UserDayKey {
+                day_start_seconds,
+                workspace_id: raw.workspace_id.clone(),
+                account_id: raw.account_id.clone(),
+                user_key: raw.user_key().to_string(),
+                tracked: action.tracked,
+                currency: action.currency.clone(),
+            }),
+            daily: Vec::new(),
+        });
+        let daily = match fine.daily.iter().find(|(event, _)| event == trace_event) {
+            Some((_, slot)) => *slot,
+            None => {
+                let slot = self.daily.slot(DailyKey {
+                    day_start_seconds,
+                    workspace_id: raw.workspace_id.clone(),
+                    account_id: raw.account_id.clone(),
+                    action_name: raw.action_name.clone(),
+                    trace_event: trace_event.to_string(),
+                    measure: action.measure.clone(),
+                    tracked: action.tracked,
+                    outcome: action.outcome,
+                    currency: action.currency.clone(),
+                });
+                fine.daily.push((trace_event.to_string(), slot));
+                slot
+            }
+        };
+        let add = |before: &UsageTotals| {
+            before
+                .added(quantity, cost, action.outcome, occurred)
+                .map_err(out_of_range)
+        };
+        let totals = add(&fine.totals)?;
+        let daily_totals = add(self.daily.totals(daily))?;
+        let user_day_totals = add(self.user_days.totals(fine.user_day))?;
+        fine.totals = totals;
+        fine.changed = true;
+        self.daily.set(daily, daily_totals);
+        self.user_days.set(fine.user_day, user_day_totals);
         Ok(())
     }
 
@@ -613,10 +626,10 @@ impl PartitionAggregator {
         let mut usage: Vec<(UsageKey, UsageTotals)> = self
             .totals
             .iter_mut()
-            .filter(|(_, (_, changed))| *changed)
-            .map(|(key, (totals, changed))| {
-                *changed = false;
-                (key.clone(), totals.clone())
+            .filter(|(_, fine)| fine.changed)
+            .map(|(key, fine)| {
+                fine.changed = false;
+                (key.clone(), fine.totals.clone())
             })
             .collect();
         // Sorted rows make inserts cheaper for ClickHouse and flushes reproducible in tests.
@@ -641,8 +654,8 @@ impl PartitionAggregator {
             end_offset: self.next_offset.max(plan.start),
             actions: std::mem::take(&mut self.pending_actions),
             usage,
-            daily: changed_rows(&mut self.daily),
-            user_days: changed_rows(&mut self.user_days),
+            daily: self.daily.take_changed(),
+            user_days: self.user_days.take_changed(),
             next_plan: None,
         }
     }
@@ -665,56 +678,114 @@ impl PartitionAggregator {
     pub fn has_unflushed(&self) -> bool {
         !self.sealed.is_empty()
             || !self.pending_actions.is_empty()
-            || self.totals.values().any(|(_, changed)| *changed)
+            || self.totals.values().any(|fine| fine.changed)
     }
 }
 
 impl UsageTotals {
-    /// `before` (or nothing yet) with one more action: `Err` names the sum that would leave
-    /// `i128` at scale 12.
+    /// Nothing counted yet.
+    const EMPTY: UsageTotals = UsageTotals {
+        action_count: 0,
+        quantity_scaled: 0,
+        cost_scaled: 0,
+        outcome_count: 0,
+        first_seen_micros: i64::MAX,
+        last_seen_micros: i64::MIN,
+    };
+
+    /// These totals with one more action: `Err` names the sum that would leave `i128` at
+    /// scale 12.
     fn added(
-        before: Option<&UsageTotals>,
+        &self,
         quantity_scaled: i128,
         cost_scaled: i128,
         outcome: bool,
         occurred_micros: i64,
     ) -> Result<UsageTotals, &'static str> {
-        let empty = UsageTotals {
-            action_count: 0,
-            quantity_scaled: 0,
-            cost_scaled: 0,
-            outcome_count: 0,
-            first_seen_micros: occurred_micros,
-            last_seen_micros: occurred_micros,
-        };
-        let before = before.unwrap_or(&empty);
         Ok(UsageTotals {
-            action_count: before.action_count + 1,
-            quantity_scaled: checked_add_scaled(before.quantity_scaled, quantity_scaled)
+            action_count: self.action_count + 1,
+            quantity_scaled: checked_add_scaled(self.quantity_scaled, quantity_scaled)
                 .ok_or("quantity")?,
-            cost_scaled: checked_add_scaled(before.cost_scaled, cost_scaled).ok_or("cost")?,
-            outcome_count: before.outcome_count + u64::from(outcome),
-            first_seen_micros: before.first_seen_micros.min(occurred_micros),
-            last_seen_micros: before.last_seen_micros.max(occurred_micros),
+            cost_scaled: checked_add_scaled(self.cost_scaled, cost_scaled).ok_or("cost")?,
+            outcome_count: self.outcome_count + u64::from(outcome),
+            first_seen_micros: self.first_seen_micros.min(occurred_micros),
+            last_seen_micros: self.last_seen_micros.max(occurred_micros),
         })
     }
 }
 
-/// The keys of `totals` changed since the last flush, with their totals, sorted (reproducible
-/// flushes); they are marked unchanged.
-fn changed_rows<K: Clone + Ord>(
-    totals: &mut HashMap<K, (UsageTotals, bool)>,
-) -> Vec<(K, UsageTotals)> {
-    let mut rows: Vec<(K, UsageTotals)> = totals
-        .iter_mut()
-        .filter(|(_, (_, changed))| *changed)
-        .map(|(key, (totals, changed))| {
-            *changed = false;
-            (key.clone(), totals.clone())
-        })
-        .collect();
-    rows.sort_unstable_by(|(a, _), (b, _)| a.cmp(b));
-    rows
+/// A usage key's totals in the batch, whether they changed since the last flush, and the slots
+/// of its rollup keys in [`RollupTotals`]: one `users_daily` key, and one `usage_daily` key per
+/// trace event seen under it (almost always one).
+#[derive(Debug)]
+struct FineTotals {
+    totals: UsageTotals,
+    changed: bool,
+    user_day: usize,
+    daily: Vec<(String, usize)>,
+}
+
+/// The totals of a rollup's keys in the batch, in slots, each with whether it changed since the
+/// last flush (ADR 0008).
+#[derive(Debug)]
+struct RollupTotals<K> {
+    slots: Vec<(K, UsageTotals, bool)>,
+    index: HashMap<K, usize>,
+}
+
+impl<K> Default for RollupTotals<K> {
+    fn default() -> Self {
+        RollupTotals {
+            slots: Vec::new(),
+            index: HashMap::new(),
+        }
+    }
+}
+
+impl<K: Clone + Eq + std::hash::Hash + Ord> RollupTotals<K> {
+    /// The slot of `key`, empty when new.
+    fn slot(&mut self, key: K) -> usize {
+        match self.index.entry(key) {
+            Entry::Occupied(entry) => *entry.get(),
+            Entry::Vacant(entry) => {
+                let slot = self.slots.len();
+                self.slots
+                    .push((entry.key().clone(), UsageTotals::EMPTY, false));
+                entry.insert(slot);
+                slot
+            }
+        }
+    }
+
+    fn totals(&self, slot: usize) -> &UsageTotals {
+        &self.slots[slot].1
+    }
+
+    fn set(&mut self, slot: usize, totals: UsageTotals) {
+        self.slots[slot].1 = totals;
+        self.slots[slot].2 = true;
+    }
+
+    /// The keys changed since the last flush, with their totals, sorted (reproducible flushes);
+    /// they are marked unchanged.
+    fn take_changed(&mut self) -> Vec<(K, UsageTotals)> {
+        let mut rows: Vec<(K, UsageTotals)> = self
+            .slots
+            .iter_mut()
+            .filter(|(_, _, changed)| *changed)
+            .map(|(key, totals, changed)| {
+                *changed = false;
+                (key.clone(), totals.clone())
+            })
+            .collect();
+        rows.sort_unstable_by(|(a, _), (b, _)| a.cmp(b));
+        rows
+    }
+
+    fn clear(&mut self) {
+        self.slots.clear();
+        self.index.clear();
+    }
 }
 
 #[cfg(test)]
