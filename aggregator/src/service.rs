@@ -105,6 +105,25 @@ impl ClickHouseService {
         format!("{}.{}", self.database, name)
     }
 
+    /// One INSERT of `rows` into `table` (none when there are no rows).
+    async fn insert_all<R>(
+        &self,
+        table: &str,
+        rows: impl ExactSizeIterator<Item = R>,
+    ) -> Result<(), ClickHouseError>
+    where
+        R: clickhouse::RowOwned + clickhouse::RowWrite,
+    {
+        if rows.len() == 0 {
+            return Ok(());
+        }
+        let mut insert = self.client.insert::<R>(table).await.map_err(classify)?;
+        for row in rows {
+            insert.write(&row).await.map_err(classify)?;
+        }
+        insert.end().await.map_err(classify)
+    }
+
     /// Makes one batch write durable, in the safe order.
     pub async fn write(&self, partition: i32, write: &BatchWrite) -> Result<(), ClickHouseError> {
         if !write.actions.is_empty() {
@@ -122,42 +141,31 @@ impl ClickHouseService {
             }
             insert.end().await.map_err(classify)?;
         }
-        if !write.usage.is_empty() {
-            let mut insert = self
-                .client
-                .insert::<UsageRow>("usage")
-                .await
-                .map_err(classify)?;
-            for (key, totals) in &write.usage {
-                let row = UsageRow::new(key, totals, partition, &write.plan, write.end_offset);
-                insert.write(&row).await.map_err(classify)?;
-            }
-            insert.end().await.map_err(classify)?;
-        }
-        if !write.daily.is_empty() {
-            let mut insert = self
-                .client
-                .insert::<DailyRow>("usage_daily")
-                .await
-                .map_err(classify)?;
-            for (key, totals) in &write.daily {
-                let row = DailyRow::new(key, totals, partition, &write.plan, write.end_offset);
-                insert.write(&row).await.map_err(classify)?;
-            }
-            insert.end().await.map_err(classify)?;
-        }
-        if !write.user_days.is_empty() {
-            let mut insert = self
-                .client
-                .insert::<UserDayRow>("users_daily")
-                .await
-                .map_err(classify)?;
-            for (key, totals) in &write.user_days {
-                let row = UserDayRow::new(key, totals, partition, &write.plan, write.end_offset);
-                insert.write(&row).await.map_err(classify)?;
-            }
-            insert.end().await.map_err(classify)?;
-        }
+        let version = write.end_offset;
+        self.insert_all(
+            "usage",
+            write
+                .usage
+                .iter()
+                .map(|(key, totals)| UsageRow::new(key, totals, partition, &write.plan, version)),
+        )
+        .await?;
+        self.insert_all(
+            "usage_daily",
+            write
+                .daily
+                .iter()
+                .map(|(key, totals)| DailyRow::new(key, totals, partition, &write.plan, version)),
+        )
+        .await?;
+        self.insert_all(
+            "users_daily",
+            write
+                .user_days
+                .iter()
+                .map(|(key, totals)| UserDayRow::new(key, totals, partition, &write.plan, version)),
+        )
+        .await?;
         let now = time::OffsetDateTime::now_utc().unix_timestamp() as u32;
         let mut insert = self
             .client

@@ -343,15 +343,7 @@ fn unsafe_kill(pid: u32, signal: &str) {
 
 /// Runs a query against ClickHouse over HTTP; rows of TabSeparated columns.
 pub fn clickhouse_query(database: &str, sql: &str) -> Vec<Vec<String>> {
-    let response = reqwest::blocking::Client::new()
-        .post(format!("{}/?database={database}", clickhouse_url()))
-        .body(format!("{sql} FORMAT TabSeparated"))
-        .timeout(Duration::from_secs(60))
-        .send()
-        .expect("ClickHouse reachable");
-    let status = response.status();
-    let text = response.text().unwrap();
-    assert!(status.is_success(), "ClickHouse error for `{sql}`: {text}");
+    let text = clickhouse_post(database, sql, &format!("{sql} FORMAT TabSeparated"));
     text.lines()
         .filter(|line| !line.is_empty())
         .map(|line| line.split('\t').map(str::to_string).collect())
@@ -360,15 +352,22 @@ pub fn clickhouse_query(database: &str, sql: &str) -> Vec<Vec<String>> {
 
 /// Runs a statement that answers no rows (an INSERT … SELECT, a TRUNCATE) against ClickHouse.
 pub fn clickhouse_execute(database: &str, sql: &str) {
+    clickhouse_post(database, sql, sql);
+}
+
+/// Posts `body` (the statement `sql`, perhaps with a FORMAT) to ClickHouse; panics with the
+/// statement and ClickHouse's answer unless it succeeded.
+fn clickhouse_post(database: &str, sql: &str, body: &str) -> String {
     let response = reqwest::blocking::Client::new()
         .post(format!("{}/?database={database}", clickhouse_url()))
-        .body(sql.to_string())
+        .body(body.to_string())
         .timeout(Duration::from_secs(60))
         .send()
         .expect("ClickHouse reachable");
     let status = response.status();
     let text = response.text().unwrap();
     assert!(status.is_success(), "ClickHouse error for `{sql}`: {text}");
+    text
 }
 
 /// A record read back from Kafka.
