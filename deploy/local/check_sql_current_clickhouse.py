@@ -748,6 +748,36 @@ def use_database(sql, database):
     return "'".join(pieces)
 
 
+def check_rollup_backfill(backend, database, problems):
+    """Runs the backfill of the daily rollups (migration 0010, ADR 0008) again, now that `usage`
+    holds the test rows in unmerged parts, and checks that `usage_daily` and `users_daily` read
+    with FINAL equal `usage FINAL` grouped by day, without each partition's latest batch."""
+    path = next((os.path.join(MIGRATIONS_DIR[0], name) for name in os.listdir(MIGRATIONS_DIR[0])
+                 if name.endswith("_daily_rollups.sql")), None)
+    if path is None:
+        return
+    inserts = [statement for statement in split_statements(open(path, encoding="utf-8").read(), database)
+               if statement.startswith("INSERT ")]
+    for statement in inserts:
+        backend.execute(statement)
+    latest = (f"(source_partition, batch_start) NOT IN (SELECT source_partition, max(batch_start) "
+              f"FROM {database}.aggregator_progress GROUP BY source_partition)")
+    sums = "sum(action_count) AS actions, toString(sum(cost)) AS cost_total, sum(outcome_count) AS outcomes"
+    for table, dimension in (("usage_daily", "action_name"), ("users_daily", "user_key")):
+        keys = f"account_id, d, {dimension}, tracked"
+        _, _, from_rollup = backend.select(
+            f"SELECT account_id, toString(day) AS d, {dimension}, tracked, {sums} "
+            f"FROM {database}.{table} FINAL GROUP BY {keys} ORDER BY {keys}")
+        _, _, from_usage = backend.select(
+            f"SELECT account_id, toString(toStartOfDay(window_start)) AS d, {dimension}, tracked, {sums} "
+            f"FROM {database}.usage FINAL WHERE source_partition != 4294967295 AND {latest} "
+            f"GROUP BY {keys} ORDER BY {keys}")
+        if not from_rollup or from_rollup != from_usage:
+            problems.append(f"{table} after the backfill {from_rollup} != usage FINAL by day {from_usage}")
+    print(f"[sqlcheck] ran the {len(inserts)} backfill statements of {os.path.basename(path)}; "
+          f"usage_daily and users_daily compared with usage FINAL by day", flush=True)
+
+
 def docs_sql_blocks(path):
     text = open(path, encoding="utf-8").read()
     return [block.strip().rstrip(";") for block in re.findall(r"```sql\n(.*?)```", text, re.S)]
@@ -798,6 +828,7 @@ def run(args):
             raise CheckFailed(f"expected one active part per inserted row, found {parts}")
         print(f"[sqlcheck] inserted {len(USAGE_ROWS)} usage, {len(ACTION_ROWS)} actions, "
               f"{len(PROGRESS_ROWS)} aggregator_progress, {len(EPOCH_ROWS)} aggregator_input_epochs rows, one unmerged part each: {parts}", flush=True)
+        check_rollup_backfill(backend, database, problems)
         check_all(backend, database, "unmerged:", problems, results)
         for table in tables:
             backend.execute(f"SYSTEM START MERGES {database}.{table}")
