@@ -58,15 +58,14 @@ pub fn describe_changes(before: Option<&MeteringConfig>, after: &MeteringConfig)
             lines.push(format!("{name} removed: {}", removed.join(", ")));
         }
     };
-    let ids = |items: Vec<String>| items;
     compare(
         "accounts",
-        ids(before.accounts.iter().map(|a| a.id.clone()).collect()),
-        ids(after.accounts.iter().map(|a| a.id.clone()).collect()),
+        before.accounts.iter().map(|a| a.id.clone()).collect(),
+        after.accounts.iter().map(|a| a.id.clone()).collect(),
     );
-    compare(
-        "agent instances",
-        before
+    // An instance with its secret's fingerprint: a rotation shows as one removed, one added.
+    let instances = |config: &MeteringConfig| -> Vec<String> {
+        config
             .agent_instances
             .iter()
             .map(|i| {
@@ -76,19 +75,9 @@ pub fn describe_changes(before: Option<&MeteringConfig>, after: &MeteringConfig)
                     &i.secret_sha256[..8.min(i.secret_sha256.len())]
                 )
             })
-            .collect(),
-        after
-            .agent_instances
-            .iter()
-            .map(|i| {
-                format!(
-                    "{} (secret {}…)",
-                    i.id,
-                    &i.secret_sha256[..8.min(i.secret_sha256.len())]
-                )
-            })
-            .collect(),
-    );
+            .collect()
+    };
+    compare("agent instances", instances(before), instances(after));
     compare(
         "tracked",
         before.tagging.tracked.clone(),

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use agentmeter_aggregator::config::ClickHouseSettings;
 use agentmeter_aggregator::service::ClickHouseService;
 use agentmeter_aggregator::state::{BatchSettings, PartitionAggregator};
-use agentmeter_schemas::{decode_enriched_action, encode_raw_action, RawAction};
-use common::{kafka_action, metering_config, publisher_config, repo_root, TestEnv};
+use agentmeter_schemas::{decode_enriched_action, RawAction};
+use common::{kafka_action, metering_config, repo_root, TestEnv};
 
 const SECRET: &str = "aggregator-failure-secret";
 const METERING: &str = r#"
@@ -54,26 +54,8 @@ fn raw(index: usize) -> RawAction {
 }
 
 fn publish(env: &TestEnv, range: std::ops::Range<usize>) {
-    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-    let producer: BaseProducer = publisher_config().create().unwrap();
-    let topic = format!("{}actions.raw", env.run.topic_prefix);
-    for index in range {
-        let action = raw(index);
-        let payload = encode_raw_action(&action).unwrap();
-        loop {
-            match producer.send(
-                BaseRecord::to(&topic)
-                    .key(&action.message_key())
-                    .payload(&payload),
-            ) {
-                Ok(()) => break,
-                Err(_) => {
-                    producer.poll(Duration::from_millis(50));
-                }
-            }
-        }
-    }
-    producer.flush(Duration::from_secs(30)).unwrap();
+    let actions: Vec<RawAction> = range.map(raw).collect();
+    env.publish_raw_actions(&actions);
 }
 
 /// Totals per account: (actions, cost, outcomes), as billing reads them.

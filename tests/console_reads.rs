@@ -12,8 +12,8 @@ mod common;
 use std::time::Duration;
 
 use agentmeter_schemas::action::ActionKind;
-use agentmeter_schemas::{encode_raw_action, RawAction};
-use common::{free_port, kafka_action, metering_config, publisher_config, Lcg, TestEnv};
+use agentmeter_schemas::RawAction;
+use common::{free_port, kafka_action, metering_config, Lcg, TestEnv};
 use reqwest::blocking::Client;
 use serde_json::Value;
 
@@ -79,26 +79,6 @@ fn workload(now_seconds: i64, count: usize) -> Vec<RawAction> {
         }
     }
     actions
-}
-
-fn publish(env: &TestEnv, actions: &[RawAction]) {
-    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-    let producer: BaseProducer = publisher_config().create().unwrap();
-    let topic = format!("{}actions.raw", env.run.topic_prefix);
-    for action in actions {
-        let payload = encode_raw_action(action).unwrap();
-        while producer
-            .send(
-                BaseRecord::to(&topic)
-                    .key(&action.message_key())
-                    .payload(&payload),
-            )
-            .is_err()
-        {
-            producer.poll(Duration::from_millis(50));
-        }
-    }
-    producer.flush(Duration::from_secs(30)).unwrap();
 }
 
 /// GET with the admin key; panics unless 200.
@@ -309,7 +289,7 @@ fn rollup_reads_equal_the_stored_actions_after_aggregator_kills_and_a_backfill()
         .collect::<std::collections::BTreeSet<_>>()
         .len() as u64;
     for (index, chunk) in actions.chunks(700).enumerate() {
-        publish(&env, chunk);
+        env.publish_raw_actions(chunk);
         std::thread::sleep(Duration::from_millis(200 + 150 * index as u64));
         env.process(aggregator).kill();
         aggregator = env.spawn("aggregate", &format!("aggregator-{index}"));

@@ -815,17 +815,7 @@ fn time_bound(field: &str, text: Option<&str>, default: i64) -> Result<i64, ApiE
 fn day_bound(field: &str, text: Option<&str>, default: i64) -> Result<i64, ApiError> {
     match text {
         None => Ok(default),
-        Some(text) => time::Date::parse(
-            text,
-            time::macros::format_description!("[year]-[month]-[day]"),
-        )
-        .map(|date| date.midnight().assume_utc().unix_timestamp())
-        .map_err(|error| {
-            ApiError::invalid(
-                field,
-                format!("{field} {text:?} is not a date (YYYY-MM-DD): {error}"),
-            )
-        }),
+        Some(text) => edits::utc_day(field, text).map(OffsetDateTime::unix_timestamp),
     }
 }
 

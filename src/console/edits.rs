@@ -23,6 +23,22 @@ fn refused(field: &str, message: impl Into<String>) -> PublishError {
     }
 }
 
+/// A UTC date typed as `YYYY-MM-DD` (a usage read's bound, a subscription's first or last day)
+/// as the start of that day; refused naming `field`.
+pub fn utc_day(field: &str, text: &str) -> Result<OffsetDateTime, ApiError> {
+    time::Date::parse(
+        text,
+        time::macros::format_description!("[year]-[month]-[day]"),
+    )
+    .map(|date| date.midnight().assume_utc())
+    .map_err(|error| {
+        ApiError::invalid(
+            field,
+            format!("{field} {text:?} is not a date (YYYY-MM-DD): {error}"),
+        )
+    })
+}
+
 pub fn create_account(
     config: &mut MeteringConfig,
     account: Account,

@@ -10,6 +10,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use super::ConsoleState;
+use crate::outcomes_stage::DERIVED_PARTITION;
 
 /// One configuration version in the audit log.
 #[derive(Debug, clickhouse::Row, Serialize, Deserialize)]
@@ -334,9 +335,6 @@ impl Rollup {
     }
 }
 
-/// The source partition of derived outcomes' usage rows (ADR 0005).
-const DERIVED_PARTITION: u32 = u32::MAX;
-
 /// Whether `agentmeter outcomes` has derived for the workspace: it records a fingerprint of
 /// every workspace that has or had composite definitions with each run's progress, after the
 /// rows. Without one there are no derived rows to add (bar those of a first run that crashed
@@ -356,24 +354,27 @@ async fn derived_outcomes_written(
     Ok(count > 0)
 }
 
-/// A query over [`Rollup::source`] (which must come before any other `?` of `sql`) for the
-/// workspace, with its parameters bound; `derived` as given to `source`.
-fn rollup_query(
+/// `sql` with `{source}` replaced by [`Rollup::source`] for the workspace (the derived
+/// outcomes' rows included when [`derived_outcomes_written`]), its parameters bound; `{source}`
+/// must come before any other `?` of `sql`.
+async fn rollup_query(
     state: &ConsoleState,
+    rollup: Rollup,
     sql: &str,
     workspace_id: &str,
     account: Option<&str>,
     days: Days,
-    derived: bool,
-) -> clickhouse::query::Query {
-    let mut query = state.clickhouse.query(sql);
+) -> anyhow::Result<clickhouse::query::Query> {
+    let derived = derived_outcomes_written(state, workspace_id).await?;
+    let sql = sql.replace("{source}", &rollup.source(account.is_some(), derived));
+    let mut query = state.clickhouse.query(&sql);
     for _branch in 0..(1 + usize::from(derived)) {
         query = query.bind(workspace_id).bind(days.from).bind(days.to);
         if let Some(account) = account {
             query = query.bind(account);
         }
     }
-    query
+    Ok(query)
 }
 
 /// Usage of one account (or every account) per action, over whole days.
@@ -394,19 +395,22 @@ pub async fn usage(
     account: Option<&str>,
     days: Days,
 ) -> anyhow::Result<Vec<UsageRow>> {
-    let derived = derived_outcomes_written(state, workspace_id).await?;
-    let sql = format!(
+    rollup_query(
+        state,
+        Rollup::Actions,
         "SELECT account_id, action_name, measure, sum(action_count) AS actions_total, \
                 toString(sum(quantity)) AS quantity_total, toString(sum(cost)) AS cost_total, \
                 sum(outcome_count) AS outcomes_total \
-         FROM {} WHERE tracked = 1 \
+         FROM {source} WHERE tracked = 1 \
          GROUP BY account_id, action_name, measure ORDER BY account_id, action_name",
-        Rollup::Actions.source(account.is_some(), derived)
-    );
-    rollup_query(state, &sql, workspace_id, account, days, derived)
-        .fetch_all::<UsageRow>()
-        .await
-        .context("cannot read usage")
+        workspace_id,
+        account,
+        days,
+    )
+    .await?
+    .fetch_all::<UsageRow>()
+    .await
+    .context("cannot read usage")
 }
 
 /// The users with tracked actions of one account (or every account) over whole days.
@@ -422,17 +426,20 @@ pub async fn users_per_account(
     account: Option<&str>,
     days: Days,
 ) -> anyhow::Result<Vec<AccountUsersRow>> {
-    let derived = derived_outcomes_written(state, workspace_id).await?;
-    let sql = format!(
+    rollup_query(
+        state,
+        Rollup::Users,
         "SELECT account_id, uniqExact(user_key) AS users_total \
-         FROM {} WHERE tracked = 1 AND user_key != '' \
+         FROM {source} WHERE tracked = 1 AND user_key != '' \
          GROUP BY account_id ORDER BY account_id",
-        Rollup::Users.source(account.is_some(), derived)
-    );
-    rollup_query(state, &sql, workspace_id, account, days, derived)
-        .fetch_all::<AccountUsersRow>()
-        .await
-        .context("cannot read the users per account")
+        workspace_id,
+        account,
+        days,
+    )
+    .await?
+    .fetch_all::<AccountUsersRow>()
+    .await
+    .context("cannot read the users per account")
 }
 
 /// The query `head` [`AND account_id = ?`] `tail`: `bind` binds the parameters of `head`, and
@@ -479,17 +486,20 @@ pub async fn cost_per_day(
     account: Option<&str>,
     days: Days,
 ) -> anyhow::Result<Vec<DayRow>> {
-    let derived = derived_outcomes_written(state, workspace_id).await?;
-    let sql = format!(
+    rollup_query(
+        state,
+        Rollup::Actions,
         "SELECT toUInt32(day) AS day_start, sum(action_count) AS actions_total, \
                 toString(sum(cost)) AS cost_total \
-         FROM {} WHERE tracked = 1 GROUP BY day_start ORDER BY day_start",
-        Rollup::Actions.source(account.is_some(), derived)
-    );
-    rollup_query(state, &sql, workspace_id, account, days, derived)
-        .fetch_all::<DayRow>()
-        .await
-        .context("cannot read cost per day")
+         FROM {source} WHERE tracked = 1 GROUP BY day_start ORDER BY day_start",
+        workspace_id,
+        account,
+        days,
+    )
+    .await?
+    .fetch_all::<DayRow>()
+    .await
+    .context("cannot read cost per day")
 }
 
 /// The heaviest users (by billable actions) over whole days, with their cost.
@@ -507,14 +517,17 @@ pub async fn heaviest_users(
     account: Option<&str>,
     days: Days,
 ) -> anyhow::Result<Vec<UserRow>> {
-    let derived = derived_outcomes_written(state, workspace_id).await?;
-    let sql = format!(
+    rollup_query(
+        state,
+        Rollup::Users,
         "SELECT account_id, user_key, sum(action_count) AS actions_total, toString(sum(cost)) AS cost_total \
-         FROM {} WHERE tracked = 1 AND user_key != '' \
+         FROM {source} WHERE tracked = 1 AND user_key != '' \
          GROUP BY account_id, user_key ORDER BY actions_total DESC, user_key LIMIT 10",
-        Rollup::Users.source(account.is_some(), derived)
-    );
-    rollup_query(state, &sql, workspace_id, account, days, derived)
+        workspace_id,
+        account,
+        days,
+    )
+    .await?
         .fetch_all::<UserRow>()
         .await
         .context("cannot read the heaviest users")
@@ -598,17 +611,20 @@ pub async fn users_and_seats(
         .div_euclid(86_400)
         * 86_400;
     let days = Days::since(today - 31 * 86_400).context("a day's start is one")?;
-    let derived = derived_outcomes_written(state, workspace_id).await?;
-    let sql = format!(
+    rollup_query(
+        state,
+        Rollup::Users,
         "SELECT uniqExactIf(user_key, day >= toStartOfMonth(now())) AS users_month, \
                 uniqExactIf(user_key, toDate(day) >= today() - 29) AS seats_day \
-         FROM {} WHERE tracked = 1 AND user_key != ''",
-        Rollup::Users.source(true, derived)
-    );
-    rollup_query(state, &sql, workspace_id, Some(account), days, derived)
-        .fetch_one::<UsersAndSeats>()
-        .await
-        .context("cannot read users and seats")
+         FROM {source} WHERE tracked = 1 AND user_key != ''",
+        workspace_id,
+        Some(account),
+        days,
+    )
+    .await?
+    .fetch_one::<UsersAndSeats>()
+    .await
+    .context("cannot read users and seats")
 }
 
 /// Revenue, cost and margin of the finalized invoices, per group and currency (exact sums in

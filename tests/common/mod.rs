@@ -263,6 +263,32 @@ impl TestEnv {
         read_topic(&format!("{}{suffix}", self.run.topic_prefix))
     }
 
+    /// Publishes raw actions to this test's `actions.raw` as a direct publisher does (Avro,
+    /// keyed as ingest keys them, waiting while the producer's queue is full) and waits until
+    /// the broker acknowledged them all.
+    pub fn publish_raw_actions<'a>(
+        &self,
+        actions: impl IntoIterator<Item = &'a agentmeter_schemas::RawAction>,
+    ) {
+        use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+        let producer: BaseProducer = publisher_config().create().unwrap();
+        let topic = format!("{}actions.raw", self.run.topic_prefix);
+        for action in actions {
+            let payload = agentmeter_schemas::encode_raw_action(action).unwrap();
+            while producer
+                .send(
+                    BaseRecord::to(&topic)
+                        .key(&action.message_key())
+                        .payload(&payload),
+                )
+                .is_err()
+            {
+                producer.poll(Duration::from_millis(50));
+            }
+        }
+        producer.flush(Duration::from_secs(30)).unwrap();
+    }
+
     /// Produces raw bytes to a topic of this test (a direct publisher, or poison).
     pub fn produce(&self, suffix: &str, key: &str, payload: &[u8]) {
         use rdkafka::producer::{BaseProducer, BaseRecord, Producer};

@@ -1282,21 +1282,6 @@ pub struct SubscriptionForm {
     start: String,
 }
 
-/// A form's date (`YYYY-MM-DD`) as the start of that UTC day.
-fn form_day(field: &str, text: &str) -> Result<OffsetDateTime, ApiError> {
-    time::Date::parse(
-        text.trim(),
-        time::macros::format_description!("[year]-[month]-[day]"),
-    )
-    .map(|date| date.midnight().assume_utc())
-    .map_err(|error| {
-        ApiError::invalid(
-            field,
-            format!("{field} {text:?} is not a date (YYYY-MM-DD): {error}"),
-        )
-    })
-}
-
 pub async fn create_subscription(
     State(state): State<ConsoleState>,
     headers: HeaderMap,
@@ -1307,7 +1292,7 @@ pub async fn create_subscription(
         .plan
         .split_once('/')
         .unwrap_or((form.plan.as_str(), ""));
-    let result = match form_day("start", &form.start) {
+    let result = match edits::utc_day("start", form.start.trim()) {
         Err(error) => Err(error),
         Ok(start) => {
             let subscription = Subscription {
@@ -1348,7 +1333,7 @@ pub async fn end_subscription(
     Form(form): Form<EndForm>,
 ) -> Response {
     let web = writer!(state, headers, &form.csrf);
-    let result = match form_day("end", &form.end) {
+    let result = match edits::utc_day("end", form.end.trim()) {
         Err(error) => Err(error),
         Ok(end) => {
             write_at(&state, &web.caller, form.version, |config| {
